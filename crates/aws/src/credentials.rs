@@ -1,0 +1,244 @@
+//! Tenant credentials: STS AssumeRole into the role each tenant created for us.
+//!
+//! Keyed by (role ARN, external ID): tenants sharing a role and external ID share one
+//! session. A cached session is dropped a margin before its credentials expire, so no
+//! write is ever signed with expired credentials; concurrent misses for one key are
+//! coalesced into a single AssumeRole (moka's `try_get_with`); a failed AssumeRole is
+//! remembered for a short while so a broken tenant does not hammer STS.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_config::SdkConfig;
+use aws_credential_types::Credentials;
+use kd_tenants::{Region, RoleArn, TenantSettings};
+use moka::future::Cache;
+use moka::Expiry;
+
+use crate::errors::AwsError;
+
+/// Tuning of the credential cache.
+#[derive(Debug, Clone)]
+pub struct CredentialSettings {
+    pub role_session_name: String,
+    /// Lifetime asked of STS (`DurationSeconds`).
+    pub session_duration: Duration,
+    /// Drop cached credentials this long before they expire (at most half their life).
+    pub refresh_margin: Duration,
+    /// How long a failed AssumeRole is remembered before STS is asked again.
+    pub failure_ttl: Duration,
+    /// Most sessions kept at once.
+    pub max_entries: u64,
+}
+
+impl Default for CredentialSettings {
+    fn default() -> Self {
+        CredentialSettings {
+            role_session_name: "kinesis-destination".into(),
+            session_duration: Duration::from_secs(3600),
+            refresh_margin: Duration::from_secs(300),
+            failure_ttl: Duration::from_secs(10),
+            max_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    role: RoleArn,
+    /// Part of the key only; never logged (it may be the tenant's secret).
+    external_id: Arc<str>,
+}
+
+/// One assumed-role session and the Kinesis clients built on it (one per region).
+pub struct Session {
+    credentials: Credentials,
+    /// When the cache must stop handing this session out.
+    refresh_at: Instant,
+    clients: Mutex<HashMap<Region, aws_sdk_kinesis::Client>>,
+    base: SdkConfig,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials print redacted in the SDK, but there is nothing worth showing.
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A Kinesis client for `region`, signing with this session's credentials. Clients
+    /// share the base config's HTTP connection pool.
+    pub fn kinesis(&self, region: &Region) -> aws_sdk_kinesis::Client {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(region.clone())
+            .or_insert_with(|| {
+                let conf = aws_sdk_kinesis::config::Builder::from(&self.base)
+                    .region(aws_config::Region::new(region.as_str().to_owned()))
+                    .credentials_provider(self.credentials.clone())
+                    .build();
+                aws_sdk_kinesis::Client::from_conf(conf)
+            })
+            .clone()
+    }
+}
+
+struct RefreshAhead;
+
+impl Expiry<Key, Arc<Session>> for RefreshAhead {
+    fn expire_after_create(&self, _: &Key, s: &Arc<Session>, now: Instant) -> Option<Duration> {
+        Some(s.refresh_at.saturating_duration_since(now))
+    }
+}
+
+/// The per-(role, external ID) session cache.
+#[derive(Clone)]
+pub struct CredentialCache {
+    sessions: Cache<Key, Arc<Session>>,
+    failures: Cache<Key, AwsError>,
+    sts_clients: Arc<Mutex<HashMap<Region, aws_sdk_sts::Client>>>,
+    base: SdkConfig,
+    settings: CredentialSettings,
+}
+
+impl CredentialCache {
+    pub fn new(base: SdkConfig, settings: CredentialSettings) -> Self {
+        CredentialCache {
+            sessions: Cache::builder()
+                .max_capacity(settings.max_entries)
+                .expire_after(RefreshAhead)
+                .build(),
+            failures: Cache::builder()
+                .max_capacity(settings.max_entries)
+                .time_to_live(settings.failure_ttl)
+                .build(),
+            sts_clients: Arc::default(),
+            base,
+            settings,
+        }
+    }
+
+    /// The session for a tenant: cached, or assumed now.
+    pub async fn session(&self, tenant: &TenantSettings) -> Result<Arc<Session>, AwsError> {
+        let m = kd_telemetry::metrics();
+        let key = Key {
+            role: tenant.role.clone(),
+            external_id: tenant.external_id().into(),
+        };
+        if let Some(s) = self.sessions.get(&key).await {
+            m.credential_cache_hits.inc();
+            return Ok(s);
+        }
+        if let Some(e) = self.failures.get(&key).await {
+            m.credential_cache_hits.inc();
+            return Err(e);
+        }
+        m.credential_cache_misses.inc();
+        let result = self
+            .sessions
+            .try_get_with(key.clone(), self.assume(tenant))
+            .await;
+        match result {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let e = AwsError::clone(&e);
+                self.failures.insert(key, e.clone()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets a tenant's session (its credentials were refused as expired) and any
+    /// remembered failure, so the next call assumes the role again.
+    pub async fn invalidate(&self, tenant: &TenantSettings) {
+        let key = Key {
+            role: tenant.role.clone(),
+            external_id: tenant.external_id().into(),
+        };
+        self.sessions.invalidate(&key).await;
+        self.failures.invalidate(&key).await;
+    }
+
+    fn sts(&self, region: &Region) -> aws_sdk_sts::Client {
+        let mut clients = self.sts_clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(region.clone())
+            .or_insert_with(|| {
+                let conf = aws_sdk_sts::config::Builder::from(&self.base)
+                    .region(aws_config::Region::new(region.as_str().to_owned()))
+                    .build();
+                aws_sdk_sts::Client::from_conf(conf)
+            })
+            .clone()
+    }
+
+    async fn assume(&self, tenant: &TenantSettings) -> Result<Arc<Session>, AwsError> {
+        let m = kd_telemetry::metrics();
+        let started = Instant::now();
+        let out = self
+            .sts(&tenant.region)
+            .assume_role()
+            .role_arn(tenant.role.as_str())
+            .external_id(tenant.external_id())
+            .role_session_name(&self.settings.role_session_name)
+            .duration_seconds(self.settings.session_duration.as_secs() as i32)
+            .send()
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                let err = AwsError::from_sdk(
+                    &format!("AssumeRole {} for source {}", tenant.role, tenant.source_id),
+                    &e,
+                );
+                m.assume_role.with_label_values(&[outcome(&err)]).inc();
+                tracing::warn!(source_id = %tenant.source_id, role = %tenant.role, error = %err, "AssumeRole failed");
+                return Err(err);
+            }
+        };
+        let Some(c) = out.credentials() else {
+            m.assume_role.with_label_values(&["error"]).inc();
+            return Err(AwsError {
+                class: crate::ErrorClass::Retryable,
+                code: "MissingCredentials".into(),
+                message: format!("AssumeRole {} returned no credentials", tenant.role),
+            });
+        };
+        let expires = SystemTime::try_from(*c.expiration())
+            .unwrap_or_else(|_| SystemTime::now() + self.settings.session_duration);
+        let lifetime = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let margin = self.settings.refresh_margin.min(lifetime / 2);
+        let refresh_at = Instant::now() + lifetime.saturating_sub(margin);
+        m.assume_role.with_label_values(&["ok"]).inc();
+        tracing::debug!(
+            source_id = %tenant.source_id,
+            role = %tenant.role,
+            lifetime_s = lifetime.as_secs(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "assumed tenant role"
+        );
+        Ok(Arc::new(Session {
+            credentials: Credentials::new(
+                c.access_key_id(),
+                c.secret_access_key(),
+                Some(c.session_token().to_owned()),
+                Some(expires),
+                "AssumeRole",
+            ),
+            refresh_at,
+            clients: Mutex::default(),
+            base: self.base.clone(),
+        }))
+    }
+}
+
+fn outcome(err: &AwsError) -> &'static str {
+    match err.class {
+        crate::ErrorClass::Permanent => "denied",
+        _ => "error",
+    }
+}

@@ -1,0 +1,273 @@
+//! Which AWS failures are retried, which refresh credentials, which are final.
+
+use std::fmt;
+
+/// What kind of failure happened, reduced to what classification needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure<'a> {
+    /// The service answered with an error: its code (when it sent one) and HTTP status.
+    Service { code: Option<&'a str>, status: u16 },
+    /// No answer in time.
+    Timeout,
+    /// Connection refused, reset, DNS, TLS: the request may or may not have arrived.
+    Network,
+    /// An answer that could not be parsed (a proxy's error page, a cut connection).
+    Malformed,
+    /// The request could not be built: a bug or an input AWS would never accept.
+    Construction,
+}
+
+/// What to do about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Transient: back off and try again.
+    Retryable,
+    /// The credentials were refused as expired or unknown: drop them, assume the role
+    /// again, then retry.
+    ExpiredCredentials,
+    /// The destination will not take this event as things stand (access denied, no
+    /// such stream, invalid input).
+    Permanent,
+}
+
+const RETRYABLE_CODES: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "Throttling",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "LimitExceededException",
+    "BandwidthLimitExceeded",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "KMSThrottlingException",
+    "InternalFailure",
+    "InternalFailureException",
+    "InternalServerError",
+    "InternalError",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "IDPCommunicationError",
+    "RequestExpired",
+    "KMSInternalException",
+];
+
+const EXPIRED_CREDENTIAL_CODES: &[&str] = &[
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+];
+
+const PERMANENT_CODES: &[&str] = &[
+    "AccessDenied",
+    "AccessDeniedException",
+    "ResourceNotFoundException",
+    "InvalidArgumentException",
+    "ValidationException",
+    "ValidationError",
+    "KMSDisabledException",
+    "KMSNotFoundException",
+    "KMSAccessDeniedException",
+    "KMSInvalidStateException",
+    "KMSOptInRequired",
+    "MalformedPolicyDocument",
+    "PackedPolicyTooLarge",
+    "RegionDisabledException",
+];
+
+/// The single decision of which failures are worth retrying. Known codes first, then
+/// the HTTP status: 5xx and 429 are transient, any other 4xx is final; a failure with
+/// no answer at all is transient.
+pub fn classify(failure: Failure<'_>) -> ErrorClass {
+    match failure {
+        Failure::Service { code, status } => {
+            if let Some(code) = code {
+                if RETRYABLE_CODES.contains(&code) {
+                    return ErrorClass::Retryable;
+                }
+                if EXPIRED_CREDENTIAL_CODES.contains(&code) {
+                    return ErrorClass::ExpiredCredentials;
+                }
+                if PERMANENT_CODES.contains(&code) {
+                    return ErrorClass::Permanent;
+                }
+            }
+            match status {
+                429 | 500..=599 => ErrorClass::Retryable,
+                400..=499 => ErrorClass::Permanent,
+                _ => ErrorClass::Retryable,
+            }
+        }
+        Failure::Timeout | Failure::Network | Failure::Malformed => ErrorClass::Retryable,
+        Failure::Construction => ErrorClass::Permanent,
+    }
+}
+
+/// A failed AWS call, classified, with an error code for metrics and a one-line message
+/// for logs and dead letters. Never holds credentials or a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsError {
+    pub class: ErrorClass,
+    /// The AWS error code, or a fixed word for failures without one (`Timeout`,
+    /// `NetworkError`, `ResponseError`, `ConstructionFailure`, `HTTP_503`): a bounded
+    /// set, safe as a metric label.
+    pub code: String,
+    pub message: String,
+}
+
+impl fmt::Display for AwsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for AwsError {}
+
+impl AwsError {
+    /// Builds the error from an SDK error of any operation.
+    pub fn from_sdk<E, R>(context: &str, err: &aws_sdk_kinesis::error::SdkError<E, R>) -> Self
+    where
+        E: aws_sdk_kinesis::error::ProvideErrorMetadata + std::error::Error + 'static,
+        R: HttpStatus + std::fmt::Debug,
+    {
+        use aws_sdk_kinesis::error::SdkError;
+        let (failure, code, message) = match err {
+            SdkError::ServiceError(se) => {
+                let status = se.raw().status_code();
+                let code = se.err().code();
+                let message = se
+                    .err()
+                    .message()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("HTTP {status}"));
+                (
+                    Failure::Service { code, status },
+                    code.map(str::to_owned)
+                        .unwrap_or_else(|| format!("HTTP_{status}")),
+                    message,
+                )
+            }
+            SdkError::TimeoutError(_) => (
+                Failure::Timeout,
+                "Timeout".to_owned(),
+                "no response in time".to_owned(),
+            ),
+            SdkError::DispatchFailure(d) => (
+                Failure::Network,
+                "NetworkError".to_owned(),
+                chain(d.as_connector_error().map(|e| e as &dyn std::error::Error)),
+            ),
+            SdkError::ResponseError(r) => (
+                Failure::Malformed,
+                "ResponseError".to_owned(),
+                format!("unreadable response (HTTP {})", r.raw().status_code()),
+            ),
+            _ => (
+                Failure::Construction,
+                "ConstructionFailure".to_owned(),
+                chain(std::error::Error::source(err)),
+            ),
+        };
+        AwsError {
+            class: classify(failure),
+            code,
+            message: one_line(&format!("{context}: {message}")),
+        }
+    }
+}
+
+/// The HTTP status of a raw response, whatever its concrete type.
+pub trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_kinesis::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+fn chain(err: Option<&dyn std::error::Error>) -> String {
+    let mut parts = Vec::new();
+    let mut cur = err;
+    while let Some(e) = cur {
+        parts.push(e.to_string());
+        cur = e.source();
+    }
+    if parts.is_empty() {
+        "request failed".to_owned()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// Error text goes into Kafka headers and log lines: keep it on one line and short.
+pub fn one_line(s: &str) -> String {
+    let flat: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match flat.char_indices().nth(500) {
+        Some((i, _)) => format!("{}…", &flat[..i]),
+        None => flat,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ErrorClass::*;
+
+    fn svc(code: &str, status: u16) -> Failure<'_> {
+        Failure::Service {
+            code: Some(code),
+            status,
+        }
+    }
+
+    #[test]
+    fn classification_table() {
+        let table: &[(Failure, ErrorClass)] = &[
+            (svc("ProvisionedThroughputExceededException", 400), Retryable),
+            (svc("ThrottlingException", 400), Retryable),
+            (svc("Throttling", 400), Retryable),
+            (svc("KMSThrottlingException", 400), Retryable),
+            (svc("InternalFailure", 500), Retryable),
+            (svc("ServiceUnavailable", 503), Retryable),
+            (svc("ExpiredTokenException", 400), ExpiredCredentials),
+            (svc("ExpiredToken", 400), ExpiredCredentials),
+            (svc("AccessDenied", 403), Permanent),
+            (svc("AccessDeniedException", 400), Permanent),
+            (svc("ResourceNotFoundException", 400), Permanent),
+            (svc("InvalidArgumentException", 400), Permanent),
+            (svc("ValidationException", 400), Permanent),
+            (svc("KMSDisabledException", 400), Permanent),
+            (svc("KMSNotFoundException", 400), Permanent),
+            (svc("KMSAccessDeniedException", 400), Permanent),
+            (svc("SomethingNew", 503), Retryable),
+            (svc("SomethingNew", 429), Retryable),
+            (svc("SomethingNew", 400), Permanent),
+            (Failure::Service { code: None, status: 502 }, Retryable),
+            (Failure::Service { code: None, status: 403 }, Permanent),
+            (Failure::Timeout, Retryable),
+            (Failure::Network, Retryable),
+            (Failure::Malformed, Retryable),
+            (Failure::Construction, Permanent),
+        ];
+        for (failure, want) in table {
+            assert_eq!(classify(*failure), *want, "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn one_line_flattens_and_caps() {
+        assert_eq!(one_line("a\nb\tc"), "a b c");
+        assert_eq!(one_line(&"x".repeat(600)).chars().count(), 501);
+    }
+}

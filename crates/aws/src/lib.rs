@@ -1,0 +1,59 @@
+//! Deliver: everything that talks to AWS on a tenant's behalf.
+//!
+//! - [`credentials`]: STS AssumeRole into the tenant's role with its external ID, cached
+//!   per (role, external ID) until shortly before the credentials expire, concurrent
+//!   misses coalesced, failures remembered briefly.
+//! - [`limits`]: a records/s and bytes/s budget per stream, from its shard count.
+//! - [`writer`]: one `PutRecord` per event, with the stream's capacity respected.
+//! - [`errors`]: the one place that decides which AWS failures are worth retrying.
+//!
+//! All clients share one HTTP connection pool (they are built from one `SdkConfig`), and
+//! the SDK's own retries are off: the pipeline retries with its own policy so that order,
+//! metrics and the retry window stay in one place.
+
+pub mod credentials;
+pub mod errors;
+pub mod limits;
+pub mod writer;
+
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+
+pub use credentials::{CredentialCache, CredentialSettings};
+pub use errors::{classify, AwsError, ErrorClass, Failure};
+pub use limits::RateLimits;
+pub use writer::KinesisWriter;
+
+/// How the worker reaches AWS.
+#[derive(Debug, Clone)]
+pub struct AwsSettings {
+    /// One endpoint for STS and Kinesis (LocalStack, moto); `None` for the real AWS.
+    pub endpoint_url: Option<String>,
+    /// Time allowed for one HTTP attempt.
+    pub api_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// The worker's own AWS configuration: its identity from the standard credential chain
+/// (environment, profile, web identity, instance metadata), the optional endpoint, no
+/// SDK-level retries.
+pub async fn base_config(settings: &AwsSettings) -> SdkConfig {
+    let region = aws_config::meta::region::RegionProviderChain::default_provider()
+        .or_else(Region::from_static("us-east-1"));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(region)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(settings.connect_timeout)
+                .operation_attempt_timeout(settings.api_timeout)
+                .build(),
+        );
+    if let Some(url) = &settings.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}

@@ -1,0 +1,25 @@
+//! The pipeline: how one event travels from Kafka to its tenant's Kinesis stream.
+//!
+//! ```text
+//! consume ─► route ─► lane ─► deliver (retry) ─► acknowledge ─► commit
+//!              │                  │
+//!              └────── dead letter ┘
+//! ```
+//!
+//! - [`route`]: decode the routing fields, find the tenant, derive the partition key.
+//! - [`lanes`]: per (tenant, partition key) FIFO, one write in flight per lane.
+//! - [`retry`]: backoff and retry windows.
+//! - [`dead_letter`]: dead-letter records and their headers.
+//! - [`offsets`]: commit only up to the lowest event not yet done.
+//! - [`worker`]: the consumer loop, rebalance handling and shutdown that tie them together.
+
+pub mod dead_letter;
+pub mod lanes;
+pub mod offsets;
+pub mod retry;
+pub mod route;
+pub mod worker;
+
+pub use dead_letter::Reason;
+pub use retry::RetryPolicy;
+pub use worker::{run, KafkaSettings, WorkerError, WorkerSettings};

@@ -1,0 +1,129 @@
+//! Route: from one Kafka record to (tenant, partition key), or to a dead letter.
+//!
+//! Checks run in the order an operator would fix them: is it JSON, is it a Segment
+//! type, whose is it, is that tenant usable, can it be partitioned, does it fit.
+
+use std::sync::Arc;
+
+use kd_event::{DecodeError, EventView, PartitionKey};
+use kd_tenants::{Snapshot, TenantEntry, TenantSettings};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+
+use crate::dead_letter::{DeadLetter, Reason};
+
+/// Where an event goes.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub tenant: Arc<TenantSettings>,
+    pub key: PartitionKey,
+}
+
+/// The source ID from the header named `header`, when present, non-empty and UTF-8.
+fn header_source_id<'a>(msg: &'a OwnedMessage, header: &str) -> Option<&'a str> {
+    let headers = msg.headers()?;
+    // The last occurrence wins, as with most Kafka header readers.
+    headers
+        .iter()
+        .filter(|h| h.key == header)
+        .filter_map(|h| h.value)
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .last()
+}
+
+/// Decides where one record goes.
+pub fn route(
+    msg: &OwnedMessage,
+    snapshot: &Snapshot,
+    source_id_header: &str,
+) -> Result<Routed, DeadLetter> {
+    let value = msg.payload().unwrap_or_default();
+    let view = EventView::decode(value).map_err(|e| match e {
+        DecodeError::InvalidJson(m) => DeadLetter::new(Reason::InvalidJson, m),
+        DecodeError::UnsupportedType(m) => DeadLetter::new(Reason::UnsupportedType, m),
+    })?;
+    let source_id = header_source_id(msg, source_id_header)
+        .or(view.project_id.as_deref())
+        .ok_or_else(|| {
+            DeadLetter::new(
+                Reason::MissingSourceId,
+                format!("no {source_id_header} header and no projectId in the message"),
+            )
+        })?;
+    let tenant = match snapshot.get(source_id) {
+        Some(TenantEntry::Valid(t)) => t.clone(),
+        Some(TenantEntry::Invalid { reason }) => {
+            return Err(DeadLetter::new(Reason::InvalidSettings, reason.to_string()))
+        }
+        None => {
+            return Err(DeadLetter::new(
+                Reason::UnknownSource,
+                format!("no settings for source {source_id:?}"),
+            ))
+        }
+    };
+    let key = view
+        .partition_key(tenant.use_message_id)
+        .map_err(|e| DeadLetter::new(Reason::MissingPartitionKey, e.to_string()))?;
+    let size = value.len() + key.as_str().len();
+    if size > tenant.max_record_bytes {
+        return Err(DeadLetter::new(
+            Reason::RecordTooLarge,
+            format!(
+                "record is {size} bytes (data plus partition key); stream {} takes at most {}",
+                tenant.stream, tenant.max_record_bytes
+            ),
+        ));
+    }
+    Ok(Routed { tenant, key })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+    use std::collections::HashMap;
+
+    fn snapshot() -> Snapshot {
+        let good = kd_tenants::parse_tenant(&serde_json::json!({
+            "sourceId": "src_1", "roleAddress": "arn:aws:iam::123456789012:role/r",
+            "region": "us-east-1", "stream": "s", "maxRecordSizeKiB": 1})).unwrap();
+        let mut m: HashMap<Arc<str>, TenantEntry> = HashMap::new();
+        m.insert("src_1".into(), TenantEntry::Valid(Arc::new(good)));
+        m.insert("bad".into(), TenantEntry::Invalid { reason: "tenant bad: region x".into() });
+        Snapshot::new(m)
+    }
+
+    fn msg(value: &str, source: Option<&str>) -> OwnedMessage {
+        let headers = source.map(|s| {
+            OwnedHeaders::new().insert(Header { key: "source_id", value: Some(s) })
+        });
+        OwnedMessage::new(Some(value.as_bytes().to_vec()), None, "t".into(), Timestamp::NotAvailable, 0, 0, headers)
+    }
+
+    fn reason(value: &str, source: Option<&str>) -> Reason {
+        route(&msg(value, source), &snapshot(), "source_id").unwrap_err().reason
+    }
+
+    #[test]
+    fn routes_by_header_then_project_id() {
+        let r = route(&msg(r#"{"type":"track","userId":"u"}"#, Some("src_1")), &snapshot(), "source_id").unwrap();
+        assert_eq!(r.tenant.source_id.as_str(), "src_1");
+        assert_eq!(r.key.as_str(), "u");
+        let r = route(&msg(r#"{"type":"track","anonymousId":"a","projectId":"src_1"}"#, None), &snapshot(), "source_id").unwrap();
+        assert_eq!(r.key.as_str(), "a");
+    }
+
+    #[test]
+    fn each_bad_input_gets_its_reason() {
+        assert_eq!(reason("nope", Some("src_1")), Reason::InvalidJson);
+        assert_eq!(reason(r#"{"type":"bogus","userId":"u"}"#, Some("src_1")), Reason::UnsupportedType);
+        assert_eq!(reason(r#"{"type":"track","userId":"u"}"#, None), Reason::MissingSourceId);
+        assert_eq!(reason(r#"{"type":"track","userId":"u"}"#, Some("who")), Reason::UnknownSource);
+        assert_eq!(reason(r#"{"type":"track","userId":"u"}"#, Some("bad")), Reason::InvalidSettings);
+        assert_eq!(reason(r#"{"type":"track"}"#, Some("src_1")), Reason::MissingPartitionKey);
+        let big = format!(r#"{{"type":"track","userId":"u","p":"{}"}}"#, "x".repeat(1024));
+        assert_eq!(reason(&big, Some("src_1")), Reason::RecordTooLarge);
+    }
+}

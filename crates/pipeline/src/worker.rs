@@ -1,0 +1,457 @@
+//! The worker: one Kafka consumer feeding routes, lanes and acknowledgements.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kd_aws::{ErrorClass, KinesisWriter};
+use kd_event::PartitionKey;
+use kd_telemetry::Readiness;
+use kd_tenants::{TenantSettings, TenantStore};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
+use crate::lanes::Lanes;
+use crate::offsets::{OffsetTracker, Ticket};
+use crate::retry::RetryPolicy;
+use crate::route::route;
+
+/// Kafka side of the worker (SPEC 2 `[kafka]`).
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub dead_letter_topic: String,
+    pub source_id_header: String,
+    /// Passed to librdkafka verbatim, after our defaults (so they can override them).
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+/// Everything the worker needs besides its collaborators.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub kafka: KafkaSettings,
+    /// Most events read but not yet written or dead-lettered; reading waits beyond it.
+    pub max_in_flight: usize,
+    pub commit_interval: Duration,
+    /// On SIGTERM, how long in-flight events may take to finish before they are
+    /// abandoned (to be re-read after restart).
+    pub shutdown_timeout: Duration,
+    /// How long leaving the group may take before the worker exits anyway.
+    pub close_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// The consumer's callbacks: commit on revoke, track assignments, report lag.
+pub struct WorkerContext {
+    tracker: Arc<OffsetTracker>,
+    readiness: Arc<Readiness>,
+}
+
+impl ClientContext for WorkerContext {
+    fn stats(&self, stats: Statistics) {
+        let lag = &kd_telemetry::metrics().consumer_lag;
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 {
+                    continue;
+                }
+                let part = partition.to_string();
+                if p.consumer_lag >= 0 {
+                    lag.with_label_values(&[topic.as_str(), part.as_str()])
+                        .set(p.consumer_lag);
+                } else {
+                    let _ = lag.remove_label_values(&[topic.as_str(), part.as_str()]);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            // Commit what is done before the partitions move; the rest is re-read by
+            // their next owner.
+            commit(consumer, &self.tracker, Some(&revoked));
+            self.tracker
+                .revoke(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
+            tracing::info!(partitions = ?revoked, "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let assigned: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                self.tracker
+                    .assign(assigned.iter().map(|(t, p)| (t.as_str(), *p)));
+                self.readiness.set_joined_group();
+                tracing::info!(partitions = ?assigned, "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
+/// Commits the tracker's committable offsets (all partitions, or `only` these).
+fn commit<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    tracker: &OffsetTracker,
+    only: Option<&[(String, i32)]>,
+) {
+    let offsets = tracker.to_commit(only);
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, offset) in &offsets {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            tracing::error!(error = %e, "cannot build commit list");
+            tracker.commit_failed(&offsets);
+            return;
+        }
+    }
+    let m = kd_telemetry::metrics();
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => {
+            m.commits.with_label_values(&["ok"]).inc();
+            tracing::debug!(?offsets, "offsets committed");
+        }
+        Err(e) => {
+            m.commits.with_label_values(&["error"]).inc();
+            tracker.commit_failed(&offsets);
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+        }
+    }
+}
+
+/// One event on its way to Kinesis.
+struct Job {
+    msg: OwnedMessage,
+    ticket: Ticket,
+    tenant: Arc<TenantSettings>,
+    key: PartitionKey,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Writes events, retrying as the policy says, and acknowledges them.
+struct Deliverer {
+    writer: KinesisWriter,
+    dead_letters: DeadLetters,
+    tracker: Arc<OffsetTracker>,
+    retry: RetryPolicy,
+    cancel: CancellationToken,
+}
+
+enum Outcome {
+    Written,
+    DeadLetter(DeadLetter),
+    Cancelled,
+}
+
+impl Deliverer {
+    async fn deliver(&self, job: Job) {
+        match self.write_with_retries(&job).await {
+            Outcome::Written => {
+                kd_telemetry::metrics().events_delivered.inc();
+                self.tracker.done(&job.ticket);
+            }
+            Outcome::DeadLetter(dl) => {
+                if self.dead_letters.send(&job.msg, &dl, &self.cancel).await {
+                    self.tracker.done(&job.ticket);
+                }
+            }
+            // Abandoned at shutdown: not acknowledged, so it is read again on restart.
+            Outcome::Cancelled => {}
+        }
+    }
+
+    async fn write_with_retries(&self, job: &Job) -> Outcome {
+        let data = job.msg.payload().unwrap_or_default();
+        let started = Instant::now();
+        let mut permanent_since: Option<Instant> = None;
+        let mut attempt = 0u32;
+        loop {
+            let result = tokio::select! {
+                r = self.writer.put_record(&job.tenant, &job.key, data) => r,
+                _ = self.cancel.cancelled() => return Outcome::Cancelled,
+            };
+            let err = match result {
+                Ok(_) => return Outcome::Written,
+                Err(e) => e,
+            };
+            match err.class {
+                ErrorClass::Permanent => {
+                    let since = *permanent_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.retry.permanent_window {
+                        return Outcome::DeadLetter(DeadLetter::new(
+                            Reason::DestinationRejected,
+                            err.to_string(),
+                        ));
+                    }
+                }
+                ErrorClass::Retryable | ErrorClass::ExpiredCredentials => {
+                    permanent_since = None;
+                    if started.elapsed() >= self.retry.retry_window {
+                        return Outcome::DeadLetter(DeadLetter::new(
+                            Reason::RetriesExhausted,
+                            format!(
+                                "still failing after {}s of retries; last error {err}",
+                                started.elapsed().as_secs()
+                            ),
+                        ));
+                    }
+                }
+            }
+            tracing::debug!(source_id = %job.tenant.source_id, attempt, error = %err, "write failed; retrying");
+            kd_telemetry::metrics().retries.inc();
+            let wait = self.retry.backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.cancel.cancelled() => return Outcome::Cancelled,
+            }
+        }
+    }
+}
+
+fn consumer_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("group.id", &k.group_id)
+        // Offsets are committed by the tracker, never by librdkafka on its own.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000");
+    for (key, value) in &k.librdkafka {
+        c.set(key, value);
+    }
+    c
+}
+
+fn producer_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000");
+    for (key, value) in &k.librdkafka {
+        // Consumer-only settings would only make the producer warn.
+        if !CONSUMER_ONLY.contains(&key.as_str()) {
+            c.set(key, value);
+        }
+    }
+    c
+}
+
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.commit.interval.ms",
+    "partition.assignment.strategy",
+    "fetch.min.bytes",
+    "fetch.wait.max.ms",
+    "fetch.max.bytes",
+    "max.partition.fetch.bytes",
+    "isolation.level",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "statistics.interval.ms",
+];
+
+/// Runs the worker until `shutdown` is cancelled, then drains, commits and leaves the
+/// group (SPEC 9).
+pub async fn run(
+    settings: WorkerSettings,
+    tenants: Arc<TenantStore>,
+    writer: KinesisWriter,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let tracker = Arc::new(OffsetTracker::new());
+    let context = WorkerContext {
+        tracker: tracker.clone(),
+        readiness: readiness.clone(),
+    };
+    let consumer: StreamConsumer<WorkerContext> =
+        consumer_config(&settings.kafka).create_with_context(context)?;
+    let topics: Vec<&str> = settings.kafka.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let consumer = Arc::new(consumer);
+    let producer: FutureProducer = producer_config(&settings.kafka).create()?;
+
+    let cancel = CancellationToken::new();
+    let dead_letters = DeadLetters::new(
+        producer.clone(),
+        &settings.kafka.dead_letter_topic,
+        settings.retry.clone(),
+    );
+    let deliverer = Arc::new(Deliverer {
+        writer,
+        dead_letters: dead_letters.clone(),
+        tracker: tracker.clone(),
+        retry: settings.retry.clone(),
+        cancel: cancel.clone(),
+    });
+    let lanes = {
+        let deliverer = deliverer.clone();
+        Lanes::new(move |job: Job| {
+            let deliverer = deliverer.clone();
+            async move { deliverer.deliver(job).await }
+        })
+    };
+
+    let stop_committer = CancellationToken::new();
+    let committer = tokio::spawn(commit_loop(
+        consumer.clone(),
+        tracker.clone(),
+        settings.commit_interval,
+        stop_committer.clone(),
+    ));
+
+    tracing::info!(topics = ?settings.kafka.topics, group = %settings.kafka.group_id, "consuming");
+    let permits = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+    let header = settings.kafka.source_id_header.as_str();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.cancelled() => break,
+        };
+        let msg = tokio::select! {
+            m = consumer.recv() => m,
+            _ = shutdown.cancelled() => break,
+        };
+        let msg = match msg {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        kd_telemetry::metrics().events_received.inc();
+        let Some(ticket) = tracker.read(msg.topic(), msg.partition(), msg.offset()) else {
+            // Read from a partition that is no longer ours: its next owner reads it.
+            continue;
+        };
+        match route(&msg, &tenants.snapshot(), header) {
+            Ok(routed) => {
+                let lane = (routed.tenant.source_id.clone(), routed.key.clone());
+                lanes.push(
+                    lane,
+                    Job {
+                        msg,
+                        ticket,
+                        tenant: routed.tenant,
+                        key: routed.key,
+                        _permit: permit,
+                    },
+                );
+            }
+            Err(dl) => {
+                let (dead_letters, tracker, cancel) =
+                    (dead_letters.clone(), tracker.clone(), cancel.clone());
+                tokio::spawn(async move {
+                    if dead_letters.send(&msg, &dl, &cancel).await {
+                        tracker.done(&ticket);
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    // SPEC 9: stop fetching, finish (or abandon) in-flight writes, commit, leave.
+    readiness.set_shutting_down();
+    let deadline = Instant::now() + settings.shutdown_timeout;
+    tracing::info!(
+        in_flight = tracker.in_flight(),
+        "shutting down: draining in-flight events"
+    );
+    while tracker.in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let abandoned = tracker.in_flight();
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "shutdown deadline reached; abandoned events will be re-read after restart"
+        );
+    }
+    cancel.cancel();
+    stop_committer.cancel();
+    let _ = committer.await;
+    {
+        let consumer = consumer.clone();
+        let tracker = tracker.clone();
+        let _ = tokio::task::spawn_blocking(move || commit(&*consumer, &tracker, None)).await;
+    }
+    // Leaving the group (librdkafka's close) runs when the last handle drops; bound it so
+    // an unreachable broker cannot hang the exit.
+    let close = tokio::task::spawn_blocking(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+        let _ = rdkafka::producer::Producer::flush(&producer, Duration::from_secs(5));
+    });
+    if tokio::time::timeout(settings.close_timeout, close)
+        .await
+        .is_err()
+    {
+        tracing::warn!("leaving the consumer group timed out");
+    }
+    drop(lanes);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn commit_loop(
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+    tracker: Arc<OffsetTracker>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let (consumer, tracker) = (consumer.clone(), tracker.clone());
+        let _ = tokio::task::spawn_blocking(move || commit(&*consumer, &tracker, None)).await;
+    }
+}

@@ -1,0 +1,271 @@
+//! Telemetry: the edge operators look at.
+//!
+//! One process-wide registry holds the metrics of SPEC 8 (their names are part of the
+//! contract) plus a few operational ones; every stage records into it through
+//! [`metrics()`]. [`serve`] exposes `/metrics`, `/healthz` and `/readyz`. No metric
+//! carries a per-source or per-user label: label values come from small fixed sets
+//! (reasons, outcomes, AWS error codes, partitions).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// All metrics of the worker.
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_received: IntCounter,
+    pub events_delivered: IntCounter,
+    pub events_dead_lettered: IntCounterVec,
+    pub put_duration: HistogramVec,
+    pub put_errors: IntCounterVec,
+    pub retries: IntCounter,
+    pub assume_role: IntCounterVec,
+    pub credential_cache_hits: IntCounter,
+    pub credential_cache_misses: IntCounter,
+    pub rate_limit_wait_seconds: prometheus::Counter,
+    pub in_flight_events: IntGauge,
+    pub consumer_lag: IntGaugeVec,
+    pub tenants: IntGaugeVec,
+    pub tenant_settings_errors: IntCounter,
+    pub commits: IntCounterVec,
+    pub dead_letter_produce_seconds: Histogram,
+}
+
+const PREFIX: &str = "kinesis_destination_";
+
+impl Metrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let name = |n: &str| format!("{PREFIX}{n}");
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                registry.register(Box::new(m.clone()))?;
+                m
+            }};
+        }
+        Ok(Metrics {
+            events_received: reg!(IntCounter::new(
+                name("events_received_total"),
+                "Events read from Kafka."
+            )?),
+            events_delivered: reg!(IntCounter::new(
+                name("events_delivered_total"),
+                "Events written to their tenant's Kinesis stream."
+            )?),
+            events_dead_lettered: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("events_dead_lettered_total"),
+                    "Events produced to the dead-letter topic, by reason."
+                ),
+                &["reason"]
+            )?),
+            put_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    name("put_duration_seconds"),
+                    "Duration of one Kinesis PutRecord call, by outcome."
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+                ]),
+                &["outcome"]
+            )?),
+            put_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("put_errors_total"),
+                    "Failed Kinesis writes, by AWS error code."
+                ),
+                &["error"]
+            )?),
+            retries: reg!(IntCounter::new(
+                name("retries_total"),
+                "Writes retried after a retryable failure."
+            )?),
+            assume_role: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("assume_role_total"),
+                    "STS AssumeRole calls, by outcome."
+                ),
+                &["outcome"]
+            )?),
+            credential_cache_hits: reg!(IntCounter::new(
+                name("credential_cache_hits_total"),
+                "Tenant credential lookups served from the cache."
+            )?),
+            credential_cache_misses: reg!(IntCounter::new(
+                name("credential_cache_misses_total"),
+                "Tenant credential lookups that needed an AssumeRole."
+            )?),
+            rate_limit_wait_seconds: reg!(prometheus::Counter::new(
+                name("rate_limit_wait_seconds_total"),
+                "Time writes waited for stream capacity."
+            )?),
+            in_flight_events: reg!(IntGauge::new(
+                name("in_flight_events"),
+                "Events read but not yet written or dead-lettered."
+            )?),
+            consumer_lag: reg!(IntGaugeVec::new(
+                Opts::new(
+                    name("consumer_lag"),
+                    "Messages between the high watermark and the consumer position."
+                ),
+                &["topic", "partition"]
+            )?),
+            tenants: reg!(IntGaugeVec::new(
+                Opts::new(name("tenants"), "Tenant settings loaded, by state."),
+                &["state"]
+            )?),
+            tenant_settings_errors: reg!(IntCounter::new(
+                name("tenant_settings_errors_total"),
+                "Tenant settings loads rejected (the last good settings stay in force)."
+            )?),
+            commits: reg!(IntCounterVec::new(
+                Opts::new(name("offset_commits_total"), "Kafka offset commits, by outcome."),
+                &["outcome"]
+            )?),
+            dead_letter_produce_seconds: reg!(Histogram::with_opts(HistogramOpts::new(
+                name("dead_letter_produce_seconds"),
+                "Time to get a dead letter acknowledged by Kafka."
+            ))?),
+            registry,
+        })
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+static METRICS: LazyLock<Metrics> =
+    LazyLock::new(|| Metrics::new().expect("metric names and labels are static and valid"));
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// What `/readyz` reports: ready once tenant settings are loaded and the consumer has
+/// joined its group, and no longer once shutdown has begun.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    tenants_loaded: AtomicBool,
+    joined_group: AtomicBool,
+    shutting_down: AtomicBool,
+}
+
+impl Readiness {
+    pub fn set_tenants_loaded(&self) {
+        self.tenants_loaded.store(true, Ordering::SeqCst);
+    }
+    pub fn set_joined_group(&self) {
+        self.joined_group.store(true, Ordering::SeqCst);
+    }
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.tenants_loaded.load(Ordering::SeqCst)
+            && self.joined_group.load(Ordering::SeqCst)
+            && !self.shutting_down.load(Ordering::SeqCst)
+    }
+    /// Why the process is not ready, for the body of a 503.
+    fn reason(&self) -> &'static str {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            "shutting down"
+        } else if !self.tenants_loaded.load(Ordering::SeqCst) {
+            "tenant settings not loaded"
+        } else if !self.joined_group.load(Ordering::SeqCst) {
+            "consumer has not joined its group"
+        } else {
+            "ready"
+        }
+    }
+}
+
+/// Binds the HTTP listener (so a bad address fails at start-up) and returns the server.
+pub async fn bind(
+    listen: SocketAddr,
+    readiness: Arc<Readiness>,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(readiness);
+    Ok(async move { axum::serve(listener, app).await })
+}
+
+async fn render_metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics().render(),
+    )
+}
+
+async fn ready(State(r): State<Arc<Readiness>>) -> impl IntoResponse {
+    if r.is_ready() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", r.reason()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_contract_metric_names() {
+        let m = metrics();
+        m.events_dead_lettered.with_label_values(&["invalid_json"]).inc();
+        m.put_duration.with_label_values(&["ok"]).observe(0.01);
+        m.put_errors.with_label_values(&["Throttling"]).inc();
+        m.assume_role.with_label_values(&["ok"]).inc();
+        m.consumer_lag.with_label_values(&["t", "0"]).set(3);
+        let text = m.render();
+        for name in [
+            "kinesis_destination_events_received_total",
+            "kinesis_destination_events_delivered_total",
+            "kinesis_destination_events_dead_lettered_total{reason=\"invalid_json\"}",
+            "kinesis_destination_put_duration_seconds_bucket{outcome=\"ok\"",
+            "kinesis_destination_put_errors_total{error=\"Throttling\"}",
+            "kinesis_destination_retries_total",
+            "kinesis_destination_assume_role_total{outcome=\"ok\"}",
+            "kinesis_destination_credential_cache_hits_total",
+            "kinesis_destination_credential_cache_misses_total",
+            "kinesis_destination_rate_limit_wait_seconds_total",
+            "kinesis_destination_in_flight_events",
+            "kinesis_destination_consumer_lag{partition=\"0\",topic=\"t\"}",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn readiness_needs_tenants_and_group_and_not_shutting_down() {
+        let r = Readiness::default();
+        assert!(!r.is_ready());
+        r.set_tenants_loaded();
+        assert!(!r.is_ready());
+        r.set_joined_group();
+        assert!(r.is_ready());
+        r.set_shutting_down();
+        assert!(!r.is_ready());
+        assert_eq!(r.reason(), "shutting down");
+    }
+}

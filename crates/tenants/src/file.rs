@@ -1,0 +1,163 @@
+//! File provider: a JSON array of tenant objects, re-read when it changes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::{model::parse_tenant, Snapshot, TenantEntry, TenantStore};
+
+/// Why a whole settings file was rejected (the last good settings stay in force).
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read tenants file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tenants file {path} is not a JSON array of tenant objects: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// Reads and validates the tenants file. Individual invalid tenants do not fail the
+/// load: they become [`TenantEntry::Invalid`] (and are logged here, once per load).
+pub fn load_file(path: &Path) -> Result<Snapshot, FileError> {
+    let bytes = std::fs::read(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_array(&bytes).map_err(|message| FileError::Parse {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+fn parse_array(bytes: &[u8]) -> Result<Snapshot, String> {
+    let items: Vec<Value> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut tenants: HashMap<Arc<str>, TenantEntry> = HashMap::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        match parse_tenant(item) {
+            Ok(t) => {
+                let key: Arc<str> = t.source_id.as_str().into();
+                if tenants.insert(key, TenantEntry::Valid(Arc::new(t))).is_some() {
+                    tracing::warn!(index, "tenants file lists a source twice; the last one wins");
+                }
+            }
+            Err(e) => match e.source_id() {
+                Some(id) => {
+                    tracing::warn!(error = %e, "invalid tenant settings; its events will be dead-lettered");
+                    tenants.insert(
+                        id.into(),
+                        TenantEntry::Invalid {
+                            reason: e.to_string().into(),
+                        },
+                    );
+                }
+                None => tracing::warn!(index, error = %e, "tenant entry skipped"),
+            },
+        }
+    }
+    Ok(Snapshot::new(tenants))
+}
+
+/// Loads the file into the store now, then polls it every `interval` and reloads it
+/// when its contents change. A bad edit is reported (log and
+/// `kinesis_destination_tenant_settings_errors_total`) and the last good settings stay.
+///
+/// Polling (rather than inotify) also sees files replaced through symlinks, as
+/// Kubernetes does for mounted ConfigMaps.
+pub async fn watch_file(path: PathBuf, store: Arc<TenantStore>, interval: Duration) {
+    let mut last: Option<Vec<u8>> = None;
+    loop {
+        match std::fs::read(&path) {
+            Ok(bytes) if last.as_deref() != Some(&bytes[..]) => {
+                match parse_array(&bytes) {
+                    Ok(snapshot) => {
+                        tracing::info!(
+                            path = %path.display(),
+                            tenants = snapshot.len(),
+                            invalid = snapshot.invalid_count(),
+                            "tenant settings loaded"
+                        );
+                        store.replace(snapshot);
+                    }
+                    Err(message) => {
+                        kd_telemetry::metrics().tenant_settings_errors.inc();
+                        tracing::error!(
+                            path = %path.display(),
+                            %message,
+                            "tenants file rejected; keeping the last good settings"
+                        );
+                    }
+                }
+                last = Some(bytes);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if last.is_some() {
+                    kd_telemetry::metrics().tenant_settings_errors.inc();
+                }
+                tracing::error!(path = %path.display(), error = %e, "cannot read tenants file; keeping the last good settings");
+                last = None;
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_tenants_are_kept_as_invalid_and_others_load() {
+        let json = br#"[
+          {"sourceId":"a","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"},
+          {"sourceId":"b","roleAddress":"nope","region":"us-east-1","stream":"s"},
+          {"region":"us-east-1"}
+        ]"#;
+        let snap = parse_array(json).unwrap();
+        assert!(matches!(snap.get("a"), Some(TenantEntry::Valid(_))));
+        assert!(matches!(snap.get("b"), Some(TenantEntry::Invalid { .. })));
+        assert_eq!(snap.len(), 2);
+    }
+
+    #[test]
+    fn a_file_that_is_not_an_array_is_rejected_whole() {
+        assert!(parse_array(b"{\"sourceId\":\"a\"}").is_err());
+        assert!(parse_array(b"[{").is_err());
+    }
+
+    #[tokio::test]
+    async fn watcher_reloads_on_change_and_keeps_last_good_on_bad_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenants.json");
+        let one = r#"[{"sourceId":"a","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"}]"#;
+        std::fs::write(&path, one).unwrap();
+        let store = Arc::new(TenantStore::new());
+        let task = tokio::spawn(watch_file(path.clone(), store.clone(), Duration::from_millis(20)));
+        wait_for(|| store.snapshot().get("a").is_some()).await;
+
+        std::fs::write(&path, "[ not json").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(store.snapshot().get("a").is_some(), "bad edit keeps last good");
+
+        let two = one.replace("\"a\"", "\"b\"");
+        std::fs::write(&path, two).unwrap();
+        wait_for(|| store.snapshot().get("b").is_some()).await;
+        assert!(store.snapshot().get("a").is_none());
+        task.abort();
+    }
+
+    async fn wait_for(cond: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached");
+    }
+}

@@ -1,0 +1,100 @@
+//! Route: tenant settings and the snapshot the hot path reads.
+//!
+//! Each source (tenant) has the settings of the seed's destination: the IAM role we
+//! assume, the region and stream to write to, an optional secret external ID, and a few
+//! capacity hints (SPEC 4). Settings are parsed and validated once, when they are loaded,
+//! into [`TenantSettings`]; inner code only ever sees valid values. A tenant whose
+//! settings are invalid stays in the snapshot as [`TenantEntry::Invalid`], so its events
+//! are dead-lettered `invalid_settings` instead of `unknown_source`.
+//!
+//! The [`TenantStore`] holds an immutable [`Snapshot`] behind an `ArcSwap`: lookups take
+//! no lock, and a reload swaps the whole snapshot atomically.
+
+mod file;
+mod model;
+
+pub use file::{load_file, watch_file};
+pub use model::{
+    parse_tenant, Region, RoleArn, Secret, SettingsError, SourceId, StreamName, TenantSettings,
+    DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,
+};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+/// What the snapshot knows about one source.
+#[derive(Debug, Clone)]
+pub enum TenantEntry {
+    Valid(Arc<TenantSettings>),
+    /// Present but unusable; `reason` names the offending setting (never a secret).
+    Invalid { reason: Arc<str> },
+}
+
+/// An immutable view of all tenants, keyed by source ID.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    tenants: HashMap<Arc<str>, TenantEntry>,
+}
+
+impl Snapshot {
+    pub fn new(tenants: HashMap<Arc<str>, TenantEntry>) -> Self {
+        Snapshot { tenants }
+    }
+
+    pub fn get(&self, source_id: &str) -> Option<&TenantEntry> {
+        self.tenants.get(source_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    pub fn invalid_count(&self) -> usize {
+        self.tenants
+            .values()
+            .filter(|e| matches!(e, TenantEntry::Invalid { .. }))
+            .count()
+    }
+}
+
+/// The current snapshot, swapped whole when settings change.
+#[derive(Debug, Default)]
+pub struct TenantStore {
+    current: ArcSwap<Snapshot>,
+    loaded: AtomicBool,
+}
+
+impl TenantStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The snapshot in force now. Cheap: one atomic load.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Installs a new snapshot and records the tenant gauges.
+    pub fn replace(&self, snapshot: Snapshot) {
+        let m = kd_telemetry::metrics();
+        let invalid = snapshot.invalid_count();
+        m.tenants
+            .with_label_values(&["valid"])
+            .set((snapshot.len() - invalid) as i64);
+        m.tenants.with_label_values(&["invalid"]).set(invalid as i64);
+        self.current.store(Arc::new(snapshot));
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    /// True once a first set of settings has been installed.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+}
