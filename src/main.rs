@@ -1,1 +1,64 @@
-fn main() {}
+//! `kinesis-destination`: Segment events from Kafka into each tenant's own Amazon Kinesis
+//! stream. This file only parses the command line and hands over to `cmd/`.
+
+mod cmd;
+mod config;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Multi-tenant worker: Segment events from Kafka into each tenant's own Kinesis stream.
+#[derive(Parser)]
+#[command(name = "kinesis-destination", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker: consume Kafka, write each event to its tenant's stream.
+    Run(cmd::run::Args),
+    /// Validate one tenant end to end: settings, AssumeRole, stream reachable.
+    Check(cmd::check::Args),
+    /// Read a Kinesis stream and print each record's JSON, one per line.
+    Tail(cmd::tail::Args),
+    /// Print the IAM permission policy and role trust policy a tenant needs.
+    Policy(cmd::policy::Args),
+    /// Send sample Segment events to Kafka (demos, load, benchmarks).
+    Produce(cmd::produce::Args),
+}
+
+fn main() -> ExitCode {
+    // clap prints usage errors and exits with code 2 by itself.
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kinesis-destination: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => cmd::run::run(args).await,
+            Command::Check(args) => cmd::check::run(args).await,
+            Command::Tail(args) => cmd::tail::run(args).await,
+            Command::Policy(args) => cmd::policy::run(args),
+            Command::Produce(args) => cmd::produce::run(args).await,
+        }
+    });
+    // Background tasks (HTTP server, file watcher) end with the runtime, without waiting.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kinesis-destination: error: {e}");
+            e.exit_code()
+        }
+    }
+}

@@ -41,8 +41,12 @@ pub struct AwsSettings {
 /// (environment, profile, web identity, instance metadata), the optional endpoint, no
 /// SDK-level retries.
 pub async fn base_config(settings: &AwsSettings) -> SdkConfig {
-    let region = aws_config::meta::region::RegionProviderChain::default_provider()
-        .or_else(Region::from_static("us-east-1"));
+    // Every tenant client sets its own region; this one only serves as a default, so it
+    // is not looked up from instance metadata (which would warn on every start).
+    let region = std::env::var("AWS_REGION")
+        .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+        .map(Region::new)
+        .unwrap_or_else(|_| Region::from_static("us-east-1"));
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(region)
         .retry_config(RetryConfig::disabled())

@@ -23,15 +23,17 @@ pub enum FileError {
 
 /// Reads and validates the tenants file. Individual invalid tenants do not fail the
 /// load: they become [`TenantEntry::Invalid`] (and are logged here, once per load).
-pub fn load_file(path: &Path) -> Result<Snapshot, FileError> {
+/// Returns the snapshot and the bytes it was read from (for [`watch_file`]).
+pub fn load_file(path: &Path) -> Result<(Snapshot, Vec<u8>), FileError> {
     let bytes = std::fs::read(path).map_err(|source| FileError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse_array(&bytes).map_err(|message| FileError::Parse {
+    let snapshot = parse_array(&bytes).map_err(|message| FileError::Parse {
         path: path.to_owned(),
         message,
-    })
+    })?;
+    Ok((snapshot, bytes))
 }
 
 fn parse_array(bytes: &[u8]) -> Result<Snapshot, String> {
@@ -62,14 +64,19 @@ fn parse_array(bytes: &[u8]) -> Result<Snapshot, String> {
     Ok(Snapshot::new(tenants))
 }
 
-/// Loads the file into the store now, then polls it every `interval` and reloads it
-/// when its contents change. A bad edit is reported (log and
+/// Polls the file every `interval` and loads it into the store whenever its contents
+/// differ from what was last seen (`last_seen`: the bytes already loaded, if any). A bad edit is reported (log and
 /// `kinesis_destination_tenant_settings_errors_total`) and the last good settings stay.
 ///
 /// Polling (rather than inotify) also sees files replaced through symlinks, as
 /// Kubernetes does for mounted ConfigMaps.
-pub async fn watch_file(path: PathBuf, store: Arc<TenantStore>, interval: Duration) {
-    let mut last: Option<Vec<u8>> = None;
+pub async fn watch_file(
+    path: PathBuf,
+    store: Arc<TenantStore>,
+    interval: Duration,
+    last_seen: Option<Vec<u8>>,
+) {
+    let mut last = last_seen;
     loop {
         match std::fs::read(&path) {
             Ok(bytes) if last.as_deref() != Some(&bytes[..]) => {
@@ -137,7 +144,7 @@ mod tests {
         let one = r#"[{"sourceId":"a","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"}]"#;
         std::fs::write(&path, one).unwrap();
         let store = Arc::new(TenantStore::new());
-        let task = tokio::spawn(watch_file(path.clone(), store.clone(), Duration::from_millis(20)));
+        let task = tokio::spawn(watch_file(path.clone(), store.clone(), Duration::from_millis(20), None));
         wait_for(|| store.snapshot().get("a").is_some()).await;
 
         std::fs::write(&path, "[ not json").unwrap();

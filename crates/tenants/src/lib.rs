@@ -13,7 +13,7 @@
 mod file;
 mod model;
 
-pub use file::{load_file, watch_file};
+pub use file::{load_file, watch_file, FileError};
 pub use model::{
     parse_tenant, Region, RoleArn, Secret, SettingsError, SourceId, StreamName, TenantSettings,
     DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,

@@ -1,0 +1,514 @@
+//! The configuration file (SPEC 2): TOML, every key overridable from the environment as
+//! `KINESIS_DESTINATION__SECTION__KEY`, checked once at start-up. A bad key stops the
+//! worker with exit code 2 and one line that names it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides; levels are separated by `__`.
+pub const ENV_PREFIX: &str = "KINESIS_DESTINATION__";
+
+/// A configuration problem, naming the key (or file) concerned.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: one_line(&message.into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub tenants: TenantsConfig,
+    pub aws: AwsConfig,
+    pub http: HttpConfig,
+    pub delivery: DeliveryConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub dead_letter_topic: String,
+    pub source_id_header: String,
+    /// Passed to librdkafka verbatim (security, SASL, TLS, timeouts).
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_id: "kinesis-destination".into(),
+            topics: vec!["segment-events".into()],
+            dead_letter_topic: "segment-events-dlq".into(),
+            source_id_header: "source_id".into(),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantsConfig {
+    /// JSON array of tenant settings, re-read when it changes.
+    pub file: Option<PathBuf>,
+    /// Compacted Kafka topic of tenant settings (SPEC 4).
+    pub topic: Option<String>,
+    /// How often the file is checked for changes.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for TenantsConfig {
+    fn default() -> Self {
+        TenantsConfig {
+            file: None,
+            topic: None,
+            poll_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// One endpoint for STS and Kinesis (LocalStack, moto); unset for AWS itself.
+    pub endpoint_url: Option<String>,
+    pub role_session_name: String,
+    /// Lifetime asked of AssumeRole (900 to 43200 seconds; the role's maximum applies).
+    pub session_duration_secs: u64,
+    /// Cached credentials are replaced this long before they expire.
+    pub credential_refresh_margin_secs: u64,
+    /// A failed AssumeRole is remembered this long before STS is asked again.
+    pub assume_role_failure_ttl_secs: u64,
+    /// Most (role, external ID) sessions cached at once.
+    pub max_cached_credentials: u64,
+    /// Time allowed for one AWS API attempt.
+    pub api_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            endpoint_url: None,
+            role_session_name: "kinesis-destination".into(),
+            session_duration_secs: 3600,
+            credential_refresh_margin_secs: 300,
+            assume_role_failure_ttl_secs: 10,
+            max_cached_credentials: 100_000,
+            api_timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of /metrics, /healthz and /readyz.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "0.0.0.0:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Most events read but not yet written or dead-lettered.
+    pub max_in_flight: usize,
+    pub commit_interval_ms: u64,
+    /// Retryable failures are retried this long, then dead-lettered `retries_exhausted`.
+    pub retry_window_secs: u64,
+    /// Permanent failures are retried this long (IAM propagation), then dead-lettered
+    /// `destination_rejected`.
+    pub permanent_error_window_secs: u64,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// On SIGTERM, how long in-flight writes may take before they are abandoned.
+    pub shutdown_timeout_secs: u64,
+    /// How long leaving the consumer group may take.
+    pub close_timeout_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            max_in_flight: 10_000,
+            commit_interval_ms: 1_000,
+            retry_window_secs: 4 * 3600,
+            permanent_error_window_secs: 180,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 30_000,
+            shutdown_timeout_secs: 30,
+            close_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter (`info`, `kd_pipeline=debug,info`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file, applies environment overrides and checks every key.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                "--config",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let mut config = Config::parse(&text, &env)?;
+        // A relative tenants file is relative to the config file, as an operator reading
+        // the config would expect.
+        if let Some(file) = &config.tenants.file {
+            if file.is_relative() {
+                if let Some(dir) = path.parent() {
+                    config.tenants.file = Some(dir.join(file));
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses TOML text with the given `KINESIS_DESTINATION__…` overrides.
+    pub fn parse(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            ConfigError::new("config file", format!("invalid TOML{at}: {}", e.message()))
+        })?;
+        let shape = toml::Table::try_from(Config::default()).unwrap_or_default();
+        for (name, raw) in env {
+            apply_override(&mut value, &shape, name, raw)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(value))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let key = if path == "." { "config".into() } else { path };
+                ConfigError::new(key, e.inner().to_string())
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(ConfigError::new("kafka.group_id", "must not be empty"));
+        }
+        if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::new(
+                "kafka.topics",
+                "must list at least one topic, none empty",
+            ));
+        }
+        if k.dead_letter_topic.trim().is_empty() {
+            return Err(ConfigError::new("kafka.dead_letter_topic", "must not be empty"));
+        }
+        if k.topics.contains(&k.dead_letter_topic) {
+            return Err(ConfigError::new(
+                "kafka.dead_letter_topic",
+                "must not be one of kafka.topics (dead letters would be read again)",
+            ));
+        }
+        if k.source_id_header.trim().is_empty() {
+            return Err(ConfigError::new("kafka.source_id_header", "must not be empty"));
+        }
+        match (&self.tenants.file, &self.tenants.topic) {
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "tenants.file",
+                    "is required (a JSON array of tenant settings)",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "tenants.topic",
+                    "set either tenants.file or tenants.topic, not both",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "tenants.topic",
+                    "the Kafka settings provider is not available in this version; use tenants.file",
+                ))
+            }
+            (Some(_), None) => {}
+        }
+        if self.tenants.poll_interval_ms == 0 {
+            return Err(ConfigError::new("tenants.poll_interval_ms", "must be at least 1"));
+        }
+        if let Some(url) = &self.aws.endpoint_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+                return Err(ConfigError::new(
+                    "aws.endpoint_url",
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if self.aws.role_session_name.len() < 2
+            || self.aws.role_session_name.len() > 64
+            || !self
+                .aws
+                .role_session_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"=,.@-_".contains(&b))
+        {
+            return Err(ConfigError::new(
+                "aws.role_session_name",
+                "must be 2-64 of a-z A-Z 0-9 = , . @ - _",
+            ));
+        }
+        if !(900..=43_200).contains(&self.aws.session_duration_secs) {
+            return Err(ConfigError::new(
+                "aws.session_duration_secs",
+                "must be from 900 to 43200 (STS limits)",
+            ));
+        }
+        if self.aws.api_timeout_ms == 0 || self.aws.connect_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "aws.api_timeout_ms",
+                "timeouts must be at least 1 ms",
+            ));
+        }
+        if self.aws.max_cached_credentials == 0 {
+            return Err(ConfigError::new("aws.max_cached_credentials", "must be at least 1"));
+        }
+        self.listen()?;
+        let d = &self.delivery;
+        if d.max_in_flight == 0 {
+            return Err(ConfigError::new("delivery.max_in_flight", "must be at least 1"));
+        }
+        if d.commit_interval_ms == 0 {
+            return Err(ConfigError::new("delivery.commit_interval_ms", "must be at least 1"));
+        }
+        if d.initial_backoff_ms == 0 || d.max_backoff_ms < d.initial_backoff_ms {
+            return Err(ConfigError::new(
+                "delivery.max_backoff_ms",
+                "backoffs must satisfy 0 < initial_backoff_ms <= max_backoff_ms",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::new("log.format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    pub fn listen(&self) -> Result<SocketAddr, ConfigError> {
+        self.http.listen.parse().map_err(|_| {
+            ConfigError::new(
+                "http.listen",
+                format!("{:?} is not an address like 0.0.0.0:9464", self.http.listen),
+            )
+        })
+    }
+}
+
+/// Sets one `KINESIS_DESTINATION__SECTION__KEY` override. The value is read as the type
+/// the key has (number, bool, list as TOML or comma-separated); unknown keys (such as
+/// librdkafka's) as strings.
+fn apply_override(
+    root: &mut toml::Table,
+    shape: &toml::Table,
+    name: &str,
+    raw: &str,
+) -> Result<(), ConfigError> {
+    let path: Vec<String> = name[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    let key = path.join(".");
+    if path.iter().any(String::is_empty) {
+        return Err(ConfigError::new(name, "malformed override name"));
+    }
+    let expected = lookup(shape, &path);
+    let value = match expected {
+        Some(toml::Value::Integer(_)) => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| ConfigError::new(&key, format!("{name} must be a whole number")))?,
+        Some(toml::Value::Boolean(_)) => raw
+            .trim()
+            .parse::<bool>()
+            .map(toml::Value::Boolean)
+            .map_err(|_| ConfigError::new(&key, format!("{name} must be true or false")))?,
+        Some(toml::Value::Array(_)) => {
+            match toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+            {
+                Some(v @ toml::Value::Array(_)) => v,
+                _ => toml::Value::Array(
+                    raw.split(',')
+                        .map(|s| toml::Value::String(s.trim().to_owned()))
+                        .collect(),
+                ),
+            }
+        }
+        _ => toml::Value::String(raw.to_owned()),
+    };
+    let (last, parents) = path.split_last().expect("path has at least one segment");
+    let mut table = root;
+    for seg in parents {
+        let entry = table
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::new(&key, format!("{seg} is not a section")))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+fn lookup<'a>(shape: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut t = shape;
+    for seg in parents {
+        t = t.get(seg)?.as_table()?;
+    }
+    t.get(last)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC_EXAMPLE: &str = r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+group_id = "kinesis-destination"
+topics = ["segment-events"]
+dead_letter_topic = "segment-events-dlq"
+source_id_header = "source_id"
+[kafka.librdkafka]
+"session.timeout.ms" = "10000"
+
+[tenants]
+file = "tenants.json"
+
+[aws]
+endpoint_url = "http://127.0.0.1:4566"
+role_session_name = "kinesis-destination"
+
+[http]
+listen = "0.0.0.0:9464"
+"#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn parses_the_spec_example() {
+        let c = Config::parse(SPEC_EXAMPLE, &[]).unwrap();
+        assert_eq!(c.kafka.topics, ["segment-events"]);
+        assert_eq!(c.kafka.librdkafka["session.timeout.ms"], "10000");
+        assert_eq!(c.aws.endpoint_url.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(c.delivery.retry_window_secs, 4 * 3600);
+    }
+
+    #[test]
+    fn environment_overrides_any_key_with_its_type() {
+        let c = Config::parse(
+            SPEC_EXAMPLE,
+            &env(&[
+                ("KINESIS_DESTINATION__KAFKA__BOOTSTRAP_SERVERS", "broker:9093"),
+                ("KINESIS_DESTINATION__KAFKA__GROUP_ID", "12345"),
+                ("KINESIS_DESTINATION__KAFKA__TOPICS", "a, b"),
+                ("KINESIS_DESTINATION__DELIVERY__MAX_IN_FLIGHT", "7"),
+                ("KINESIS_DESTINATION__KAFKA__LIBRDKAFKA__SECURITY.PROTOCOL", "ssl"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.bootstrap_servers, "broker:9093");
+        assert_eq!(c.kafka.group_id, "12345");
+        assert_eq!(c.kafka.topics, ["a", "b"]);
+        assert_eq!(c.delivery.max_in_flight, 7);
+        assert_eq!(c.kafka.librdkafka["security.protocol"], "ssl");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (SPEC_EXAMPLE.replace("bootstrap_servers", "bootstrap_server"), "kafka"),
+            (SPEC_EXAMPLE.replace("topics = [\"segment-events\"]", "topics = []"), "kafka.topics"),
+            (SPEC_EXAMPLE.replace("topics = [\"segment-events\"]", "topics = 3"), "kafka.topics"),
+            (SPEC_EXAMPLE.replace("0.0.0.0:9464", "nowhere"), "http.listen"),
+            (SPEC_EXAMPLE.replace("http://127.0.0.1:4566", "localhost"), "aws.endpoint_url"),
+            (SPEC_EXAMPLE.replace("file = \"tenants.json\"", ""), "tenants.file"),
+            (SPEC_EXAMPLE.replace("[http]", "[http"), "config file"),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(&text, &[]).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+            assert!(!err.to_string().contains('\n'), "one line: {err}");
+        }
+        let err = Config::parse(
+            SPEC_EXAMPLE,
+            &env(&[("KINESIS_DESTINATION__DELIVERY__MAX_IN_FLIGHT", "lots")]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "delivery.max_in_flight");
+        let err = Config::parse(
+            SPEC_EXAMPLE,
+            &env(&[("KINESIS_DESTINATION__KAFKA__NOPE", "x")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+}
