@@ -1,1 +1,47 @@
-//! placeholder
+//! Test harness (dev-dependency only).
+//!
+//! Every end-to-end test starts its own real services on free loopback ports and stops
+//! them when dropped, so tests run in parallel and never share state:
+//! - [`Tansu`]: a Kafka-protocol broker (in-memory storage).
+//! - [`Moto`]: the AWS emulator (STS and Kinesis on one endpoint).
+//! - [`RecordingProxy`]: sits in front of moto and records every STS AssumeRole call, so
+//!   tests can check which roles were assumed, with which external IDs, how often.
+//! - [`FakeAws`]: a fast AWS fake (STS AssumeRole, Kinesis PutRecord) for what the
+//!   emulator cannot show, such as a rate limit moto is too slow to reach.
+//! - [`Worker`]: the `kinesis-destination run` process, with signals and metrics.
+//!
+//! Tansu and moto must be installed (`scripts/test.sh` does it).
+
+mod aws;
+mod fake_aws;
+mod kafka;
+mod proxy;
+mod services;
+mod worker;
+
+pub use aws::{Streams, StreamRecord, Tenant};
+pub use fake_aws::{FakeAws, FakeRecord};
+pub use kafka::{Kafka, Produced};
+pub use proxy::{AssumeRoleCall, RecordingProxy};
+pub use services::{free_port, Moto, Tansu};
+pub use worker::{metric_value, Worker, WorkerConfig};
+
+use std::time::{Duration, Instant};
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

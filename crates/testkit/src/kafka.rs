@@ -1,0 +1,143 @@
+//! Kafka helpers for tests: produce with headers, read a topic, committed offsets.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+/// Where a produced record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Produced {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+pub struct Kafka {
+    bootstrap: String,
+    producer: FutureProducer,
+}
+
+impl Kafka {
+    pub fn new(bootstrap: &str) -> Kafka {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("acks", "all")
+            .create()
+            .expect("test producer");
+        Kafka {
+            bootstrap: bootstrap.into(),
+            producer,
+        }
+    }
+
+    /// Produces one record and waits for the broker to acknowledge it.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        value: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Produced {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let mut record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(topic).payload(value).headers(h);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        let (partition, offset) = match self.producer.send(record, Duration::from_secs(30)).await {
+            Ok(d) => (d.partition, d.offset),
+            Err((e, _)) => panic!("produce to {topic}: {e}"),
+        };
+        Produced { partition, offset }
+    }
+
+    /// Reads `topic` from the beginning until `count` records arrived (or `timeout`).
+    pub fn read_topic(&self, topic: &str, count: usize, timeout: Duration) -> Vec<OwnedMessage> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", format!("testkit-reader-{}", crate::free_port()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("test consumer");
+        consumer.subscribe(&[topic]).expect("subscribe");
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < count && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                out.push(m.detach());
+            }
+        }
+        out
+    }
+
+    /// The group's committed offset per partition (-1 where none).
+    pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("offset reader");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p);
+        }
+        let got = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        (0..partitions)
+            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect()
+    }
+
+    /// One past the last offset of each partition.
+    pub fn end_offsets(&self, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("watermark reader");
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .expect("watermarks")
+                    .1
+            })
+            .collect()
+    }
+}
+
+/// A header's value as text.
+pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .filter(|h| h.key == key)
+        .filter_map(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .last()
+}
+
+impl Kafka {
+    pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
+        header(m, key)
+    }
+
+    pub fn value(m: &OwnedMessage) -> &[u8] {
+        m.payload().unwrap_or_default()
+    }
+}

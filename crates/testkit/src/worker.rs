@@ -1,0 +1,223 @@
+//! The worker under test, as a real process.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::services::free_port;
+
+/// The files a worker runs with: config and tenants, in a temporary folder.
+pub struct WorkerConfig {
+    pub dir: tempfile::TempDir,
+    pub group_id: String,
+    pub http_port: u16,
+    bootstrap: String,
+    endpoint: String,
+    extra: String,
+}
+
+impl WorkerConfig {
+    /// A config for `bootstrap` and AWS `endpoint` with a fresh group ID (members of a
+    /// killed process linger in a group until their session times out).
+    pub fn new(bootstrap: &str, endpoint: &str) -> WorkerConfig {
+        WorkerConfig {
+            dir: tempfile::tempdir().expect("temp dir"),
+            group_id: format!("kd-test-{}", free_port()),
+            http_port: free_port(),
+            bootstrap: bootstrap.into(),
+            endpoint: endpoint.into(),
+            extra: String::new(),
+        }
+    }
+
+    /// Extra TOML appended to the config (sections not written by default).
+    pub fn with_extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    pub fn tenants_path(&self) -> PathBuf {
+        self.dir.path().join("tenants.json")
+    }
+
+    /// Writes the tenants file (atomically, as an operator's deploy would).
+    pub fn write_tenants(&self, tenants: &[Value]) {
+        self.write_tenants_raw(&serde_json::to_string_pretty(tenants).expect("json"));
+    }
+
+    pub fn write_tenants_raw(&self, text: &str) {
+        let tmp = self.dir.path().join("tenants.json.tmp");
+        std::fs::write(&tmp, text).expect("write tenants");
+        std::fs::rename(&tmp, self.tenants_path()).expect("replace tenants");
+    }
+
+    /// Writes config.toml.
+    pub fn write(&self) {
+        let text = format!(
+            r#"[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+topics = ["segment-events"]
+dead_letter_topic = "segment-events-dlq"
+[kafka.librdkafka]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+"statistics.interval.ms" = "1000"
+
+[tenants]
+file = "tenants.json"
+poll_interval_ms = 200
+
+[aws]
+endpoint_url = "{endpoint}"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[delivery]
+commit_interval_ms = 200
+{extra}"#,
+            bootstrap = self.bootstrap,
+            group = self.group_id,
+            endpoint = self.endpoint,
+            port = self.http_port,
+            extra = self.extra,
+        );
+        std::fs::write(self.path(), text).expect("write config");
+    }
+}
+
+/// A running `kinesis-destination run`.
+pub struct Worker {
+    child: Child,
+    pub http_port: u16,
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Starts `bin run --config …` with test AWS credentials; logs go to a file.
+    pub fn start(bin: &Path, config: &WorkerConfig) -> Worker {
+        let log = config
+            .dir
+            .path()
+            .join(format!("worker-{}.log", free_port()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config.path())
+            .env("AWS_ACCESS_KEY_ID", "worker")
+            .env("AWS_SECRET_ACCESS_KEY", "worker")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "info,kd_pipeline=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .spawn()
+            .expect("start worker");
+        Worker {
+            child,
+            http_port: config.http_port,
+            log,
+        }
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some((200, _)) = self.get("/readyz") {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("worker exited ({status}) before ready:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("worker not ready within {timeout:?}:\n{}", self.logs());
+    }
+
+    /// `GET path` on the worker's HTTP port: (status, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.http_port, path)
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").map(|(_, b)| b).unwrap_or_default()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics(), name)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Kills the worker outright (no drain, no commit) and reaps it.
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("worker did not exit within {timeout:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// The value of one sample in Prometheus text (`name` with its labels as printed, or
+/// the bare name); 0 when absent.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
+}
