@@ -183,6 +183,8 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_events_received_total"), total);
     assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_events_delivered_total"), total);
     assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_assume_role_total{outcome=\"ok\"}"), 3.0);
+    assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_credential_cache_misses_total"), 3.0);
+    assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_credential_cache_hits_total"), total - 3.0);
     assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_put_duration_seconds_count{outcome=\"ok\"}"), total);
     assert!(!m.contains("dead_lettered_total{"), "nothing dead-lettered:\n{m}");
     assert!(!m.contains("s3cr3t-b") && !worker.logs().contains("s3cr3t-b"), "secret leaked");

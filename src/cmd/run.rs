@@ -23,10 +23,18 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let config = Config::load(&args.config)?;
-    super::init_logging(&config.log.format, &config.log.level);
-
-    let readiness = Arc::new(Readiness::default());
-    let tenants = Arc::new(TenantStore::new());
+    let k = &config.kafka;
+    let kafka = KafkaSettings {
+        bootstrap_servers: k.bootstrap_servers.clone(),
+        group_id: k.group_id.clone(),
+        topics: k.topics.clone(),
+        dead_letter_topic: k.dead_letter_topic.clone(),
+        source_id_header: k.source_id_header.clone(),
+        librdkafka: k.librdkafka.clone(),
+    };
+    kd_pipeline::validate_kafka(&kafka).map_err(|(key, reason)| {
+        CliError::Usage(format!("config: kafka.librdkafka: {key}: {reason}"))
+    })?;
     let file = config
         .tenants
         .file
@@ -35,6 +43,10 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     // The first load must succeed: a worker with no tenants would dead-letter everything.
     let (snapshot, bytes) = kd_tenants::load_file(&file)
         .map_err(|e| CliError::Usage(format!("config: tenants.file: {e}")))?;
+    super::init_logging(&config.log.format, &config.log.level);
+
+    let readiness = Arc::new(Readiness::default());
+    let tenants = Arc::new(TenantStore::new());
     tracing::info!(
         path = %file.display(),
         tenants = snapshot.len(),
@@ -83,17 +95,9 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signals(shutdown.clone()));
 
-    let k = &config.kafka;
     let d = &config.delivery;
     let settings = WorkerSettings {
-        kafka: KafkaSettings {
-            bootstrap_servers: k.bootstrap_servers.clone(),
-            group_id: k.group_id.clone(),
-            topics: k.topics.clone(),
-            dead_letter_topic: k.dead_letter_topic.clone(),
-            source_id_header: k.source_id_header.clone(),
-            librdkafka: k.librdkafka.clone(),
-        },
+        kafka,
         max_in_flight: d.max_in_flight,
         commit_interval: Duration::from_millis(d.commit_interval_ms),
         shutdown_timeout: Duration::from_secs(d.shutdown_timeout_secs),
@@ -107,13 +111,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     };
     kd_pipeline::run(settings, tenants, writer, readiness, shutdown)
         .await
-        // librdkafka rejects unknown or malformed [kafka.librdkafka] settings here.
-        .map_err(|e| match e {
-            kd_pipeline::WorkerError::Kafka(rdkafka::error::KafkaError::ClientCreation(m)) => {
-                CliError::Usage(format!("config: kafka.librdkafka: {m}"))
-            }
-            other => CliError::Failed(other.to_string()),
-        })?;
+        .map_err(|e| CliError::Failed(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,6 +7,7 @@
 //! remembered for a short while so a broken tenant does not hammer STS.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -135,11 +136,21 @@ impl CredentialCache {
             m.credential_cache_hits.inc();
             return Err(e);
         }
-        m.credential_cache_misses.inc();
+        // Concurrent lookups of one key share a single AssumeRole: only the caller whose
+        // future runs it counts a miss; the others were served by the cache.
+        let assumed_here = AtomicBool::new(false);
         let result = self
             .sessions
-            .try_get_with(key.clone(), self.assume(tenant))
+            .try_get_with(key.clone(), async {
+                assumed_here.store(true, Ordering::Relaxed);
+                self.assume(tenant).await
+            })
             .await;
+        if assumed_here.load(Ordering::Relaxed) {
+            m.credential_cache_misses.inc();
+        } else {
+            m.credential_cache_hits.inc();
+        }
         match result {
             Ok(s) => Ok(s),
             Err(e) => {

@@ -22,4 +22,4 @@ pub mod worker;
 
 pub use dead_letter::Reason;
 pub use retry::RetryPolicy;
-pub use worker::{run, KafkaSettings, WorkerError, WorkerSettings};
+pub use worker::{run, validate_kafka, KafkaSettings, WorkerError, WorkerSettings};

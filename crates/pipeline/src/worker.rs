@@ -293,6 +293,19 @@ const CONSUMER_ONLY: &[&str] = &[
     "statistics.interval.ms",
 ];
 
+/// Checks the `[kafka.librdkafka]` settings without connecting anywhere: the property
+/// name and a one-line reason for the first one librdkafka rejects.
+pub fn validate_kafka(k: &KafkaSettings) -> Result<(), (String, String)> {
+    for config in [consumer_config(k), producer_config(k)] {
+        match config.create_native_config() {
+            Ok(_) => {}
+            Err(KafkaError::ClientConfig(_, desc, key, _)) => return Err((key, desc)),
+            Err(e) => return Err((String::new(), e.to_string())),
+        }
+    }
+    Ok(())
+}
+
 /// Runs the worker until `shutdown` is cancelled, then drains, commits and leaves the
 /// group (SPEC 9).
 pub async fn run(
