@@ -12,7 +12,14 @@ ensure_moto
 ensure_compose
 
 log "cargo test"
-cargo test --workspace --locked "$@"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+cargo test --workspace --locked "$@" 2>&1 | tee "$out"
+# One closing line over every test binary (the last binary cargo runs is a doc-test
+# pass with nothing in it, which would otherwise close the output).
+summary=$(awk '/^test result:/ {p += $4; f += $6} END {printf "%d passed, %d failed", p, f}' "$out")
 
 log "smoke test of the first README command (scripts/demo.sh --once)"
 scripts/demo.sh --once
+
+echo "tests: $summary"

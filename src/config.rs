@@ -190,10 +190,7 @@ impl Config {
     /// Reads the file, applies environment overrides and checks every key.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                "--config",
-                format!("cannot read {}: {e}", path.display()),
-            )
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
         })?;
         let env: Vec<(String, String)> = std::env::vars()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
@@ -227,8 +224,8 @@ impl Config {
         for (name, raw) in env {
             apply_override(&mut value, &shape, name, raw)?;
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(value))
-            .map_err(|e| {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
                 let path = e.path().to_string();
                 let key = if path == "." { "config".into() } else { path };
                 ConfigError::new(key, e.inner().to_string())
@@ -240,7 +237,10 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let k = &self.kafka;
         if k.bootstrap_servers.trim().is_empty() {
-            return Err(ConfigError::new("kafka.bootstrap_servers", "must not be empty"));
+            return Err(ConfigError::new(
+                "kafka.bootstrap_servers",
+                "must not be empty",
+            ));
         }
         if k.group_id.trim().is_empty() {
             return Err(ConfigError::new("kafka.group_id", "must not be empty"));
@@ -252,7 +252,10 @@ impl Config {
             ));
         }
         if k.dead_letter_topic.trim().is_empty() {
-            return Err(ConfigError::new("kafka.dead_letter_topic", "must not be empty"));
+            return Err(ConfigError::new(
+                "kafka.dead_letter_topic",
+                "must not be empty",
+            ));
         }
         if k.topics.contains(&k.dead_letter_topic) {
             return Err(ConfigError::new(
@@ -261,7 +264,10 @@ impl Config {
             ));
         }
         if k.source_id_header.trim().is_empty() {
-            return Err(ConfigError::new("kafka.source_id_header", "must not be empty"));
+            return Err(ConfigError::new(
+                "kafka.source_id_header",
+                "must not be empty",
+            ));
         }
         match (&self.tenants.file, &self.tenants.topic) {
             (None, None) => {
@@ -276,16 +282,17 @@ impl Config {
                     "set either tenants.file or tenants.topic, not both",
                 ))
             }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    "tenants.topic",
-                    "the Kafka settings provider is not available in this version; use tenants.file",
-                ))
-            }
+            (None, Some(_)) => return Err(ConfigError::new(
+                "tenants.topic",
+                "the Kafka settings provider is not available in this version; use tenants.file",
+            )),
             (Some(_), None) => {}
         }
         if self.tenants.poll_interval_ms == 0 {
-            return Err(ConfigError::new("tenants.poll_interval_ms", "must be at least 1"));
+            return Err(ConfigError::new(
+                "tenants.poll_interval_ms",
+                "must be at least 1",
+            ));
         }
         if let Some(url) = &self.aws.endpoint_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
@@ -321,15 +328,24 @@ impl Config {
             ));
         }
         if self.aws.max_cached_credentials == 0 {
-            return Err(ConfigError::new("aws.max_cached_credentials", "must be at least 1"));
+            return Err(ConfigError::new(
+                "aws.max_cached_credentials",
+                "must be at least 1",
+            ));
         }
         self.listen()?;
         let d = &self.delivery;
         if d.max_in_flight == 0 {
-            return Err(ConfigError::new("delivery.max_in_flight", "must be at least 1"));
+            return Err(ConfigError::new(
+                "delivery.max_in_flight",
+                "must be at least 1",
+            ));
         }
         if d.commit_interval_ms == 0 {
-            return Err(ConfigError::new("delivery.commit_interval_ms", "must be at least 1"));
+            return Err(ConfigError::new(
+                "delivery.commit_interval_ms",
+                "must be at least 1",
+            ));
         }
         if d.initial_backoff_ms == 0 || d.max_backoff_ms < d.initial_backoff_ms {
             return Err(ConfigError::new(
@@ -338,7 +354,10 @@ impl Config {
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(ConfigError::new("log.format", "must be \"text\" or \"json\""));
+            return Err(ConfigError::new(
+                "log.format",
+                "must be \"text\" or \"json\"",
+            ));
         }
         Ok(())
     }
@@ -450,7 +469,10 @@ listen = "0.0.0.0:9464"
 "#;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -467,11 +489,17 @@ listen = "0.0.0.0:9464"
         let c = Config::parse(
             SPEC_EXAMPLE,
             &env(&[
-                ("KINESIS_DESTINATION__KAFKA__BOOTSTRAP_SERVERS", "broker:9093"),
+                (
+                    "KINESIS_DESTINATION__KAFKA__BOOTSTRAP_SERVERS",
+                    "broker:9093",
+                ),
                 ("KINESIS_DESTINATION__KAFKA__GROUP_ID", "12345"),
                 ("KINESIS_DESTINATION__KAFKA__TOPICS", "a, b"),
                 ("KINESIS_DESTINATION__DELIVERY__MAX_IN_FLIGHT", "7"),
-                ("KINESIS_DESTINATION__KAFKA__LIBRDKAFKA__SECURITY.PROTOCOL", "ssl"),
+                (
+                    "KINESIS_DESTINATION__KAFKA__LIBRDKAFKA__SECURITY.PROTOCOL",
+                    "ssl",
+                ),
             ]),
         )
         .unwrap();
@@ -485,12 +513,30 @@ listen = "0.0.0.0:9464"
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            (SPEC_EXAMPLE.replace("bootstrap_servers", "bootstrap_server"), "kafka"),
-            (SPEC_EXAMPLE.replace("topics = [\"segment-events\"]", "topics = []"), "kafka.topics"),
-            (SPEC_EXAMPLE.replace("topics = [\"segment-events\"]", "topics = 3"), "kafka.topics"),
-            (SPEC_EXAMPLE.replace("0.0.0.0:9464", "nowhere"), "http.listen"),
-            (SPEC_EXAMPLE.replace("http://127.0.0.1:4566", "localhost"), "aws.endpoint_url"),
-            (SPEC_EXAMPLE.replace("file = \"tenants.json\"", ""), "tenants.file"),
+            (
+                SPEC_EXAMPLE.replace("bootstrap_servers", "bootstrap_server"),
+                "kafka.bootstrap_server",
+            ),
+            (
+                SPEC_EXAMPLE.replace("topics = [\"segment-events\"]", "topics = []"),
+                "kafka.topics",
+            ),
+            (
+                SPEC_EXAMPLE.replace("topics = [\"segment-events\"]", "topics = 3"),
+                "kafka.topics",
+            ),
+            (
+                SPEC_EXAMPLE.replace("0.0.0.0:9464", "nowhere"),
+                "http.listen",
+            ),
+            (
+                SPEC_EXAMPLE.replace("http://127.0.0.1:4566", "localhost"),
+                "aws.endpoint_url",
+            ),
+            (
+                SPEC_EXAMPLE.replace("file = \"tenants.json\"", ""),
+                "tenants.file",
+            ),
             (SPEC_EXAMPLE.replace("[http]", "[http"), "config file"),
         ];
         for (text, key) in cases {

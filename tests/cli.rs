@@ -42,10 +42,20 @@ fn config_dir(config: &str, tenants: Option<&str>) -> tempfile::TempDir {
 
 #[test]
 fn every_command_has_help() {
-    for cmd in [vec!["--help"], vec!["run", "--help"], vec!["check", "--help"], vec!["tail", "--help"], vec!["policy", "--help"], vec!["produce", "--help"]] {
+    for cmd in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["check", "--help"],
+        vec!["tail", "--help"],
+        vec!["policy", "--help"],
+        vec!["produce", "--help"],
+    ] {
         let o = run(&cmd, &[]);
         assert!(o.status.success(), "{cmd:?}");
-        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"), "{cmd:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Usage"),
+            "{cmd:?}"
+        );
     }
 }
 
@@ -58,14 +68,46 @@ fn bad_flag_exits_2() {
 
 #[test]
 fn bad_config_exits_2_with_one_line_naming_the_key() {
-    let cases: Vec<(String, Option<&str>, Vec<(&str, &str)>, &str)> = vec![
-        (GOOD.replace("bootstrap_servers", "bootstrap_server"), Some("[]"), vec![], "bootstrap_server"),
-        (GOOD.to_owned() + "[http]\nlisten = \"everywhere\"\n", Some("[]"), vec![], "http.listen"),
-        (GOOD.replace("file = \"tenants.json\"", ""), None, vec![], "tenants.file"),
+    // (config text, tenants file, environment, key the error must name)
+    type Case<'a> = (String, Option<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            GOOD.replace("bootstrap_servers", "bootstrap_server"),
+            Some("[]"),
+            vec![],
+            "bootstrap_server",
+        ),
+        (
+            GOOD.to_owned() + "[http]\nlisten = \"everywhere\"\n",
+            Some("[]"),
+            vec![],
+            "http.listen",
+        ),
+        (
+            GOOD.replace("file = \"tenants.json\"", ""),
+            None,
+            vec![],
+            "tenants.file",
+        ),
         (GOOD.to_owned(), None, vec![], "tenants.file"),
-        (GOOD.to_owned(), Some("{\"not\": \"an array\"}"), vec![], "tenants.file"),
-        (GOOD.to_owned(), Some("[]"), vec![("KINESIS_DESTINATION__DELIVERY__MAX_IN_FLIGHT", "many")], "delivery.max_in_flight"),
-        (GOOD.to_owned() + "[kafka.librdkafka]\n\"no.such.property\" = \"1\"\n", Some("[]"), vec![], "kafka.librdkafka"),
+        (
+            GOOD.to_owned(),
+            Some("{\"not\": \"an array\"}"),
+            vec![],
+            "tenants.file",
+        ),
+        (
+            GOOD.to_owned(),
+            Some("[]"),
+            vec![("KINESIS_DESTINATION__DELIVERY__MAX_IN_FLIGHT", "many")],
+            "delivery.max_in_flight",
+        ),
+        (
+            GOOD.to_owned() + "[kafka.librdkafka]\n\"no.such.property\" = \"1\"\n",
+            Some("[]"),
+            vec![],
+            "kafka.librdkafka",
+        ),
         ("[kafka\n".to_owned(), None, vec![], "config file"),
     ];
     for (config, tenants, env, key) in cases {
@@ -82,7 +124,10 @@ fn bad_config_exits_2_with_one_line_naming_the_key() {
 
 #[test]
 fn config_path_may_come_from_the_environment() {
-    let o = run(&["run"], &[("KINESIS_DESTINATION_CONFIG", "/nonexistent/c.toml")]);
+    let o = run(
+        &["run"],
+        &[("KINESIS_DESTINATION_CONFIG", "/nonexistent/c.toml")],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("/nonexistent/c.toml"));
 }
@@ -107,23 +152,64 @@ fn not_ready_until_joined_and_sigterm_still_exits_0() {
     assert_eq!(status, 503);
     assert!(body.contains("not joined"), "{body}");
     let metrics = worker.metrics();
-    assert!(metrics.contains("kinesis_destination_events_received_total 0"), "{metrics}");
+    assert!(
+        metrics.contains("kinesis_destination_events_received_total 0"),
+        "{metrics}"
+    );
     worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(30)).success(), "{}", worker.logs());
+    assert!(
+        worker.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        worker.logs()
+    );
 }
 
 #[test]
 fn policy_prints_permission_and_trust_documents() {
     let o = run(
-        &["policy", "--stream", "my-stream", "--region", "us-west-2", "--account-id", "123456789012",
-          "--principal", "arn:aws:iam::111122223333:root", "--external-id", "src_1", "--external-id", "src_2"],
+        &[
+            "policy",
+            "--stream",
+            "my-stream",
+            "--region",
+            "us-west-2",
+            "--account-id",
+            "123456789012",
+            "--principal",
+            "arn:aws:iam::111122223333:root",
+            "--external-id",
+            "src_1",
+            "--external-id",
+            "src_2",
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["permissionPolicy"]["Statement"][0]["Resource"][0], "arn:aws:kinesis:us-west-2:123456789012:stream/my-stream");
-    assert_eq!(v["trustPolicy"]["Statement"][0]["Condition"]["StringEquals"]["sts:ExternalId"], serde_json::json!(["src_1", "src_2"]));
-    let o = run(&["policy", "--stream", "s", "--region", "us-west-2", "--account-id", "1", "--principal", "arn:aws:iam::1:root", "--external-id", "x"], &[]);
+    assert_eq!(
+        v["permissionPolicy"]["Statement"][0]["Resource"][0],
+        "arn:aws:kinesis:us-west-2:123456789012:stream/my-stream"
+    );
+    assert_eq!(
+        v["trustPolicy"]["Statement"][0]["Condition"]["StringEquals"]["sts:ExternalId"],
+        serde_json::json!(["src_1", "src_2"])
+    );
+    let o = run(
+        &[
+            "policy",
+            "--stream",
+            "s",
+            "--region",
+            "us-west-2",
+            "--account-id",
+            "1",
+            "--principal",
+            "arn:aws:iam::1:root",
+            "--external-id",
+            "x",
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--account-id"));
 }
@@ -144,6 +230,9 @@ fn docker_compose_file_is_valid() {
         .unwrap();
     let services = String::from_utf8_lossy(&o.stdout);
     for s in ["kafka", "localstack", "worker", "prometheus"] {
-        assert!(services.lines().any(|l| l == s), "service {s} in {services}");
+        assert!(
+            services.lines().any(|l| l == s),
+            "service {s} in {services}"
+        );
     }
 }

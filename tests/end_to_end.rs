@@ -7,8 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kd_testkit::{
-    eventually, Kafka, Moto, Produced, RecordingProxy, Streams, Tansu, Tenant, Worker,
-    WorkerConfig,
+    eventually, Kafka, Moto, Produced, RecordingProxy, Streams, Tansu, Tenant, Worker, WorkerConfig,
 };
 use serde_json::{json, Value};
 
@@ -59,15 +58,19 @@ impl Env {
     /// Waits until the group has committed up to the end of every partition.
     async fn wait_committed_to_end(&self, group: &str) {
         let end = self.kafka.end_offsets(TOPIC, PARTITIONS);
-        eventually(Duration::from_secs(30), "offsets committed to the end", || {
-            let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
-            // An empty partition has nothing to commit.
-            let done = committed
-                .iter()
-                .zip(&end)
-                .all(|(&c, &e)| c == e || (e == 0 && c < 0));
-            async move { done.then_some(()) }
-        })
+        eventually(
+            Duration::from_secs(30),
+            "offsets committed to the end",
+            || {
+                let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
+                // An empty partition has nothing to commit.
+                let done = committed
+                    .iter()
+                    .zip(&end)
+                    .all(|(&c, &e)| c == e || (e == 0 && c < 0));
+                async move { done.then_some(()) }
+            },
+        )
         .await;
     }
 }
@@ -83,7 +86,8 @@ async fn wait_metric(worker: &Worker, name: &str, at_least: f64) {
 /// An event as bytes, with deliberately unusual spacing so that any re-serialisation
 /// would show.
 fn event(kind: &str, ids: Value, n: usize) -> Vec<u8> {
-    let mut v = json!({"type": kind, "messageId": format!("m-{n}"), "properties": {"n": n, "ünï": "çødé"}});
+    let mut v =
+        json!({"type": kind, "messageId": format!("m-{n}"), "properties": {"n": n, "ünï": "çødé"}});
     for (k, val) in ids.as_object().unwrap() {
         v[k] = val.clone();
     }
@@ -143,7 +147,11 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
         assert_eq!(shortened.chars().count(), 256);
         expected.push((t.source_id.clone(), bytes, shortened));
         n += 1;
-        let bytes = event("page", json!({"anonymousId": format!("anon-{n}"), "userId": ""}), n);
+        let bytes = event(
+            "page",
+            json!({"anonymousId": format!("anon-{n}"), "userId": ""}),
+            n,
+        );
         env.send(&bytes, Some(&t.source_id), "anon").await;
         expected.push((t.source_id.clone(), bytes, format!("anon-{n}")));
     }
@@ -163,15 +171,26 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
             .collect();
         got.sort();
         want.sort();
-        assert_eq!(got.len(), want.len(), "record count in {}'s stream", t.source_id);
-        assert!(got == want, "{}'s stream holds exactly its events, byte for byte, with SPEC 5.2 keys", t.source_id);
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "record count in {}'s stream",
+            t.source_id
+        );
+        assert!(
+            got == want,
+            "{}'s stream holds exactly its events, byte for byte, with SPEC 5.2 keys",
+            t.source_id
+        );
     }
 
     // One AssumeRole per tenant, with its role and external ID.
     let calls = env.proxy.assume_role_calls();
     let mut per_key: HashMap<(String, Option<String>), usize> = HashMap::new();
     for c in &calls {
-        *per_key.entry((c.role_arn.clone(), c.external_id.clone())).or_default() += 1;
+        *per_key
+            .entry((c.role_arn.clone(), c.external_id.clone()))
+            .or_default() += 1;
     }
     let want: HashMap<(String, Option<String>), usize> = tenants
         .iter()
@@ -180,25 +199,63 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     assert_eq!(per_key, want, "AssumeRole calls: {calls:?}");
 
     let m = worker.metrics();
-    assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_events_received_total"), total);
-    assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_events_delivered_total"), total);
-    assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_assume_role_total{outcome=\"ok\"}"), 3.0);
-    assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_credential_cache_misses_total"), 3.0);
-    assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_credential_cache_hits_total"), total - 3.0);
-    assert_eq!(kd_testkit::metric_value(&m, "kinesis_destination_put_duration_seconds_count{outcome=\"ok\"}"), total);
-    assert!(!m.contains("dead_lettered_total{"), "nothing dead-lettered:\n{m}");
-    assert!(!m.contains("s3cr3t-b") && !worker.logs().contains("s3cr3t-b"), "secret leaked");
+    assert_eq!(
+        kd_testkit::metric_value(&m, "kinesis_destination_events_received_total"),
+        total
+    );
+    assert_eq!(
+        kd_testkit::metric_value(&m, "kinesis_destination_events_delivered_total"),
+        total
+    );
+    assert_eq!(
+        kd_testkit::metric_value(&m, "kinesis_destination_assume_role_total{outcome=\"ok\"}"),
+        3.0
+    );
+    assert_eq!(
+        kd_testkit::metric_value(&m, "kinesis_destination_credential_cache_misses_total"),
+        3.0
+    );
+    assert_eq!(
+        kd_testkit::metric_value(&m, "kinesis_destination_credential_cache_hits_total"),
+        total - 3.0
+    );
+    assert_eq!(
+        kd_testkit::metric_value(
+            &m,
+            "kinesis_destination_put_duration_seconds_count{outcome=\"ok\"}"
+        ),
+        total
+    );
+    assert!(
+        !m.contains("dead_lettered_total{"),
+        "nothing dead-lettered:\n{m}"
+    );
+    assert!(
+        !m.contains("s3cr3t-b") && !worker.logs().contains("s3cr3t-b"),
+        "secret leaked"
+    );
     env.wait_committed_to_end(&cfg.group_id).await;
 
     // The tail command reads a tenant's stream as that tenant.
     let out = std::process::Command::new(bin())
-        .args(["tail", "--format", "record", "--source-id", "src_b", "--config"])
+        .args([
+            "tail",
+            "--format",
+            "record",
+            "--source-id",
+            "src_b",
+            "--config",
+        ])
         .arg(cfg.path())
         .env("AWS_ACCESS_KEY_ID", "t")
         .env("AWS_SECRET_ACCESS_KEY", "t")
         .output()
         .expect("tail runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("tail prints JSON lines"))
@@ -206,7 +263,10 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     let b_count = expected.iter().filter(|(s, _, _)| s == "src_b").count();
     assert_eq!(lines.len(), b_count);
     for l in &lines {
-        assert!(l["data"]["type"].is_string() && l["partitionKey"].is_string(), "{l}");
+        assert!(
+            l["data"]["type"].is_string() && l["partitionKey"].is_string(),
+            "{l}"
+        );
     }
 
     worker.sigterm();
@@ -236,23 +296,65 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
 
     let pad = "x".repeat(2048);
     let cases: Vec<(Option<&str>, Vec<u8>, Option<&str>)> = vec![
-        (Some("src_good"), br#"{"type":"track","userId":"u1"}"#.to_vec(), None),
-        (Some("src_good"), b"{not json".to_vec(), Some("invalid_json")),
-        (Some("src_good"), br#"{"type":"page","userId":"u2"}"#.to_vec(), None),
-        (None, br#"{"type":"track","userId":"u3"}"#.to_vec(), Some("missing_source_id")),
-        (Some("src_nobody"), br#"{"type":"track","userId":"u4"}"#.to_vec(), Some("unknown_source")),
-        (Some("src_bad"), br#"{"type":"track","userId":"u5"}"#.to_vec(), Some("invalid_settings")),
-        (Some("src_good"), br#"{"type":"track","userId":""}"#.to_vec(), Some("missing_partition_key")),
-        (Some("src_small"), format!(r#"{{"type":"track","userId":"u6","p":"{pad}"}}"#).into_bytes(), Some("record_too_large")),
-        (Some("src_good"), br#"{"type":"pageview","userId":"u7"}"#.to_vec(), Some("unsupported_type")),
-        (Some("src_small"), br#"{"type":"alias","userId":"u8"}"#.to_vec(), None),
+        (
+            Some("src_good"),
+            br#"{"type":"track","userId":"u1"}"#.to_vec(),
+            None,
+        ),
+        (
+            Some("src_good"),
+            b"{not json".to_vec(),
+            Some("invalid_json"),
+        ),
+        (
+            Some("src_good"),
+            br#"{"type":"page","userId":"u2"}"#.to_vec(),
+            None,
+        ),
+        (
+            None,
+            br#"{"type":"track","userId":"u3"}"#.to_vec(),
+            Some("missing_source_id"),
+        ),
+        (
+            Some("src_nobody"),
+            br#"{"type":"track","userId":"u4"}"#.to_vec(),
+            Some("unknown_source"),
+        ),
+        (
+            Some("src_bad"),
+            br#"{"type":"track","userId":"u5"}"#.to_vec(),
+            Some("invalid_settings"),
+        ),
+        (
+            Some("src_good"),
+            br#"{"type":"track","userId":""}"#.to_vec(),
+            Some("missing_partition_key"),
+        ),
+        (
+            Some("src_small"),
+            format!(r#"{{"type":"track","userId":"u6","p":"{pad}"}}"#).into_bytes(),
+            Some("record_too_large"),
+        ),
+        (
+            Some("src_good"),
+            br#"{"type":"pageview","userId":"u7"}"#.to_vec(),
+            Some("unsupported_type"),
+        ),
+        (
+            Some("src_small"),
+            br#"{"type":"alias","userId":"u8"}"#.to_vec(),
+            None,
+        ),
     ];
     let mut produced = Vec::new();
     for (i, (source, value, _)) in cases.iter().enumerate() {
         produced.push(env.send(value, *source, &format!("k{i}")).await);
     }
     let bad_count = cases.iter().filter(|c| c.2.is_some()).count();
-    let dead = env.kafka.read_topic(DLQ, bad_count, Duration::from_secs(60));
+    let dead = env
+        .kafka
+        .read_topic(DLQ, bad_count, Duration::from_secs(60));
     assert_eq!(dead.len(), bad_count, "dead letters: {}", worker.logs());
     for ((source, value, reason), at) in cases.iter().zip(&produced) {
         let Some(reason) = reason else { continue };
@@ -265,14 +367,28 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
             .unwrap_or_else(|| panic!("no dead letter for {reason} at {at:?}"));
         assert_eq!(Kafka::header(dl, "dlq.reason").as_deref(), Some(*reason));
         assert_eq!(Kafka::header(dl, "dlq.topic").as_deref(), Some(TOPIC));
-        assert_eq!(Kafka::value(dl), &value[..], "{reason}: original value kept");
-        assert_eq!(Kafka::header(dl, "source_id").as_deref(), *source, "{reason}: original headers kept");
+        assert_eq!(
+            Kafka::value(dl),
+            &value[..],
+            "{reason}: original value kept"
+        );
+        assert_eq!(
+            Kafka::header(dl, "source_id").as_deref(),
+            *source,
+            "{reason}: original headers kept"
+        );
         let error = Kafka::header(dl, "dlq.error").unwrap_or_default();
-        assert!(!error.is_empty() && !error.contains('\n'), "{reason}: {error:?}");
+        assert!(
+            !error.is_empty() && !error.contains('\n'),
+            "{reason}: {error:?}"
+        );
         assert!(!error.contains("topsecret"), "secret in dlq.error: {error}");
         let m = worker.metrics();
         assert_eq!(
-            kd_testkit::metric_value(&m, &format!("kinesis_destination_events_dead_lettered_total{{reason=\"{reason}\"}}")),
+            kd_testkit::metric_value(
+                &m,
+                &format!("kinesis_destination_events_dead_lettered_total{{reason=\"{reason}\"}}")
+            ),
             1.0,
             "{reason}"
         );
@@ -280,7 +396,10 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
     wait_metric(&worker, "kinesis_destination_events_delivered_total", 3.0).await;
     assert_eq!(env.streams.read(&good).await.len(), 2);
     assert_eq!(env.streams.read(&small).await.len(), 1);
-    assert_eq!(worker.metric("kinesis_destination_events_received_total"), cases.len() as f64);
+    assert_eq!(
+        worker.metric("kinesis_destination_events_received_total"),
+        cases.len() as f64
+    );
     env.wait_committed_to_end(&cfg.group_id).await;
     assert!(!worker.logs().contains("topsecret"), "secret in logs");
     // The worker is still healthy after all that.
@@ -309,7 +428,10 @@ async fn assert_commits_cover_only_written(
     for (at, id) in sent {
         if at.offset < committed[at.partition as usize] {
             covered += 1;
-            assert!(written.contains(id), "offset {at:?} committed but {id} not written");
+            assert!(
+                written.contains(id),
+                "offset {at:?} committed but {id} not written"
+            );
         }
     }
     covered
@@ -335,8 +457,12 @@ async fn sigterm_and_sigkill_mid_stream_lose_nothing() {
     let mut send_batch = async |count: usize, sent: &mut Vec<(Produced, String)>| {
         for _ in 0..count {
             let id = format!("r-{next}");
-            let bytes = json!({"type": "track", "userId": format!("u{}", next % 17), "messageId": id}).to_string();
-            let at = env.send(bytes.as_bytes(), Some("src_r"), &format!("u{}", next % 17)).await;
+            let bytes =
+                json!({"type": "track", "userId": format!("u{}", next % 17), "messageId": id})
+                    .to_string();
+            let at = env
+                .send(bytes.as_bytes(), Some("src_r"), &format!("u{}", next % 17))
+                .await;
             sent.push((at, id));
             next += 1;
         }
@@ -345,7 +471,11 @@ async fn sigterm_and_sigkill_mid_stream_lose_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     worker.sigterm();
     let status = worker.wait_exit(Duration::from_secs(40));
-    assert!(status.success(), "SIGTERM exits 0: {status}\n{}", worker.logs());
+    assert!(
+        status.success(),
+        "SIGTERM exits 0: {status}\n{}",
+        worker.logs()
+    );
     assert!(worker.logs().contains("stopped"));
     assert_commits_cover_only_written(&env, &cfg.group_id, &t, &sent).await;
 
@@ -361,16 +491,20 @@ async fn sigterm_and_sigkill_mid_stream_lose_nothing() {
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(60));
     let ids: HashSet<String> = sent.iter().map(|(_, id)| id.clone()).collect();
-    eventually(Duration::from_secs(90), "every event written at least once", || async {
-        let written: HashSet<String> = env
-            .streams
-            .read(&t)
-            .await
-            .iter()
-            .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
-            .collect();
-        ids.is_subset(&written).then_some(())
-    })
+    eventually(
+        Duration::from_secs(90),
+        "every event written at least once",
+        || async {
+            let written: HashSet<String> = env
+                .streams
+                .read(&t)
+                .await
+                .iter()
+                .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
+                .collect();
+            ids.is_subset(&written).then_some(())
+        },
+    )
     .await;
     env.wait_committed_to_end(&cfg.group_id).await;
     let covered = assert_commits_cover_only_written(&env, &cfg.group_id, &t, &sent).await;
@@ -391,10 +525,19 @@ async fn tenants_file_edits_apply_without_restart() {
     cfg.write();
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
-    let ev = |n: usize| json!({"type": "track", "userId": format!("u{n}"), "messageId": format!("m{n}")}).to_string().into_bytes();
+    let ev = |n: usize| {
+        json!({"type": "track", "userId": format!("u{n}"), "messageId": format!("m{n}")})
+            .to_string()
+            .into_bytes()
+    };
 
     env.send(&ev(1), Some("src_b"), "k").await;
-    wait_metric(&worker, "kinesis_destination_events_dead_lettered_total{reason=\"unknown_source\"}", 1.0).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_dead_lettered_total{reason=\"unknown_source\"}",
+        1.0,
+    )
+    .await;
 
     // A new tenant: its next events are delivered without a restart.
     cfg.write_tenants(&[a.settings(), b.settings()]);
@@ -406,7 +549,12 @@ async fn tenants_file_edits_apply_without_restart() {
 
     // A broken file: the last good settings stay in force.
     cfg.write_tenants_raw("[{\"sourceId\": ");
-    wait_metric(&worker, "kinesis_destination_tenant_settings_errors_total", 1.0).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_tenant_settings_errors_total",
+        1.0,
+    )
+    .await;
     env.send(&ev(4), Some("src_a"), "k").await;
     env.send(&ev(5), Some("src_b"), "k").await;
     wait_metric(&worker, "kinesis_destination_events_delivered_total", 4.0).await;
@@ -415,10 +563,20 @@ async fn tenants_file_edits_apply_without_restart() {
     let mut bad_b = b.settings();
     bad_b["region"] = json!("nowhere-1");
     cfg.write_tenants(&[a.settings(), bad_b]);
-    wait_metric(&worker, "kinesis_destination_tenants{state=\"invalid\"}", 1.0).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_tenants{state=\"invalid\"}",
+        1.0,
+    )
+    .await;
     env.send(&ev(6), Some("src_b"), "k").await;
     env.send(&ev(7), Some("src_a"), "k").await;
-    wait_metric(&worker, "kinesis_destination_events_dead_lettered_total{reason=\"invalid_settings\"}", 1.0).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_dead_lettered_total{reason=\"invalid_settings\"}",
+        1.0,
+    )
+    .await;
     wait_metric(&worker, "kinesis_destination_events_delivered_total", 5.0).await;
     assert_eq!(env.streams.read(&a).await.len(), 3);
     assert_eq!(env.streams.read(&b).await.len(), 2);
@@ -441,7 +599,17 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
     cfg.write();
     // 3,000 events queued before the worker starts, through the produce command.
     let status = std::process::Command::new(bin())
-        .args(["produce", "--topic", TOPIC, "--sources", "src_one", "--count", "3000", "--users", "200"])
+        .args([
+            "produce",
+            "--topic",
+            TOPIC,
+            "--sources",
+            "src_one",
+            "--count",
+            "3000",
+            "--users",
+            "200",
+        ])
         .args(["--bootstrap-servers", &tansu.bootstrap()])
         .status()
         .expect("produce runs");
@@ -449,14 +617,22 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
 
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
-    wait_metric(&worker, "kinesis_destination_events_delivered_total", 3000.0).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        3000.0,
+    )
+    .await;
     let records = fake.records();
     assert_eq!(records.len(), 3000);
     let first = records.iter().map(|r| r.at).min().unwrap();
     let last = records.iter().map(|r| r.at).max().unwrap();
     // One shard takes 1,000 records/s: a second's burst, then 2,000 more at that pace.
     let span = last - first;
-    assert!(span >= Duration::from_millis(1800), "3,000 records written within {span:?}");
+    assert!(
+        span >= Duration::from_millis(1800),
+        "3,000 records written within {span:?}"
+    );
     // No one-second window holds more than the burst plus a second's worth (with slack
     // for requests that arrive bunched).
     let mut at: Vec<Instant> = records.iter().map(|r| r.at).collect();
@@ -469,7 +645,10 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
         assert!(i - j < 2300, "{} records within one second", i - j + 1);
     }
     let waited = worker.metric("kinesis_destination_rate_limit_wait_seconds_total");
-    assert!(waited > 0.5, "the limiter did the pacing (waited {waited}s in all)");
+    assert!(
+        waited > 0.5,
+        "the limiter did the pacing (waited {waited}s in all)"
+    );
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
 }

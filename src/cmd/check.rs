@@ -38,7 +38,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
                     t.stream,
                     t.region,
                     t.shards,
-                    if t.secret_id.is_some() { "secretId (***)" } else { "the source ID" }
+                    if t.secret_id.is_some() {
+                        "secretId (***)"
+                    } else {
+                        "the source ID"
+                    }
                 ),
             );
             t.clone()
@@ -48,7 +52,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             return Ok(ExitCode::FAILURE);
         }
         None => {
-            report(false, "settings", &format!("no tenant {:?} in {}", args.source_id, file.display()));
+            report(
+                false,
+                "settings",
+                &format!("no tenant {:?} in {}", args.source_id, file.display()),
+            );
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -63,7 +71,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     );
     let session = match cache.session(&tenant).await {
         Ok(s) => {
-            report(true, "assume role", &format!("{} accepted our external ID", tenant.role));
+            report(
+                true,
+                "assume role",
+                &format!("{} accepted our external ID", tenant.role),
+            );
             s
         }
         Err(e) => {
@@ -82,14 +94,19 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             Some(d) => {
                 let status = d.stream_status().as_str().to_owned();
                 let shards = d.open_shard_count();
-                let mut detail = format!("{} is {status} with {shards} open shard(s)", tenant.stream);
+                let mut detail =
+                    format!("{} is {status} with {shards} open shard(s)", tenant.stream);
                 if shards as u32 != tenant.shards {
                     detail.push_str(&format!(
                         " (settings say shards = {}: capacity is planned from that number)",
                         tenant.shards
                     ));
                 }
-                report(status == "ACTIVE" || status == "UPDATING", "stream", &detail)
+                report(
+                    status == "ACTIVE" || status == "UPDATING",
+                    "stream",
+                    &detail,
+                )
             }
             None => report(false, "stream", "no description returned"),
         },
@@ -108,5 +125,9 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             }
         }
     };
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

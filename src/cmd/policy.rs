@@ -51,8 +51,7 @@ fn documents(args: &Args) -> Result<(Value, Value), CliError> {
         .map_err(|e| CliError::Usage(format!("--region: {e}")))?;
     let mut resources = Vec::new();
     for s in &args.streams {
-        kd_tenants::StreamName::parse(s)
-            .map_err(|e| CliError::Usage(format!("--stream: {e}")))?;
+        kd_tenants::StreamName::parse(s).map_err(|e| CliError::Usage(format!("--stream: {e}")))?;
         resources.push(format!(
             "arn:aws:kinesis:{}:{}:stream/{}",
             args.region, args.account_id, s
@@ -128,6 +127,9 @@ mod tests {
     fn bad_flags_are_named() {
         let mut a = args(&["x"]);
         a.account_id = "12".into();
-        assert!(documents(&a).unwrap_err().to_string().contains("--account-id"));
+        assert!(documents(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("--account-id"));
     }
 }

@@ -23,7 +23,11 @@ pub enum SourceIn {
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, default_value = "127.0.0.1:9092", env = "KINESIS_DESTINATION__KAFKA__BOOTSTRAP_SERVERS")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9092",
+        env = "KINESIS_DESTINATION__KAFKA__BOOTSTRAP_SERVERS"
+    )]
     bootstrap_servers: String,
     #[arg(long, default_value = "segment-events")]
     topic: String,
@@ -53,7 +57,13 @@ pub struct Args {
 const TYPES: [&str; 6] = ["identify", "track", "page", "screen", "group", "alias"];
 
 /// The `n`th sample event: types in turn, users in turn, every fifth anonymous.
-pub fn sample_event(source: &str, n: u64, users: u64, project_id: bool, pad: usize) -> serde_json::Value {
+pub fn sample_event(
+    source: &str,
+    n: u64,
+    users: u64,
+    project_id: bool,
+    pad: usize,
+) -> serde_json::Value {
     let kind = TYPES[(n % 6) as usize];
     let user = n / 6 % users.max(1);
     let now = aws_smithy_types::DateTime::from(SystemTime::now())
@@ -71,7 +81,9 @@ pub fn sample_event(source: &str, n: u64, users: u64, project_id: bool, pad: usi
         e["userId"] = json!(format!("user-{user}"));
     }
     match kind {
-        "identify" => e["traits"] = json!({"email": format!("user-{user}@example.com"), "plan": "Pro Annual"}),
+        "identify" => {
+            e["traits"] = json!({"email": format!("user-{user}@example.com"), "plan": "Pro Annual"})
+        }
         "track" => {
             e["event"] = json!("User Registered");
             e["properties"] = json!({"plan": "Pro Annual", "account_type": "Facebook"});
@@ -96,7 +108,9 @@ pub fn sample_event(source: &str, n: u64, users: u64, project_id: bool, pad: usi
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     if args.sources.iter().any(|s| s.is_empty()) {
-        return Err(CliError::Usage("--sources: source IDs must not be empty".into()));
+        return Err(CliError::Usage(
+            "--sources: source IDs must not be empty".into(),
+        ));
     }
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.bootstrap_servers)
@@ -146,7 +160,11 @@ async fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> Result<
     for d in pending.drain(..) {
         match d.await {
             Ok(Ok(_)) => n += 1,
-            Ok(Err((e, _))) => return Err(CliError::Failed(format!("event not delivered to Kafka: {e}"))),
+            Ok(Err((e, _))) => {
+                return Err(CliError::Failed(format!(
+                    "event not delivered to Kafka: {e}"
+                )))
+            }
             Err(_) => return Err(CliError::Failed("producer closed".into())),
         }
     }
@@ -159,11 +177,15 @@ mod tests {
 
     #[test]
     fn samples_cover_every_type_and_both_identities() {
-        let events: Vec<_> = (0..30).map(|n| sample_event("src", n, 3, true, 0)).collect();
+        let events: Vec<_> = (0..30)
+            .map(|n| sample_event("src", n, 3, true, 0))
+            .collect();
         for t in TYPES {
             assert!(events.iter().any(|e| e["type"] == t), "{t}");
         }
-        assert!(events.iter().any(|e| e.get("anonymousId").is_some() && e.get("userId").is_none()));
+        assert!(events
+            .iter()
+            .any(|e| e.get("anonymousId").is_some() && e.get("userId").is_none()));
         for e in &events {
             let bytes = e.to_string();
             let view = kd_event::EventView::decode(bytes.as_bytes()).unwrap();

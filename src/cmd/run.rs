@@ -65,7 +65,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let listen = config.listen()?;
     let server = kd_telemetry::bind(listen, readiness.clone())
         .await
-        .map_err(|e| CliError::Usage(format!("config: http.listen: cannot listen on {listen}: {e}")))?;
+        .map_err(|e| {
+            CliError::Usage(format!(
+                "config: http.listen: cannot listen on {listen}: {e}"
+            ))
+        })?;
     tokio::spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "HTTP server stopped");
@@ -117,8 +121,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
 
 /// First SIGTERM/SIGINT: graceful shutdown. A second one: exit at once.
 async fn on_signals(shutdown: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGTERM");

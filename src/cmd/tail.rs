@@ -59,7 +59,10 @@ struct Target {
 
 fn target(args: &Args) -> Result<Target, CliError> {
     if let Some(source_id) = &args.source_id {
-        let path = args.config.as_ref().expect("clap requires --config with --source-id");
+        let path = args
+            .config
+            .as_ref()
+            .expect("clap requires --config with --source-id");
         let config = crate::config::Config::load(path)?;
         let file = config.tenants.file.clone().unwrap_or_default();
         let (snapshot, _) = kd_tenants::load_file(&file)
@@ -87,7 +90,8 @@ fn target(args: &Args) -> Result<Target, CliError> {
         .role_arn
         .clone()
         .unwrap_or_else(|| "arn:aws:iam::000000000000:role/none".into());
-    let mut settings = json!({"sourceId": "tail", "roleAddress": role, "region": args.region, "stream": stream});
+    let mut settings =
+        json!({"sourceId": "tail", "roleAddress": role, "region": args.region, "stream": stream});
     if let Some(x) = &args.external_id {
         settings["secretId"] = json!(x);
     }
@@ -100,7 +104,10 @@ fn target(args: &Args) -> Result<Target, CliError> {
         } else {
             "--stream"
         };
-        CliError::Usage(format!("{flag}: {}", msg.trim_start_matches("tenant tail: ")))
+        CliError::Usage(format!(
+            "{flag}: {}",
+            msg.trim_start_matches("tenant tail: ")
+        ))
     })?;
     Ok(Target {
         tenant,
@@ -163,7 +170,12 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             .shard_iterator_type(kind)
             .send()
             .await
-            .map_err(|e| fail("GetShardIterator", &kd_aws::AwsError::from_sdk("GetShardIterator", &e)))?;
+            .map_err(|e| {
+                fail(
+                    "GetShardIterator",
+                    &kd_aws::AwsError::from_sdk("GetShardIterator", &e),
+                )
+            })?;
         iterators.push((shard.clone(), out.shard_iterator().map(str::to_owned)));
     }
 
@@ -180,7 +192,9 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
                     .limit(10_000)
                     .send()
                     .await
-                    .map_err(|e| fail("GetRecords", &kd_aws::AwsError::from_sdk("GetRecords", &e)))?;
+                    .map_err(|e| {
+                        fail("GetRecords", &kd_aws::AwsError::from_sdk("GetRecords", &e))
+                    })?;
                 for r in out.records() {
                     let data = r.data().as_ref();
                     let decoded: Value = serde_json::from_slice(data)

@@ -234,7 +234,10 @@ mod tests {
     #[test]
     fn classification_table() {
         let table: &[(Failure, ErrorClass)] = &[
-            (svc("ProvisionedThroughputExceededException", 400), Retryable),
+            (
+                svc("ProvisionedThroughputExceededException", 400),
+                Retryable,
+            ),
             (svc("ThrottlingException", 400), Retryable),
             (svc("Throttling", 400), Retryable),
             (svc("KMSThrottlingException", 400), Retryable),
@@ -253,8 +256,20 @@ mod tests {
             (svc("SomethingNew", 503), Retryable),
             (svc("SomethingNew", 429), Retryable),
             (svc("SomethingNew", 400), Permanent),
-            (Failure::Service { code: None, status: 502 }, Retryable),
-            (Failure::Service { code: None, status: 403 }, Permanent),
+            (
+                Failure::Service {
+                    code: None,
+                    status: 502,
+                },
+                Retryable,
+            ),
+            (
+                Failure::Service {
+                    code: None,
+                    status: 403,
+                },
+                Permanent,
+            ),
             (Failure::Timeout, Retryable),
             (Failure::Network, Retryable),
             (Failure::Malformed, Retryable),

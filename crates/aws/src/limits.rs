@@ -125,7 +125,10 @@ mod tests {
         let n = NonZeroU32::new(4 * RECORDS_PER_SHARD_PER_SEC).unwrap();
         assert!(four.records.check_n(n).is_ok_and(|r| r.is_ok()));
         let one = StreamLimiter::new(1);
-        assert!(one.records.check_n(n).is_err(), "4,000 records exceed one shard's burst");
+        assert!(
+            one.records.check_n(n).is_err(),
+            "4,000 records exceed one shard's burst"
+        );
         assert_eq!(four.byte_burst.get(), 4 * BYTES_PER_SHARD_PER_SEC);
     }
 

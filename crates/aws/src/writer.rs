@@ -66,13 +66,12 @@ impl KinesisWriter {
             }
             Err(e) => {
                 let err = AwsError::from_sdk(
-                    &format!(
-                        "PutRecord to stream {} in {}",
-                        tenant.stream, tenant.region
-                    ),
+                    &format!("PutRecord to stream {} in {}", tenant.stream, tenant.region),
                     &e,
                 );
-                m.put_duration.with_label_values(&["error"]).observe(elapsed);
+                m.put_duration
+                    .with_label_values(&["error"])
+                    .observe(elapsed);
                 m.put_errors.with_label_values(&[&err.code]).inc();
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(tenant).await;

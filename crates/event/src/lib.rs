@@ -167,7 +167,11 @@ impl EventView {
                     "type is not a string".to_owned(),
                 ))
             }
-            None => return Err(DecodeError::UnsupportedType("message has no type".to_owned())),
+            None => {
+                return Err(DecodeError::UnsupportedType(
+                    "message has no type".to_owned(),
+                ))
+            }
         };
         Ok(EventView {
             event_type,
@@ -271,9 +275,20 @@ mod tests {
 
     #[test]
     fn rejects_non_objects_and_broken_json() {
-        for bad in ["", "  ", "[1,2]", "\"track\"", "{\"type\":", "not json", "{} trailing"] {
+        for bad in [
+            "",
+            "  ",
+            "[1,2]",
+            "\"track\"",
+            "{\"type\":",
+            "not json",
+            "{} trailing",
+        ] {
             assert!(
-                matches!(EventView::decode(bad.as_bytes()), Err(DecodeError::InvalidJson(_))),
+                matches!(
+                    EventView::decode(bad.as_bytes()),
+                    Err(DecodeError::InvalidJson(_))
+                ),
                 "{bad:?}"
             );
         }
@@ -281,9 +296,16 @@ mod tests {
 
     #[test]
     fn rejects_unknown_or_missing_types() {
-        for bad in [r#"{"type":"screenview"}"#, r#"{"userId":"u"}"#, r#"{"type":7}"#] {
+        for bad in [
+            r#"{"type":"screenview"}"#,
+            r#"{"userId":"u"}"#,
+            r#"{"type":7}"#,
+        ] {
             assert!(
-                matches!(EventView::decode(bad.as_bytes()), Err(DecodeError::UnsupportedType(_))),
+                matches!(
+                    EventView::decode(bad.as_bytes()),
+                    Err(DecodeError::UnsupportedType(_))
+                ),
                 "{bad:?}"
             );
         }
@@ -291,7 +313,9 @@ mod tests {
 
     #[test]
     fn reads_project_id_for_routing() {
-        let v = view(r#"{"type":"page","anonymousId":"a","projectId":"src_9","properties":{"x":[1,2,{"y":null}]}}"#);
+        let v = view(
+            r#"{"type":"page","anonymousId":"a","projectId":"src_9","properties":{"x":[1,2,{"y":null}]}}"#,
+        );
         assert_eq!(v.project_id.as_deref(), Some("src_9"));
     }
 }

@@ -97,12 +97,20 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let log = log.lock().unwrap().clone();
-        let of = |k| log.iter().filter(|(key, _)| *key == k).map(|(_, n)| *n).collect::<Vec<_>>();
+        let of = |k| {
+            log.iter()
+                .filter(|(key, _)| *key == k)
+                .map(|(_, n)| *n)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(of(1), vec![0, 1, 2, 3, 4]);
         assert_eq!(of(2), vec![0, 1, 2, 3, 4]);
         let first_slow = log.iter().position(|(k, _)| *k == 1).unwrap();
         let last_fast = log.iter().rposition(|(k, _)| *k == 2).unwrap();
-        assert!(last_fast < first_slow, "fast lane finished before the slow one: {log:?}");
+        assert!(
+            last_fast < first_slow,
+            "fast lane finished before the slow one: {log:?}"
+        );
         assert_eq!(lanes.active(), 0, "idle lanes are dropped");
     }
 }

@@ -203,7 +203,10 @@ mod tests {
         assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 10)]);
         t.done(&a);
         assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 13)]);
-        assert!(t.to_commit(None).is_empty(), "unchanged watermark is not re-committed");
+        assert!(
+            t.to_commit(None).is_empty(),
+            "unchanged watermark is not re-committed"
+        );
     }
 
     #[test]
@@ -217,11 +220,18 @@ mod tests {
         let t = tracker();
         let old = t.read("t", 0, 5).unwrap();
         t.revoke([("t", 0)]);
-        assert!(t.read("t", 0, 6).is_none(), "revoked partition reads nothing");
+        assert!(
+            t.read("t", 0, 6).is_none(),
+            "revoked partition reads nothing"
+        );
         t.assign([("t", 0)]);
         let new = t.read("t", 0, 5).unwrap();
         t.done(&old);
-        assert_eq!(t.in_flight(), 1, "old ticket does not complete the new read");
+        assert_eq!(
+            t.in_flight(),
+            1,
+            "old ticket does not complete the new read"
+        );
         assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 5)]);
         t.done(&new);
         assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 6)]);

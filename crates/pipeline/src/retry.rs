@@ -62,6 +62,9 @@ mod tests {
             }
         }
         let late: Duration = (0..200).map(|_| p.backoff(20)).sum();
-        assert!(late > Duration::from_millis(200 * 100), "late retries wait longer on average");
+        assert!(
+            late > Duration::from_millis(200 * 100),
+            "late retries wait longer on average"
+        );
     }
 }

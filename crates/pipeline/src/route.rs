@@ -88,42 +88,92 @@ mod tests {
     fn snapshot() -> Snapshot {
         let good = kd_tenants::parse_tenant(&serde_json::json!({
             "sourceId": "src_1", "roleAddress": "arn:aws:iam::123456789012:role/r",
-            "region": "us-east-1", "stream": "s", "maxRecordSizeKiB": 1})).unwrap();
+            "region": "us-east-1", "stream": "s", "maxRecordSizeKiB": 1}))
+        .unwrap();
         let mut m: HashMap<Arc<str>, TenantEntry> = HashMap::new();
         m.insert("src_1".into(), TenantEntry::Valid(Arc::new(good)));
-        m.insert("bad".into(), TenantEntry::Invalid { reason: "tenant bad: region x".into() });
+        m.insert(
+            "bad".into(),
+            TenantEntry::Invalid {
+                reason: "tenant bad: region x".into(),
+            },
+        );
         Snapshot::new(m)
     }
 
     fn msg(value: &str, source: Option<&str>) -> OwnedMessage {
         let headers = source.map(|s| {
-            OwnedHeaders::new().insert(Header { key: "source_id", value: Some(s) })
+            OwnedHeaders::new().insert(Header {
+                key: "source_id",
+                value: Some(s),
+            })
         });
-        OwnedMessage::new(Some(value.as_bytes().to_vec()), None, "t".into(), Timestamp::NotAvailable, 0, 0, headers)
+        OwnedMessage::new(
+            Some(value.as_bytes().to_vec()),
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            0,
+            0,
+            headers,
+        )
     }
 
     fn reason(value: &str, source: Option<&str>) -> Reason {
-        route(&msg(value, source), &snapshot(), "source_id").unwrap_err().reason
+        route(&msg(value, source), &snapshot(), "source_id")
+            .unwrap_err()
+            .reason
     }
 
     #[test]
     fn routes_by_header_then_project_id() {
-        let r = route(&msg(r#"{"type":"track","userId":"u"}"#, Some("src_1")), &snapshot(), "source_id").unwrap();
+        let r = route(
+            &msg(r#"{"type":"track","userId":"u"}"#, Some("src_1")),
+            &snapshot(),
+            "source_id",
+        )
+        .unwrap();
         assert_eq!(r.tenant.source_id.as_str(), "src_1");
         assert_eq!(r.key.as_str(), "u");
-        let r = route(&msg(r#"{"type":"track","anonymousId":"a","projectId":"src_1"}"#, None), &snapshot(), "source_id").unwrap();
+        let r = route(
+            &msg(
+                r#"{"type":"track","anonymousId":"a","projectId":"src_1"}"#,
+                None,
+            ),
+            &snapshot(),
+            "source_id",
+        )
+        .unwrap();
         assert_eq!(r.key.as_str(), "a");
     }
 
     #[test]
     fn each_bad_input_gets_its_reason() {
         assert_eq!(reason("nope", Some("src_1")), Reason::InvalidJson);
-        assert_eq!(reason(r#"{"type":"bogus","userId":"u"}"#, Some("src_1")), Reason::UnsupportedType);
-        assert_eq!(reason(r#"{"type":"track","userId":"u"}"#, None), Reason::MissingSourceId);
-        assert_eq!(reason(r#"{"type":"track","userId":"u"}"#, Some("who")), Reason::UnknownSource);
-        assert_eq!(reason(r#"{"type":"track","userId":"u"}"#, Some("bad")), Reason::InvalidSettings);
-        assert_eq!(reason(r#"{"type":"track"}"#, Some("src_1")), Reason::MissingPartitionKey);
-        let big = format!(r#"{{"type":"track","userId":"u","p":"{}"}}"#, "x".repeat(1024));
+        assert_eq!(
+            reason(r#"{"type":"bogus","userId":"u"}"#, Some("src_1")),
+            Reason::UnsupportedType
+        );
+        assert_eq!(
+            reason(r#"{"type":"track","userId":"u"}"#, None),
+            Reason::MissingSourceId
+        );
+        assert_eq!(
+            reason(r#"{"type":"track","userId":"u"}"#, Some("who")),
+            Reason::UnknownSource
+        );
+        assert_eq!(
+            reason(r#"{"type":"track","userId":"u"}"#, Some("bad")),
+            Reason::InvalidSettings
+        );
+        assert_eq!(
+            reason(r#"{"type":"track"}"#, Some("src_1")),
+            Reason::MissingPartitionKey
+        );
+        let big = format!(
+            r#"{{"type":"track","userId":"u","p":"{}"}}"#,
+            "x".repeat(1024)
+        );
         assert_eq!(reason(&big, Some("src_1")), Reason::RecordTooLarge);
     }
 }

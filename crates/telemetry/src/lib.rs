@@ -130,7 +130,10 @@ impl Metrics {
                 "Tenant settings loads rejected (the last good settings stay in force)."
             )?),
             commits: reg!(IntCounterVec::new(
-                Opts::new(name("offset_commits_total"), "Kafka offset commits, by outcome."),
+                Opts::new(
+                    name("offset_commits_total"),
+                    "Kafka offset commits, by outcome."
+                ),
                 &["outcome"]
             )?),
             dead_letter_produce_seconds: reg!(Histogram::with_opts(HistogramOpts::new(
@@ -232,7 +235,9 @@ mod tests {
     #[test]
     fn renders_contract_metric_names() {
         let m = metrics();
-        m.events_dead_lettered.with_label_values(&["invalid_json"]).inc();
+        m.events_dead_lettered
+            .with_label_values(&["invalid_json"])
+            .inc();
         m.put_duration.with_label_values(&["ok"]).observe(0.01);
         m.put_errors.with_label_values(&["Throttling"]).inc();
         m.assume_role.with_label_values(&["ok"]).inc();

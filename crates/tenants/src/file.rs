@@ -43,8 +43,14 @@ fn parse_array(bytes: &[u8]) -> Result<Snapshot, String> {
         match parse_tenant(item) {
             Ok(t) => {
                 let key: Arc<str> = t.source_id.as_str().into();
-                if tenants.insert(key, TenantEntry::Valid(Arc::new(t))).is_some() {
-                    tracing::warn!(index, "tenants file lists a source twice; the last one wins");
+                if tenants
+                    .insert(key, TenantEntry::Valid(Arc::new(t)))
+                    .is_some()
+                {
+                    tracing::warn!(
+                        index,
+                        "tenants file lists a source twice; the last one wins"
+                    );
                 }
             }
             Err(e) => match e.source_id() {
@@ -144,12 +150,20 @@ mod tests {
         let one = r#"[{"sourceId":"a","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"}]"#;
         std::fs::write(&path, one).unwrap();
         let store = Arc::new(TenantStore::new());
-        let task = tokio::spawn(watch_file(path.clone(), store.clone(), Duration::from_millis(20), None));
+        let task = tokio::spawn(watch_file(
+            path.clone(),
+            store.clone(),
+            Duration::from_millis(20),
+            None,
+        ));
         wait_for(|| store.snapshot().get("a").is_some()).await;
 
         std::fs::write(&path, "[ not json").unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(store.snapshot().get("a").is_some(), "bad edit keeps last good");
+        assert!(
+            store.snapshot().get("a").is_some(),
+            "bad edit keeps last good"
+        );
 
         let two = one.replace("\"a\"", "\"b\"");
         std::fs::write(&path, two).unwrap();

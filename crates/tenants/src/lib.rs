@@ -30,7 +30,9 @@ use arc_swap::ArcSwap;
 pub enum TenantEntry {
     Valid(Arc<TenantSettings>),
     /// Present but unusable; `reason` names the offending setting (never a secret).
-    Invalid { reason: Arc<str> },
+    Invalid {
+        reason: Arc<str>,
+    },
 }
 
 /// An immutable view of all tenants, keyed by source ID.
@@ -88,7 +90,9 @@ impl TenantStore {
         m.tenants
             .with_label_values(&["valid"])
             .set((snapshot.len() - invalid) as i64);
-        m.tenants.with_label_values(&["invalid"]).set(invalid as i64);
+        m.tenants
+            .with_label_values(&["invalid"])
+            .set(invalid as i64);
         self.current.store(Arc::new(snapshot));
         self.loaded.store(true, Ordering::SeqCst);
     }

@@ -85,13 +85,43 @@ pub struct Region(Arc<str>);
 
 /// Regions where Kinesis Data Streams and STS are offered (commercial, China, GovCloud).
 const KNOWN_REGIONS: &[&str] = &[
-    "us-east-1", "us-east-2", "us-west-1", "us-west-2", "af-south-1", "ap-east-1",
-    "ap-east-2", "ap-south-1", "ap-south-2", "ap-northeast-1", "ap-northeast-2",
-    "ap-northeast-3", "ap-southeast-1", "ap-southeast-2", "ap-southeast-3", "ap-southeast-4",
-    "ap-southeast-5", "ap-southeast-7", "ca-central-1", "ca-west-1", "eu-central-1",
-    "eu-central-2", "eu-west-1", "eu-west-2", "eu-west-3", "eu-south-1", "eu-south-2",
-    "eu-north-1", "il-central-1", "me-south-1", "me-central-1", "mx-central-1",
-    "sa-east-1", "cn-north-1", "cn-northwest-1", "us-gov-east-1", "us-gov-west-1",
+    "us-east-1",
+    "us-east-2",
+    "us-west-1",
+    "us-west-2",
+    "af-south-1",
+    "ap-east-1",
+    "ap-east-2",
+    "ap-south-1",
+    "ap-south-2",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-northeast-3",
+    "ap-southeast-1",
+    "ap-southeast-2",
+    "ap-southeast-3",
+    "ap-southeast-4",
+    "ap-southeast-5",
+    "ap-southeast-7",
+    "ca-central-1",
+    "ca-west-1",
+    "eu-central-1",
+    "eu-central-2",
+    "eu-west-1",
+    "eu-west-2",
+    "eu-west-3",
+    "eu-south-1",
+    "eu-south-2",
+    "eu-north-1",
+    "il-central-1",
+    "me-south-1",
+    "me-central-1",
+    "mx-central-1",
+    "sa-east-1",
+    "cn-north-1",
+    "cn-northwest-1",
+    "us-gov-east-1",
+    "us-gov-west-1",
 ];
 
 impl Region {
@@ -276,7 +306,11 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         None | Some(Value::Null) => 1,
         Some(v) => match v.as_u64() {
             Some(n @ 1..=100_000) => n as u32,
-            _ => return Err(invalid("shards must be a whole number from 1 to 100000".into())),
+            _ => {
+                return Err(invalid(
+                    "shards must be a whole number from 1 to 100000".into(),
+                ))
+            }
         },
     };
     let use_message_id = match &raw.use_message_id {
@@ -354,7 +388,11 @@ mod tests {
     fn rejects_each_bad_setting_naming_it() {
         let cases = [
             ("roleAddress", json!("arn:aws:s3:::bucket"), "roleAddress"),
-            ("roleAddress", json!("arn:aws:iam::12:role/x"), "roleAddress"),
+            (
+                "roleAddress",
+                json!("arn:aws:iam::12:role/x"),
+                "roleAddress",
+            ),
             ("region", json!("mars-north-1"), "region"),
             ("stream", json!(""), "stream"),
             ("stream", json!("has space"), "stream"),
@@ -374,12 +412,18 @@ mod tests {
         }
         let mut v = good();
         v.as_object_mut().unwrap().remove("stream");
-        assert!(parse_tenant(&v).unwrap_err().to_string().contains("stream is required"));
+        assert!(parse_tenant(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("stream is required"));
     }
 
     #[test]
     fn entries_without_source_id_cannot_be_keyed() {
-        assert_eq!(parse_tenant(&json!({"region": "us-east-1"})), Err(SettingsError::MissingSourceId));
+        assert_eq!(
+            parse_tenant(&json!({"region": "us-east-1"})),
+            Err(SettingsError::MissingSourceId)
+        );
         assert_eq!(parse_tenant(&json!([1])), Err(SettingsError::NotAnObject));
     }
 }

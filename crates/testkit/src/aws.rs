@@ -125,7 +125,10 @@ impl Streams {
                 .send()
                 .await
                 .expect("describe stream");
-            if d.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE") {
+            if d.stream_description_summary()
+                .map(|s| s.stream_status().as_str())
+                == Some("ACTIVE")
+            {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

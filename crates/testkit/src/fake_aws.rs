@@ -73,7 +73,11 @@ impl Drop for FakeAws {
     }
 }
 
-async fn handle(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let target = headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
@@ -81,7 +85,11 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body
     match target {
         "Kinesis_20131202.PutRecord" => put_record(&inner, &body),
         "" => sts(&inner, &body),
-        other => json_error(400, "UnknownOperationException", &format!("{other} is not faked")),
+        other => json_error(
+            400,
+            "UnknownOperationException",
+            &format!("{other} is not faked"),
+        ),
     }
 }
 
@@ -103,7 +111,8 @@ fn put_record(inner: &Mutex<Inner>, body: &[u8]) -> Response {
     let seq = inner.records.len();
     (
         [("content-type", "application/x-amz-json-1.1")],
-        json!({"ShardId": "shardId-000000000000", "SequenceNumber": format!("{seq:056}")}).to_string(),
+        json!({"ShardId": "shardId-000000000000", "SequenceNumber": format!("{seq:056}")})
+            .to_string(),
     )
         .into_response()
 }

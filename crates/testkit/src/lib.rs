@@ -19,7 +19,7 @@ mod proxy;
 mod services;
 mod worker;
 
-pub use aws::{Streams, StreamRecord, Tenant};
+pub use aws::{StreamRecord, Streams, Tenant};
 pub use fake_aws::{FakeAws, FakeRecord};
 pub use kafka::{Kafka, Produced};
 pub use proxy::{AssumeRoleCall, RecordingProxy};

@@ -81,7 +81,11 @@ async fn forward(State(state): State<ProxyState>, req: Request) -> Response {
             external_id: get("ExternalId"),
         });
     }
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let mut builder = hyper::Request::builder()
         .method(parts.method)
         .uri(format!("{}{}", state.upstream, path));
@@ -94,7 +98,11 @@ async fn forward(State(state): State<ProxyState>, req: Request) -> Response {
     match state.client.request(upstream_req).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
-            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             Response::from_parts(parts, Body::from(bytes))
         }
         Err(_) => status(StatusCode::BAD_GATEWAY),
