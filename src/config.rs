@@ -137,8 +137,10 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    /// Most events read but not yet written or dead-lettered.
+    /// Most events read but not yet written or dead-lettered (all partitions).
     pub max_in_flight: usize,
+    /// Most events in flight from one partition; past it the partition is paused.
+    pub max_in_flight_per_partition: usize,
     pub commit_interval_ms: u64,
     /// Retryable failures are retried this long, then dead-lettered `retries_exhausted`.
     pub retry_window_secs: u64,
@@ -156,7 +158,8 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
-            max_in_flight: 10_000,
+            max_in_flight: 20_000,
+            max_in_flight_per_partition: 2_000,
             commit_interval_ms: 1_000,
             retry_window_secs: 4 * 3600,
             permanent_error_window_secs: 180,

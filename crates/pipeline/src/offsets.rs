@@ -7,10 +7,17 @@
 //!
 //! Each assignment of a partition gets a new epoch; acknowledgements of events read
 //! under an older assignment are ignored, so a revoked partition's late completions
-//! cannot commit on behalf of its new owner.
+//! cannot commit on behalf of its new owner. Each assignment also has its own
+//! cancellation token: revoking a partition abandons its in-flight events at once, so
+//! the old owner does not keep writing events that the new owner is writing too.
+//!
+//! The tracker also knows how many events each partition has in flight, which is what
+//! backpressure (pausing a partition) is decided on.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
 
 /// Identifies one event read from Kafka, for acknowledging it later.
 #[derive(Debug, Clone)]
@@ -19,6 +26,8 @@ pub struct Ticket {
     pub partition: i32,
     pub offset: i64,
     epoch: u64,
+    /// Cancelled when the partition is revoked or the worker shuts down.
+    pub cancel: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -29,6 +38,9 @@ struct PartitionState {
     next: Option<i64>,
     /// The last offset committed (or handed out to commit) for this assignment.
     committed: Option<i64>,
+    cancel: CancellationToken,
+    /// Whether backpressure paused fetching from this partition.
+    paused: bool,
 }
 
 impl PartitionState {
@@ -44,6 +56,8 @@ impl PartitionState {
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     inner: Mutex<Inner>,
+    /// Parent of every partition's token: cancelled at shutdown.
+    cancel: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -54,8 +68,12 @@ struct Inner {
 }
 
 impl OffsetTracker {
-    pub fn new() -> Self {
-        Self::default()
+    /// A tracker whose partitions' tokens are children of `cancel`.
+    pub fn new(cancel: CancellationToken) -> Self {
+        OffsetTracker {
+            inner: Mutex::default(),
+            cancel,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -75,9 +93,12 @@ impl OffsetTracker {
                     pending: BTreeSet::new(),
                     next: None,
                     committed: None,
+                    cancel: self.cancel.child_token(),
+                    paused: false,
                 },
             );
             if let Some(old) = old {
+                old.cancel.cancel();
                 inner.pending_total -= old.pending.len();
             }
         }
@@ -90,6 +111,7 @@ impl OffsetTracker {
         let mut inner = self.lock();
         for (topic, partition) in partitions {
             if let Some(old) = inner.partitions.remove(&(Arc::from(topic), partition)) {
+                old.cancel.cancel();
                 inner.pending_total -= old.pending.len();
             }
         }
@@ -103,6 +125,7 @@ impl OffsetTracker {
         let key = (Arc::<str>::from(topic), partition);
         let state = inner.partitions.get_mut(&key)?;
         let epoch = state.epoch;
+        let cancel = state.cancel.clone();
         let inserted = state.pending.insert(offset);
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
         if inserted {
@@ -114,6 +137,7 @@ impl OffsetTracker {
             partition,
             offset,
             epoch,
+            cancel,
         })
     }
 
@@ -175,6 +199,40 @@ impl OffsetTracker {
     pub fn in_flight(&self) -> usize {
         self.lock().pending_total
     }
+
+    /// Events in flight of one partition (`None` when it is not assigned).
+    pub fn in_flight_of(&self, topic: &str, partition: i32) -> Option<usize> {
+        let inner = self.lock();
+        inner
+            .partitions
+            .get(&(Arc::from(topic), partition))
+            .map(|s| s.pending.len())
+    }
+
+    /// Applies backpressure decisions: `decide(in_flight_of_partition, paused_now,
+    /// in_flight_total)` returns the partition's new paused state. Returns the
+    /// partitions to pause and to resume.
+    pub fn rebalance_flow(
+        &self,
+        mut decide: impl FnMut(usize, bool, usize) -> bool,
+    ) -> (Vec<(Arc<str>, i32)>, Vec<(Arc<str>, i32)>) {
+        let mut inner = self.lock();
+        let total = inner.pending_total;
+        let (mut pause, mut resume) = (Vec::new(), Vec::new());
+        for ((topic, partition), state) in inner.partitions.iter_mut() {
+            let paused = decide(state.pending.len(), state.paused, total);
+            if paused != state.paused {
+                state.paused = paused;
+                let key = (topic.clone(), *partition);
+                if paused {
+                    pause.push(key);
+                } else {
+                    resume.push(key);
+                }
+            }
+        }
+        (pause, resume)
+    }
 }
 
 fn publish_in_flight(n: usize) {
@@ -186,7 +244,7 @@ mod tests {
     use super::*;
 
     fn tracker() -> OffsetTracker {
-        let t = OffsetTracker::new();
+        let t = OffsetTracker::default();
         t.assign([("t", 0)]);
         t
     }
@@ -238,6 +296,39 @@ mod tests {
     }
 
     #[test]
+    fn revoking_a_partition_cancels_its_in_flight_events() {
+        let t = tracker();
+        let ticket = t.read("t", 0, 1).unwrap();
+        assert!(!ticket.cancel.is_cancelled());
+        t.revoke([("t", 0)]);
+        assert!(ticket.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn shutdown_cancels_every_partition() {
+        let parent = CancellationToken::new();
+        let t = OffsetTracker::new(parent.clone());
+        t.assign([("t", 0)]);
+        let ticket = t.read("t", 0, 1).unwrap();
+        parent.cancel();
+        assert!(ticket.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn flow_decisions_report_changes_only() {
+        let t = tracker();
+        for o in 0..10 {
+            t.read("t", 0, o).unwrap();
+        }
+        let (pause, resume) = t.rebalance_flow(|n, _, _| n >= 10);
+        assert_eq!((pause.len(), resume.len()), (1, 0));
+        let (pause, resume) = t.rebalance_flow(|n, _, _| n >= 10);
+        assert_eq!((pause.len(), resume.len()), (0, 0), "already paused");
+        let (pause, resume) = t.rebalance_flow(|_, _, _| false);
+        assert_eq!((pause.len(), resume.len()), (0, 1));
+    }
+
+    #[test]
     fn failed_commit_is_offered_again() {
         let t = tracker();
         let a = t.read("t", 0, 0).unwrap();
@@ -250,7 +341,7 @@ mod tests {
 
     #[test]
     fn commit_can_be_limited_to_some_partitions() {
-        let t = OffsetTracker::new();
+        let t = OffsetTracker::default();
         t.assign([("t", 0), ("t", 1)]);
         for p in [0, 1] {
             let x = t.read("t", p, 0).unwrap();

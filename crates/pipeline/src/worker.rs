@@ -17,7 +17,6 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
@@ -42,8 +41,12 @@ pub struct KafkaSettings {
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub kafka: KafkaSettings,
-    /// Most events read but not yet written or dead-lettered; reading waits beyond it.
+    /// Most events read but not yet written or dead-lettered, over all partitions: past
+    /// it every partition is paused until a quarter has drained.
     pub max_in_flight: usize,
+    /// Most events in flight from one partition: past it that partition is paused until
+    /// half has drained. Memory stays bounded however long a destination is down.
+    pub max_in_flight_per_partition: usize,
     pub commit_interval: Duration,
     /// On SIGTERM, how long in-flight events may take to finish before they are
     /// abandoned (to be re-read after restart).
@@ -102,9 +105,14 @@ impl ConsumerContext for WorkerContext {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // librdkafka keeps a partition paused across reassignment; a new
+                // assignment starts with nothing in flight, so it starts fetching.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!(error = %e, "cannot resume assigned partitions");
+                }
                 let assigned: Vec<(String, i32)> = tpl
                     .elements()
                     .iter()
@@ -159,7 +167,6 @@ struct Job {
     ticket: Ticket,
     tenant: Arc<TenantSettings>,
     key: PartitionKey,
-    _permit: OwnedSemaphorePermit,
 }
 
 /// Writes events, retrying as the policy says, and acknowledges them.
@@ -168,7 +175,6 @@ struct Deliverer {
     dead_letters: DeadLetters,
     tracker: Arc<OffsetTracker>,
     retry: RetryPolicy,
-    cancel: CancellationToken,
 }
 
 enum Outcome {
@@ -185,7 +191,11 @@ impl Deliverer {
                 self.tracker.done(&job.ticket);
             }
             Outcome::DeadLetter(dl) => {
-                if self.dead_letters.send(&job.msg, &dl, &self.cancel).await {
+                if self
+                    .dead_letters
+                    .send(&job.msg, &dl, &job.ticket.cancel)
+                    .await
+                {
                     self.tracker.done(&job.ticket);
                 }
             }
@@ -199,10 +209,15 @@ impl Deliverer {
         let started = Instant::now();
         let mut permanent_since: Option<Instant> = None;
         let mut attempt = 0u32;
+        let cancel = &job.ticket.cancel;
         loop {
+            // Revoked or shutting down: leave the event to the partition's next reader.
+            if cancel.is_cancelled() {
+                return Outcome::Cancelled;
+            }
             let result = tokio::select! {
                 r = self.writer.put_record(&job.tenant, &job.key, data) => r,
-                _ = self.cancel.cancelled() => return Outcome::Cancelled,
+                _ = cancel.cancelled() => return Outcome::Cancelled,
             };
             let err = match result {
                 Ok(_) => return Outcome::Written,
@@ -237,7 +252,7 @@ impl Deliverer {
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.cancel.cancelled() => return Outcome::Cancelled,
+                _ = cancel.cancelled() => return Outcome::Cancelled,
             }
         }
     }
@@ -315,7 +330,8 @@ pub async fn run(
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let tracker = Arc::new(OffsetTracker::new());
+    let cancel = CancellationToken::new();
+    let tracker = Arc::new(OffsetTracker::new(cancel.clone()));
     let context = WorkerContext {
         tracker: tracker.clone(),
         readiness: readiness.clone(),
@@ -327,7 +343,6 @@ pub async fn run(
     let consumer = Arc::new(consumer);
     let producer: FutureProducer = producer_config(&settings.kafka).create()?;
 
-    let cancel = CancellationToken::new();
     let dead_letters = DeadLetters::new(
         producer.clone(),
         &settings.kafka.dead_letter_topic,
@@ -338,7 +353,6 @@ pub async fn run(
         dead_letters: dead_letters.clone(),
         tracker: tracker.clone(),
         retry: settings.retry.clone(),
-        cancel: cancel.clone(),
     });
     let lanes = {
         let deliverer = deliverer.clone();
@@ -357,16 +371,25 @@ pub async fn run(
     ));
 
     tracing::info!(topics = ?settings.kafka.topics, group = %settings.kafka.group_id, "consuming");
-    let permits = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+    let flow = FlowControl {
+        per_partition: settings.max_in_flight_per_partition.max(1),
+        total: settings.max_in_flight.max(1),
+    };
     let header = settings.kafka.source_id_header.as_str();
+    // The tick resumes drained partitions, and also keeps calling into librdkafka while
+    // every partition is paused: it must be polled within max.poll.interval.ms or it
+    // leaves the group.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.cancelled() => break,
-        };
         let msg = tokio::select! {
-            m = consumer.recv() => m,
+            biased;
             _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                flow.apply(&*consumer, &tracker);
+                continue;
+            }
+            m = consumer.recv() => m,
         };
         let msg = match msg {
             Ok(m) => m.detach(),
@@ -381,6 +404,9 @@ pub async fn run(
             // Read from a partition that is no longer ours: its next owner reads it.
             continue;
         };
+        if flow.over(&tracker, msg.topic(), msg.partition()) {
+            flow.apply(&*consumer, &tracker);
+        }
         match route(&msg, &tenants.snapshot(), header) {
             Ok(routed) => {
                 let lane = (routed.tenant.source_id.clone(), routed.key.clone());
@@ -391,18 +417,15 @@ pub async fn run(
                         ticket,
                         tenant: routed.tenant,
                         key: routed.key,
-                        _permit: permit,
                     },
                 );
             }
             Err(dl) => {
-                let (dead_letters, tracker, cancel) =
-                    (dead_letters.clone(), tracker.clone(), cancel.clone());
+                let (dead_letters, tracker) = (dead_letters.clone(), tracker.clone());
                 tokio::spawn(async move {
-                    if dead_letters.send(&msg, &dl, &cancel).await {
+                    if dead_letters.send(&msg, &dl, &ticket.cancel).await {
                         tracker.done(&ticket);
                     }
-                    drop(permit);
                 });
             }
         }
@@ -449,6 +472,54 @@ pub async fn run(
     drop(lanes);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Backpressure: pause a partition with too many events in flight (or all of them when
+/// the total is too high), resume it once enough have drained.
+struct FlowControl {
+    per_partition: usize,
+    total: usize,
+}
+
+impl FlowControl {
+    /// Whether the partition just read from may need pausing.
+    fn over(&self, tracker: &OffsetTracker, topic: &str, partition: i32) -> bool {
+        tracker
+            .in_flight_of(topic, partition)
+            .is_some_and(|n| n >= self.per_partition)
+            || tracker.in_flight() >= self.total
+    }
+
+    /// Pauses and resumes partitions as their in-flight counts say.
+    fn apply<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C, tracker: &OffsetTracker) {
+        let (pause, resume) = tracker.rebalance_flow(|n, paused, total| {
+            if paused {
+                // Hysteresis: resume only well below the caps, so a partition does not
+                // flap between paused and fetching on every event.
+                n > self.per_partition / 2 || total > self.total * 3 / 4
+            } else {
+                n >= self.per_partition || total >= self.total
+            }
+        });
+        for (list, paused) in [(pause, true), (resume, false)] {
+            if list.is_empty() {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (topic, partition) in &list {
+                tpl.add_partition(topic, *partition);
+            }
+            let result = if paused {
+                consumer.pause(&tpl)
+            } else {
+                consumer.resume(&tpl)
+            };
+            match result {
+                Ok(()) => tracing::info!(partitions = ?list, paused, "backpressure"),
+                Err(e) => tracing::warn!(error = %e, paused, "cannot pause or resume partitions"),
+            }
+        }
+    }
 }
 
 async fn commit_loop(
