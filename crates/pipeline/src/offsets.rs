@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
+/// A topic and partition.
+pub type TopicPartition = (Arc<str>, i32);
+
 /// Identifies one event read from Kafka, for acknowledging it later.
 #[derive(Debug, Clone)]
 pub struct Ticket {
@@ -215,7 +218,7 @@ impl OffsetTracker {
     pub fn rebalance_flow(
         &self,
         mut decide: impl FnMut(usize, bool, usize) -> bool,
-    ) -> (Vec<(Arc<str>, i32)>, Vec<(Arc<str>, i32)>) {
+    ) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
         let mut inner = self.lock();
         let total = inner.pending_total;
         let (mut pause, mut resume) = (Vec::new(), Vec::new());
