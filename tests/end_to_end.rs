@@ -594,6 +594,7 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
     tansu.create_topic(DLQ, 1);
     let fake = kd_testkit::FakeAws::start().await;
     let t = Tenant::new("src_one", "111111111111", "us-east-1", "one-shard");
+    fake.create_stream(&t.stream, 1);
     let cfg = WorkerConfig::new(&tansu.bootstrap(), &fake.endpoint());
     cfg.write_tenants(&[t.settings()]);
     cfg.write();

@@ -20,7 +20,7 @@ mod services;
 mod worker;
 
 pub use aws::{StreamRecord, Streams, Tenant};
-pub use fake_aws::{FakeAws, FakeRecord};
+pub use fake_aws::{FakeAws, FakeRecord, Fault, CALLER_ACCOUNT};
 pub use kafka::{Kafka, Produced};
 pub use proxy::{AssumeRoleCall, RecordingProxy};
 pub use services::{free_port, Moto, Tansu};
