@@ -8,6 +8,7 @@
 //!   tests can check which roles were assumed, with which external IDs, how often.
 //! - [`FakeAws`]: a fast AWS fake (STS AssumeRole, Kinesis PutRecord) for what the
 //!   emulator cannot show, such as a rate limit moto is too slow to reach.
+//! - [`TcpProxy`]: cuts the network between clients and the broker on demand.
 //! - [`Worker`]: the `kinesis-destination run` process, with signals and metrics.
 //!
 //! Tansu and moto must be installed (`scripts/test.sh` does it).
@@ -17,6 +18,7 @@ mod fake_aws;
 mod kafka;
 mod proxy;
 mod services;
+mod tcp_proxy;
 mod worker;
 
 pub use aws::{StreamRecord, Streams, Tenant};
@@ -24,6 +26,7 @@ pub use fake_aws::{FakeAws, FakeRecord, Fault, CALLER_ACCOUNT};
 pub use kafka::{Kafka, Produced};
 pub use proxy::{AssumeRoleCall, RecordingProxy};
 pub use services::{free_port, Moto, Tansu};
+pub use tcp_proxy::TcpProxy;
 pub use worker::{metric_value, Worker, WorkerConfig};
 
 use std::time::{Duration, Instant};

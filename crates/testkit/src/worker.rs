@@ -16,7 +16,8 @@ pub struct WorkerConfig {
     pub http_port: u16,
     bootstrap: String,
     endpoint: String,
-    extra: String,
+    /// Extra `key = value` lines per section.
+    extra: std::collections::BTreeMap<&'static str, Vec<String>>,
 }
 
 impl WorkerConfig {
@@ -29,15 +30,21 @@ impl WorkerConfig {
             http_port: free_port(),
             bootstrap: bootstrap.into(),
             endpoint: endpoint.into(),
-            extra: String::new(),
+            extra: Default::default(),
         }
     }
 
-    /// Extra TOML appended to the config (sections not written by default).
-    pub fn with_extra(mut self, toml: &str) -> Self {
-        self.extra.push_str(toml);
-        self.extra.push('\n');
+    /// Adds `key = value` (TOML) to `section` (`kafka.librdkafka`, `aws`, `delivery`).
+    pub fn set(mut self, section: &'static str, line: &str) -> Self {
+        self.extra.entry(section).or_default().push(line.to_owned());
         self
+    }
+
+    fn extra(&self, section: &str) -> String {
+        self.extra
+            .get(section)
+            .map(|lines| lines.join("\n"))
+            .unwrap_or_default()
     }
 
     pub fn path(&self) -> PathBuf {
@@ -71,6 +78,7 @@ dead_letter_topic = "segment-events-dlq"
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "1000"
 "statistics.interval.ms" = "1000"
+{librdkafka}
 
 [tenants]
 file = "tenants.json"
@@ -78,18 +86,22 @@ poll_interval_ms = 200
 
 [aws]
 endpoint_url = "{endpoint}"
+{aws}
 
 [http]
 listen = "127.0.0.1:{port}"
 
 [delivery]
 commit_interval_ms = 200
-{extra}"#,
+{delivery}
+"#,
             bootstrap = self.bootstrap,
             group = self.group_id,
             endpoint = self.endpoint,
             port = self.http_port,
-            extra = self.extra,
+            librdkafka = self.extra("kafka.librdkafka"),
+            aws = self.extra("aws"),
+            delivery = self.extra("delivery"),
         );
         std::fs::write(self.path(), text).expect("write config");
     }
