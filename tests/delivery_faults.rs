@@ -1,0 +1,332 @@
+//! Delivery under faults: the worker against a real broker (Tansu) and the AWS fake of
+//! `kd-testkit`, which produces what the emulator cannot: throttling, 5xx, timeouts,
+//! denied roles, expiring credentials. Nothing may be lost or skipped silently, and
+//! per-user order must hold among first deliveries.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kd_testkit::{
+    eventually, metric_value, FakeAws, FakeRecord, Fault, Kafka, Produced, Tansu, TcpProxy,
+    Tenant, Worker, WorkerConfig, CALLER_ACCOUNT,
+};
+use serde_json::json;
+
+const TOPIC: &str = "segment-events";
+const DLQ: &str = "segment-events-dlq";
+const PARTITIONS: i32 = 3;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
+}
+
+struct Env {
+    tansu: Tansu,
+    fake: FakeAws,
+    kafka: Kafka,
+    _proxy: Option<TcpProxy>,
+}
+
+/// One sent event: where it went in Kafka, its ID, its user and its place in the
+/// user's sequence.
+#[derive(Debug, Clone)]
+struct Sent {
+    at: Produced,
+    id: String,
+}
+
+impl Env {
+    async fn start() -> Env {
+        Env::with(Tansu::start(), None).await
+    }
+
+    async fn with(tansu: Tansu, proxy: Option<TcpProxy>) -> Env {
+        tansu.create_topic(TOPIC, PARTITIONS as u32);
+        tansu.create_topic(DLQ, 1);
+        let kafka = Kafka::new(&tansu.bootstrap());
+        Env {
+            tansu,
+            fake: FakeAws::start().await,
+            kafka,
+            _proxy: proxy,
+        }
+    }
+
+    /// A tenant whose stream (with `shards` shards) exists in the fake.
+    fn tenant(&self, source: &str, stream: &str, shards: u32) -> Tenant {
+        let mut t = Tenant::new(source, "111111111111", "us-east-1", stream);
+        t.shards = shards;
+        self.fake.create_stream(stream, shards);
+        t
+    }
+
+    fn config(&self, tenants: &[&Tenant]) -> WorkerConfig {
+        let cfg = WorkerConfig::new(&self.tansu.bootstrap(), &self.fake.endpoint());
+        cfg.write_tenants(&tenants.iter().map(|t| t.settings()).collect::<Vec<_>>());
+        cfg
+    }
+
+    /// Sends event number `seq` of `user` for `source`.
+    async fn send(&self, source: &str, user: &str, seq: usize) -> Sent {
+        let id = format!("{source}/{user}/{seq}");
+        let value = json!({"type": "track", "event": "Tested", "userId": user,
+            "messageId": id, "properties": {"seq": seq}})
+        .to_string();
+        let at = self
+            .kafka
+            .send(TOPIC, Some(user), value.as_bytes(), &[("source_id", source)])
+            .await;
+        Sent { at, id }
+    }
+
+    /// Sends `per_user` events for each of `users` users of `source`, users interleaved.
+    async fn send_many(&self, source: &str, users: usize, per_user: usize) -> Vec<Sent> {
+        let mut sent = Vec::new();
+        for seq in 0..per_user {
+            for u in 0..users {
+                sent.push(self.send(source, &format!("{source}-u{u}"), seq).await);
+            }
+        }
+        sent
+    }
+
+    async fn wait_committed_to_end(&self, group: &str) {
+        let end = self.kafka.end_offsets(TOPIC, PARTITIONS);
+        eventually(Duration::from_secs(60), "offsets committed to the end", || {
+            let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
+            let done = committed
+                .iter()
+                .zip(&end)
+                .all(|(&c, &e)| c == e || (e == 0 && c < 0));
+            async move { done.then_some(()) }
+        })
+        .await;
+    }
+}
+
+async fn wait_metric(worker: &Worker, name: &str, at_least: f64, timeout: Duration) {
+    eventually(timeout, name, || {
+        let v = worker.metric(name);
+        async move { (v >= at_least).then_some(()) }
+    })
+    .await;
+}
+
+/// The first delivery of each event, in arrival order.
+fn first_deliveries(records: &[FakeRecord]) -> Vec<serde_json::Value> {
+    let mut seen = HashSet::new();
+    records
+        .iter()
+        .map(FakeRecord::json)
+        .filter(|v| seen.insert(v["messageId"].as_str().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+/// Every sent event is in `records`, and each user's first deliveries are in order.
+fn assert_all_delivered_in_order(sent: &[Sent], records: &[FakeRecord]) {
+    let firsts = first_deliveries(records);
+    let ids: HashSet<&str> = firsts.iter().filter_map(|v| v["messageId"].as_str()).collect();
+    let missing: Vec<&str> = sent.iter().map(|s| s.id.as_str()).filter(|id| !ids.contains(id)).collect();
+    assert!(missing.is_empty(), "{} events never arrived, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for v in &firsts {
+        let user = v["userId"].as_str().unwrap_or_default().to_owned();
+        let seq = v["properties"]["seq"].as_i64().unwrap_or(-1);
+        let prev = last.insert(user.clone(), seq).unwrap_or(-1);
+        assert!(seq > prev, "user {user}: event {seq} first arrived after event {prev}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
+    let env = Env::start().await;
+    let hot = env.tenant("src_hot", "hot", 4);
+    let calm = env.tenant("src_calm", "calm", 4);
+    let cfg = env
+        .config(&[&hot, &calm])
+        .set("delivery", "initial_backoff_ms = 20")
+        .set("delivery", "max_backoff_ms = 200");
+    cfg.write();
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+
+    // Half of the hot stream's writes are throttled for the next 6 seconds.
+    let storm = Duration::from_secs(6);
+    env.fake.fail_for("hot", Fault::Throttle { percent: 50 }, storm);
+    let storm_end = Instant::now() + storm;
+    let mut sent_hot = Vec::new();
+    let mut sent_calm = Vec::new();
+    for seq in 0..20 {
+        for u in 0..20 {
+            sent_hot.push(env.send("src_hot", &format!("h{u}"), seq).await);
+            sent_calm.push(env.send("src_calm", &format!("c{u}"), seq).await);
+        }
+    }
+    wait_metric(&worker, "kinesis_destination_events_delivered_total", 800.0, Duration::from_secs(60)).await;
+
+    let hot_records = env.fake.records_of("hot");
+    let calm_records = env.fake.records_of("calm");
+    assert_all_delivered_in_order(&sent_hot, &hot_records);
+    assert_all_delivered_in_order(&sent_calm, &calm_records);
+    let calm_done = calm_records.iter().map(|r| r.at).max().unwrap();
+    let hot_done = hot_records.iter().map(|r| r.at).max().unwrap();
+    assert!(calm_done < storm_end, "the calm tenant finished during the storm");
+    assert!(calm_done < hot_done, "the calm tenant did not wait for the hot one");
+    let m = worker.metrics();
+    assert!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"ProvisionedThroughputExceededException\"}") > 0.0);
+    assert!(metric_value(&m, "kinesis_destination_retries_total") > 0.0);
+    assert!(!m.contains("dead_lettered_total{"), "nothing dead-lettered:\n{m}");
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_timeouts_are_retried_then_delivered() {
+    let env = Env::start().await;
+    let t = env.tenant("src_flaky", "flaky", 2);
+    let cfg = env
+        .config(&[&t])
+        .set("aws", "api_timeout_ms = 300")
+        .set("delivery", "initial_backoff_ms = 20")
+        .set("delivery", "max_backoff_ms = 200");
+    cfg.write();
+    env.fake.fail_next("flaky", Fault::Error { status: 503, code: "ServiceUnavailable".into() }, 5);
+    env.fake.fail_next("flaky", Fault::Error { status: 500, code: "InternalFailure".into() }, 5);
+    env.fake.fail_next("flaky", Fault::Latency(Duration::from_secs(2)), 3);
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    let sent = env.send_many("src_flaky", 3, 10).await;
+    wait_metric(&worker, "kinesis_destination_events_delivered_total", 30.0, Duration::from_secs(60)).await;
+    assert_all_delivered_in_order(&sent, &env.fake.records_of("flaky"));
+    let m = worker.metrics();
+    assert_eq!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"ServiceUnavailable\"}"), 5.0);
+    assert_eq!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"InternalFailure\"}"), 5.0);
+    assert_eq!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"Timeout\"}"), 3.0);
+    assert!(metric_value(&m, "kinesis_destination_retries_total") >= 13.0, "{m}");
+    assert!(!m.contains("dead_lettered_total{"), "nothing dead-lettered:\n{m}");
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_tenants_are_dead_lettered_after_the_confirmation_window() {
+    let env = Env::start().await;
+    let good = env.tenant("src_good", "good", 1);
+    let no_write = env.tenant("src_nowrite", "no-write", 1);
+    env.fake.deny_stream("no-write", true);
+    // This tenant's role trusts another external ID only: AssumeRole is denied.
+    let mut untrusted = env.tenant("src_untrusted", "untrusted", 1);
+    untrusted.account = "444444444444".into();
+    env.fake.set_trust_policy(
+        &untrusted.role_arn(),
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+            "Principal": {"AWS": format!("arn:aws:iam::{CALLER_ACCOUNT}:root")},
+            "Action": "sts:AssumeRole",
+            "Condition": {"StringEquals": {"sts:ExternalId": ["src_other", "src_another"]}}}]}),
+    );
+    let cfg = env
+        .config(&[&good, &no_write, &untrusted])
+        .set("aws", "assume_role_failure_ttl_secs = 1")
+        .set("delivery", "permanent_error_window_secs = 2")
+        .set("delivery", "initial_backoff_ms = 50")
+        .set("delivery", "max_backoff_ms = 300");
+    cfg.write();
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    let started = Instant::now();
+    let mut denied = Vec::new();
+    env.send_many("src_good", 5, 1).await;
+    denied.extend(env.send_many("src_nowrite", 5, 1).await);
+    denied.extend(env.send_many("src_untrusted", 5, 1).await);
+
+    let dead = env.kafka.read_topic(DLQ, denied.len(), Duration::from_secs(60));
+    let took = started.elapsed();
+    assert_eq!(dead.len(), denied.len());
+    for dl in &dead {
+        assert_eq!(Kafka::header(dl, "dlq.reason").as_deref(), Some("destination_rejected"));
+        let error = Kafka::header(dl, "dlq.error").unwrap_or_default();
+        assert!(error.contains("AccessDenied"), "{error}");
+    }
+    assert!(took >= Duration::from_secs(2), "permanent errors are retried for the window first");
+    assert_eq!(env.fake.records_of("good").len(), 5);
+    assert!(env.fake.records_of("no-write").is_empty());
+    // Negative caching: a denied role costs about one AssumeRole per failure TTL.
+    let calls = env
+        .fake
+        .assume_role_calls()
+        .iter()
+        .filter(|c| c.role_arn == untrusted.role_arn())
+        .count();
+    assert!(calls as u64 <= took.as_secs() + 2, "{calls} AssumeRole calls in {took:?}");
+    let m = worker.metrics();
+    assert_eq!(metric_value(&m, "kinesis_destination_events_dead_lettered_total{reason=\"destination_rejected\"}"), 10.0);
+    assert!(metric_value(&m, "kinesis_destination_assume_role_total{outcome=\"denied\"}") >= 1.0);
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_credentials_are_replaced_without_losing_events() {
+    let env = Env::start().await;
+    let t = env.tenant("src_exp", "expiring", 2);
+    let cfg = env.config(&[&t]).set("delivery", "max_backoff_ms = 200");
+    cfg.write();
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    let mut sent = env.send_many("src_exp", 5, 10).await;
+    wait_metric(&worker, "kinesis_destination_events_delivered_total", 50.0, Duration::from_secs(30)).await;
+    assert_eq!(env.fake.assume_role_calls().len(), 1);
+
+    // The service now refuses the cached credentials as expired.
+    env.fake.expire_all_credentials();
+    for seq in 10..20 {
+        for u in 0..5 {
+            sent.push(env.send("src_exp", &format!("src_exp-u{u}"), seq).await);
+        }
+    }
+    wait_metric(&worker, "kinesis_destination_events_delivered_total", 100.0, Duration::from_secs(30)).await;
+    assert_all_delivered_in_order(&sent, &env.fake.records_of("expiring"));
+    assert_eq!(env.fake.assume_role_calls().len(), 2, "assumed again once");
+    let m = worker.metrics();
+    assert!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"ExpiredTokenException\"}") >= 1.0);
+    assert!(!m.contains("dead_lettered_total{"), "nothing dead-lettered:\n{m}");
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retry_window_dead_letters_and_moves_on() {
+    let env = Env::start().await;
+    let t = env.tenant("src_down", "down", 1);
+    let cfg = env
+        .config(&[&t])
+        .set("delivery", "retry_window_secs = 2")
+        .set("delivery", "initial_backoff_ms = 50")
+        .set("delivery", "max_backoff_ms = 300");
+    cfg.write();
+    env.fake.fail_for("down", Fault::Error { status: 503, code: "ServiceUnavailable".into() }, Duration::from_secs(3600));
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    let failed = env.send_many("src_down", 5, 1).await;
+    let dead = env.kafka.read_topic(DLQ, failed.len(), Duration::from_secs(60));
+    assert_eq!(dead.len(), failed.len());
+    for dl in &dead {
+        assert_eq!(Kafka::header(dl, "dlq.reason").as_deref(), Some("retries_exhausted"));
+        let error = Kafka::header(dl, "dlq.error").unwrap_or_default();
+        assert!(error.contains("ServiceUnavailable"), "{error}");
+    }
+    env.wait_committed_to_end(&cfg.group_id).await;
+
+    // The stream recovers: later events are delivered.
+    env.fake.clear_faults("down");
+    let later = env.send_many("src_down", 5, 1).await;
+    wait_metric(&worker, "kinesis_destination_events_delivered_total", 5.0, Duration::from_secs(30)).await;
+    assert_all_delivered_in_order(&later, &env.fake.records_of("down"));
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
