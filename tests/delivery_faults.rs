@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kd_testkit::{
-    eventually, metric_value, FakeAws, FakeRecord, Fault, Kafka, Produced, Tansu, TcpProxy,
-    Tenant, Worker, WorkerConfig, CALLER_ACCOUNT,
+    eventually, metric_value, FakeAws, FakeRecord, Fault, Kafka, Produced, Tansu, TcpProxy, Tenant,
+    Worker, WorkerConfig, CALLER_ACCOUNT,
 };
 use serde_json::json;
 
@@ -75,7 +75,12 @@ impl Env {
         .to_string();
         let at = self
             .kafka
-            .send(TOPIC, Some(user), value.as_bytes(), &[("source_id", source)])
+            .send(
+                TOPIC,
+                Some(user),
+                value.as_bytes(),
+                &[("source_id", source)],
+            )
             .await;
         Sent { at, id }
     }
@@ -93,14 +98,18 @@ impl Env {
 
     async fn wait_committed_to_end(&self, group: &str) {
         let end = self.kafka.end_offsets(TOPIC, PARTITIONS);
-        eventually(Duration::from_secs(60), "offsets committed to the end", || {
-            let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
-            let done = committed
-                .iter()
-                .zip(&end)
-                .all(|(&c, &e)| c == e || (e == 0 && c < 0));
-            async move { done.then_some(()) }
-        })
+        eventually(
+            Duration::from_secs(60),
+            "offsets committed to the end",
+            || {
+                let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
+                let done = committed
+                    .iter()
+                    .zip(&end)
+                    .all(|(&c, &e)| c == e || (e == 0 && c < 0));
+                async move { done.then_some(()) }
+            },
+        )
         .await;
     }
 }
@@ -126,15 +135,30 @@ fn first_deliveries(records: &[FakeRecord]) -> Vec<serde_json::Value> {
 /// Every sent event is in `records`, and each user's first deliveries are in order.
 fn assert_all_delivered_in_order(sent: &[Sent], records: &[FakeRecord]) {
     let firsts = first_deliveries(records);
-    let ids: HashSet<&str> = firsts.iter().filter_map(|v| v["messageId"].as_str()).collect();
-    let missing: Vec<&str> = sent.iter().map(|s| s.id.as_str()).filter(|id| !ids.contains(id)).collect();
-    assert!(missing.is_empty(), "{} events never arrived, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let ids: HashSet<&str> = firsts
+        .iter()
+        .filter_map(|v| v["messageId"].as_str())
+        .collect();
+    let missing: Vec<&str> = sent
+        .iter()
+        .map(|s| s.id.as_str())
+        .filter(|id| !ids.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events never arrived, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     let mut last: HashMap<String, i64> = HashMap::new();
     for v in &firsts {
         let user = v["userId"].as_str().unwrap_or_default().to_owned();
         let seq = v["properties"]["seq"].as_i64().unwrap_or(-1);
         let prev = last.insert(user.clone(), seq).unwrap_or(-1);
-        assert!(seq > prev, "user {user}: event {seq} first arrived after event {prev}");
+        assert!(
+            seq > prev,
+            "user {user}: event {seq} first arrived after event {prev}"
+        );
     }
 }
 
@@ -153,7 +177,8 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
 
     // Half of the hot stream's writes are throttled for the next 6 seconds.
     let storm = Duration::from_secs(6);
-    env.fake.fail_for("hot", Fault::Throttle { percent: 50 }, storm);
+    env.fake
+        .fail_for("hot", Fault::Throttle { percent: 50 }, storm);
     let storm_end = Instant::now() + storm;
     let mut sent_hot = Vec::new();
     let mut sent_calm = Vec::new();
@@ -163,7 +188,13 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
             sent_calm.push(env.send("src_calm", &format!("c{u}"), seq).await);
         }
     }
-    wait_metric(&worker, "kinesis_destination_events_delivered_total", 800.0, Duration::from_secs(60)).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        800.0,
+        Duration::from_secs(60),
+    )
+    .await;
 
     let hot_records = env.fake.records_of("hot");
     let calm_records = env.fake.records_of("calm");
@@ -171,12 +202,21 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
     assert_all_delivered_in_order(&sent_calm, &calm_records);
     let calm_done = calm_records.iter().map(|r| r.at).max().unwrap();
     let hot_done = hot_records.iter().map(|r| r.at).max().unwrap();
-    assert!(calm_done < storm_end, "the calm tenant finished during the storm");
-    assert!(calm_done < hot_done, "the calm tenant did not wait for the hot one");
+    assert!(
+        calm_done < storm_end,
+        "the calm tenant finished during the storm"
+    );
+    assert!(
+        calm_done < hot_done,
+        "the calm tenant did not wait for the hot one"
+    );
     let m = worker.metrics();
     assert!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"ProvisionedThroughputExceededException\"}") > 0.0);
     assert!(metric_value(&m, "kinesis_destination_retries_total") > 0.0);
-    assert!(!m.contains("dead_lettered_total{"), "nothing dead-lettered:\n{m}");
+    assert!(
+        !m.contains("dead_lettered_total{"),
+        "nothing dead-lettered:\n{m}"
+    );
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
@@ -192,20 +232,65 @@ async fn server_errors_and_timeouts_are_retried_then_delivered() {
         .set("delivery", "initial_backoff_ms = 20")
         .set("delivery", "max_backoff_ms = 200");
     cfg.write();
-    env.fake.fail_next("flaky", Fault::Error { status: 503, code: "ServiceUnavailable".into() }, 5);
-    env.fake.fail_next("flaky", Fault::Error { status: 500, code: "InternalFailure".into() }, 5);
-    env.fake.fail_next("flaky", Fault::Latency(Duration::from_secs(2)), 3);
+    env.fake.fail_next(
+        "flaky",
+        Fault::Error {
+            status: 503,
+            code: "ServiceUnavailable".into(),
+        },
+        5,
+    );
+    env.fake.fail_next(
+        "flaky",
+        Fault::Error {
+            status: 500,
+            code: "InternalFailure".into(),
+        },
+        5,
+    );
+    env.fake
+        .fail_next("flaky", Fault::Latency(Duration::from_secs(2)), 3);
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
     let sent = env.send_many("src_flaky", 3, 10).await;
-    wait_metric(&worker, "kinesis_destination_events_delivered_total", 30.0, Duration::from_secs(60)).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        30.0,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_all_delivered_in_order(&sent, &env.fake.records_of("flaky"));
     let m = worker.metrics();
-    assert_eq!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"ServiceUnavailable\"}"), 5.0);
-    assert_eq!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"InternalFailure\"}"), 5.0);
-    assert_eq!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"Timeout\"}"), 3.0);
-    assert!(metric_value(&m, "kinesis_destination_retries_total") >= 13.0, "{m}");
-    assert!(!m.contains("dead_lettered_total{"), "nothing dead-lettered:\n{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            "kinesis_destination_put_errors_total{error=\"ServiceUnavailable\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "kinesis_destination_put_errors_total{error=\"InternalFailure\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "kinesis_destination_put_errors_total{error=\"Timeout\"}"
+        ),
+        3.0
+    );
+    assert!(
+        metric_value(&m, "kinesis_destination_retries_total") >= 13.0,
+        "{m}"
+    );
+    assert!(
+        !m.contains("dead_lettered_total{"),
+        "nothing dead-lettered:\n{m}"
+    );
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
@@ -242,15 +327,23 @@ async fn denied_tenants_are_dead_lettered_after_the_confirmation_window() {
     denied.extend(env.send_many("src_nowrite", 5, 1).await);
     denied.extend(env.send_many("src_untrusted", 5, 1).await);
 
-    let dead = env.kafka.read_topic(DLQ, denied.len(), Duration::from_secs(60));
+    let dead = env
+        .kafka
+        .read_topic(DLQ, denied.len(), Duration::from_secs(60));
     let took = started.elapsed();
     assert_eq!(dead.len(), denied.len());
     for dl in &dead {
-        assert_eq!(Kafka::header(dl, "dlq.reason").as_deref(), Some("destination_rejected"));
+        assert_eq!(
+            Kafka::header(dl, "dlq.reason").as_deref(),
+            Some("destination_rejected")
+        );
         let error = Kafka::header(dl, "dlq.error").unwrap_or_default();
         assert!(error.contains("AccessDenied"), "{error}");
     }
-    assert!(took >= Duration::from_secs(2), "permanent errors are retried for the window first");
+    assert!(
+        took >= Duration::from_secs(2),
+        "permanent errors are retried for the window first"
+    );
     assert_eq!(env.fake.records_of("good").len(), 5);
     assert!(env.fake.records_of("no-write").is_empty());
     // Negative caching: a denied role costs about one AssumeRole per failure TTL.
@@ -260,10 +353,24 @@ async fn denied_tenants_are_dead_lettered_after_the_confirmation_window() {
         .iter()
         .filter(|c| c.role_arn == untrusted.role_arn())
         .count();
-    assert!(calls as u64 <= took.as_secs() + 2, "{calls} AssumeRole calls in {took:?}");
+    assert!(
+        calls as u64 <= took.as_secs() + 2,
+        "{calls} AssumeRole calls in {took:?}"
+    );
     let m = worker.metrics();
-    assert_eq!(metric_value(&m, "kinesis_destination_events_dead_lettered_total{reason=\"destination_rejected\"}"), 10.0);
-    assert!(metric_value(&m, "kinesis_destination_assume_role_total{outcome=\"denied\"}") >= 1.0);
+    assert_eq!(
+        metric_value(
+            &m,
+            "kinesis_destination_events_dead_lettered_total{reason=\"destination_rejected\"}"
+        ),
+        10.0
+    );
+    assert!(
+        metric_value(
+            &m,
+            "kinesis_destination_assume_role_total{outcome=\"denied\"}"
+        ) >= 1.0
+    );
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
@@ -278,7 +385,13 @@ async fn expired_credentials_are_replaced_without_losing_events() {
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
     let mut sent = env.send_many("src_exp", 5, 10).await;
-    wait_metric(&worker, "kinesis_destination_events_delivered_total", 50.0, Duration::from_secs(30)).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        50.0,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(env.fake.assume_role_calls().len(), 1);
 
     // The service now refuses the cached credentials as expired.
@@ -288,12 +401,26 @@ async fn expired_credentials_are_replaced_without_losing_events() {
             sent.push(env.send("src_exp", &format!("src_exp-u{u}"), seq).await);
         }
     }
-    wait_metric(&worker, "kinesis_destination_events_delivered_total", 100.0, Duration::from_secs(30)).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        100.0,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_all_delivered_in_order(&sent, &env.fake.records_of("expiring"));
     assert_eq!(env.fake.assume_role_calls().len(), 2, "assumed again once");
     let m = worker.metrics();
-    assert!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"ExpiredTokenException\"}") >= 1.0);
-    assert!(!m.contains("dead_lettered_total{"), "nothing dead-lettered:\n{m}");
+    assert!(
+        metric_value(
+            &m,
+            "kinesis_destination_put_errors_total{error=\"ExpiredTokenException\"}"
+        ) >= 1.0
+    );
+    assert!(
+        !m.contains("dead_lettered_total{"),
+        "nothing dead-lettered:\n{m}"
+    );
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
 }
@@ -308,14 +435,26 @@ async fn exhausted_retry_window_dead_letters_and_moves_on() {
         .set("delivery", "initial_backoff_ms = 50")
         .set("delivery", "max_backoff_ms = 300");
     cfg.write();
-    env.fake.fail_for("down", Fault::Error { status: 503, code: "ServiceUnavailable".into() }, Duration::from_secs(3600));
+    env.fake.fail_for(
+        "down",
+        Fault::Error {
+            status: 503,
+            code: "ServiceUnavailable".into(),
+        },
+        Duration::from_secs(3600),
+    );
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
     let failed = env.send_many("src_down", 5, 1).await;
-    let dead = env.kafka.read_topic(DLQ, failed.len(), Duration::from_secs(60));
+    let dead = env
+        .kafka
+        .read_topic(DLQ, failed.len(), Duration::from_secs(60));
     assert_eq!(dead.len(), failed.len());
     for dl in &dead {
-        assert_eq!(Kafka::header(dl, "dlq.reason").as_deref(), Some("retries_exhausted"));
+        assert_eq!(
+            Kafka::header(dl, "dlq.reason").as_deref(),
+            Some("retries_exhausted")
+        );
         let error = Kafka::header(dl, "dlq.error").unwrap_or_default();
         assert!(error.contains("ServiceUnavailable"), "{error}");
     }
@@ -324,9 +463,193 @@ async fn exhausted_retry_window_dead_letters_and_moves_on() {
     // The stream recovers: later events are delivered.
     env.fake.clear_faults("down");
     let later = env.send_many("src_down", 5, 1).await;
-    wait_metric(&worker, "kinesis_destination_events_delivered_total", 5.0, Duration::from_secs(30)).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        5.0,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_all_delivered_in_order(&later, &env.fake.records_of("down"));
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
+
+/// Every event whose offset is below its partition's committed offset has been written:
+/// commits never pass an event that was not. Returns how many events that covers.
+fn assert_commits_cover_only_written(
+    env: &Env,
+    group: &str,
+    sent: &[Sent],
+    records: &[FakeRecord],
+) -> usize {
+    let committed = env.kafka.committed(group, TOPIC, PARTITIONS);
+    let written: HashSet<String> = records
+        .iter()
+        .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
+        .collect();
+    let mut covered = 0;
+    for s in sent {
+        if s.at.offset < committed[s.at.partition as usize] {
+            covered += 1;
+            assert!(
+                written.contains(&s.id),
+                "offset {:?} committed but {} not written",
+                s.at,
+                s.id
+            );
+        }
+    }
+    covered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
+    let env = std::sync::Arc::new(Env::start().await);
+    let t = env.tenant("src_crash", "crash", 4);
+    let per_partition_cap = 100;
+    let mut cfg = env.config(&[&t]).set(
+        "delivery",
+        &format!("max_in_flight_per_partition = {per_partition_cap}"),
+    );
+    cfg.session_timeout_ms = 2000;
+    cfg.write();
+
+    // Events keep arriving, about 60 a second, while the worker is killed again and again.
+    let sent = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Sent>::new()));
+    let producer = {
+        let (env, sent) = (env.clone(), sent.clone());
+        tokio::spawn(async move {
+            for seq in 0..100 {
+                for u in 0..20 {
+                    let s = env.send("src_crash", &format!("u{u}"), seq).await;
+                    sent.lock().await.push(s);
+                }
+                tokio::time::sleep(Duration::from_millis(350)).await;
+            }
+        })
+    };
+    let kill_after_ms = [300u64, 700, 450, 1100, 250, 900, 600, 1300, 400, 800, 550];
+    for (i, ms) in kill_after_ms.iter().enumerate() {
+        let mut worker = Worker::start(bin(), &cfg);
+        let started = Instant::now();
+        worker.wait_ready(Duration::from_secs(60));
+        eprintln!("run {i}: ready after {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(*ms)).await;
+        worker.sigkill();
+        let sent = sent.lock().await.clone();
+        assert_commits_cover_only_written(
+            &env,
+            &cfg.group_id,
+            &sent,
+            &env.fake.records_of("crash"),
+        );
+    }
+    producer.await.unwrap();
+    let sent = sent.lock().await.clone();
+    assert_eq!(sent.len(), 2000);
+
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(60));
+    env.wait_committed_to_end(&cfg.group_id).await;
+    let records = env.fake.records_of("crash");
+    assert_all_delivered_in_order(&sent, &records);
+    assert_eq!(
+        assert_commits_cover_only_written(&env, &cfg.group_id, &sent, &records),
+        sent.len()
+    );
+    let duplicates = records.len() - first_deliveries(&records).len();
+    let kills = kill_after_ms.len();
+    let bound = kills * PARTITIONS as usize * per_partition_cap;
+    eprintln!(
+        "crash loop: {kills} SIGKILLs, {} events, {duplicates} duplicates (bound {bound})",
+        sent.len()
+    );
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates exceed {bound}"
+    );
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_joining_and_leaving_share_partitions_without_loss() {
+    let env = std::sync::Arc::new(Env::start().await);
+    let t = env.tenant("src_group", "group", 4);
+    // Tansu's group coordinator keeps rebalancing a group of several members whose
+    // session timeout is shorter than about 6 s, so this test keeps the default.
+    let cfg = env.config(&[&t]).set("log", "format = \"json\"");
+    cfg.write();
+    let mut a = Worker::start(bin(), &cfg);
+    let mut b = Worker::start(bin(), &cfg);
+    a.wait_ready(Duration::from_secs(60));
+    b.wait_ready(Duration::from_secs(60));
+
+    let sent = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Sent>::new()));
+    let producer = {
+        let (env, sent) = (env.clone(), sent.clone());
+        tokio::spawn(async move {
+            for seq in 0..60 {
+                for u in 0..25 {
+                    let s = env.send("src_group", &format!("u{u}"), seq).await;
+                    sent.lock().await.push(s);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut c = Worker::start(bin(), &cfg);
+    c.wait_ready(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.sigterm();
+    assert!(
+        a.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        a.logs()
+    );
+    producer.await.unwrap();
+    let sent = sent.lock().await.clone();
+    env.wait_committed_to_end(&cfg.group_id).await;
+
+    let records = env.fake.records_of("group");
+    assert_all_delivered_in_order(&sent, &records);
+    let duplicates = records.len() - first_deliveries(&records).len();
+    eprintln!("join/leave: {} events, {duplicates} duplicates", sent.len());
+    assert!(
+        duplicates <= 2 * PARTITIONS as usize * 2000,
+        "{duplicates} duplicates"
+    );
+    let writers: HashSet<&str> = records.iter().map(|r| r.access_key.as_str()).collect();
+    assert!(writers.len() >= 2, "the work was shared");
+
+    // No partition was held by two workers at once.
+    let mut held: Vec<(i32, f64, Option<f64>)> = Vec::new();
+    for w in [&a, &b, &c] {
+        held.extend(kd_testkit::ownership(&w.logs()));
+    }
+    for p in 0..PARTITIONS {
+        let mut spans: Vec<(f64, Option<f64>)> = held
+            .iter()
+            .filter(|h| h.0 == p)
+            .map(|h| (h.1, h.2))
+            .collect();
+        spans.sort_by(|x, y| x.0.total_cmp(&y.0));
+        assert!(!spans.is_empty(), "partition {p} was assigned");
+        for pair in spans.windows(2) {
+            let end = pair[0].1.unwrap_or_else(|| {
+                panic!("partition {p}: held until the end, yet assigned again: {spans:?}")
+            });
+            assert!(
+                end <= pair[1].0,
+                "partition {p} held twice at once: {spans:?}"
+            );
+        }
+    }
+    for w in [&mut b, &mut c] {
+        w.sigterm();
+        assert!(w.wait_exit(Duration::from_secs(30)).success());
+    }
 }

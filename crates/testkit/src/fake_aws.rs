@@ -147,7 +147,11 @@ impl FakeAws {
             .map(|i| Shard {
                 id: format!("shardId-{i:012}"),
                 start: i * step,
-                end: if i == n - 1 { u128::MAX } else { (i + 1) * step - 1 },
+                end: if i == n - 1 {
+                    u128::MAX
+                } else {
+                    (i + 1) * step - 1
+                },
                 window: VecDeque::new(),
             })
             .collect();
@@ -215,7 +219,13 @@ impl FakeAws {
         }
     }
 
-    fn add_fault(&self, stream: &str, fault: Fault, remaining: Option<u64>, until: Option<Instant>) {
+    fn add_fault(
+        &self,
+        stream: &str,
+        fault: Fault,
+        remaining: Option<u64>,
+        until: Option<Instant>,
+    ) {
         let mut inner = self.lock();
         let s = inner
             .streams
@@ -277,10 +287,22 @@ async fn handle(
         .to_owned();
     let operation = target.rsplit('.').next().unwrap_or("").to_owned();
     if target.is_empty() {
-        inner.lock().unwrap().requests.entry("AssumeRole".into()).and_modify(|n| *n += 1).or_insert(1);
+        inner
+            .lock()
+            .unwrap()
+            .requests
+            .entry("AssumeRole".into())
+            .and_modify(|n| *n += 1)
+            .or_insert(1);
         return sts(&inner, &body);
     }
-    inner.lock().unwrap().requests.entry(operation.clone()).and_modify(|n| *n += 1).or_insert(1);
+    inner
+        .lock()
+        .unwrap()
+        .requests
+        .entry(operation.clone())
+        .and_modify(|n| *n += 1)
+        .or_insert(1);
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return json_error(400, "SerializationException", "body is not JSON");
     };
@@ -291,7 +313,11 @@ async fn handle(
         "PutRecord" | "PutRecords" => put(&inner, &operation, &req, &access_key).await,
         "ListShards" => list_shards(&inner, &req),
         "DescribeStreamSummary" => describe(&inner, &req),
-        other => json_error(400, "UnknownOperationException", &format!("{other} is not faked")),
+        other => json_error(
+            400,
+            "UnknownOperationException",
+            &format!("{other} is not faked"),
+        ),
     }
 }
 
@@ -330,9 +356,9 @@ enum Effect {
 
 fn fault_effect(stream: &mut Stream) -> Effect {
     let now = Instant::now();
-    stream.faults.retain(|f| {
-        f.remaining.is_none_or(|n| n > 0) && f.until.is_none_or(|u| now < u)
-    });
+    stream
+        .faults
+        .retain(|f| f.remaining.is_none_or(|n| n > 0) && f.until.is_none_or(|u| now < u));
     let Some(f) = stream.faults.first_mut() else {
         return Effect::None;
     };
@@ -349,7 +375,9 @@ fn fault_effect(stream: &mut Stream) -> Effect {
                 Effect::None
             }
         }
-        Fault::Error { status, code } => Effect::Fail(json_error(*status, code, "injected failure")),
+        Fault::Error { status, code } => {
+            Effect::Fail(json_error(*status, code, "injected failure"))
+        }
         Fault::Latency(d) => Effect::Delay(*d),
         Fault::PartialFailure { percent } => Effect::Partial(*percent),
     }
@@ -432,7 +460,10 @@ async fn put(inner: &Mutex<Inner>, operation: &str, req: &Value, access_key: &st
     let entries: Vec<&Value> = if operation == "PutRecord" {
         vec![req]
     } else {
-        req["Records"].as_array().map(|a| a.iter().collect()).unwrap_or_default()
+        req["Records"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default()
     };
     let mut results = Vec::new();
     let mut failed = 0;
@@ -462,8 +493,10 @@ async fn put(inner: &Mutex<Inner>, operation: &str, req: &Value, access_key: &st
             Err(_) if operation == "PutRecord" => return throttled(),
             Err(_) => {
                 failed += 1;
-                results.push(json!({"ErrorCode": "ProvisionedThroughputExceededException",
-                    "ErrorMessage": "Rate exceeded for shard in stream under account."}));
+                results.push(
+                    json!({"ErrorCode": "ProvisionedThroughputExceededException",
+                    "ErrorMessage": "Rate exceeded for shard in stream under account."}),
+                );
             }
         }
     }
@@ -479,7 +512,11 @@ fn list_shards(inner: &Mutex<Inner>, req: &Value) -> Response {
     let inner = inner.lock().unwrap();
     let name = stream_name(req);
     let Some(stream) = inner.streams.get(&name) else {
-        return json_error(400, "ResourceNotFoundException", &format!("Stream {name} not found."));
+        return json_error(
+            400,
+            "ResourceNotFoundException",
+            &format!("Stream {name} not found."),
+        );
     };
     let shards: Vec<Value> = stream
         .shards
@@ -497,7 +534,11 @@ fn describe(inner: &Mutex<Inner>, req: &Value) -> Response {
     let inner = inner.lock().unwrap();
     let name = stream_name(req);
     let Some(stream) = inner.streams.get(&name) else {
-        return json_error(400, "ResourceNotFoundException", &format!("Stream {name} not found."));
+        return json_error(
+            400,
+            "ResourceNotFoundException",
+            &format!("Stream {name} not found."),
+        );
     };
     json_ok(json!({"StreamDescriptionSummary": {
         "StreamName": name, "StreamARN": format!("arn:aws:kinesis:us-east-1:000000000000:stream/{name}"),
@@ -511,7 +552,10 @@ fn trusts(policy: &Value, external_id: Option<&str>) -> bool {
     let as_list = |v: &Value| -> Vec<String> {
         match v {
             Value::String(s) => vec![s.clone()],
-            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect(),
             _ => vec![],
         }
     };
@@ -523,7 +567,9 @@ fn trusts(policy: &Value, external_id: Option<&str>) -> bool {
     statements.iter().any(|st| {
         st["Effect"] == "Allow"
             && as_list(&st["Action"]).iter().any(|a| a == "sts:AssumeRole")
-            && as_list(&st["Principal"]["AWS"]).iter().any(|p| p == "*" || *p == caller_root)
+            && as_list(&st["Principal"]["AWS"])
+                .iter()
+                .any(|p| p == "*" || *p == caller_root)
             && match st["Condition"]["StringEquals"].get("sts:ExternalId") {
                 None => true,
                 Some(ids) => external_id.is_some_and(|x| as_list(ids).iter().any(|id| id == x)),
@@ -554,7 +600,9 @@ fn sts(inner: &Mutex<Inner>, body: &[u8]) -> Response {
         }
     }
     let n = inner.assume_role.len();
-    let lifetime = inner.credential_lifetime.unwrap_or(Duration::from_secs(3600));
+    let lifetime = inner
+        .credential_lifetime
+        .unwrap_or(Duration::from_secs(3600));
     let expires = SystemTime::now() + lifetime;
     let access_key = format!("ASIAFAKE{n:012}");
     inner.issued.insert(
@@ -649,7 +697,11 @@ mod tests {
             .map(|i| Shard {
                 id: format!("s{i}"),
                 start: i * step,
-                end: if i == n - 1 { u128::MAX } else { (i + 1) * step - 1 },
+                end: if i == n - 1 {
+                    u128::MAX
+                } else {
+                    (i + 1) * step - 1
+                },
                 window: VecDeque::new(),
             })
             .collect();
@@ -660,7 +712,9 @@ mod tests {
         assert_eq!(seen.len(), 4, "keys spread over every shard");
         s.enforce_capacity = true;
         let key = "hot";
-        let ok = (0..1100).filter(|_| accept(&mut s, key, 10).is_ok()).count();
+        let ok = (0..1100)
+            .filter(|_| accept(&mut s, key, 10).is_ok())
+            .count();
         assert_eq!(ok, 1000, "one shard takes 1,000 records a second");
     }
 }

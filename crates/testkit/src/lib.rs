@@ -27,7 +27,7 @@ pub use kafka::{Kafka, Produced};
 pub use proxy::{AssumeRoleCall, RecordingProxy};
 pub use services::{free_port, Moto, Tansu};
 pub use tcp_proxy::TcpProxy;
-pub use worker::{metric_value, Worker, WorkerConfig};
+pub use worker::{metric_value, ownership, Worker, WorkerConfig};
 
 use std::time::{Duration, Instant};
 

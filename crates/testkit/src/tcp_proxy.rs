@@ -21,7 +21,9 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Listens on `port` (0: any free port) and forwards to 127.0.0.1:`upstream`.
     pub async fn start(port: u16, upstream: u16) -> TcpProxy {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind tcp proxy");
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind tcp proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let state = Arc::new(Mutex::new(State::default()));
         let st = state.clone();

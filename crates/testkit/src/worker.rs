@@ -14,6 +14,8 @@ pub struct WorkerConfig {
     pub dir: tempfile::TempDir,
     pub group_id: String,
     pub http_port: u16,
+    /// librdkafka's session.timeout.ms: how long a killed member lingers in the group.
+    pub session_timeout_ms: u32,
     bootstrap: String,
     endpoint: String,
     /// Extra `key = value` lines per section.
@@ -28,6 +30,7 @@ impl WorkerConfig {
             dir: tempfile::tempdir().expect("temp dir"),
             group_id: format!("kd-test-{}", free_port()),
             http_port: free_port(),
+            session_timeout_ms: 6000,
             bootstrap: bootstrap.into(),
             endpoint: endpoint.into(),
             extra: Default::default(),
@@ -75,8 +78,8 @@ group_id = "{group}"
 topics = ["segment-events"]
 dead_letter_topic = "segment-events-dlq"
 [kafka.librdkafka]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "1000"
+"session.timeout.ms" = "{session}"
+"heartbeat.interval.ms" = "{heartbeat}"
 "statistics.interval.ms" = "1000"
 {librdkafka}
 
@@ -99,10 +102,18 @@ commit_interval_ms = 200
             group = self.group_id,
             endpoint = self.endpoint,
             port = self.http_port,
+            session = self.session_timeout_ms,
+            heartbeat = (self.session_timeout_ms / 4).max(100),
             librdkafka = self.extra("kafka.librdkafka"),
             aws = self.extra("aws"),
             delivery = self.extra("delivery"),
         );
+        let mut text = text;
+        for (section, lines) in &self.extra {
+            if !["kafka.librdkafka", "aws", "delivery"].contains(section) {
+                text.push_str(&format!("\n[{section}]\n{}\n", lines.join("\n")));
+            }
+        }
         std::fs::write(self.path(), text).expect("write config");
     }
 }
@@ -115,8 +126,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts `bin run --config …` with test AWS credentials; logs go to a file.
+    /// Starts `bin run --config …` with test AWS credentials; logs go to a file. Each
+    /// worker gets its own HTTP port (through the environment override of
+    /// `http.listen`), so several can run from one config.
     pub fn start(bin: &Path, config: &WorkerConfig) -> Worker {
+        let http_port = free_port();
         let log = config
             .dir
             .path()
@@ -128,6 +142,10 @@ impl Worker {
             .env("AWS_ACCESS_KEY_ID", "worker")
             .env("AWS_SECRET_ACCESS_KEY", "worker")
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env(
+                "KINESIS_DESTINATION__HTTP__LISTEN",
+                format!("127.0.0.1:{http_port}"),
+            )
             .env("RUST_LOG", "info,kd_pipeline=debug")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log file"))
@@ -136,7 +154,7 @@ impl Worker {
             .expect("start worker");
         Worker {
             child,
-            http_port: config.http_port,
+            http_port,
             log,
         }
     }
@@ -221,6 +239,54 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((status, body))
+}
+
+/// When a worker held which partitions, from its JSON log (`[log] format = "json"`):
+/// (partition, assigned at, revoked at) with times in seconds since the epoch; `None`
+/// when it still held the partition when the log ends.
+pub fn ownership(log: &str) -> Vec<(i32, f64, Option<f64>)> {
+    let mut open: std::collections::HashMap<i32, f64> = Default::default();
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let message = v["fields"]["message"].as_str().unwrap_or_default();
+        let assigned = message == "partitions assigned";
+        if !assigned && message != "partitions revoked" {
+            continue;
+        }
+        let Some(at) = v["timestamp"]
+            .as_str()
+            .and_then(|t| {
+                aws_smithy_types::DateTime::from_str(
+                    t,
+                    aws_smithy_types::date_time::Format::DateTime,
+                )
+                .ok()
+            })
+            .map(|t| t.as_secs_f64())
+        else {
+            continue;
+        };
+        // The field is the Debug form of [("topic", 0), ("topic", 1)].
+        let partitions: Vec<i32> = v["fields"]["partitions"]
+            .as_str()
+            .unwrap_or_default()
+            .split("\", ")
+            .skip(1)
+            .filter_map(|rest| rest.split(')').next()?.trim().parse().ok())
+            .collect();
+        for p in partitions {
+            if assigned {
+                open.insert(p, at);
+            } else if let Some(start) = open.remove(&p) {
+                out.push((p, start, Some(at)));
+            }
+        }
+    }
+    out.extend(open.into_iter().map(|(p, start)| (p, start, None)));
+    out
 }
 
 /// The value of one sample in Prometheus text (`name` with its labels as printed, or
