@@ -102,6 +102,8 @@ pub struct AwsConfig {
     /// Time allowed for one AWS API attempt.
     pub api_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Most AWS requests on the wire at once (each holds a pooled connection).
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for AwsConfig {
@@ -115,6 +117,7 @@ impl Default for AwsConfig {
             max_cached_credentials: 100_000,
             api_timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
+            max_concurrent_requests: 256,
         }
     }
 }
@@ -328,6 +331,12 @@ impl Config {
             return Err(ConfigError::new(
                 "aws.api_timeout_ms",
                 "timeouts must be at least 1 ms",
+            ));
+        }
+        if self.aws.max_concurrent_requests == 0 {
+            return Err(ConfigError::new(
+                "aws.max_concurrent_requests",
+                "must be at least 1",
             ));
         }
         if self.aws.max_cached_credentials == 0 {

@@ -653,3 +653,145 @@ async fn workers_joining_and_leaving_share_partitions_without_loss() {
         assert!(w.wait_exit(Duration::from_secs(30)).success());
     }
 }
+
+/// Resident memory the worker must stay under during a long outage of one tenant.
+const OUTAGE_RSS_BOUND: u64 = 192 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_outage_of_one_tenant_keeps_memory_bounded_while_others_flow() {
+    let env = Env::start().await;
+    let down = env.tenant("src_down", "outage", 1);
+    env.fake.fail_for(
+        "outage",
+        Fault::Error {
+            status: 503,
+            code: "ServiceUnavailable".into(),
+        },
+        Duration::from_secs(3600),
+    );
+    let mut tenants = vec![down.clone()];
+    let mut sources = Vec::new();
+    for i in 0..10 {
+        let source = format!("src_o{i}");
+        tenants.push(env.tenant(&source, &format!("other-{i}"), 50));
+        sources.push(source);
+    }
+    let cfg = env.config(&tenants.iter().collect::<Vec<_>>());
+    cfg.write();
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    eprintln!("idle rss {} MiB", worker.rss_bytes() / 1048576);
+    // One event per record batch: Tansu answers a fetch from the middle of a batch
+    // wrongly, and pausing a partition makes the consumer fetch from such offsets.
+    let produce = |sources: &str, count: u32| {
+        let status = std::process::Command::new(bin())
+            .args([
+                "produce",
+                "--topic",
+                TOPIC,
+                "--sources",
+                sources,
+                "--users",
+                "500",
+                "--batch-size",
+                "1",
+            ])
+            .args([
+                "--count",
+                &count.to_string(),
+                "--bootstrap-servers",
+                &env.tansu.bootstrap(),
+            ])
+            .status()
+            .expect("produce runs");
+        assert!(status.success());
+    };
+    produce("src_down", 1000);
+    produce(&sources.join(","), 100_000);
+
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while worker.metric("kinesis_destination_events_delivered_total") < 100_000.0 {
+        assert!(
+            Instant::now() < deadline,
+            "100,000 events not delivered in time"
+        );
+        peak = peak.max(worker.rss_bytes());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    peak = peak.max(worker.rss_bytes());
+    eprintln!(
+        "outage: peak resident memory {} MiB while 100,000 events flowed",
+        peak / (1024 * 1024)
+    );
+    assert!(peak > 0 && peak < OUTAGE_RSS_BOUND, "peak RSS {peak} bytes");
+    let m = worker.metrics();
+    assert_eq!(
+        metric_value(&m, "kinesis_destination_events_delivered_total"),
+        100_000.0
+    );
+    assert_eq!(
+        metric_value(&m, "kinesis_destination_in_flight_events"),
+        1000.0,
+        "the down tenant's events wait"
+    );
+    assert!(
+        !m.contains("dead_lettered_total{"),
+        "nothing dead-lettered during the retry window"
+    );
+    assert!(env.fake.records_of("outage").is_empty());
+    worker.sigkill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_outage_is_waited_out_without_loss() {
+    // Every connection to the broker goes through a proxy that can cut them all.
+    let broker_port = kd_testkit::free_port();
+    let proxy = TcpProxy::start(0, broker_port).await;
+    let proxy_port = proxy.port;
+    let tansu = Tansu::start_on(broker_port, Some(proxy_port));
+    let env = Env::with(tansu, Some(proxy)).await;
+    let t = env.tenant("src_k", "kafka-outage", 1);
+    let cfg = WorkerConfig::new(&format!("127.0.0.1:{proxy_port}"), &env.fake.endpoint());
+    cfg.write_tenants(&[t.settings()]);
+    cfg.write();
+    // 2,000 events wait in Kafka; a one-shard stream takes them in about two seconds.
+    let mut sent = env.send_many("src_k", 40, 50).await;
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        500.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    // Kafka goes away mid-stream, for longer than the session timeout.
+    let proxy = env._proxy.as_ref().unwrap();
+    proxy.down();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        worker.get("/healthz").map(|r| r.0),
+        Some(200),
+        "alive through the outage"
+    );
+    let failed_commits =
+        worker.metric("kinesis_destination_offset_commits_total{outcome=\"error\"}");
+    proxy.up();
+    for seq in 50..60 {
+        for u in 0..40 {
+            sent.push(env.send("src_k", &format!("src_k-u{u}"), seq).await);
+        }
+    }
+    env.wait_committed_to_end(&cfg.group_id).await;
+    assert_all_delivered_in_order(&sent, &env.fake.records_of("kafka-outage"));
+    let records = env.fake.records_of("kafka-outage");
+    eprintln!(
+        "kafka outage: {} events, {} duplicates, {failed_commits} failed commits during the outage",
+        sent.len(),
+        records.len() - first_deliveries(&records).len()
+    );
+    assert!(failed_commits > 0.0, "the outage was felt");
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+}

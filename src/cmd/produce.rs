@@ -52,6 +52,9 @@ pub struct Args {
     /// Bytes of padding in each event's properties (to test sizes).
     #[arg(long, default_value_t = 0)]
     pad: usize,
+    /// Most events per Kafka record batch (librdkafka's batch.num.messages).
+    #[arg(long, default_value_t = 10_000)]
+    batch_size: u32,
 }
 
 const TYPES: [&str; 6] = ["identify", "track", "page", "screen", "group", "alias"];
@@ -116,6 +119,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         .set("bootstrap.servers", &args.bootstrap_servers)
         .set("acks", "all")
         .set("message.timeout.ms", "30000")
+        .set("batch.num.messages", args.batch_size.max(1).to_string())
         .create()
         .map_err(|e| CliError::Usage(format!("--bootstrap-servers: {e}")))?;
     let started = Instant::now();

@@ -94,7 +94,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             max_entries: aws.max_cached_credentials,
         },
     );
-    let writer = KinesisWriter::new(credentials, RateLimits::default());
+    let writer = KinesisWriter::new(
+        credentials,
+        RateLimits::default(),
+        aws.max_concurrent_requests,
+    );
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signals(shutdown.clone()));

@@ -1,6 +1,9 @@
 //! One `PutRecord` per event into the tenant's stream, within the stream's capacity.
 
+use std::sync::Arc;
 use std::time::Instant;
+
+use tokio::sync::Semaphore;
 
 use aws_sdk_kinesis::primitives::Blob;
 use kd_event::PartitionKey;
@@ -22,13 +25,18 @@ pub struct Written {
 pub struct KinesisWriter {
     credentials: CredentialCache,
     limits: RateLimits,
+    /// Caps the requests on the wire at once: every one holds a pooled connection and
+    /// its buffers, so thousands of busy lanes would otherwise mean thousands of
+    /// connections and hundreds of MiB.
+    requests: Arc<Semaphore>,
 }
 
 impl KinesisWriter {
-    pub fn new(credentials: CredentialCache, limits: RateLimits) -> Self {
+    pub fn new(credentials: CredentialCache, limits: RateLimits, max_concurrent: usize) -> Self {
         KinesisWriter {
             credentials,
             limits,
+            requests: Arc::new(Semaphore::new(max_concurrent.max(1))),
         }
     }
 
@@ -46,6 +54,8 @@ impl KinesisWriter {
             .acquire(tenant, data.len() + key.as_str().len())
             .await;
         let m = kd_telemetry::metrics();
+        // Held only for the call itself, never across backoff or rate-limit waits.
+        let _permit = self.requests.acquire().await;
         let started = Instant::now();
         let result = session
             .kinesis(&tenant.region)

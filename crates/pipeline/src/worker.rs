@@ -450,11 +450,24 @@ pub async fn run(
     }
     cancel.cancel();
     stop_committer.cancel();
-    let _ = committer.await;
+    // A commit blocks while the broker is unreachable: every step of the exit has a
+    // deadline, so the process leaves even then (uncommitted events are re-read).
+    if tokio::time::timeout(settings.close_timeout, committer)
+        .await
+        .is_err()
     {
+        tracing::warn!("periodic commit still blocked at shutdown");
+    }
+    let final_commit = {
         let consumer = consumer.clone();
         let tracker = tracker.clone();
-        let _ = tokio::task::spawn_blocking(move || commit(&*consumer, &tracker, None)).await;
+        tokio::task::spawn_blocking(move || commit(&*consumer, &tracker, None))
+    };
+    if tokio::time::timeout(settings.close_timeout, final_commit)
+        .await
+        .is_err()
+    {
+        tracing::warn!("final offset commit timed out");
     }
     // Leaving the group (librdkafka's close) runs when the last handle drops; bound it so
     // an unreachable broker cannot hang the exit.

@@ -306,8 +306,8 @@ async fn handle(
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return json_error(400, "SerializationException", "body is not JSON");
     };
-    if let Err(e) = authenticate(&inner, &access_key) {
-        return e;
+    if let Some(refused) = authenticate(&inner, &access_key) {
+        return refused;
     }
     match operation.as_str() {
         "PutRecord" | "PutRecords" => put(&inner, &operation, &req, &access_key).await,
@@ -321,20 +321,21 @@ async fn handle(
     }
 }
 
-fn authenticate(inner: &Mutex<Inner>, access_key: &str) -> Result<(), Response> {
+/// The refusal for credentials the fake did not issue or that have expired.
+fn authenticate(inner: &Mutex<Inner>, access_key: &str) -> Option<Response> {
     let inner = inner.lock().unwrap();
     match inner.issued.get(access_key) {
-        None => Err(json_error(
+        None => Some(json_error(
             400,
             "UnrecognizedClientException",
             "The security token included in the request is invalid.",
         )),
-        Some(c) if c.expires <= SystemTime::now() => Err(json_error(
+        Some(c) if c.expires <= SystemTime::now() => Some(json_error(
             400,
             "ExpiredTokenException",
             "The security token included in the request is expired",
         )),
-        Some(_) => Ok(()),
+        Some(_) => None,
     }
 }
 

@@ -39,16 +39,17 @@ pub struct Tansu {
 
 impl Tansu {
     pub fn start() -> Tansu {
-        let port = free_port();
+        Tansu::start_on(free_port(), None)
+    }
+
+    /// A broker on `port` that tells clients to connect to `advertised_port` instead (a
+    /// [`TcpProxy`](crate::TcpProxy) in front of it), or to `port` itself.
+    pub fn start_on(port: u16, advertised_port: Option<u16>) -> Tansu {
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
         let mut child = Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/", "--silent"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
