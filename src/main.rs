@@ -28,6 +28,8 @@ enum Command {
     Policy(cmd::policy::Args),
     /// Send sample Segment events to Kafka (demos, load, benchmarks).
     Produce(cmd::produce::Args),
+    /// Send dead letters back to the topic they came from, without their dlq.* headers.
+    Replay(cmd::replay::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             Command::Tail(args) => cmd::tail::run(args).await,
             Command::Policy(args) => cmd::policy::run(args),
             Command::Produce(args) => cmd::produce::run(args).await,
+            Command::Replay(args) => cmd::replay::run(args).await,
         }
     });
     // Background tasks (HTTP server, file watcher) end with the runtime, without waiting.

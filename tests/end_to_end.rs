@@ -286,10 +286,14 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
     small.max_record_kib = Some(1);
     env.streams.create(&good).await;
     env.streams.create(&small).await;
-    let cfg = env.config();
-    let mut bad = Tenant::new("src_bad", "333333333333", "mars-north-1", "x").settings();
-    bad["secretId"] = json!("topsecret-value");
-    cfg.write_tenants(&[good.settings(), small.settings(), bad]);
+    // Dead letters one per record batch: Tansu's high watermark is wrong after a
+    // multi-record batch, and replay reads up to the high watermark.
+    let cfg = env
+        .config()
+        .set("kafka.librdkafka", "\"batch.num.messages\" = \"1\"");
+    let mut bad_settings = Tenant::new("src_bad", "333333333333", "mars-north-1", "x").settings();
+    bad_settings["secretId"] = json!("topsecret-value");
+    cfg.write_tenants(&[good.settings(), small.settings(), bad_settings.clone()]);
     cfg.write();
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
@@ -402,6 +406,36 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
     );
     env.wait_committed_to_end(&cfg.group_id).await;
     assert!(!worker.logs().contains("topsecret"), "secret in logs");
+
+    // The unknown source is set up after all: its dead letter is replayed and delivered.
+    let nobody = Tenant::new("src_nobody", "111111111111", "us-east-1", "nobody");
+    env.streams.create(&nobody).await;
+    let mut all = vec![good.settings(), small.settings(), nobody.settings()];
+    all.push(bad_settings.clone());
+    cfg.write_tenants(&all);
+    wait_metric(&worker, "kinesis_destination_tenants{state=\"valid\"}", 3.0).await;
+    let out = std::process::Command::new(bin())
+        .args(["replay", "--reason", "unknown_source", "--config"])
+        .arg(cfg.path())
+        .output()
+        .expect("replay runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("replayed 1 of 7"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_metric(&worker, "kinesis_destination_events_delivered_total", 4.0).await;
+    let replayed = env.streams.read(&nobody).await;
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(
+        replayed[0].data, cases[4].1,
+        "the original value, byte for byte"
+    );
     // The worker is still healthy after all that.
     assert_eq!(worker.get("/healthz").map(|r| r.0), Some(200));
     worker.sigterm();

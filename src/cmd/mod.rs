@@ -4,6 +4,7 @@
 pub mod check;
 pub mod policy;
 pub mod produce;
+pub mod replay;
 pub mod run;
 pub mod tail;
 
