@@ -73,6 +73,8 @@ pub struct TenantsConfig {
     pub topic: Option<String>,
     /// How often the file is checked for changes.
     pub poll_interval_ms: u64,
+    /// With `topic`: how long changes are gathered before they take effect together.
+    pub flush_interval_ms: u64,
 }
 
 impl Default for TenantsConfig {
@@ -81,6 +83,7 @@ impl Default for TenantsConfig {
             file: None,
             topic: None,
             poll_interval_ms: 1000,
+            flush_interval_ms: 100,
         }
     }
 }
@@ -279,7 +282,7 @@ impl Config {
             (None, None) => {
                 return Err(ConfigError::new(
                     "tenants.file",
-                    "is required (a JSON array of tenant settings)",
+                    "is required (a JSON array of tenant settings), unless tenants.topic is set",
                 ))
             }
             (Some(_), Some(_)) => {

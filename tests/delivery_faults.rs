@@ -3,163 +3,21 @@
 //! denied roles, expiring credentials. Nothing may be lost or skipped silently, and
 //! per-user order must hold among first deliveries.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kd_testkit::env::{
+    assert_all_delivered_in_order, assert_commits_cover_only_written, first_deliveries,
+    wait_metric, FakeEnv as Env, Sent, DLQ, PARTITIONS, TOPIC,
+};
 use kd_testkit::{
-    eventually, metric_value, FakeAws, FakeRecord, Fault, Kafka, Produced, Tansu, TcpProxy, Tenant,
-    Worker, WorkerConfig, CALLER_ACCOUNT,
+    metric_value, Fault, Kafka, Tansu, TcpProxy, Worker, WorkerConfig, CALLER_ACCOUNT,
 };
 use serde_json::json;
 
-const TOPIC: &str = "segment-events";
-const DLQ: &str = "segment-events-dlq";
-const PARTITIONS: i32 = 3;
-
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
-
-struct Env {
-    tansu: Tansu,
-    fake: FakeAws,
-    kafka: Kafka,
-    _proxy: Option<TcpProxy>,
-}
-
-/// One sent event: where it went in Kafka, its ID, its user and its place in the
-/// user's sequence.
-#[derive(Debug, Clone)]
-struct Sent {
-    at: Produced,
-    id: String,
-}
-
-impl Env {
-    async fn start() -> Env {
-        Env::with(Tansu::start(), None).await
-    }
-
-    async fn with(tansu: Tansu, proxy: Option<TcpProxy>) -> Env {
-        tansu.create_topic(TOPIC, PARTITIONS as u32);
-        tansu.create_topic(DLQ, 1);
-        let kafka = Kafka::new(&tansu.bootstrap());
-        Env {
-            tansu,
-            fake: FakeAws::start().await,
-            kafka,
-            _proxy: proxy,
-        }
-    }
-
-    /// A tenant whose stream (with `shards` shards) exists in the fake.
-    fn tenant(&self, source: &str, stream: &str, shards: u32) -> Tenant {
-        let mut t = Tenant::new(source, "111111111111", "us-east-1", stream);
-        t.shards = shards;
-        self.fake.create_stream(stream, shards);
-        t
-    }
-
-    fn config(&self, tenants: &[&Tenant]) -> WorkerConfig {
-        let cfg = WorkerConfig::new(&self.tansu.bootstrap(), &self.fake.endpoint());
-        cfg.write_tenants(&tenants.iter().map(|t| t.settings()).collect::<Vec<_>>());
-        cfg
-    }
-
-    /// Sends event number `seq` of `user` for `source`.
-    async fn send(&self, source: &str, user: &str, seq: usize) -> Sent {
-        let id = format!("{source}/{user}/{seq}");
-        let value = json!({"type": "track", "event": "Tested", "userId": user,
-            "messageId": id, "properties": {"seq": seq}})
-        .to_string();
-        let at = self
-            .kafka
-            .send(
-                TOPIC,
-                Some(user),
-                value.as_bytes(),
-                &[("source_id", source)],
-            )
-            .await;
-        Sent { at, id }
-    }
-
-    /// Sends `per_user` events for each of `users` users of `source`, users interleaved.
-    async fn send_many(&self, source: &str, users: usize, per_user: usize) -> Vec<Sent> {
-        let mut sent = Vec::new();
-        for seq in 0..per_user {
-            for u in 0..users {
-                sent.push(self.send(source, &format!("{source}-u{u}"), seq).await);
-            }
-        }
-        sent
-    }
-
-    async fn wait_committed_to_end(&self, group: &str) {
-        let end = self.kafka.end_offsets(TOPIC, PARTITIONS);
-        eventually(
-            Duration::from_secs(60),
-            "offsets committed to the end",
-            || {
-                let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
-                let done = committed
-                    .iter()
-                    .zip(&end)
-                    .all(|(&c, &e)| c == e || (e == 0 && c < 0));
-                async move { done.then_some(()) }
-            },
-        )
-        .await;
-    }
-}
-
-async fn wait_metric(worker: &Worker, name: &str, at_least: f64, timeout: Duration) {
-    eventually(timeout, name, || {
-        let v = worker.metric(name);
-        async move { (v >= at_least).then_some(()) }
-    })
-    .await;
-}
-
-/// The first delivery of each event, in arrival order.
-fn first_deliveries(records: &[FakeRecord]) -> Vec<serde_json::Value> {
-    let mut seen = HashSet::new();
-    records
-        .iter()
-        .map(FakeRecord::json)
-        .filter(|v| seen.insert(v["messageId"].as_str().unwrap_or_default().to_owned()))
-        .collect()
-}
-
-/// Every sent event is in `records`, and each user's first deliveries are in order.
-fn assert_all_delivered_in_order(sent: &[Sent], records: &[FakeRecord]) {
-    let firsts = first_deliveries(records);
-    let ids: HashSet<&str> = firsts
-        .iter()
-        .filter_map(|v| v["messageId"].as_str())
-        .collect();
-    let missing: Vec<&str> = sent
-        .iter()
-        .map(|s| s.id.as_str())
-        .filter(|id| !ids.contains(id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} events never arrived, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
-    let mut last: HashMap<String, i64> = HashMap::new();
-    for v in &firsts {
-        let user = v["userId"].as_str().unwrap_or_default().to_owned();
-        let seq = v["properties"]["seq"].as_i64().unwrap_or(-1);
-        let prev = last.insert(user.clone(), seq).unwrap_or(-1);
-        assert!(
-            seq > prev,
-            "user {user}: event {seq} first arrived after event {prev}"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,34 +334,6 @@ async fn exhausted_retry_window_dead_letters_and_moves_on() {
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
 }
 
-/// Every event whose offset is below its partition's committed offset has been written:
-/// commits never pass an event that was not. Returns how many events that covers.
-fn assert_commits_cover_only_written(
-    env: &Env,
-    group: &str,
-    sent: &[Sent],
-    records: &[FakeRecord],
-) -> usize {
-    let committed = env.kafka.committed(group, TOPIC, PARTITIONS);
-    let written: HashSet<String> = records
-        .iter()
-        .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
-        .collect();
-    let mut covered = 0;
-    for s in sent {
-        if s.at.offset < committed[s.at.partition as usize] {
-            covered += 1;
-            assert!(
-                written.contains(&s.id),
-                "offset {:?} committed but {} not written",
-                s.at,
-                s.id
-            );
-        }
-    }
-    covered
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
     let env = std::sync::Arc::new(Env::start().await);
@@ -767,7 +597,7 @@ async fn kafka_outage_is_waited_out_without_loss() {
     )
     .await;
     // Kafka goes away mid-stream, for longer than the session timeout.
-    let proxy = env._proxy.as_ref().unwrap();
+    let proxy = env.proxy.as_ref().unwrap();
     proxy.down();
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(

@@ -35,32 +35,31 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     kd_pipeline::validate_kafka(&kafka).map_err(|(key, reason)| {
         CliError::Usage(format!("config: kafka.librdkafka: {key}: {reason}"))
     })?;
-    let file = config
-        .tenants
-        .file
-        .clone()
-        .ok_or_else(|| CliError::Usage("config: tenants.file: is required".into()))?;
-    // The first load must succeed: a worker with no tenants would dead-letter everything.
-    let (snapshot, bytes) = kd_tenants::load_file(&file)
-        .map_err(|e| CliError::Usage(format!("config: tenants.file: {e}")))?;
     super::init_logging(&config.log.format, &config.log.level);
-
-    let readiness = Arc::new(Readiness::default());
     let tenants = Arc::new(TenantStore::new());
-    tracing::info!(
-        path = %file.display(),
-        tenants = snapshot.len(),
-        invalid = snapshot.invalid_count(),
-        "tenant settings loaded"
-    );
-    tenants.replace(snapshot);
-    readiness.set_tenants_loaded();
-    tokio::spawn(kd_tenants::watch_file(
-        file,
-        tenants.clone(),
-        Duration::from_millis(config.tenants.poll_interval_ms),
-        Some(bytes),
-    ));
+    let readiness = Arc::new(Readiness::default());
+
+    // A tenants file is read before anything starts: a bad one is a configuration error.
+    let file_watch = match &config.tenants.file {
+        Some(file) => {
+            let (snapshot, bytes) = kd_tenants::load_file(file)
+                .map_err(|e| CliError::Usage(format!("config: tenants.file: {e}")))?;
+            tracing::info!(
+                path = %file.display(),
+                tenants = snapshot.len(),
+                invalid = snapshot.invalid_count(),
+                "tenant settings loaded"
+            );
+            tenants.replace(snapshot);
+            Some(kd_tenants::watch_file(
+                file.clone(),
+                tenants.clone(),
+                Duration::from_millis(config.tenants.poll_interval_ms),
+                Some(bytes),
+            ))
+        }
+        None => None,
+    };
 
     let listen = config.listen()?;
     let server = kd_telemetry::bind(listen, readiness.clone())
@@ -76,6 +75,16 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         }
     });
     tracing::info!(%listen, "serving /metrics, /healthz, /readyz");
+
+    match (file_watch, &config.tenants.topic) {
+        (Some(watch), _) => {
+            tokio::spawn(watch);
+        }
+        // /healthz answers while the topic is read; /readyz waits for it.
+        (None, Some(topic)) => load_from_topic(&config, topic, &tenants).await?,
+        (None, None) => return Err(CliError::Usage("config: tenants.file: is required".into())),
+    }
+    readiness.set_tenants_loaded();
 
     let aws = &config.aws;
     let base = kd_aws::base_config(&AwsSettings {
@@ -122,6 +131,42 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts following the settings topic and waits for its first full read, since events
+/// routed before it would be dead-lettered as unknown sources.
+async fn load_from_topic(
+    config: &Config,
+    topic: &str,
+    tenants: &Arc<TenantStore>,
+) -> Result<(), CliError> {
+    let settings = kd_tenants::TopicSettings {
+        bootstrap_servers: config.kafka.bootstrap_servers.clone(),
+        topic: topic.to_owned(),
+        librdkafka: config.kafka.librdkafka.clone(),
+        flush_interval: Duration::from_millis(config.tenants.flush_interval_ms.max(1)),
+    };
+    let mut follower = tokio::spawn(kd_tenants::follow_topic(settings, tenants.clone()));
+    tracing::info!(%topic, "reading tenant settings topic");
+    let mut progress = tokio::time::interval(Duration::from_millis(50));
+    while !tenants.is_loaded() {
+        tokio::select! {
+            _ = progress.tick() => {}
+            ended = &mut follower => {
+                return Err(match ended {
+                    Ok(Err(e)) => CliError::Usage(format!("config: tenants.topic: {e}")),
+                    Ok(Ok(())) => CliError::Failed("tenant settings reader stopped".into()),
+                    Err(e) => CliError::Failed(format!("tenant settings reader failed: {e}")),
+                });
+            }
+        }
+    }
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = follower.await {
+            tracing::error!(error = %e, "tenant settings reader stopped; the last settings stay in force");
+        }
+    });
+    Ok(())
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. A second one: exit at once.

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub tenants: IntGaugeVec,
     pub tenant_settings_errors: IntCounter,
+    pub tenant_settings_records: IntCounter,
     pub commits: IntCounterVec,
     pub dead_letter_produce_seconds: Histogram,
 }
@@ -128,6 +129,10 @@ impl Metrics {
             tenant_settings_errors: reg!(IntCounter::new(
                 name("tenant_settings_errors_total"),
                 "Tenant settings loads rejected (the last good settings stay in force)."
+            )?),
+            tenant_settings_records: reg!(IntCounter::new(
+                name("tenant_settings_records_total"),
+                "Records applied from the tenant settings topic."
             )?),
             commits: reg!(IntCounterVec::new(
                 Opts::new(

@@ -7,17 +7,20 @@
 //! settings are invalid stays in the snapshot as [`TenantEntry::Invalid`], so its events
 //! are dead-lettered `invalid_settings` instead of `unknown_source`.
 //!
-//! The [`TenantStore`] holds an immutable [`Snapshot`] behind an `ArcSwap`: lookups take
+//! Settings come from a JSON file ([`watch_file`]) or a compacted Kafka topic
+//! ([`follow_topic`]). The [`TenantStore`] holds an immutable [`Snapshot`] behind an `ArcSwap`: lookups take
 //! no lock, and a reload swaps the whole snapshot atomically.
 
 mod file;
 mod model;
+mod topic;
 
 pub use file::{load_file, watch_file, FileError};
 pub use model::{
     parse_tenant, Region, RoleArn, Secret, SettingsError, SourceId, StreamName, TenantSettings,
     DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,
 };
+pub use topic::{apply_record, follow_topic, TopicError, TopicSettings};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

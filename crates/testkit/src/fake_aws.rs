@@ -257,6 +257,11 @@ impl FakeAws {
         self.lock().assume_role.clone()
     }
 
+    /// The role whose credentials carry this access key.
+    pub fn role_of(&self, access_key: &str) -> Option<String> {
+        self.lock().issued.get(access_key).map(|c| c.role.clone())
+    }
+
     /// How many requests of an operation (`PutRecord`, `AssumeRole`, …) arrived.
     pub fn requests(&self, operation: &str) -> u64 {
         self.lock().requests.get(operation).copied().unwrap_or(0)

@@ -14,6 +14,7 @@
 //! Tansu and moto must be installed (`scripts/test.sh` does it).
 
 mod aws;
+pub mod env;
 mod fake_aws;
 mod kafka;
 mod proxy;

@@ -16,6 +16,8 @@ pub struct WorkerConfig {
     pub http_port: u16,
     /// librdkafka's session.timeout.ms: how long a killed member lingers in the group.
     pub session_timeout_ms: u32,
+    /// Read tenant settings from this topic instead of tenants.json.
+    pub tenants_topic: Option<String>,
     bootstrap: String,
     endpoint: String,
     /// Extra `key = value` lines per section.
@@ -31,6 +33,7 @@ impl WorkerConfig {
             group_id: format!("kd-test-{}", free_port()),
             http_port: free_port(),
             session_timeout_ms: 6000,
+            tenants_topic: None,
             bootstrap: bootstrap.into(),
             endpoint: endpoint.into(),
             extra: Default::default(),
@@ -84,7 +87,7 @@ dead_letter_topic = "segment-events-dlq"
 {librdkafka}
 
 [tenants]
-file = "tenants.json"
+{tenants_source}
 poll_interval_ms = 200
 
 [aws]
@@ -103,6 +106,10 @@ commit_interval_ms = 200
             endpoint = self.endpoint,
             port = self.http_port,
             session = self.session_timeout_ms,
+            tenants_source = match &self.tenants_topic {
+                Some(t) => format!("topic = \"{t}\""),
+                None => "file = \"tenants.json\"".to_owned(),
+            },
             heartbeat = (self.session_timeout_ms / 4).max(100),
             librdkafka = self.extra("kafka.librdkafka"),
             aws = self.extra("aws"),

@@ -1,0 +1,237 @@
+//! Kafka provider: tenant settings from a compacted topic (SPEC 4). Record key = source
+//! ID, value = the settings object; an empty value (tombstone) removes the tenant.
+//!
+//! Every pod reads the whole topic from the beginning, without a consumer group, and then
+//! follows it, so all pods converge on the same settings. The first snapshot is installed
+//! once every partition has been read up to its end as it was at start; later changes are
+//! gathered for a short moment and installed together (one snapshot swap, not one per
+//! record, so a burst of 100,000 changes does not copy the map 100,000 times).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::model::parse_tenant;
+use crate::{Snapshot, TenantEntry, TenantStore};
+
+/// Where the settings topic is.
+#[derive(Debug, Clone)]
+pub struct TopicSettings {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    /// The worker's `[kafka.librdkafka]` settings (security, TLS, SASL).
+    pub librdkafka: BTreeMap<String, String>,
+    /// How long changes are gathered before they are installed.
+    pub flush_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("tenant settings topic {topic}: {message}")]
+    Kafka { topic: String, message: String },
+}
+
+/// One record of the settings topic, applied to the working map.
+pub fn apply_record(
+    tenants: &mut HashMap<Arc<str>, TenantEntry>,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) {
+    let Some(source_id) = key
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .filter(|k| !k.is_empty())
+    else {
+        tracing::warn!("tenant settings record without a source ID key skipped");
+        kd_telemetry::metrics().tenant_settings_errors.inc();
+        return;
+    };
+    let value = value.unwrap_or_default();
+    if value.is_empty() {
+        tenants.remove(source_id);
+        return;
+    }
+    let entry = match serde_json::from_slice::<serde_json::Value>(value) {
+        Err(e) => TenantEntry::Invalid {
+            reason: format!("tenant {source_id}: settings are not JSON: {e}").into(),
+        },
+        Ok(mut v) => {
+            // The key is the source ID; a value that names another one is a mistake.
+            match v.get("sourceId").and_then(|s| s.as_str()) {
+                Some(id) if id != source_id => TenantEntry::Invalid {
+                    reason: format!(
+                        "tenant {source_id}: sourceId in the value is {id:?}, not the record key"
+                    )
+                    .into(),
+                },
+                _ => {
+                    if let Some(obj) = v.as_object_mut() {
+                        obj.insert("sourceId".into(), source_id.into());
+                    }
+                    match parse_tenant(&v) {
+                        Ok(t) => TenantEntry::Valid(Arc::new(t)),
+                        Err(e) => TenantEntry::Invalid {
+                            reason: e.to_string().into(),
+                        },
+                    }
+                }
+            }
+        }
+    };
+    if let TenantEntry::Invalid { reason } = &entry {
+        tracing::warn!(%reason, "invalid tenant settings; its events will be dead-lettered");
+    }
+    tenants.insert(source_id.into(), entry);
+}
+
+/// Reads the whole settings topic into `store`, then follows it until the process ends.
+/// Returns only on an error that stops it from starting (bad settings, no such topic).
+pub async fn follow_topic(
+    settings: TopicSettings,
+    store: Arc<TenantStore>,
+) -> Result<(), TopicError> {
+    let err = |message: String| TopicError::Kafka {
+        topic: settings.topic.clone(),
+        message,
+    };
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.bootstrap_servers)
+        .set("group.id", "kinesis-destination-settings")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    for (k, v) in &settings.librdkafka {
+        if !matches!(k.as_str(), "group.id" | "group.instance.id") {
+            config.set(k, v);
+        }
+    }
+    let consumer: StreamConsumer = config.create().map_err(|e| err(e.to_string()))?;
+    let topic = settings.topic.clone();
+    let (partitions, ends) = {
+        let consumer = &consumer;
+        let topic = topic.clone();
+        // Metadata and watermark calls block; they run once, at start.
+        tokio::task::block_in_place(move || -> Result<_, String> {
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            let parts: Vec<i32> = md
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if parts.is_empty() {
+                return Err("no such topic (or it has no partitions)".into());
+            }
+            let mut ends = HashMap::new();
+            for &p in &parts {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?;
+                ends.insert(p, high);
+            }
+            Ok((parts, ends))
+        })
+        .map_err(err)?
+    };
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)
+            .map_err(|e| err(e.to_string()))?;
+    }
+    consumer.assign(&tpl).map_err(|e| err(e.to_string()))?;
+
+    let mut tenants: HashMap<Arc<str>, TenantEntry> = HashMap::new();
+    // Partitions not yet read up to their end as it was at start.
+    let mut catching_up: HashMap<i32, i64> =
+        ends.into_iter().filter(|(_, high)| *high > 0).collect();
+    let mut loaded = false;
+    let mut dirty = false;
+    let mut records = 0u64;
+    let mut tick = tokio::time::interval(settings.flush_interval);
+    loop {
+        if !loaded && catching_up.is_empty() {
+            loaded = true;
+            dirty = false;
+            tracing::info!(topic = %topic, records, tenants = tenants.len(), "tenant settings loaded from topic");
+            store.replace(Snapshot::new(tenants.clone()));
+        }
+        tokio::select! {
+            _ = tick.tick() => {
+                if loaded && dirty {
+                    dirty = false;
+                    store.replace(Snapshot::new(tenants.clone()));
+                }
+            }
+            msg = consumer.recv() => match msg {
+                Ok(m) => {
+                    records += 1;
+                    apply_record(&mut tenants, m.key(), m.payload());
+                    kd_telemetry::metrics().tenant_settings_records.inc();
+                    dirty = true;
+                    if let Some(&end) = catching_up.get(&m.partition()) {
+                        if m.offset() + 1 >= end {
+                            catching_up.remove(&m.partition());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %topic, error = %e, "reading tenant settings topic");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(stream: &str) -> Vec<u8> {
+        format!(r#"{{"roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"{stream}"}}"#)
+            .into_bytes()
+    }
+
+    #[test]
+    fn records_add_change_and_remove_tenants() {
+        let mut m = HashMap::new();
+        apply_record(&mut m, Some(b"a"), Some(&settings("one")));
+        let TenantEntry::Valid(t) = &m[&Arc::<str>::from("a")] else {
+            panic!()
+        };
+        assert_eq!(t.stream.as_str(), "one");
+        assert_eq!(t.source_id.as_str(), "a", "the key is the source ID");
+        apply_record(&mut m, Some(b"a"), Some(&settings("two")));
+        let TenantEntry::Valid(t) = &m[&Arc::<str>::from("a")] else {
+            panic!()
+        };
+        assert_eq!(t.stream.as_str(), "two");
+        apply_record(&mut m, Some(b"a"), Some(b""));
+        assert!(m.is_empty(), "a tombstone removes the tenant");
+        apply_record(&mut m, Some(b"a"), None);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn bad_records_become_invalid_tenants_or_are_skipped() {
+        let mut m = HashMap::new();
+        apply_record(&mut m, Some(b"a"), Some(b"{not json"));
+        assert!(matches!(
+            m[&Arc::<str>::from("a")],
+            TenantEntry::Invalid { .. }
+        ));
+        apply_record(&mut m, Some(b"b"), Some(br#"{"sourceId":"c","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"}"#));
+        assert!(matches!(
+            m[&Arc::<str>::from("b")],
+            TenantEntry::Invalid { .. }
+        ));
+        apply_record(&mut m, None, Some(&settings("x")));
+        assert_eq!(m.len(), 2, "no key, nothing to file it under");
+    }
+}

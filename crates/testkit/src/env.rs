@@ -1,0 +1,186 @@
+//! A test world for the worker against the AWS fake: a Tansu broker with the input and
+//! dead-letter topics, the fake, a Kafka client, and the assertions every delivery test
+//! makes (all delivered, per-user order among first deliveries, commits never past an
+//! unwritten event).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::{
+    eventually, FakeAws, FakeRecord, Kafka, Produced, Tansu, TcpProxy, Tenant, Worker, WorkerConfig,
+};
+
+pub const TOPIC: &str = "segment-events";
+pub const DLQ: &str = "segment-events-dlq";
+pub const PARTITIONS: i32 = 3;
+
+pub struct FakeEnv {
+    pub tansu: Tansu,
+    pub fake: FakeAws,
+    pub kafka: Kafka,
+    pub proxy: Option<TcpProxy>,
+}
+
+/// One sent event: where it went in Kafka, its ID, its user and its place in the
+/// user's sequence.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub at: Produced,
+    pub id: String,
+}
+
+impl FakeEnv {
+    pub async fn start() -> FakeEnv {
+        FakeEnv::with(Tansu::start(), None).await
+    }
+
+    pub async fn with(tansu: Tansu, proxy: Option<TcpProxy>) -> FakeEnv {
+        tansu.create_topic(TOPIC, PARTITIONS as u32);
+        tansu.create_topic(DLQ, 1);
+        let kafka = Kafka::new(&tansu.bootstrap());
+        FakeEnv {
+            tansu,
+            fake: FakeAws::start().await,
+            kafka,
+            proxy,
+        }
+    }
+
+    /// A tenant whose stream (with `shards` shards) exists in the fake.
+    pub fn tenant(&self, source: &str, stream: &str, shards: u32) -> Tenant {
+        let mut t = Tenant::new(source, "111111111111", "us-east-1", stream);
+        t.shards = shards;
+        self.fake.create_stream(stream, shards);
+        t
+    }
+
+    pub fn config(&self, tenants: &[&Tenant]) -> WorkerConfig {
+        let cfg = WorkerConfig::new(&self.tansu.bootstrap(), &self.fake.endpoint());
+        cfg.write_tenants(&tenants.iter().map(|t| t.settings()).collect::<Vec<_>>());
+        cfg
+    }
+
+    /// Sends event number `seq` of `user` for `source`.
+    pub async fn send(&self, source: &str, user: &str, seq: usize) -> Sent {
+        let id = format!("{source}/{user}/{seq}");
+        let value = json!({"type": "track", "event": "Tested", "userId": user,
+            "messageId": id, "properties": {"seq": seq}})
+        .to_string();
+        let at = self
+            .kafka
+            .send(
+                TOPIC,
+                Some(user),
+                value.as_bytes(),
+                &[("source_id", source)],
+            )
+            .await;
+        Sent { at, id }
+    }
+
+    /// Sends `per_user` events for each of `users` users of `source`, users interleaved.
+    pub async fn send_many(&self, source: &str, users: usize, per_user: usize) -> Vec<Sent> {
+        let mut sent = Vec::new();
+        for seq in 0..per_user {
+            for u in 0..users {
+                sent.push(self.send(source, &format!("{source}-u{u}"), seq).await);
+            }
+        }
+        sent
+    }
+
+    pub async fn wait_committed_to_end(&self, group: &str) {
+        let end = self.kafka.end_offsets(TOPIC, PARTITIONS);
+        eventually(
+            Duration::from_secs(60),
+            "offsets committed to the end",
+            || {
+                let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
+                let done = committed
+                    .iter()
+                    .zip(&end)
+                    .all(|(&c, &e)| c == e || (e == 0 && c < 0));
+                async move { done.then_some(()) }
+            },
+        )
+        .await;
+    }
+}
+
+pub async fn wait_metric(worker: &Worker, name: &str, at_least: f64, timeout: Duration) {
+    eventually(timeout, name, || {
+        let v = worker.metric(name);
+        async move { (v >= at_least).then_some(()) }
+    })
+    .await;
+}
+
+/// The first delivery of each event, in arrival order.
+pub fn first_deliveries(records: &[FakeRecord]) -> Vec<serde_json::Value> {
+    let mut seen = HashSet::new();
+    records
+        .iter()
+        .map(FakeRecord::json)
+        .filter(|v| seen.insert(v["messageId"].as_str().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+/// Every sent event is in `records`, and each user's first deliveries are in order.
+pub fn assert_all_delivered_in_order(sent: &[Sent], records: &[FakeRecord]) {
+    let firsts = first_deliveries(records);
+    let ids: HashSet<&str> = firsts
+        .iter()
+        .filter_map(|v| v["messageId"].as_str())
+        .collect();
+    let missing: Vec<&str> = sent
+        .iter()
+        .map(|s| s.id.as_str())
+        .filter(|id| !ids.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events never arrived, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for v in &firsts {
+        let user = v["userId"].as_str().unwrap_or_default().to_owned();
+        let seq = v["properties"]["seq"].as_i64().unwrap_or(-1);
+        let prev = last.insert(user.clone(), seq).unwrap_or(-1);
+        assert!(
+            seq > prev,
+            "user {user}: event {seq} first arrived after event {prev}"
+        );
+    }
+}
+
+/// Every event whose offset is below its partition's committed offset has been written:
+/// commits never pass an event that was not. Returns how many events that covers.
+pub fn assert_commits_cover_only_written(
+    env: &FakeEnv,
+    group: &str,
+    sent: &[Sent],
+    records: &[FakeRecord],
+) -> usize {
+    let committed = env.kafka.committed(group, TOPIC, PARTITIONS);
+    let written: HashSet<String> = records
+        .iter()
+        .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
+        .collect();
+    let mut covered = 0;
+    for s in sent {
+        if s.at.offset < committed[s.at.partition as usize] {
+            covered += 1;
+            assert!(
+                written.contains(&s.id),
+                "offset {:?} committed but {} not written",
+                s.at,
+                s.id
+            );
+        }
+    }
+    covered
+}
