@@ -291,11 +291,10 @@ impl Config {
                     "set either tenants.file or tenants.topic, not both",
                 ))
             }
-            (None, Some(_)) => return Err(ConfigError::new(
-                "tenants.topic",
-                "the Kafka settings provider is not available in this version; use tenants.file",
-            )),
-            (Some(_), None) => {}
+            (None, Some(t)) if t.trim().is_empty() => {
+                return Err(ConfigError::new("tenants.topic", "must not be empty"))
+            }
+            _ => {}
         }
         if self.tenants.poll_interval_ms == 0 {
             return Err(ConfigError::new(

@@ -151,29 +151,34 @@ pub async fn follow_topic(
     let mut catching_up: HashMap<i32, i64> =
         ends.into_iter().filter(|(_, high)| *high > 0).collect();
     let mut loaded = false;
-    let mut dirty = false;
+    // Records applied to `tenants` but not yet in an installed snapshot.
+    let mut unpublished = 0u64;
     let mut records = 0u64;
     let mut tick = tokio::time::interval(settings.flush_interval);
     loop {
+        // The records metric counts records in force, so it moves only with a swap.
+        let publish = |tenants: &HashMap<Arc<str>, TenantEntry>, unpublished: &mut u64| {
+            store.replace(Snapshot::new(tenants.clone()));
+            kd_telemetry::metrics()
+                .tenant_settings_records
+                .inc_by(std::mem::take(unpublished));
+        };
         if !loaded && catching_up.is_empty() {
             loaded = true;
-            dirty = false;
             tracing::info!(topic = %topic, records, tenants = tenants.len(), "tenant settings loaded from topic");
-            store.replace(Snapshot::new(tenants.clone()));
+            publish(&tenants, &mut unpublished);
         }
         tokio::select! {
             _ = tick.tick() => {
-                if loaded && dirty {
-                    dirty = false;
-                    store.replace(Snapshot::new(tenants.clone()));
+                if loaded && unpublished > 0 {
+                    publish(&tenants, &mut unpublished);
                 }
             }
             msg = consumer.recv() => match msg {
                 Ok(m) => {
                     records += 1;
                     apply_record(&mut tenants, m.key(), m.payload());
-                    kd_telemetry::metrics().tenant_settings_records.inc();
-                    dirty = true;
+                    unpublished += 1;
                     if let Some(&end) = catching_up.get(&m.partition()) {
                         if m.offset() + 1 >= end {
                             catching_up.remove(&m.partition());

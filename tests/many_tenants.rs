@@ -1,0 +1,238 @@
+//! Many tenants: settings from a compacted topic, the credential cache under concurrency
+//! and short credential lifetimes. Against Tansu and the AWS fake of `kd-testkit`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kd_testkit::env::{assert_all_delivered_in_order, wait_metric, FakeEnv as Env, DLQ};
+use kd_testkit::{metric_value, Kafka, Worker, CALLER_ACCOUNT};
+use serde_json::json;
+
+const SETTINGS: &str = "tenant-settings";
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
+}
+
+/// One event for each of 12 users of `source`, all with sequence number `seq`.
+async fn round(env: &Env, source: &str, seq: usize) -> Vec<kd_testkit::env::Sent> {
+    let mut sent = Vec::new();
+    for u in 0..12 {
+        sent.push(env.send(source, &format!("{source}-u{u}"), seq).await);
+    }
+    sent
+}
+
+async fn publish(env: &Env, source: &str, settings: Option<serde_json::Value>) {
+    let value = settings.map(|s| s.to_string()).unwrap_or_default();
+    env.kafka
+        .send(SETTINGS, Some(source), value.as_bytes(), &[])
+        .await;
+}
+
+/// Waits until every worker has applied `records` settings records in all.
+async fn wait_settings(workers: &[&Worker], records: f64) {
+    for w in workers {
+        wait_metric(
+            w,
+            "kinesis_destination_tenant_settings_records_total",
+            records,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_topic_changes_apply_without_restart_and_workers_converge() {
+    let env = Env::start().await;
+    env.tansu.create_topic(SETTINGS, 1);
+    let a = env.tenant("src_a", "a-one", 2);
+    let b = env.tenant("src_b", "b-one", 2);
+    publish(&env, "src_a", Some(a.settings())).await;
+    publish(&env, "src_b", Some(b.settings())).await;
+
+    let mut cfg = env.config(&[]);
+    cfg.tenants_topic = Some(SETTINGS.into());
+    cfg.write();
+    let mut w1 = Worker::start(bin(), &cfg);
+    let mut w2 = Worker::start(bin(), &cfg);
+    w1.wait_ready(Duration::from_secs(60));
+    w2.wait_ready(Duration::from_secs(60));
+    for w in [&w1, &w2] {
+        assert_eq!(
+            w.metric("kinesis_destination_tenants{state=\"valid\"}"),
+            2.0,
+            "both pods loaded both tenants"
+        );
+    }
+    let delivered = |ws: [&Worker; 2]| {
+        ws.iter()
+            .map(|w| w.metric("kinesis_destination_events_delivered_total"))
+            .sum::<f64>()
+    };
+    let wait_delivered = |n: f64| {
+        let (w1, w2) = (&w1, &w2);
+        async move {
+            kd_testkit::eventually(Duration::from_secs(30), "events delivered", || {
+                let d = delivered([w1, w2]);
+                async move { (d >= n).then_some(()) }
+            })
+            .await
+        }
+    };
+    // Users spread over every partition, so both pods route with the settings.
+    let first = round(&env, "src_a", 0).await;
+    round(&env, "src_b", 0).await;
+    wait_delivered(24.0).await;
+    assert_all_delivered_in_order(&first, &env.fake.records_of("a-one"));
+
+    // New stream for A: the next events go there.
+    let mut a2 = a.clone();
+    a2.stream = "a-two".into();
+    env.fake.create_stream("a-two", 2);
+    publish(&env, "src_a", Some(a2.settings())).await;
+    wait_settings(&[&w1, &w2], 3.0).await;
+    let moved = round(&env, "src_a", 1).await;
+    wait_delivered(36.0).await;
+    assert_all_delivered_in_order(&moved, &env.fake.records_of("a-two"));
+    assert_eq!(
+        env.fake.records_of("a-one").len(),
+        12,
+        "nothing more in the old stream"
+    );
+
+    // New role and secret for A: assumed with the new external ID; old credentials unused.
+    let mut a3 = a2.clone();
+    a3.account = "555555555555".into();
+    a3.secret_id = Some("rotated-secret".into());
+    env.fake.set_trust_policy(
+        &a3.role_arn(),
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+            "Principal": {"AWS": format!("arn:aws:iam::{CALLER_ACCOUNT}:root")},
+            "Action": "sts:AssumeRole",
+            "Condition": {"StringEquals": {"sts:ExternalId": "rotated-secret"}}}]}),
+    );
+    publish(&env, "src_a", Some(a3.settings())).await;
+    wait_settings(&[&w1, &w2], 4.0).await;
+    let rotated = round(&env, "src_a", 2).await;
+    wait_delivered(48.0).await;
+    let records = env.fake.records_of("a-two");
+    assert_all_delivered_in_order(&rotated, &records);
+    let ids: std::collections::HashSet<&str> = rotated.iter().map(|s| s.id.as_str()).collect();
+    for r in records
+        .iter()
+        .filter(|r| ids.contains(r.json()["messageId"].as_str().unwrap_or("")))
+    {
+        assert_eq!(
+            env.fake.role_of(&r.access_key),
+            Some(a3.role_arn()),
+            "written with the new role"
+        );
+    }
+    assert!(
+        env.fake
+            .assume_role_calls()
+            .iter()
+            .any(|c| c.role_arn == a3.role_arn()
+                && c.external_id.as_deref() == Some("rotated-secret"))
+    );
+
+    // B removed with a tombstone: its events are dead-lettered unknown_source.
+    publish(&env, "src_b", None).await;
+    wait_settings(&[&w1, &w2], 5.0).await;
+    for w in [&w1, &w2] {
+        wait_metric(
+            w,
+            "kinesis_destination_tenants{state=\"valid\"}",
+            1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            w.metric("kinesis_destination_tenants{state=\"valid\"}"),
+            1.0
+        );
+    }
+    let removed = round(&env, "src_b", 1).await;
+    let dead = env
+        .kafka
+        .read_topic(DLQ, removed.len(), Duration::from_secs(30));
+    assert_eq!(dead.len(), removed.len());
+    assert!(dead
+        .iter()
+        .all(|m| Kafka::header(m, "dlq.reason").as_deref() == Some("unknown_source")));
+
+    for w in [&mut w1, &mut w2] {
+        w.sigterm();
+        assert!(w.wait_exit(Duration::from_secs(30)).success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_events_of_a_new_tenant_cost_one_assume_role() {
+    let env = Env::start().await;
+    let t = env.tenant("src_new", "new", 4);
+    let cfg = env.config(&[&t]);
+    cfg.write();
+    // Queued before the worker starts, so 50 lanes ask for credentials at once.
+    let sent = env.send_many("src_new", 50, 1).await;
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        50.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_all_delivered_in_order(&sent, &env.fake.records_of("new"));
+    assert_eq!(env.fake.assume_role_calls().len(), 1);
+    let m = worker.metrics();
+    assert_eq!(
+        metric_value(&m, "kinesis_destination_credential_cache_misses_total"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&m, "kinesis_destination_credential_cache_hits_total"),
+        49.0
+    );
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_credentials_are_refreshed_before_they_expire() {
+    let env = Env::start().await;
+    let t = env.tenant("src_short", "short", 2);
+    // Four-second credentials: refreshed at half their life, never used expired.
+    env.fake.set_credential_lifetime(Duration::from_secs(4));
+    let cfg = env.config(&[&t]);
+    cfg.write();
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    let mut sent = Vec::new();
+    for seq in 0..50 {
+        for u in 0..4 {
+            sent.push(env.send("src_short", &format!("u{u}"), seq).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        200.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_all_delivered_in_order(&sent, &env.fake.records_of("short"));
+    let calls = env.fake.assume_role_calls().len();
+    assert!(
+        calls >= 4,
+        "about one AssumeRole per 2 s over 10 s, got {calls}"
+    );
+    let m = worker.metrics();
+    assert!(!m.contains("put_errors_total{"), "no write failed:\n{m}");
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}
