@@ -107,6 +107,9 @@ pub struct AwsConfig {
     pub connect_timeout_ms: u64,
     /// Most AWS requests on the wire at once (each holds a pooled connection).
     pub max_concurrent_requests: usize,
+    /// Share of each stream's capacity this pod may use (0 to 1): with a tenant's
+    /// partitions spread over N pods, 1/N keeps their sum within the stream's limits.
+    pub capacity_fraction: f64,
 }
 
 impl Default for AwsConfig {
@@ -121,6 +124,7 @@ impl Default for AwsConfig {
             api_timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             max_concurrent_requests: 256,
+            capacity_fraction: 1.0,
         }
     }
 }
@@ -333,6 +337,12 @@ impl Config {
             return Err(ConfigError::new(
                 "aws.api_timeout_ms",
                 "timeouts must be at least 1 ms",
+            ));
+        }
+        if !(self.aws.capacity_fraction > 0.0 && self.aws.capacity_fraction <= 1.0) {
+            return Err(ConfigError::new(
+                "aws.capacity_fraction",
+                "must be more than 0 and at most 1",
             ));
         }
         if self.aws.max_concurrent_requests == 0 {

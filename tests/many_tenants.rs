@@ -236,3 +236,78 @@ async fn short_lived_credentials_are_refreshed_before_they_expire() {
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
+    let env = Env::start().await;
+    let t = env.tenant("src_sharded", "sharded", 4);
+    // A quarter-scale stream: the fake enforces 250 records/s per shard over a sliding
+    // second, and this pod is given a quarter of each shard (capacity_fraction), so the
+    // worker aims at exactly the fake's limit, at a rate this machine sustains.
+    env.fake.enforce_capacity_at("sharded", 250, 256 * 1024);
+    let cfg = env
+        .config(&[&t])
+        .set("aws", "capacity_fraction = 0.25")
+        .set("delivery", "initial_backoff_ms = 20")
+        .set("delivery", "max_backoff_ms = 200");
+    cfg.write();
+    // 4,000 events: one hot user sends 5% of them, 1,900 others share the rest.
+    let mut sent = Vec::new();
+    for i in 0..4000 {
+        let user = if i % 20 == 0 {
+            "hot-user".to_owned()
+        } else {
+            format!("u{}", i % 1900)
+        };
+        sent.push(env.send("src_sharded", &user, i).await);
+    }
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        4000.0,
+        Duration::from_secs(120),
+    )
+    .await;
+    let records = env.fake.records_of("sharded");
+    assert_all_delivered_in_order(&sent, &records);
+
+    // The busiest shard bounds how fast the stream can take these keys.
+    let mut per_shard: std::collections::HashMap<&str, usize> = Default::default();
+    for r in &records {
+        *per_shard.entry(r.shard_id.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_shard.len(), 4, "keys spread over every shard");
+    let busiest = *per_shard.values().max().unwrap();
+    let first = records.iter().map(|r| r.at).min().unwrap();
+    let last = records.iter().map(|r| r.at).max().unwrap();
+    let took = (last - first).as_secs_f64();
+    let best = busiest as f64 / 250.0;
+    let efficiency = best / took;
+    let throttled = env.fake.throttled_at();
+    let steady: Vec<_> = throttled
+        .iter()
+        .filter(|t| **t > first + Duration::from_secs(2))
+        .collect();
+    eprintln!(
+        "per-shard limits: {} records in {took:.2}s, busiest shard {busiest} ({best:.2}s at capacity): {:.0}% of capacity; {} throttled ({} in steady state)",
+        records.len(),
+        efficiency * 100.0,
+        throttled.len(),
+        steady.len()
+    );
+    assert!(
+        efficiency >= 0.8,
+        "written at {:.0}% of capacity",
+        efficiency * 100.0
+    );
+    assert!(
+        steady.len() <= 5,
+        "{} throttled writes in steady state",
+        steady.len()
+    );
+    assert!(worker.metric("kinesis_destination_rate_limit_wait_seconds_total") > 0.0);
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+}

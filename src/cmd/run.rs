@@ -105,7 +105,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     );
     let writer = KinesisWriter::new(
         credentials,
-        RateLimits::default(),
+        RateLimits::new(aws.capacity_fraction),
         aws.max_concurrent_requests,
     );
 

@@ -1,13 +1,22 @@
 //! Stream capacity: Kinesis accepts at most 1,000 records/s and 1 MiB/s per shard.
 //!
-//! One pair of token buckets (records, bytes) per stream, sized from the tenant's
-//! `shards` setting. Writing within capacity avoids `ProvisionedThroughputExceeded`
-//! instead of retrying after it.
+//! Every stream gets a budget from the tenant's `shards` setting. Where the tenant's role
+//! may call `ListShards`, the budget is kept per shard instead: each partition key is
+//! mapped to its shard (the MD5 of the key, as a 128-bit number, falls in one open shard's
+//! hash-key range), so a hot user cannot push one shard past its limit while the stream
+//! as a whole looks idle. The shard map is refreshed every few minutes (resharding).
+//!
+//! Budgets adapt (AIMD): a `ProvisionedThroughputExceeded` answer halves the budget of
+//! the shard (or stream) it concerned, and every second without one gives back a tenth
+//! of the full rate. `fraction` scales every budget, for a tenant whose stream is written
+//! by several pods at once.
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kd_tenants::TenantSettings;
 use moka::sync::Cache;
@@ -16,10 +25,166 @@ use moka::sync::Cache;
 pub const RECORDS_PER_SHARD_PER_SEC: u32 = 1_000;
 pub const BYTES_PER_SHARD_PER_SEC: u32 = 1024 * 1024;
 
+/// How long a shard map is trusted before it is listed again.
+const SHARD_MAP_TTL: Duration = Duration::from_secs(300);
+/// Lowest share of the full rate AIMD goes down to.
+const MIN_FACTOR: f64 = 0.1;
+
+/// A records/s and bytes/s budget whose rate can be lowered and raised.
+struct Bucket {
+    full_records: f64,
+    full_bytes: f64,
+    state: Mutex<BucketState>,
+    limiters: ArcSwap<(
+        DefaultDirectRateLimiter,
+        DefaultDirectRateLimiter,
+        NonZeroU32,
+    )>,
+}
+
+struct BucketState {
+    factor: f64,
+    last_change: Instant,
+}
+
+/// Share of a budget actually used: headroom for clocks and for counting windows that do
+/// not line up with ours.
+const HEADROOM: f64 = 0.95;
+
+fn limiters(
+    records: f64,
+    bytes: f64,
+) -> (
+    DefaultDirectRateLimiter,
+    DefaultDirectRateLimiter,
+    NonZeroU32,
+) {
+    let r = NonZeroU32::new((records * HEADROOM).max(1.0) as u32).unwrap_or(NonZeroU32::MIN);
+    let b = NonZeroU32::new((bytes * HEADROOM).max(1024.0) as u32).unwrap_or(NonZeroU32::MIN);
+    // Bursts of a twentieth of a second: Kinesis counts over a sliding second, so a
+    // full second's burst followed by the steady rate would overrun it.
+    let burst = |n: NonZeroU32| NonZeroU32::new((n.get() / 20).max(1)).unwrap_or(NonZeroU32::MIN);
+    // A byte burst must still let one maximum-size (1 MiB) record through eventually.
+    let byte_burst = burst(b).max(NonZeroU32::new(64 * 1024).unwrap_or(NonZeroU32::MIN));
+    (
+        RateLimiter::direct(Quota::per_second(r).allow_burst(burst(r))),
+        RateLimiter::direct(Quota::per_second(b).allow_burst(byte_burst)),
+        byte_burst,
+    )
+}
+
+impl Bucket {
+    /// A bucket that starts spent: its first grants come at its pace, not as a burst.
+    fn new_spent(records: f64, bytes: f64) -> Bucket {
+        let b = Bucket::new(records, bytes);
+        let l = b.limiters.load();
+        let _ = l.0.check_n(
+            NonZeroU32::new((records * HEADROOM / 20.0).max(1.0) as u32).unwrap_or(NonZeroU32::MIN),
+        );
+        let _ = l.1.check_n(l.2);
+        drop(l);
+        b
+    }
+
+    fn new(records: f64, bytes: f64) -> Bucket {
+        Bucket {
+            full_records: records,
+            full_bytes: bytes,
+            state: Mutex::new(BucketState {
+                factor: 1.0,
+                last_change: Instant::now(),
+            }),
+            limiters: ArcSwap::from_pointee(limiters(records, bytes)),
+        }
+    }
+
+    async fn acquire(&self, bytes: usize) {
+        self.recover();
+        // A token counts only if it came from the limiter in force: one granted by a
+        // limiter that AIMD replaced meanwhile is taken again from the new one, or the
+        // waiters of both would proceed at both paces.
+        let l = loop {
+            let l = self.limiters.load_full();
+            l.0.until_ready().await;
+            if Arc::ptr_eq(&l, &self.limiters.load()) {
+                break l;
+            }
+        };
+        // A record larger than the byte burst takes its size in burst-sized steps.
+        let mut left = u32::try_from(bytes).unwrap_or(u32::MAX).max(1);
+        while left > 0 {
+            let n = left.min(l.2.get());
+            left -= n;
+            // `n` is at most the burst, so the only error (InsufficientCapacity) cannot occur.
+            let _ =
+                l.1.until_n_ready(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+                    .await;
+        }
+    }
+
+    fn set_factor(&self, state: &mut BucketState, factor: f64) {
+        state.factor = factor;
+        state.last_change = Instant::now();
+        let fresh = limiters(self.full_records * factor, self.full_bytes * factor);
+        // A new limiter would allow a full burst at once on top of what the old one let
+        // through this second: start it spent, so the pace just changes.
+        let _ = fresh.0.check_n(
+            NonZeroU32::new((self.full_records * factor * HEADROOM / 20.0).max(1.0) as u32)
+                .unwrap_or(NonZeroU32::MIN),
+        );
+        let _ = fresh.1.check_n(fresh.2);
+        self.limiters.store(Arc::new(fresh));
+    }
+
+    /// Multiplicative decrease, at most once per second (a burst of throttles is one signal).
+    fn throttled(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.last_change.elapsed() >= Duration::from_secs(1) || s.factor >= 1.0 {
+            let f = (s.factor * 0.5).max(MIN_FACTOR);
+            self.set_factor(&mut s, f);
+        }
+    }
+
+    /// Additive increase: a tenth of the full rate back per quiet second.
+    fn recover(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.factor < 1.0 && s.last_change.elapsed() >= Duration::from_secs(1) {
+            let f = (s.factor + 0.1).min(1.0);
+            self.set_factor(&mut s, f);
+        }
+    }
+
+    #[cfg(test)]
+    fn factor(&self) -> f64 {
+        self.state.lock().unwrap().factor
+    }
+}
+
+/// One open shard: its hash-key range and budget.
+struct ShardBudget {
+    start: u128,
+    end: u128,
+    bucket: Bucket,
+}
+
+enum ShardMap {
+    /// Not listed yet (or listing failed): the stream-wide budget applies.
+    Unknown,
+    /// The role may not list shards: the stream-wide budget applies for good.
+    Denied,
+    Known {
+        shards: Vec<ShardBudget>,
+        listed: Instant,
+    },
+}
+
 struct StreamLimiter {
-    records: DefaultDirectRateLimiter,
-    bytes: DefaultDirectRateLimiter,
-    byte_burst: NonZeroU32,
+    stream: Bucket,
+    shards: ArcSwap<ShardMap>,
+    listing: AtomicBool,
+    /// Woken when a listing ends.
+    listed: tokio::sync::Notify,
+    next_listing: Mutex<Instant>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -30,47 +195,92 @@ struct StreamKey {
     shards: u32,
 }
 
+/// The 128-bit hash Kinesis maps a partition key to a shard with.
+pub fn hash_key(partition_key: &str) -> u128 {
+    u128::from_be_bytes(md5::compute(partition_key.as_bytes()).0)
+}
+
 /// Rate limiters for every stream written to, dropped after a while unused.
 #[derive(Clone)]
 pub struct RateLimits {
     streams: Cache<StreamKey, Arc<StreamLimiter>>,
+    fraction: f64,
 }
 
 impl Default for RateLimits {
     fn default() -> Self {
-        RateLimits::new(Duration::from_secs(600))
+        RateLimits::new(1.0)
     }
 }
 
 impl RateLimits {
-    pub fn new(idle: Duration) -> Self {
+    /// `fraction` (0 to 1) of each stream's capacity is used by this process.
+    pub fn new(fraction: f64) -> Self {
         RateLimits {
-            streams: Cache::builder().time_to_idle(idle).build(),
+            streams: Cache::builder()
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            fraction: fraction.clamp(0.001, 1.0),
         }
     }
 
-    /// Waits until the tenant's stream has room for one record of `bytes` bytes.
-    pub async fn acquire(&self, tenant: &TenantSettings, bytes: usize) {
+    fn limiter(&self, tenant: &TenantSettings) -> Arc<StreamLimiter> {
         let key = StreamKey {
             account: tenant.role.account().into(),
             region: tenant.region.as_str().into(),
             stream: tenant.stream.as_str().into(),
             shards: tenant.shards,
         };
-        let limiter = self
-            .streams
-            .get_with(key, || Arc::new(StreamLimiter::new(tenant.shards)));
+        let shards = tenant.shards.max(1) as f64;
+        let fraction = self.fraction;
+        self.streams.get_with(key, || {
+            Arc::new(StreamLimiter {
+                stream: Bucket::new(
+                    RECORDS_PER_SHARD_PER_SEC as f64 * shards * fraction,
+                    BYTES_PER_SHARD_PER_SEC as f64 * shards * fraction,
+                ),
+                shards: ArcSwap::from_pointee(ShardMap::Unknown),
+                listing: AtomicBool::new(false),
+                listed: tokio::sync::Notify::new(),
+                next_listing: Mutex::new(Instant::now()),
+            })
+        })
+    }
+
+    /// Waits until the shard of `partition_key` (or the stream, while its shards are
+    /// unknown) has room for a record of `bytes` bytes. With a `client`, the stream's
+    /// shards are listed in the background when due.
+    pub async fn acquire(
+        &self,
+        tenant: &TenantSettings,
+        partition_key: &str,
+        bytes: usize,
+        client: Option<&aws_sdk_kinesis::Client>,
+    ) {
+        let limiter = self.limiter(tenant);
         let started = Instant::now();
-        limiter.records.until_ready().await;
-        // A record larger than a whole second's budget (10 MiB records on a 1-shard
-        // stream) waits for a full budget rather than failing.
-        let n = u32::try_from(bytes)
-            .unwrap_or(u32::MAX)
-            .clamp(1, limiter.byte_burst.get());
-        let n = NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
-        // `n` is capped at the burst size, so the only error (InsufficientCapacity)
-        // cannot happen.
-        let _ = limiter.bytes.until_n_ready(n).await;
+        if let Some(client) = client {
+            self.list_shards_if_due(&limiter, tenant, client);
+            // The first writes wait (briefly) for the shard map rather than spend the
+            // stream-wide budget, which could overrun one shard.
+            let listed = limiter.listed.notified();
+            tokio::pin!(listed);
+            // Registered before the check, so a listing that ends in between still wakes us.
+            listed.as_mut().enable();
+            if matches!(**limiter.shards.load(), ShardMap::Unknown)
+                && limiter.listing.load(Ordering::Acquire)
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(2), listed).await;
+            }
+        }
+        let map = limiter.shards.load();
+        match &**map {
+            ShardMap::Known { shards, .. } => match find_shard(shards, hash_key(partition_key)) {
+                Some(shard) => shard.bucket.acquire(bytes).await,
+                None => limiter.stream.acquire(bytes).await,
+            },
+            _ => limiter.stream.acquire(bytes).await,
+        }
         let waited = started.elapsed();
         if waited > Duration::from_micros(100) {
             kd_telemetry::metrics()
@@ -78,21 +288,128 @@ impl RateLimits {
                 .inc_by(waited.as_secs_f64());
         }
     }
-}
 
-impl StreamLimiter {
-    fn new(shards: u32) -> Self {
-        let shards = shards.max(1);
-        let records = NonZeroU32::new(RECORDS_PER_SHARD_PER_SEC.saturating_mul(shards))
-            .unwrap_or(NonZeroU32::MIN);
-        let bytes = NonZeroU32::new(BYTES_PER_SHARD_PER_SEC.saturating_mul(shards))
-            .unwrap_or(NonZeroU32::MIN);
-        StreamLimiter {
-            records: RateLimiter::direct(Quota::per_second(records)),
-            bytes: RateLimiter::direct(Quota::per_second(bytes)),
-            byte_burst: bytes,
+    /// Kinesis said the shard of `partition_key` is over its capacity: slow it down.
+    pub fn throttled(&self, tenant: &TenantSettings, partition_key: &str) {
+        let limiter = self.limiter(tenant);
+        let map = limiter.shards.load();
+        match &**map {
+            ShardMap::Known { shards, .. } => match find_shard(shards, hash_key(partition_key)) {
+                Some(shard) => shard.bucket.throttled(),
+                None => limiter.stream.throttled(),
+            },
+            _ => limiter.stream.throttled(),
         }
     }
+
+    fn list_shards_if_due(
+        &self,
+        limiter: &Arc<StreamLimiter>,
+        tenant: &TenantSettings,
+        client: &aws_sdk_kinesis::Client,
+    ) {
+        let due = match &**limiter.shards.load() {
+            ShardMap::Denied => false,
+            ShardMap::Known { listed, .. } => listed.elapsed() >= SHARD_MAP_TTL,
+            ShardMap::Unknown => {
+                *limiter
+                    .next_listing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    <= Instant::now()
+            }
+        };
+        if !due || limiter.listing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (limiter, client, stream, fraction) = (
+            limiter.clone(),
+            client.clone(),
+            tenant.stream.as_str().to_owned(),
+            self.fraction,
+        );
+        tokio::spawn(async move {
+            let result = list_open_shards(&client, &stream).await;
+            match result {
+                Ok(ranges) if !ranges.is_empty() => {
+                    tracing::debug!(%stream, shards = ranges.len(), "per-shard rate limits");
+                    let shards = ranges
+                        .into_iter()
+                        .map(|(start, end)| ShardBudget {
+                            start,
+                            end,
+                            bucket: Bucket::new_spent(
+                                RECORDS_PER_SHARD_PER_SEC as f64 * fraction,
+                                BYTES_PER_SHARD_PER_SEC as f64 * fraction,
+                            ),
+                        })
+                        .collect();
+                    limiter.shards.store(Arc::new(ShardMap::Known {
+                        shards,
+                        listed: Instant::now(),
+                    }));
+                }
+                Ok(_) => {}
+                Err(e) if e.class == crate::ErrorClass::Permanent => {
+                    // The seed's policy grants only kinesis:PutRecord: plan by `shards`.
+                    tracing::debug!(%stream, error = %e, "cannot list shards; stream-wide rate limit");
+                    limiter.shards.store(Arc::new(ShardMap::Denied));
+                }
+                Err(e) => {
+                    tracing::debug!(%stream, error = %e, "listing shards failed; will try again");
+                    *limiter
+                        .next_listing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) =
+                        Instant::now() + Duration::from_secs(30);
+                }
+            }
+            limiter.listing.store(false, Ordering::Release);
+            limiter.listed.notify_waiters();
+        });
+    }
+}
+
+fn find_shard(shards: &[ShardBudget], hash: u128) -> Option<&ShardBudget> {
+    shards.iter().find(|s| s.start <= hash && hash <= s.end)
+}
+
+/// The hash-key ranges of the stream's open shards.
+async fn list_open_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<Vec<(u128, u128)>, crate::AwsError> {
+    let mut ranges = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let req = match &next {
+            Some(token) => client.list_shards().next_token(token),
+            None => client.list_shards().stream_name(stream),
+        };
+        let out = req
+            .send()
+            .await
+            .map_err(|e| crate::AwsError::from_sdk(&format!("ListShards {stream}"), &e))?;
+        for s in out.shards() {
+            let open = s
+                .sequence_number_range()
+                .is_none_or(|r| r.ending_sequence_number().is_none());
+            let range = s.hash_key_range().and_then(|h| {
+                Some((
+                    h.starting_hash_key().parse::<u128>().ok()?,
+                    h.ending_hash_key().parse::<u128>().ok()?,
+                ))
+            });
+            if let (true, Some(r)) = (open, range) {
+                ranges.push(r);
+            }
+        }
+        next = out.next_token().map(str::to_owned);
+        if next.is_none() {
+            break;
+        }
+    }
+    Ok(ranges)
 }
 
 #[cfg(test)]
@@ -107,29 +424,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_shard_allows_a_second_of_burst_then_paces_records() {
+    async fn one_shard_paces_records_at_its_rate() {
         let limits = RateLimits::default();
         let t = tenant(1);
         let started = Instant::now();
-        for _ in 0..1500 {
-            limits.acquire(&t, 10).await;
+        for _ in 0..600 {
+            limits.acquire(&t, "k", 10, None).await;
         }
-        let took = started.elapsed();
-        // 1,000 burst, then 500 more at 1,000/s.
-        assert!(took >= Duration::from_millis(450), "{took:?}");
+        // A twentieth of a second's burst, then 950 a second.
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
-    fn capacity_scales_with_shards() {
-        let four = StreamLimiter::new(4);
-        let n = NonZeroU32::new(4 * RECORDS_PER_SHARD_PER_SEC).unwrap();
-        assert!(four.records.check_n(n).is_ok_and(|r| r.is_ok()));
-        let one = StreamLimiter::new(1);
-        assert!(
-            one.records.check_n(n).is_err(),
-            "4,000 records exceed one shard's burst"
-        );
-        assert_eq!(four.byte_burst.get(), 4 * BYTES_PER_SHARD_PER_SEC);
+    fn capacity_scales_with_shards_and_fraction() {
+        let limits = RateLimits::new(0.5);
+        let l = limits.limiter(&tenant(4));
+        assert_eq!(l.stream.full_records, 2000.0);
+        assert_eq!(l.stream.full_bytes, 2.0 * BYTES_PER_SHARD_PER_SEC as f64);
     }
 
     #[tokio::test]
@@ -138,9 +453,62 @@ mod tests {
         let t = tenant(1);
         let started = Instant::now();
         // 1.5 MiB through a 1 MiB/s stream.
-        for _ in 0..3 {
-            limits.acquire(&t, 512 * 1024).await;
+        for _ in 0..6 {
+            limits.acquire(&t, "k", 256 * 1024, None).await;
         }
         assert!(started.elapsed() >= Duration::from_millis(400));
+    }
+
+    #[test]
+    fn throttling_halves_the_rate_and_quiet_seconds_restore_it() {
+        let b = Bucket::new(1000.0, 1e6);
+        b.throttled();
+        assert_eq!(b.factor(), 0.5);
+        b.throttled();
+        assert_eq!(b.factor(), 0.5, "one decrease per second");
+        b.state.lock().unwrap().last_change -= Duration::from_secs(2);
+        b.throttled();
+        assert_eq!(b.factor(), 0.25);
+        b.state.lock().unwrap().last_change -= Duration::from_secs(2);
+        b.recover();
+        assert!((b.factor() - 0.35).abs() < 1e-9);
+        for _ in 0..20 {
+            b.state.lock().unwrap().last_change -= Duration::from_secs(2);
+            b.recover();
+        }
+        assert_eq!(b.factor(), 1.0);
+        for _ in 0..20 {
+            b.state.lock().unwrap().last_change -= Duration::from_secs(2);
+            b.throttled();
+        }
+        assert_eq!(b.factor(), MIN_FACTOR);
+    }
+
+    #[test]
+    fn keys_map_to_the_shard_whose_range_holds_their_md5() {
+        let step = u128::MAX / 4;
+        let shards: Vec<ShardBudget> = (0..4u128)
+            .map(|i| ShardBudget {
+                start: i * step,
+                end: if i == 3 {
+                    u128::MAX
+                } else {
+                    (i + 1) * step - 1
+                },
+                bucket: Bucket::new(1000.0, 1e6),
+            })
+            .collect();
+        // MD5("user-1") = 0x... ; whichever shard holds it must be the only one.
+        let h = hash_key("user-1");
+        let found: Vec<_> = shards
+            .iter()
+            .filter(|s| s.start <= h && h <= s.end)
+            .collect();
+        assert_eq!(found.len(), 1);
+        assert!(std::ptr::eq(find_shard(&shards, h).unwrap(), found[0]));
+        assert_eq!(
+            hash_key("user-1"),
+            u128::from_str_radix(&format!("{:x}", md5::compute("user-1")), 16).unwrap()
+        );
     }
 }

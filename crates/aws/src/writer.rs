@@ -50,15 +50,20 @@ impl KinesisWriter {
         data: &[u8],
     ) -> Result<Written, AwsError> {
         let session = self.credentials.session(tenant).await?;
+        let client = session.kinesis(&tenant.region);
         self.limits
-            .acquire(tenant, data.len() + key.as_str().len())
+            .acquire(
+                tenant,
+                key.as_str(),
+                data.len() + key.as_str().len(),
+                Some(&client),
+            )
             .await;
         let m = kd_telemetry::metrics();
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire().await;
         let started = Instant::now();
-        let result = session
-            .kinesis(&tenant.region)
+        let result = client
             .put_record()
             .stream_name(tenant.stream.as_str())
             .partition_key(key.as_str())
@@ -85,6 +90,9 @@ impl KinesisWriter {
                 m.put_errors.with_label_values(&[&err.code]).inc();
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(tenant).await;
+                }
+                if err.code == "ProvisionedThroughputExceededException" {
+                    self.limits.throttled(tenant, key.as_str());
                 }
                 Err(err)
             }

@@ -86,7 +86,8 @@ struct Shard {
 struct Stream {
     shards: Vec<Shard>,
     denied: bool,
-    enforce_capacity: bool,
+    /// Per-shard (records/s, bytes/s) enforced over a sliding second, when set.
+    capacity: Option<(usize, usize)>,
     faults: Vec<ActiveFault>,
 }
 
@@ -106,6 +107,7 @@ struct Inner {
     credential_lifetime: Option<Duration>,
     /// Roles whose credentials may not write to any stream.
     denied_roles: Vec<String>,
+    throttled: Vec<Instant>,
     requests: HashMap<String, u64>,
 }
 
@@ -166,9 +168,20 @@ impl FakeAws {
 
     /// Enforces 1,000 records/s and 1 MiB/s per shard, like the real service.
     pub fn enforce_capacity(&self, stream: &str) {
+        self.enforce_capacity_at(stream, 1000, 1024 * 1024);
+    }
+
+    /// Enforces a per-shard capacity of `records` records/s and `bytes` bytes/s (a
+    /// scaled-down shard, for tests that cannot drive a real one's rate).
+    pub fn enforce_capacity_at(&self, stream: &str, records: usize, bytes: usize) {
         if let Some(s) = self.lock().streams.get_mut(stream) {
-            s.enforce_capacity = true;
+            s.capacity = Some((records, bytes));
         }
+    }
+
+    /// When each write refused for capacity (ProvisionedThroughputExceeded) arrived.
+    pub fn throttled_at(&self) -> Vec<Instant> {
+        self.lock().throttled.clone()
     }
 
     /// Answers AccessDeniedException to writes to `stream` (or stops doing so).
@@ -400,13 +413,13 @@ fn throttled() -> Response {
 /// Takes a record into a shard, or says why not.
 fn accept(stream: &mut Stream, partition_key: &str, bytes: usize) -> Result<String, &'static str> {
     let h = hash_key(partition_key);
-    let enforce = stream.enforce_capacity;
+    let capacity = stream.capacity;
     let shard = stream
         .shards
         .iter_mut()
         .find(|s| s.start <= h && h <= s.end)
         .ok_or("no shard")?;
-    if enforce {
+    if let Some((max_records, max_bytes)) = capacity {
         let now = Instant::now();
         while shard
             .window
@@ -416,7 +429,7 @@ fn accept(stream: &mut Stream, partition_key: &str, bytes: usize) -> Result<Stri
             shard.window.pop_front();
         }
         let used: usize = shard.window.iter().map(|(_, b)| b).sum();
-        if shard.window.len() >= 1000 || used + bytes > 1024 * 1024 {
+        if shard.window.len() >= max_records || used + bytes > max_bytes {
             return Err("throttled");
         }
         shard.window.push_back((now, bytes));
@@ -496,8 +509,12 @@ async fn put(inner: &Mutex<Inner>, operation: &str, req: &Value, access_key: &st
                 let seq = format!("{:056}", inner.records.len());
                 results.push(json!({"ShardId": shard_id, "SequenceNumber": seq}));
             }
-            Err(_) if operation == "PutRecord" => return throttled(),
+            Err(_) if operation == "PutRecord" => {
+                inner.throttled.push(Instant::now());
+                return throttled();
+            }
             Err(_) => {
+                inner.throttled.push(Instant::now());
                 failed += 1;
                 results.push(
                     json!({"ErrorCode": "ProvisionedThroughputExceededException",
@@ -716,7 +733,7 @@ mod tests {
             seen.insert(accept(&mut s, &format!("user-{k}"), 10).unwrap());
         }
         assert_eq!(seen.len(), 4, "keys spread over every shard");
-        s.enforce_capacity = true;
+        s.capacity = Some((1000, 1024 * 1024));
         let key = "hot";
         let ok = (0..1100)
             .filter(|_| accept(&mut s, key, 10).is_ok())

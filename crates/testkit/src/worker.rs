@@ -153,7 +153,7 @@ impl Worker {
                 "KINESIS_DESTINATION__HTTP__LISTEN",
                 format!("127.0.0.1:{http_port}"),
             )
-            .env("RUST_LOG", "info,kd_pipeline=debug")
+            .env("RUST_LOG", "info,kd_pipeline=debug,kd_aws=debug")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log file"))
             .stderr(out)

@@ -1,0 +1,204 @@
+//! Many tenants: loads 100,000 tenants through the file and the topic providers and
+//! prints load time, resident memory, route lookups per second and memory per cached
+//! credential. Figures, not pass/fail: run with `scripts/bench.sh` (or
+//! `cargo bench --bench tenants`; the topic part needs `tansu` on the PATH).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kd_aws::{AwsSettings, CredentialCache, CredentialSettings};
+use kd_tenants::{Snapshot, TenantEntry, TenantStore};
+use kd_testkit::{FakeAws, Kafka, Tansu};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+use serde_json::json;
+
+const TENANTS: usize = 100_000;
+
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn tenant(i: usize) -> serde_json::Value {
+    let region = ["us-east-1", "us-west-2", "eu-west-1"][i % 3];
+    let mut t = json!({"sourceId": format!("src_{i:06}"),
+        "roleAddress": format!("arn:aws:iam::{:012}:role/segment-kinesis", 100_000_000_000u64 + i as u64),
+        "region": region,
+        "stream": format!("events-{i}"), "shards": 1 + i % 8});
+    if i.is_multiple_of(10) {
+        t["secretId"] = json!(format!("secret-{i}"));
+    }
+    t
+}
+
+fn file_provider() -> Snapshot {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("tenants.json");
+    let all: Vec<_> = (0..TENANTS).map(tenant).collect();
+    std::fs::write(&path, serde_json::to_vec(&all).expect("json")).expect("write");
+    drop(all);
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let before = rss();
+    let started = Instant::now();
+    let (snapshot, bytes) = kd_tenants::load_file(&path).expect("load");
+    let took = started.elapsed();
+    drop(bytes);
+    let after = rss();
+    println!(
+        "file provider:  {TENANTS} tenants ({:.1} MiB of JSON) loaded in {:.2} s; resident memory +{:.1} MiB ({} bytes per tenant)",
+        mib(size),
+        took.as_secs_f64(),
+        mib(after.saturating_sub(before)),
+        after.saturating_sub(before) / TENANTS as u64
+    );
+    snapshot
+}
+
+async fn topic_provider() {
+    let tansu = Tansu::start();
+    tansu.create_topic("tenant-settings", 4);
+    let kafka = Kafka::new(&tansu.bootstrap());
+    let started = Instant::now();
+    for i in 0..TENANTS {
+        let t = tenant(i);
+        let key = t["sourceId"].as_str().unwrap_or_default().to_owned();
+        kafka
+            .send("tenant-settings", Some(&key), t.to_string().as_bytes(), &[])
+            .await;
+    }
+    eprintln!(
+        "(produced {TENANTS} settings records in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    let store = Arc::new(TenantStore::new());
+    let before = rss();
+    let started = Instant::now();
+    let follower = tokio::spawn(kd_tenants::follow_topic(
+        kd_tenants::TopicSettings {
+            bootstrap_servers: tansu.bootstrap(),
+            topic: "tenant-settings".into(),
+            librdkafka: Default::default(),
+            flush_interval: Duration::from_millis(100),
+        },
+        store.clone(),
+    ));
+    while !store.is_loaded() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    let after = rss();
+    println!(
+        "topic provider: {} tenants read from a 4-partition topic in {:.2} s; resident memory +{:.1} MiB (snapshot and Kafka client)",
+        store.snapshot().len(),
+        took.as_secs_f64(),
+        mib(after.saturating_sub(before))
+    );
+    follower.abort();
+}
+
+fn route_lookups(snapshot: &Snapshot) {
+    let ids: Vec<String> = (0..TENANTS)
+        .map(|i| format!("src_{:06}", (i * 7919) % TENANTS))
+        .collect();
+    let n = 5_000_000;
+    let started = Instant::now();
+    let mut found = 0usize;
+    for i in 0..n {
+        if let Some(TenantEntry::Valid(_)) = snapshot.get(&ids[i % TENANTS]) {
+            found += 1;
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(found, n);
+    println!(
+        "route lookups:  {:.1} million snapshot lookups per second (one core)",
+        n as f64 / took.as_secs_f64() / 1e6
+    );
+    // The whole routing step of one event: decode, look up, partition key, size check.
+    let mut by_id: HashMap<Arc<str>, TenantEntry> = HashMap::new();
+    for i in 0..TENANTS {
+        if let Some(e) = snapshot.get(&format!("src_{i:06}")) {
+            by_id.insert(format!("src_{i:06}").into(), e.clone());
+        }
+    }
+    let snap = Snapshot::new(by_id);
+    let msgs: Vec<OwnedMessage> = (0..1000)
+        .map(|i| {
+            let value = json!({"type": "track", "event": "Order Completed", "userId": format!("user-{i}"),
+                "messageId": format!("m-{i}"), "properties": {"revenue": 42.5, "currency": "EUR", "items": [1, 2, 3]},
+                "context": {"ip": "127.0.0.1", "library": {"name": "analytics.js", "version": "2.11.1"}}})
+            .to_string();
+            let headers = OwnedHeaders::new().insert(Header { key: "source_id", value: Some(ids[i].as_str()) });
+            OwnedMessage::new(Some(value.into_bytes()), None, "t".into(), Timestamp::NotAvailable, 0, i as i64, Some(headers))
+        })
+        .collect();
+    let n = 1_000_000;
+    let started = Instant::now();
+    for i in 0..n {
+        let r = kd_pipeline::route::route(&msgs[i % msgs.len()], &snap, "source_id");
+        assert!(r.is_ok());
+    }
+    let took = started.elapsed();
+    println!(
+        "routing:        {:.0} thousand events per second decoded and routed (one core, ~300-byte events)",
+        n as f64 / took.as_secs_f64() / 1e3
+    );
+}
+
+async fn credential_memory() {
+    let fake = FakeAws::start().await;
+    let base = kd_aws::base_config(&AwsSettings {
+        endpoint_url: Some(fake.endpoint()),
+        api_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(3),
+    })
+    .await;
+    let cache = CredentialCache::new(base, CredentialSettings::default());
+    let n = 10_000;
+    let tenants: Vec<_> = (0..n)
+        .map(|i| kd_tenants::parse_tenant(&tenant(i)).expect("valid"))
+        .collect();
+    let before = rss();
+    let mut sessions = Vec::with_capacity(n);
+    for t in &tenants {
+        sessions.push(cache.session(t).await.expect("assumed"));
+    }
+    drop(sessions);
+    let with_sessions = rss();
+    for t in &tenants {
+        let s = cache.session(t).await.expect("cached");
+        let _ = s.kinesis(&t.region);
+    }
+    let with_clients = rss();
+    println!(
+        "credentials:    {} bytes per cached session; {} bytes with its Kinesis client ({n} tenants)",
+        with_sessions.saturating_sub(before) / n as u64,
+        with_clients.saturating_sub(before) / n as u64
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo bench` passes --bench; nothing else is taken.
+    std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let snapshot = file_provider();
+    route_lookups(&snapshot);
+    drop(snapshot);
+    credential_memory().await;
+    topic_provider().await;
+}
