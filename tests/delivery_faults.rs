@@ -30,14 +30,7 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
         .set("delivery", "initial_backoff_ms = 20")
         .set("delivery", "max_backoff_ms = 200");
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
-
-    // Half of the hot stream's writes are throttled for the next 6 seconds.
-    let storm = Duration::from_secs(6);
-    env.fake
-        .fail_for("hot", Fault::Throttle { percent: 50 }, storm);
-    let storm_end = Instant::now() + storm;
+    // Both tenants' events wait in the same partitions before the worker starts.
     let mut sent_hot = Vec::new();
     let mut sent_calm = Vec::new();
     for seq in 0..20 {
@@ -46,6 +39,18 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
             sent_calm.push(env.send("src_calm", &format!("c{u}"), seq).await);
         }
     }
+    // The hot stream throttles every write for 4 seconds, then half of them until 8 s.
+    let storm = Duration::from_secs(8);
+    env.fake.fail_for(
+        "hot",
+        Fault::Throttle { percent: 100 },
+        Duration::from_secs(4),
+    );
+    env.fake
+        .fail_for("hot", Fault::Throttle { percent: 50 }, storm);
+    let storm_end = Instant::now() + storm;
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
@@ -59,14 +64,15 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
     assert_all_delivered_in_order(&sent_hot, &hot_records);
     assert_all_delivered_in_order(&sent_calm, &calm_records);
     let calm_done = calm_records.iter().map(|r| r.at).max().unwrap();
-    let hot_done = hot_records.iter().map(|r| r.at).max().unwrap();
     assert!(
         calm_done < storm_end,
         "the calm tenant finished during the storm"
     );
+    // Every calm event was written while the hot stream still took nothing at all.
+    let hot_first = hot_records.iter().map(|r| r.at).min().unwrap();
     assert!(
-        calm_done < hot_done,
-        "the calm tenant did not wait for the hot one"
+        calm_done < hot_first,
+        "the calm tenant waited for the hot one"
     );
     let m = worker.metrics();
     assert!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"ProvisionedThroughputExceededException\"}") > 0.0);
