@@ -37,6 +37,15 @@ pub struct Config {
     pub http: HttpConfig,
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Sources also counted per source (`kinesis_destination_source_*` metrics). Empty
+    /// (the default) turns per-source metrics off; the list bounds their label values.
+    pub source_labels: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -375,6 +384,12 @@ impl Config {
             return Err(ConfigError::new(
                 "delivery.max_backoff_ms",
                 "backoffs must satisfy 0 < initial_backoff_ms <= max_backoff_ms",
+            ));
+        }
+        if self.metrics.source_labels.len() > 1000 {
+            return Err(ConfigError::new(
+                "metrics.source_labels",
+                "lists more than 1000 sources; label only the ones you watch",
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

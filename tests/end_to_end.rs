@@ -231,6 +231,10 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
         "nothing dead-lettered:\n{m}"
     );
     assert!(
+        !m.contains("source=\""),
+        "no per-source labels unless turned on:\n{m}"
+    );
+    assert!(
         !m.contains("s3cr3t-b") && !worker.logs().contains("s3cr3t-b"),
         "secret leaked"
     );

@@ -173,7 +173,10 @@ async fn settings_topic_changes_apply_without_restart_and_workers_converge() {
 async fn fifty_concurrent_events_of_a_new_tenant_cost_one_assume_role() {
     let env = Env::start().await;
     let t = env.tenant("src_new", "new", 4);
-    let cfg = env.config(&[&t]);
+    // Per-source metrics for this source only (an allow-list keeps labels bounded).
+    let cfg = env
+        .config(&[&t])
+        .set("metrics", "source_labels = [\"src_new\"]");
     cfg.write();
     // Queued before the worker starts, so 50 lanes ask for credentials at once.
     let sent = env.send_many("src_new", 50, 1).await;

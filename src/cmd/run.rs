@@ -36,6 +36,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         CliError::Usage(format!("config: kafka.librdkafka: {key}: {reason}"))
     })?;
     super::init_logging(&config.log.format, &config.log.level);
+    kd_telemetry::set_source_labels(config.metrics.source_labels.iter().cloned());
     let tenants = Arc::new(TenantStore::new());
     let readiness = Arc::new(Readiness::default());
 

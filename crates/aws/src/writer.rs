@@ -88,6 +88,11 @@ impl KinesisWriter {
                     .with_label_values(&["error"])
                     .observe(elapsed);
                 m.put_errors.with_label_values(&[&err.code]).inc();
+                if let Some(source) = kd_telemetry::source_label(tenant.source_id.as_str()) {
+                    m.source_put_errors
+                        .with_label_values(&[source, &err.code])
+                        .inc();
+                }
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(tenant).await;
                 }

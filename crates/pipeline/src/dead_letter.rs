@@ -61,6 +61,8 @@ impl Reason {
 pub struct DeadLetter {
     pub reason: Reason,
     pub error: String,
+    /// The source it belongs to, when known (for per-source metrics only).
+    pub source: Option<String>,
 }
 
 impl DeadLetter {
@@ -68,7 +70,13 @@ impl DeadLetter {
         DeadLetter {
             reason,
             error: kd_aws::errors::one_line(&error.into()),
+            source: None,
         }
+    }
+
+    pub fn of_source(mut self, source: &str) -> Self {
+        self.source = Some(source.to_owned());
+        self
     }
 }
 
@@ -150,6 +158,12 @@ impl DeadLetters {
                     m.events_dead_lettered
                         .with_label_values(&[dl.reason.as_str()])
                         .inc();
+                    if let Some(source) = dl.source.as_deref().and_then(kd_telemetry::source_label)
+                    {
+                        m.source_dead_lettered
+                            .with_label_values(&[source, dl.reason.as_str()])
+                            .inc();
+                    }
                     tracing::info!(
                         reason = dl.reason.as_str(),
                         error = %dl.error,

@@ -54,18 +54,21 @@ pub fn route(
     let tenant = match snapshot.get(source_id) {
         Some(TenantEntry::Valid(t)) => t.clone(),
         Some(TenantEntry::Invalid { reason }) => {
-            return Err(DeadLetter::new(Reason::InvalidSettings, reason.to_string()))
+            return Err(
+                DeadLetter::new(Reason::InvalidSettings, reason.to_string()).of_source(source_id)
+            )
         }
         None => {
             return Err(DeadLetter::new(
                 Reason::UnknownSource,
                 format!("no settings for source {source_id:?}"),
-            ))
+            )
+            .of_source(source_id))
         }
     };
-    let key = view
-        .partition_key(tenant.use_message_id)
-        .map_err(|e| DeadLetter::new(Reason::MissingPartitionKey, e.to_string()))?;
+    let key = view.partition_key(tenant.use_message_id).map_err(|e| {
+        DeadLetter::new(Reason::MissingPartitionKey, e.to_string()).of_source(source_id)
+    })?;
     let size = value.len() + key.as_str().len();
     if size > tenant.max_record_bytes {
         return Err(DeadLetter::new(
@@ -74,7 +77,8 @@ pub fn route(
                 "record is {size} bytes (data plus partition key); stream {} takes at most {}",
                 tenant.stream, tenant.max_record_bytes
             ),
-        ));
+        )
+        .of_source(source_id));
     }
     Ok(Routed { tenant, key })
 }

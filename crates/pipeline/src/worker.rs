@@ -187,7 +187,11 @@ impl Deliverer {
     async fn deliver(&self, job: Job) {
         match self.write_with_retries(&job).await {
             Outcome::Written => {
-                kd_telemetry::metrics().events_delivered.inc();
+                let m = kd_telemetry::metrics();
+                m.events_delivered.inc();
+                if let Some(source) = kd_telemetry::source_label(job.tenant.source_id.as_str()) {
+                    m.source_delivered.with_label_values(&[source]).inc();
+                }
                 self.tracker.done(&job.ticket);
             }
             Outcome::DeadLetter(dl) => {
@@ -227,22 +231,25 @@ impl Deliverer {
                 ErrorClass::Permanent => {
                     let since = *permanent_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= self.retry.permanent_window {
-                        return Outcome::DeadLetter(DeadLetter::new(
-                            Reason::DestinationRejected,
-                            err.to_string(),
-                        ));
+                        return Outcome::DeadLetter(
+                            DeadLetter::new(Reason::DestinationRejected, err.to_string())
+                                .of_source(job.tenant.source_id.as_str()),
+                        );
                     }
                 }
                 ErrorClass::Retryable | ErrorClass::ExpiredCredentials => {
                     permanent_since = None;
                     if started.elapsed() >= self.retry.retry_window {
-                        return Outcome::DeadLetter(DeadLetter::new(
-                            Reason::RetriesExhausted,
-                            format!(
-                                "still failing after {}s of retries; last error {err}",
-                                started.elapsed().as_secs()
-                            ),
-                        ));
+                        return Outcome::DeadLetter(
+                            DeadLetter::new(
+                                Reason::RetriesExhausted,
+                                format!(
+                                    "still failing after {}s of retries; last error {err}",
+                                    started.elapsed().as_secs()
+                                ),
+                            )
+                            .of_source(job.tenant.source_id.as_str()),
+                        );
                     }
                 }
             }

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub tenant_settings_records: IntCounter,
     pub commits: IntCounterVec,
     pub dead_letter_produce_seconds: Histogram,
+    pub source_delivered: IntCounterVec,
+    pub source_dead_lettered: IntCounterVec,
+    pub source_put_errors: IntCounterVec,
 }
 
 const PREFIX: &str = "kinesis_destination_";
@@ -145,6 +148,27 @@ impl Metrics {
                 name("dead_letter_produce_seconds"),
                 "Time to get a dead letter acknowledged by Kafka."
             ))?),
+            source_delivered: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("source_events_delivered_total"),
+                    "Events delivered, for the sources in [metrics] source_labels."
+                ),
+                &["source"]
+            )?),
+            source_dead_lettered: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("source_events_dead_lettered_total"),
+                    "Events dead-lettered, for the sources in [metrics] source_labels."
+                ),
+                &["source", "reason"]
+            )?),
+            source_put_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("source_put_errors_total"),
+                    "Failed writes, for the sources in [metrics] source_labels."
+                ),
+                &["source", "error"]
+            )?),
             registry,
         })
     }
@@ -164,6 +188,24 @@ static METRICS: LazyLock<Metrics> =
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// Sources whose events are also counted per source. Off (empty) by default: a label
+/// per source would be an unbounded set with 100,000 tenants. Set once, at start-up.
+static SOURCE_LABELS: std::sync::OnceLock<std::collections::HashSet<String>> =
+    std::sync::OnceLock::new();
+
+/// Turns per-source metrics on for these sources (an allow-list keeps them bounded).
+pub fn set_source_labels(sources: impl IntoIterator<Item = String>) {
+    let _ = SOURCE_LABELS.set(sources.into_iter().collect());
+}
+
+/// `Some(source)` when the source is in the allow-list: the label value to use.
+pub fn source_label(source: &str) -> Option<&str> {
+    SOURCE_LABELS
+        .get()
+        .filter(|allowed| allowed.contains(source))
+        .map(|_| source)
 }
 
 /// What `/readyz` reports: ready once tenant settings are loaded and the consumer has
