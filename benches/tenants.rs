@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use kd_aws::{AwsSettings, CredentialCache, CredentialSettings};
 use kd_tenants::{Snapshot, TenantEntry, TenantStore};
-use kd_testkit::{FakeAws, Kafka, Tansu};
+use kd_testkit::{FakeAws, Tansu};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
 use serde_json::json;
 
@@ -70,14 +72,30 @@ fn file_provider() -> Snapshot {
 async fn topic_provider() {
     let tansu = Tansu::start();
     tansu.create_topic("tenant-settings", 4);
-    let kafka = Kafka::new(&tansu.bootstrap());
+    // One record per batch (Tansu's high watermark is wrong after multi-record batches),
+    // many in flight at once.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", tansu.bootstrap())
+        .set("batch.num.messages", "1")
+        .set("linger.ms", "0")
+        .create()
+        .expect("producer");
     let started = Instant::now();
+    let mut pending = Vec::new();
     for i in 0..TENANTS {
         let t = tenant(i);
         let key = t["sourceId"].as_str().unwrap_or_default().to_owned();
-        kafka
-            .send("tenant-settings", Some(&key), t.to_string().as_bytes(), &[])
-            .await;
+        let value = t.to_string();
+        let record = FutureRecord::to("tenant-settings").key(&key).payload(&value);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).expect("queued"));
+        if pending.len() >= 5000 {
+            for d in pending.drain(..) {
+                d.await.expect("delivered").expect("acknowledged");
+            }
+        }
+    }
+    for d in pending.drain(..) {
+        d.await.expect("delivered").expect("acknowledged");
     }
     eprintln!(
         "(produced {TENANTS} settings records in {:.1} s)",
