@@ -11,8 +11,8 @@ use kd_aws::{AwsSettings, CredentialCache, CredentialSettings};
 use kd_tenants::{Snapshot, TenantEntry, TenantStore};
 use kd_testkit::{FakeAws, Tansu};
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
 const TENANTS: usize = 100_000;
@@ -86,8 +86,15 @@ async fn topic_provider() {
         let t = tenant(i);
         let key = t["sourceId"].as_str().unwrap_or_default().to_owned();
         let value = t.to_string();
-        let record = FutureRecord::to("tenant-settings").key(&key).payload(&value);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e).expect("queued"));
+        let record = FutureRecord::to("tenant-settings")
+            .key(&key)
+            .payload(&value);
+        pending.push(
+            producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("queued"),
+        );
         if pending.len() >= 5000 {
             for d in pending.drain(..) {
                 d.await.expect("delivered").expect("acknowledged");

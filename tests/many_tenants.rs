@@ -314,3 +314,102 @@ async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
+    let env = Env::start().await;
+    // The big tenant's one-shard stream takes under 1,000 records a second: its 10,000
+    // events need more than ten seconds. Ten small tenants send 100 each.
+    let big = env.tenant("src_big", "big", 1);
+    let mut tenants = vec![big.clone()];
+    let mut small_sources = Vec::new();
+    for i in 0..10 {
+        let source = format!("src_small{i}");
+        tenants.push(env.tenant(&source, &format!("small-{i}"), 2));
+        small_sources.push(source);
+    }
+    let cfg = env
+        .config(&tenants.iter().collect::<Vec<_>>())
+        .set("delivery", "max_in_flight_per_partition = 1000")
+        .set("delivery", "tenant_share = 0.5");
+    cfg.write();
+    // The small tenants' events come after all of the big one's, in the same partitions:
+    // the worst case, where reading in order would make them wait for the whole backlog.
+    let produce = |sources: &str, count: u32, users: u32| {
+        let status = std::process::Command::new(bin())
+            .args([
+                "produce",
+                "--topic",
+                kd_testkit::env::TOPIC,
+                "--sources",
+                sources,
+            ])
+            .args(["--count", &count.to_string(), "--users", &users.to_string()])
+            // One event per batch: Tansu answers fetches from mid-batch offsets wrongly.
+            .args([
+                "--batch-size",
+                "1",
+                "--bootstrap-servers",
+                &env.tansu.bootstrap(),
+            ])
+            .status()
+            .expect("produce runs");
+        assert!(status.success());
+    };
+    produce("src_big", 10_000, 300);
+    produce(&small_sources.join(","), 1_000, 10);
+
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    let small_count = || {
+        (0..10)
+            .map(|i| env.fake.records_of(&format!("small-{i}")).len())
+            .sum::<usize>()
+    };
+    kd_testkit::eventually(Duration::from_secs(60), "small tenants delivered", || {
+        let n = small_count();
+        async move { (n >= 1000).then_some(()) }
+    })
+    .await;
+    let big_then = env.fake.records_of("big").len();
+    eprintln!("fairness: small tenants done when the big one had {big_then} of 10,000 written");
+    assert!(
+        big_then < 4000,
+        "small tenants waited for the big one ({big_then} written)"
+    );
+
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        11_000.0,
+        Duration::from_secs(120),
+    )
+    .await;
+    let records = env.fake.records_of("big");
+    let ids: std::collections::HashSet<String> = records
+        .iter()
+        .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 10_000, "every big event arrived");
+    env.wait_committed_to_end(&cfg.group_id).await;
+    // Order per user among first deliveries.
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    for r in &records {
+        let v = r.json();
+        let id = v["messageId"].as_str().unwrap_or_default().to_owned();
+        if !seen.insert(id) {
+            continue;
+        }
+        let user = v["userId"]
+            .as_str()
+            .or(v["anonymousId"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let seq = v["properties"]["seq"].as_i64().unwrap_or(-1);
+        let prev = last.insert(user.clone(), seq).unwrap_or(-1);
+        assert!(seq > prev, "user {user}: {seq} after {prev}");
+    }
+    worker.sigterm();
+    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+}

@@ -118,6 +118,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         kafka,
         max_in_flight: d.max_in_flight,
         max_in_flight_per_partition: d.max_in_flight_per_partition,
+        tenant_share: d.tenant_share,
         commit_interval: Duration::from_millis(d.commit_interval_ms),
         shutdown_timeout: Duration::from_secs(d.shutdown_timeout_secs),
         close_timeout: Duration::from_secs(d.close_timeout_secs),

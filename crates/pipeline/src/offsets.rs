@@ -12,7 +12,12 @@
 //! the old owner does not keep writing events that the new owner is writing too.
 //!
 //! The tracker also knows how many events each partition has in flight, which is what
-//! backpressure (pausing a partition) is decided on.
+//! backpressure (pausing a partition) is decided on, and how many of them each tenant
+//! has, which is what fairness is decided on: a tenant over its share of a partition's
+//! budget has its further events of that partition *skipped* (not read into memory)
+//! while the others' go on; once its backlog drains, the partition is read again from
+//! the first skipped offset, and what was already handled is recognised and passed over.
+//! The commit watermark never passes a skipped offset.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -31,6 +36,8 @@ pub struct Ticket {
     epoch: u64,
     /// Cancelled when the partition is revoked or the worker shuts down.
     pub cancel: CancellationToken,
+    /// The tenant it counts against, for fairness.
+    source: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -44,15 +51,54 @@ struct PartitionState {
     cancel: CancellationToken,
     /// Whether backpressure paused fetching from this partition.
     paused: bool,
+    /// Events in flight per tenant.
+    by_source: HashMap<Arc<str>, usize>,
+    /// Tenants whose events are being skipped, and the first offset skipped.
+    skip: Option<Skip>,
+    /// Offsets handled after a skip began: passed over when the partition is read again.
+    handled_ahead: BTreeSet<i64>,
+}
+
+#[derive(Debug)]
+struct Skip {
+    from: i64,
+    sources: std::collections::HashSet<Arc<str>>,
 }
 
 impl PartitionState {
     fn watermark(&self) -> Option<i64> {
-        match self.pending.first() {
+        let w = match self.pending.first() {
             Some(&lowest) => Some(lowest),
             None => self.next,
+        };
+        match (&self.skip, w) {
+            (Some(skip), Some(w)) => Some(w.min(skip.from)),
+            (Some(skip), None) => Some(skip.from),
+            (None, w) => w,
         }
     }
+}
+
+/// What to do with an event just read.
+#[derive(Debug)]
+pub enum Admission {
+    /// Handle it; acknowledge with the ticket.
+    Handle(Ticket),
+    /// Its tenant is over its share: leave it for a later read of the partition.
+    Skip,
+    /// Already handled before the partition was read again.
+    Duplicate,
+    /// The partition is not ours.
+    NotAssigned,
+}
+
+/// Fairness limits within one partition.
+#[derive(Debug, Clone, Copy)]
+pub struct Fairness {
+    /// Most events in flight one tenant may have in one partition.
+    pub per_source: usize,
+    /// Most skipped-ahead offsets remembered per partition; past it the partition pauses.
+    pub max_handled_ahead: usize,
 }
 
 /// The offset state of every partition this consumer owns.
@@ -98,6 +144,9 @@ impl OffsetTracker {
                     committed: None,
                     cancel: self.cancel.child_token(),
                     paused: false,
+                    by_source: HashMap::new(),
+                    skip: None,
+                    handled_ahead: BTreeSet::new(),
                 },
             );
             if let Some(old) = old {
@@ -121,27 +170,110 @@ impl OffsetTracker {
         publish_in_flight(inner.pending_total);
     }
 
-    /// Registers an event as read and in flight. `None` when the partition is not
-    /// (or no longer) assigned to us: the event must then be ignored.
+    /// Registers an event as read and in flight, without fairness. `None` when the
+    /// partition is not (or no longer) assigned to us: the event must then be ignored.
     pub fn read(&self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
+        match self.admit(topic, partition, offset, None, None) {
+            Admission::Handle(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Decides what to do with an event of `source` just read, and registers it in
+    /// flight when it is to be handled. With `fairness`, a tenant at its share of the
+    /// partition has this and its further events of the partition skipped.
+    pub fn admit(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        source: Option<&Arc<str>>,
+        fairness: Option<Fairness>,
+    ) -> Admission {
         let mut inner = self.lock();
         let key = (Arc::<str>::from(topic), partition);
-        let state = inner.partitions.get_mut(&key)?;
+        let Some(state) = inner.partitions.get_mut(&key) else {
+            return Admission::NotAssigned;
+        };
+        state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        if state.handled_ahead.contains(&offset) {
+            if state.skip.is_none() {
+                // Read again past every skip: nothing below will be read again.
+                state.handled_ahead = state.handled_ahead.split_off(&(offset + 1));
+            }
+            return Admission::Duplicate;
+        }
+        if let (Some(source), Some(f)) = (source, fairness) {
+            let skipping = state
+                .skip
+                .as_ref()
+                .is_some_and(|s| s.sources.contains(source));
+            let over = state.by_source.get(source).copied().unwrap_or(0) >= f.per_source;
+            if skipping || over {
+                let skip = state.skip.get_or_insert_with(|| Skip {
+                    from: offset,
+                    sources: Default::default(),
+                });
+                skip.from = skip.from.min(offset);
+                skip.sources.insert(source.clone());
+                return Admission::Skip;
+            }
+        }
         let epoch = state.epoch;
         let cancel = state.cancel.clone();
+        if state.skip.is_some() {
+            state.handled_ahead.insert(offset);
+        }
         let inserted = state.pending.insert(offset);
-        state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
         if inserted {
+            if let Some(source) = source {
+                *state.by_source.entry(source.clone()).or_default() += 1;
+            }
             inner.pending_total += 1;
         }
         publish_in_flight(inner.pending_total);
-        Some(Ticket {
+        Admission::Handle(Ticket {
             topic: key.0,
             partition,
             offset,
             epoch,
             cancel,
+            source: source.cloned(),
         })
+    }
+
+    /// Partitions whose skipped tenants have drained below `resume_below` events in
+    /// flight: they are to be read again from the returned offset. Their skip ends here.
+    pub fn skips_to_reread(&self, resume_below: usize) -> Vec<(Arc<str>, i32, i64)> {
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for ((topic, partition), state) in inner.partitions.iter_mut() {
+            let drained = state.skip.as_ref().is_some_and(|skip| {
+                skip.sources
+                    .iter()
+                    .all(|s| state.by_source.get(s).copied().unwrap_or(0) < resume_below)
+            });
+            if drained {
+                if let Some(skip) = state.skip.take() {
+                    state.handled_ahead = state.handled_ahead.split_off(&skip.from);
+                    out.push((topic.clone(), *partition, skip.from));
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts back a skip whose re-read could not be started (the seek failed), so the
+    /// watermark stays below it and the re-read is tried again.
+    pub fn restore_skip(&self, topic: &str, partition: i32, from: i64) {
+        let mut inner = self.lock();
+        if let Some(state) = inner.partitions.get_mut(&(Arc::from(topic), partition)) {
+            let skip = state.skip.get_or_insert_with(|| Skip {
+                from,
+                sources: Default::default(),
+            });
+            skip.from = skip.from.min(from);
+        }
     }
 
     /// Marks an event done (written or dead-lettered).
@@ -155,6 +287,14 @@ impl OffsetTracker {
             return;
         }
         if state.pending.remove(&ticket.offset) {
+            if let Some(source) = &ticket.source {
+                if let Some(n) = state.by_source.get_mut(source) {
+                    *n -= 1;
+                    if *n == 0 {
+                        state.by_source.remove(source);
+                    }
+                }
+            }
             inner.pending_total -= 1;
         }
         publish_in_flight(inner.pending_total);
@@ -217,13 +357,19 @@ impl OffsetTracker {
     /// partitions to pause and to resume.
     pub fn rebalance_flow(
         &self,
-        mut decide: impl FnMut(usize, bool, usize) -> bool,
+        mut decide: impl FnMut(&FlowInput) -> bool,
     ) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
         let mut inner = self.lock();
         let total = inner.pending_total;
         let (mut pause, mut resume) = (Vec::new(), Vec::new());
         for ((topic, partition), state) in inner.partitions.iter_mut() {
-            let paused = decide(state.pending.len(), state.paused, total);
+            let paused = decide(&FlowInput {
+                in_flight: state.pending.len(),
+                paused: state.paused,
+                total,
+                handled_ahead: state.handled_ahead.len(),
+                skipping: state.skip.is_some(),
+            });
             if paused != state.paused {
                 state.paused = paused;
                 let key = (topic.clone(), *partition);
@@ -236,6 +382,18 @@ impl OffsetTracker {
         }
         (pause, resume)
     }
+}
+
+/// What a backpressure decision looks at for one partition.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowInput {
+    pub in_flight: usize,
+    pub paused: bool,
+    /// In flight over all partitions.
+    pub total: usize,
+    pub handled_ahead: usize,
+    /// Whether some tenant's events are being skipped in this partition.
+    pub skipping: bool,
 }
 
 fn publish_in_flight(n: usize) {
@@ -323,12 +481,53 @@ mod tests {
         for o in 0..10 {
             t.read("t", 0, o).unwrap();
         }
-        let (pause, resume) = t.rebalance_flow(|n, _, _| n >= 10);
+        let (pause, resume) = t.rebalance_flow(|f| f.in_flight >= 10);
         assert_eq!((pause.len(), resume.len()), (1, 0));
-        let (pause, resume) = t.rebalance_flow(|n, _, _| n >= 10);
+        let (pause, resume) = t.rebalance_flow(|f| f.in_flight >= 10);
         assert_eq!((pause.len(), resume.len()), (0, 0), "already paused");
-        let (pause, resume) = t.rebalance_flow(|_, _, _| false);
+        let (pause, resume) = t.rebalance_flow(|_| false);
         assert_eq!((pause.len(), resume.len()), (0, 1));
+    }
+
+    #[test]
+    fn a_tenant_over_its_share_is_skipped_then_read_again_without_duplicates() {
+        let t = tracker();
+        let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
+        let f = Some(Fairness {
+            per_source: 2,
+            max_handled_ahead: 100,
+        });
+        let admit = |o, s: &Arc<str>| t.admit("t", 0, o, Some(s), f);
+        let b0 = match admit(0, &big) {
+            Admission::Handle(x) => x,
+            a => panic!("{a:?}"),
+        };
+        assert!(matches!(admit(1, &big), Admission::Handle(_)));
+        assert!(
+            matches!(admit(2, &big), Admission::Skip),
+            "big is at its share"
+        );
+        let s3 = match admit(3, &small) {
+            Admission::Handle(x) => x,
+            a => panic!("{a:?}"),
+        };
+        assert!(
+            matches!(admit(4, &big), Admission::Skip),
+            "skipped until read again"
+        );
+        t.done(&s3);
+        // Nothing past the first skipped offset may be committed.
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 0)]);
+        assert!(t.skips_to_reread(1).is_empty(), "big still has 2 in flight");
+        t.done(&b0);
+        assert_eq!(t.skips_to_reread(2), vec![(Arc::from("t"), 0, 2)]);
+        // Read again from 2: 3 was handled already, 2 and 4 are handled now.
+        assert!(matches!(admit(2, &big), Admission::Handle(_)));
+        assert!(matches!(admit(3, &small), Admission::Duplicate));
+        assert!(
+            matches!(admit(4, &big), Admission::Skip),
+            "big at its share again (1 and 2)"
+        );
     }
 
     #[test]

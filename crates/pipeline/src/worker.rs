@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
 use crate::lanes::Lanes;
-use crate::offsets::{OffsetTracker, Ticket};
+use crate::offsets::{Admission, Fairness, FlowInput, OffsetTracker, Ticket};
 use crate::retry::RetryPolicy;
 use crate::route::route;
 
@@ -47,6 +47,9 @@ pub struct WorkerSettings {
     /// Most events in flight from one partition: past it that partition is paused until
     /// half has drained. Memory stays bounded however long a destination is down.
     pub max_in_flight_per_partition: usize,
+    /// Share (0 to 1) of a partition's in-flight budget one tenant may hold; its further
+    /// events there are skipped and read again once it drains. 1 turns fairness off.
+    pub tenant_share: f64,
     pub commit_interval: Duration,
     /// On SIGTERM, how long in-flight events may take to finish before they are
     /// abandoned (to be re-read after restart).
@@ -378,9 +381,14 @@ pub async fn run(
     ));
 
     tracing::info!(topics = ?settings.kafka.topics, group = %settings.kafka.group_id, "consuming");
+    let per_partition = settings.max_in_flight_per_partition.max(1);
     let flow = FlowControl {
-        per_partition: settings.max_in_flight_per_partition.max(1),
+        per_partition,
         total: settings.max_in_flight.max(1),
+        fairness: (settings.tenant_share < 1.0).then(|| Fairness {
+            per_source: ((per_partition as f64 * settings.tenant_share) as usize).max(1),
+            max_handled_ahead: per_partition.saturating_mul(50),
+        }),
     };
     let header = settings.kafka.source_id_header.as_str();
     // The tick resumes drained partitions, and also keeps calling into librdkafka while
@@ -393,6 +401,7 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
+                flow.reread_drained(&*consumer, &tracker);
                 flow.apply(&*consumer, &tracker);
                 continue;
             }
@@ -406,15 +415,25 @@ pub async fn run(
                 continue;
             }
         };
-        kd_telemetry::metrics().events_received.inc();
-        let Some(ticket) = tracker.read(msg.topic(), msg.partition(), msg.offset()) else {
-            // Read from a partition that is no longer ours: its next owner reads it.
-            continue;
+        let routed = route(&msg, &tenants.snapshot(), header);
+        let source = routed.as_ref().ok().map(|r| r.tenant.source_id.as_str());
+        let source: Option<Arc<str>> = source.map(Arc::from);
+        let ticket = match tracker.admit(
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+            source.as_ref(),
+            flow.fairness,
+        ) {
+            Admission::Handle(ticket) => ticket,
+            // Read again after a skip, or not ours: nothing to do (not even count it).
+            Admission::Duplicate | Admission::NotAssigned | Admission::Skip => continue,
         };
+        kd_telemetry::metrics().events_received.inc();
         if flow.over(&tracker, msg.topic(), msg.partition()) {
             flow.apply(&*consumer, &tracker);
         }
-        match route(&msg, &tenants.snapshot(), header) {
+        match routed {
             Ok(routed) => {
                 let lane = (routed.tenant.source_id.clone(), routed.key.clone());
                 lanes.push(
@@ -499,6 +518,7 @@ pub async fn run(
 struct FlowControl {
     per_partition: usize,
     total: usize,
+    fairness: Option<Fairness>,
 }
 
 impl FlowControl {
@@ -510,15 +530,44 @@ impl FlowControl {
             || tracker.in_flight() >= self.total
     }
 
+    /// Reads partitions again from their first skipped offset once the tenants skipped
+    /// there have drained to half their share.
+    fn reread_drained<C: Consumer<X>, X: ConsumerContext>(
+        &self,
+        consumer: &C,
+        tracker: &OffsetTracker,
+    ) {
+        let Some(f) = self.fairness else { return };
+        for (topic, partition, from) in tracker.skips_to_reread((f.per_source / 2).max(1)) {
+            match consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(from),
+                Duration::from_secs(1),
+            ) {
+                Ok(()) => tracing::debug!(%topic, partition, from, "reading skipped events again"),
+                Err(e) => {
+                    tracing::warn!(%topic, partition, from, error = %e, "cannot seek back to skipped events; will retry");
+                    tracker.restore_skip(&topic, partition, from);
+                }
+            }
+        }
+    }
+
     /// Pauses and resumes partitions as their in-flight counts say.
     fn apply<C: Consumer<X>, X: ConsumerContext>(&self, consumer: &C, tracker: &OffsetTracker) {
-        let (pause, resume) = tracker.rebalance_flow(|n, paused, total| {
-            if paused {
+        let max_ahead = self.fairness.map_or(usize::MAX, |f| f.max_handled_ahead);
+        let (pause, resume) = tracker.rebalance_flow(|f: &FlowInput| {
+            // Skipping ahead is bounded too: the offsets handled past a skip are kept.
+            let too_far_ahead = f.skipping && f.handled_ahead >= max_ahead;
+            if f.paused {
                 // Hysteresis: resume only well below the caps, so a partition does not
                 // flap between paused and fetching on every event.
-                n > self.per_partition / 2 || total > self.total * 3 / 4
+                f.in_flight > self.per_partition / 2
+                    || f.total > self.total * 3 / 4
+                    || too_far_ahead
             } else {
-                n >= self.per_partition || total >= self.total
+                f.in_flight >= self.per_partition || f.total >= self.total || too_far_ahead
             }
         });
         for (list, paused) in [(pause, true), (resume, false)] {
