@@ -256,6 +256,9 @@ impl OffsetTracker {
             if drained {
                 if let Some(skip) = state.skip.take() {
                     state.handled_ahead = state.handled_ahead.split_off(&skip.from);
+                    // Reading resumes at the skip: nothing at or past it counts as read
+                    // until it is read again, or the watermark would jump past it.
+                    state.next = Some(skip.from);
                     out.push((topic.clone(), *partition, skip.from));
                 }
             }
@@ -502,7 +505,9 @@ mod tests {
             Admission::Handle(x) => x,
             a => panic!("{a:?}"),
         };
-        assert!(matches!(admit(1, &big), Admission::Handle(_)));
+        let Admission::Handle(b1) = admit(1, &big) else {
+            panic!("big's second event is handled")
+        };
         assert!(
             matches!(admit(2, &big), Admission::Skip),
             "big is at its share"
@@ -521,13 +526,22 @@ mod tests {
         assert!(t.skips_to_reread(1).is_empty(), "big still has 2 in flight");
         t.done(&b0);
         assert_eq!(t.skips_to_reread(2), vec![(Arc::from("t"), 0, 2)]);
+        // Until 2 is read again, nothing from 2 on may be committed, even with nothing
+        // in flight below it.
+        t.done(&b1);
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 2)]);
         // Read again from 2: 3 was handled already, 2 and 4 are handled now.
         assert!(matches!(admit(2, &big), Admission::Handle(_)));
         assert!(matches!(admit(3, &small), Admission::Duplicate));
         assert!(
-            matches!(admit(4, &big), Admission::Skip),
-            "big at its share again (1 and 2)"
+            matches!(admit(4, &big), Admission::Handle(_)),
+            "big has one in flight (2)"
         );
+        assert!(
+            matches!(admit(5, &big), Admission::Skip),
+            "big at its share again (2 and 4)"
+        );
+        assert_eq!(t.to_commit(None), vec![], "2 is still in flight");
     }
 
     #[test]
