@@ -495,6 +495,8 @@ pub async fn run(
     {
         tracing::warn!("final offset commit timed out");
     }
+    // Nothing is read or written from here on; the group may hand the partitions over.
+    tracing::info!("leaving the consumer group");
     // Leaving the group (librdkafka's close) runs when the last handle drops; bound it so
     // an unreachable broker cannot hang the exit.
     let close = tokio::task::spawn_blocking(move || {

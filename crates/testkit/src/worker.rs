@@ -262,7 +262,8 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// When a worker held which partitions, from its JSON log (`[log] format = "json"`):
+/// When a worker held which partitions, from its JSON log (`[log] format = "json"`), up
+/// to its revoke or to the point where it stops reading and writing to leave the group:
 /// (partition, assigned at, revoked at) with times in seconds since the epoch; `None`
 /// when it still held the partition when the log ends.
 pub fn ownership(log: &str) -> Vec<(i32, f64, Option<f64>)> {
@@ -274,7 +275,8 @@ pub fn ownership(log: &str) -> Vec<(i32, f64, Option<f64>)> {
         };
         let message = v["fields"]["message"].as_str().unwrap_or_default();
         let assigned = message == "partitions assigned";
-        if !assigned && message != "partitions revoked" {
+        let leaving = message == "leaving the consumer group";
+        if !assigned && !leaving && message != "partitions revoked" {
             continue;
         }
         let Some(at) = v["timestamp"]
@@ -290,6 +292,13 @@ pub fn ownership(log: &str) -> Vec<(i32, f64, Option<f64>)> {
         else {
             continue;
         };
+        // Past this line the worker reads and writes nothing: its partitions are free.
+        if leaving {
+            for (p, start) in open.drain() {
+                out.push((p, start, Some(at)));
+            }
+            continue;
+        }
         // The field is the Debug form of [("topic", 0), ("topic", 1)].
         let partitions: Vec<i32> = v["fields"]["partitions"]
             .as_str()
