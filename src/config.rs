@@ -181,7 +181,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             max_in_flight: 20_000,
             max_in_flight_per_partition: 2_000,
-            tenant_share: 0.5,
+            tenant_share: 1.0,
             commit_interval_ms: 1_000,
             retry_window_secs: 4 * 3600,
             permanent_error_window_secs: 180,

@@ -427,7 +427,10 @@ pub async fn run(
         ) {
             Admission::Handle(ticket) => ticket,
             // Read again after a skip, or not ours: nothing to do (not even count it).
-            Admission::Duplicate | Admission::NotAssigned | Admission::Skip => continue,
+            other => {
+                tracing::trace!(offset = msg.offset(), partition = msg.partition(), admission = ?other, "not handled");
+                continue;
+            }
         };
         kd_telemetry::metrics().events_received.inc();
         if flow.over(&tracker, msg.topic(), msg.partition()) {

@@ -153,7 +153,12 @@ impl Worker {
                 "KINESIS_DESTINATION__HTTP__LISTEN",
                 format!("127.0.0.1:{http_port}"),
             )
-            .env("RUST_LOG", "info,kd_pipeline=debug,kd_aws=debug")
+            .env(
+                "RUST_LOG",
+                // KD_WORKER_LOG widens a test's worker logs while debugging.
+                std::env::var("KD_WORKER_LOG")
+                    .unwrap_or_else(|_| "info,kd_pipeline=debug,kd_aws=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log file"))
             .stderr(out)
