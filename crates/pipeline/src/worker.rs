@@ -99,12 +99,14 @@ impl ConsumerContext for WorkerContext {
                 .iter()
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
-            // Commit what is done before the partitions move; the rest is re-read by
-            // their next owner.
-            commit(consumer, &self.tracker, Some(&revoked));
+            // Stop the revoked partitions' in-flight work first (its next owner reads it
+            // again), then commit what was done: the commit can take a while, and the
+            // partitions' writes must not go on meanwhile.
+            let done = self.tracker.to_commit(Some(&revoked));
             self.tracker
                 .revoke(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
             tracing::info!(partitions = ?revoked, "partitions revoked");
+            commit_offsets(consumer, &self.tracker, done);
         }
     }
 
@@ -138,7 +140,15 @@ fn commit<C: Consumer<X>, X: ConsumerContext>(
     tracker: &OffsetTracker,
     only: Option<&[(String, i32)]>,
 ) {
-    let offsets = tracker.to_commit(only);
+    commit_offsets(consumer, tracker, tracker.to_commit(only));
+}
+
+/// Commits offsets taken from the tracker (handing them back to it if the commit fails).
+fn commit_offsets<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    tracker: &OffsetTracker,
+    offsets: Vec<(Arc<str>, i32, i64)>,
+) {
     if offsets.is_empty() {
         return;
     }
