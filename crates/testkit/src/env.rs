@@ -92,20 +92,9 @@ impl FakeEnv {
     }
 
     pub async fn wait_committed_to_end(&self, group: &str) {
-        let end = self.kafka.end_offsets(TOPIC, PARTITIONS);
-        eventually(
-            Duration::from_secs(60),
-            "offsets committed to the end",
-            || {
-                let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
-                let done = committed
-                    .iter()
-                    .zip(&end)
-                    .all(|(&c, &e)| c == e || (e == 0 && c < 0));
-                async move { done.then_some(()) }
-            },
-        )
-        .await;
+        self.kafka
+            .wait_committed_to_end(group, TOPIC, PARTITIONS)
+            .await;
     }
 }
 

@@ -143,24 +143,10 @@ impl FakeAws {
 
     /// Creates a stream with `shards` shards splitting the hash-key space evenly.
     pub fn create_stream(&self, name: &str, shards: u32) {
-        let n = shards.max(1) as u128;
-        let step = u128::MAX / n;
-        let shards = (0..n)
-            .map(|i| Shard {
-                id: format!("shardId-{i:012}"),
-                start: i * step,
-                end: if i == n - 1 {
-                    u128::MAX
-                } else {
-                    (i + 1) * step - 1
-                },
-                window: VecDeque::new(),
-            })
-            .collect();
         self.lock().streams.insert(
             name.into(),
             Stream {
-                shards,
+                shards: even_shards(shards),
                 ..Stream::default()
             },
         );
@@ -355,6 +341,24 @@ fn authenticate(inner: &Mutex<Inner>, access_key: &str) -> Option<Response> {
         )),
         Some(_) => None,
     }
+}
+
+/// `n` shards splitting the 128-bit hash-key space evenly, as CreateStream does.
+fn even_shards(n: u32) -> Vec<Shard> {
+    let n = n.max(1) as u128;
+    let step = u128::MAX / n;
+    (0..n)
+        .map(|i| Shard {
+            id: format!("shardId-{i:012}"),
+            start: i * step,
+            end: if i == n - 1 {
+                u128::MAX
+            } else {
+                (i + 1) * step - 1
+            },
+            window: VecDeque::new(),
+        })
+        .collect()
 }
 
 fn stream_name(req: &Value) -> String {
@@ -713,21 +717,10 @@ mod tests {
 
     #[test]
     fn shards_split_the_hash_key_space() {
-        let mut s = Stream::default();
-        let n = 4u128;
-        let step = u128::MAX / n;
-        s.shards = (0..n)
-            .map(|i| Shard {
-                id: format!("s{i}"),
-                start: i * step,
-                end: if i == n - 1 {
-                    u128::MAX
-                } else {
-                    (i + 1) * step - 1
-                },
-                window: VecDeque::new(),
-            })
-            .collect();
+        let mut s = Stream {
+            shards: even_shards(4),
+            ..Stream::default()
+        };
         let mut seen = std::collections::HashSet::new();
         for k in 0..200 {
             seen.insert(accept(&mut s, &format!("user-{k}"), 10).unwrap());

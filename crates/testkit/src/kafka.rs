@@ -121,6 +121,27 @@ impl Kafka {
     }
 }
 
+impl Kafka {
+    /// Waits until `group` has committed up to the end of every partition of `topic`
+    /// (an empty partition has nothing to commit).
+    pub async fn wait_committed_to_end(&self, group: &str, topic: &str, partitions: i32) {
+        let end = self.end_offsets(topic, partitions);
+        crate::eventually(
+            Duration::from_secs(60),
+            "offsets committed to the end",
+            || {
+                let committed = self.committed(group, topic, partitions);
+                let done = committed
+                    .iter()
+                    .zip(&end)
+                    .all(|(&c, &e)| c == e || (e == 0 && c < 0));
+                async move { done.then_some(()) }
+            },
+        )
+        .await;
+    }
+}
+
 /// A header's value as text.
 pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
     use rdkafka::message::Headers;
