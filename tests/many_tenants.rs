@@ -244,32 +244,32 @@ async fn short_lived_credentials_are_refreshed_before_they_expire() {
 async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
     let env = Env::start().await;
     let t = env.tenant("src_sharded", "sharded", 4);
-    // A quarter-scale stream: the fake enforces 250 records/s per shard over a sliding
-    // second, and this pod is given a quarter of each shard (capacity_fraction), so the
-    // worker aims at exactly the fake's limit, at a rate this machine sustains.
-    env.fake.enforce_capacity_at("sharded", 250, 256 * 1024);
+    // The fake enforces Kinesis' 1,000 records/s and 1 MiB/s per shard over a sliding
+    // second.
+    env.fake.enforce_capacity("sharded");
     let cfg = env
         .config(&[&t])
-        .set("aws", "capacity_fraction = 0.25")
         .set("delivery", "initial_backoff_ms = 20")
         .set("delivery", "max_backoff_ms = 200");
     cfg.write();
-    // 4,000 events: one hot user sends 5% of them, 1,900 others share the rest.
-    let mut sent = Vec::new();
-    for i in 0..4000 {
-        let user = if i % 20 == 0 {
-            "hot-user".to_owned()
-        } else {
-            format!("u{}", i % 1900)
-        };
-        sent.push(env.send("src_sharded", &user, i).await);
-    }
+    // 16,000 events: one hot user sends 5% of them, 1,900 others share the rest.
+    let events: Vec<(String, String, usize)> = (0..16000)
+        .map(|i| {
+            let user = if i % 20 == 0 {
+                "hot-user".to_owned()
+            } else {
+                format!("u{}", i % 1900)
+            };
+            ("src_sharded".to_owned(), user, i)
+        })
+        .collect();
+    let sent = env.send_all(&events).await;
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
-        4000.0,
+        16000.0,
         Duration::from_secs(120),
     )
     .await;
@@ -286,7 +286,7 @@ async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
     let first = records.iter().map(|r| r.at).min().unwrap();
     let last = records.iter().map(|r| r.at).max().unwrap();
     let took = (last - first).as_secs_f64();
-    let best = busiest as f64 / 250.0;
+    let best = busiest as f64 / 1000.0;
     let efficiency = best / took;
     let throttled = env.fake.throttled_at();
     let steady: Vec<_> = throttled

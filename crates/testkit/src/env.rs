@@ -80,6 +80,33 @@ impl FakeEnv {
         Sent { at, id }
     }
 
+    /// Sends events given as (source, user, seq), in order, many in flight at once.
+    pub async fn send_all(&self, events: &[(String, String, usize)]) -> Vec<Sent> {
+        let records: Vec<_> = events
+            .iter()
+            .map(|(source, user, seq)| {
+                let id = format!("{source}/{user}/{seq}");
+                let value = json!({"type": "track", "event": "Tested", "userId": user,
+                    "messageId": id, "properties": {"seq": seq}})
+                .to_string()
+                .into_bytes();
+                (
+                    user.clone(),
+                    value,
+                    vec![("source_id".to_owned(), source.clone())],
+                )
+            })
+            .collect();
+        let at = self.kafka.send_many(TOPIC, &records).await;
+        at.into_iter()
+            .zip(events)
+            .map(|(at, (source, user, seq))| Sent {
+                at,
+                id: format!("{source}/{user}/{seq}"),
+            })
+            .collect()
+    }
+
     /// Sends `per_user` events for each of `users` users of `source`, users interleaved.
     pub async fn send_many(&self, source: &str, users: usize, per_user: usize) -> Vec<Sent> {
         let mut sent = Vec::new();

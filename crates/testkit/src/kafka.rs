@@ -25,6 +25,8 @@ impl Kafka {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("acks", "all")
+            // One record per batch: Tansu answers fetches from mid-batch offsets wrongly.
+            .set("batch.num.messages", "1")
             .create()
             .expect("test producer");
         Kafka {
@@ -58,6 +60,44 @@ impl Kafka {
             Err((e, _)) => panic!("produce to {topic}: {e}"),
         };
         Produced { partition, offset }
+    }
+
+    /// Produces records in order, many in flight at once, and waits for them all.
+    /// Each is (key, value, headers).
+    pub async fn send_many(
+        &self,
+        topic: &str,
+        records: &[(String, Vec<u8>, Vec<(String, String)>)],
+    ) -> Vec<Produced> {
+        let mut pending = Vec::with_capacity(records.len());
+        for (key, value, headers) in records {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(v.as_str()),
+                });
+            }
+            let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+                .key(key.as_str())
+                .payload(value.as_slice())
+                .headers(h);
+            match self.producer.send_result(record) {
+                Ok(delivery) => pending.push(delivery),
+                Err((e, _)) => panic!("queue a record for {topic}: {e}"),
+            }
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for d in pending {
+            match d.await {
+                Ok(Ok(d)) => out.push(Produced {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                other => panic!("produce to {topic}: {other:?}"),
+            }
+        }
+        out
     }
 
     /// Reads `topic` from the beginning until `count` records arrived (or `timeout`).
