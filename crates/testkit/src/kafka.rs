@@ -8,6 +8,9 @@ use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+/// A record to produce: key, value, headers.
+pub type Record = (String, Vec<u8>, Vec<(String, String)>);
+
 /// Where a produced record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Produced {
@@ -63,12 +66,7 @@ impl Kafka {
     }
 
     /// Produces records in order, many in flight at once, and waits for them all.
-    /// Each is (key, value, headers).
-    pub async fn send_many(
-        &self,
-        topic: &str,
-        records: &[(String, Vec<u8>, Vec<(String, String)>)],
-    ) -> Vec<Produced> {
+    pub async fn send_many(&self, topic: &str, records: &[Record]) -> Vec<Produced> {
         let mut pending = Vec::with_capacity(records.len());
         for (key, value, headers) in records {
             let mut h = OwnedHeaders::new();
