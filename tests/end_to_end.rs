@@ -260,6 +260,30 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
         );
     }
 
+    // check: settings, AssumeRole and the stream, for a tenant that works and one that
+    // does not exist.
+    let check = |source: &str| {
+        std::process::Command::new(bin())
+            .args(["check", "--source-id", source, "--config"])
+            .arg(cfg.path())
+            .env("AWS_ACCESS_KEY_ID", "t")
+            .env("AWS_SECRET_ACCESS_KEY", "t")
+            .output()
+            .expect("check runs")
+    };
+    let ok = check("src_b");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("PASS ")).count(),
+        3,
+        "{out}"
+    );
+    assert!(!out.contains("s3cr3t-b"), "{out}");
+    let missing = check("src_nobody");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stdout).starts_with("FAIL settings"));
+
     worker.sigterm();
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
 }
