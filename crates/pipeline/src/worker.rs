@@ -477,8 +477,21 @@ pub async fn run(
         in_flight = tracker.in_flight(),
         "shutting down: draining in-flight events"
     );
+    // Stop fetching by pausing every partition, but keep polling the consumer while the
+    // writes finish: a rebalance during the drain is then served (its revoke cancels the
+    // partitions' work) instead of the group handing them over behind our back.
+    if let Ok(assigned) = consumer.assignment() {
+        if let Err(e) = consumer.pause(&assigned) {
+            tracing::warn!(error = %e, "cannot pause partitions for shutdown");
+        }
+    }
     while tracker.in_flight() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::select! {
+            // Nothing should arrive from paused partitions; anything that does is left,
+            // unacknowledged, for the partition's next reader.
+            _ = consumer.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
     }
     let abandoned = tracker.in_flight();
     if abandoned > 0 {
