@@ -6,7 +6,7 @@
 //! hash-key range), so a hot user cannot push one shard past its limit while the stream
 //! as a whole looks idle. The shard map is refreshed every few minutes (resharding).
 //!
-//! Budgets adapt (AIMD): a `ProvisionedThroughputExceeded` answer halves the budget of
+//! Budgets adapt (AIMD): a `ProvisionedThroughputExceeded` answer cuts by a fifth the budget of
 //! the shard (or stream) it concerned, and every second without one gives back a tenth
 //! of the full rate. `fraction` scales every budget, for a tenant whose stream is written
 //! by several pods at once.
@@ -29,6 +29,10 @@ pub const BYTES_PER_SHARD_PER_SEC: u32 = 1024 * 1024;
 const SHARD_MAP_TTL: Duration = Duration::from_secs(300);
 /// Lowest share of the full rate AIMD goes down to.
 const MIN_FACTOR: f64 = 0.1;
+/// What a throttled answer multiplies the rate by. Gentle, because one throttle often
+/// comes from requests bunched in flight (new connections at start-up), not a wrong rate;
+/// repeated throttles still bring the rate down fast (0.8^n, once per second).
+const DECREASE: f64 = 0.8;
 
 /// A records/s and bytes/s budget whose rate can be lowered and raised.
 struct Bucket {
@@ -140,7 +144,7 @@ impl Bucket {
     fn throttled(&self) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.last_change.elapsed() >= Duration::from_secs(1) || s.factor >= 1.0 {
-            let f = (s.factor * 0.5).max(MIN_FACTOR);
+            let f = (s.factor * DECREASE).max(MIN_FACTOR);
             self.set_factor(&mut s, f);
         }
     }
@@ -460,18 +464,18 @@ mod tests {
     }
 
     #[test]
-    fn throttling_halves_the_rate_and_quiet_seconds_restore_it() {
+    fn throttling_cuts_the_rate_and_quiet_seconds_restore_it() {
         let b = Bucket::new(1000.0, 1e6);
         b.throttled();
-        assert_eq!(b.factor(), 0.5);
+        assert_eq!(b.factor(), 0.8);
         b.throttled();
-        assert_eq!(b.factor(), 0.5, "one decrease per second");
+        assert_eq!(b.factor(), 0.8, "one decrease per second");
         b.state.lock().unwrap().last_change -= Duration::from_secs(2);
         b.throttled();
-        assert_eq!(b.factor(), 0.25);
+        assert!((b.factor() - 0.64).abs() < 1e-9);
         b.state.lock().unwrap().last_change -= Duration::from_secs(2);
         b.recover();
-        assert!((b.factor() - 0.35).abs() < 1e-9);
+        assert!((b.factor() - 0.74).abs() < 1e-9);
         for _ in 0..20 {
             b.state.lock().unwrap().last_change -= Duration::from_secs(2);
             b.recover();
