@@ -426,8 +426,7 @@ pub async fn run(
             }
         };
         let routed = route(&msg, &tenants.snapshot(), header);
-        let source = routed.as_ref().ok().map(|r| r.tenant.source_id.as_str());
-        let source: Option<Arc<str>> = source.map(Arc::from);
+        let source = routed.as_ref().ok().map(|r| r.tenant.source_id.shared());
         let ticket = match tracker.admit(
             msg.topic(),
             msg.partition(),

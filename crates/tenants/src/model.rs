@@ -19,6 +19,11 @@ impl SourceId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The ID as a shared string (a reference count, no copy).
+    pub fn shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
 }
 
 impl fmt::Display for SourceId {
