@@ -444,6 +444,11 @@ fn apply_override(
             .parse::<i64>()
             .map(toml::Value::Integer)
             .map_err(|_| ConfigError::new(&key, format!("{name} must be a whole number")))?,
+        Some(toml::Value::Float(_)) => raw
+            .trim()
+            .parse::<f64>()
+            .map(toml::Value::Float)
+            .map_err(|_| ConfigError::new(&key, format!("{name} must be a number")))?,
         Some(toml::Value::Boolean(_)) => raw
             .trim()
             .parse::<bool>()
@@ -544,6 +549,7 @@ listen = "0.0.0.0:9464"
                 ("KINESIS_DESTINATION__KAFKA__GROUP_ID", "12345"),
                 ("KINESIS_DESTINATION__KAFKA__TOPICS", "a, b"),
                 ("KINESIS_DESTINATION__DELIVERY__MAX_IN_FLIGHT", "7"),
+                ("KINESIS_DESTINATION__AWS__CAPACITY_FRACTION", "0.5"),
                 (
                     "KINESIS_DESTINATION__KAFKA__LIBRDKAFKA__SECURITY.PROTOCOL",
                     "ssl",
@@ -555,6 +561,7 @@ listen = "0.0.0.0:9464"
         assert_eq!(c.kafka.group_id, "12345");
         assert_eq!(c.kafka.topics, ["a", "b"]);
         assert_eq!(c.delivery.max_in_flight, 7);
+        assert_eq!(c.aws.capacity_fraction, 0.5);
         assert_eq!(c.kafka.librdkafka["security.protocol"], "ssl");
     }
 
