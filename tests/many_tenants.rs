@@ -164,8 +164,7 @@ async fn settings_topic_changes_apply_without_restart_and_workers_converge() {
         .all(|m| Kafka::header(m, "dlq.reason").as_deref() == Some("unknown_source")));
 
     for w in [&mut w1, &mut w2] {
-        w.sigterm();
-        assert!(w.wait_exit(Duration::from_secs(30)).success());
+        w.stop();
     }
 }
 
@@ -200,8 +199,7 @@ async fn fifty_concurrent_events_of_a_new_tenant_cost_one_assume_role() {
         metric_value(&m, "kinesis_destination_credential_cache_hits_total"),
         49.0
     );
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,8 +234,7 @@ async fn short_lived_credentials_are_refreshed_before_they_expire() {
     );
     let m = worker.metrics();
     assert!(!m.contains("put_errors_total{"), "no write failed:\n{m}");
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,26 +257,16 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
     cfg.write();
     // The small tenants' events come after all of the big one's, in the same partitions:
     // the worst case, where reading in order would make them wait for the whole backlog.
+    let bootstrap = env.tansu.bootstrap();
     let produce = |sources: &str, count: u32, users: u32| {
-        let status = std::process::Command::new(bin())
-            .args([
-                "produce",
-                "--topic",
-                kd_testkit::env::TOPIC,
-                "--sources",
-                sources,
-            ])
-            .args(["--count", &count.to_string(), "--users", &users.to_string()])
-            // One event per batch: Tansu answers fetches from mid-batch offsets wrongly.
-            .args([
-                "--batch-size",
-                "1",
-                "--bootstrap-servers",
-                &env.tansu.bootstrap(),
-            ])
-            .status()
-            .expect("produce runs");
-        assert!(status.success());
+        kd_testkit::produce(
+            bin(),
+            &bootstrap,
+            kd_testkit::env::TOPIC,
+            sources,
+            count,
+            users,
+        )
     };
     produce("src_big", 10_000, 300);
     produce(&small_sources.join(","), 1_000, 10);
@@ -335,6 +322,5 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
         let prev = last.insert(user.clone(), seq).unwrap_or(-1);
         assert!(seq > prev, "user {user}: {seq} after {prev}");
     }
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(30)).success());
+    worker.stop();
 }

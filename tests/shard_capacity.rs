@@ -83,6 +83,5 @@ async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
         steady.len()
     );
     assert!(worker.metric("kinesis_destination_rate_limit_wait_seconds_total") > 0.0);
-    worker.sigterm();
-    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    worker.stop();
 }

@@ -361,6 +361,14 @@ fn even_shards(n: u32) -> Vec<Shard> {
         .collect()
 }
 
+fn stream_not_found(name: &str) -> Response {
+    json_error(
+        400,
+        "ResourceNotFoundException",
+        &format!("Stream {name} under account not found."),
+    )
+}
+
 fn stream_name(req: &Value) -> String {
     req["StreamName"].as_str().unwrap_or_default().to_owned()
 }
@@ -450,11 +458,7 @@ async fn put(inner: &Mutex<Inner>, operation: &str, req: &Value, access_key: &st
             .get(access_key)
             .is_some_and(|c| guard.denied_roles.contains(&c.role));
         let Some(stream) = guard.streams.get_mut(&name) else {
-            return json_error(
-                400,
-                "ResourceNotFoundException",
-                &format!("Stream {name} under account not found."),
-            );
+            return stream_not_found(&name);
         };
         if stream.denied || role_denied {
             return json_error(
@@ -478,7 +482,7 @@ async fn put(inner: &Mutex<Inner>, operation: &str, req: &Value, access_key: &st
     let mut guard = inner.lock().unwrap();
     let inner = &mut *guard;
     let Some(stream) = inner.streams.get_mut(&name) else {
-        return json_error(400, "ResourceNotFoundException", "stream deleted");
+        return stream_not_found(&name);
     };
     let entries: Vec<&Value> = if operation == "PutRecord" {
         vec![req]
@@ -539,11 +543,7 @@ fn list_shards(inner: &Mutex<Inner>, req: &Value) -> Response {
     let inner = inner.lock().unwrap();
     let name = stream_name(req);
     let Some(stream) = inner.streams.get(&name) else {
-        return json_error(
-            400,
-            "ResourceNotFoundException",
-            &format!("Stream {name} not found."),
-        );
+        return stream_not_found(&name);
     };
     let shards: Vec<Value> = stream
         .shards
@@ -561,11 +561,7 @@ fn describe(inner: &Mutex<Inner>, req: &Value) -> Response {
     let inner = inner.lock().unwrap();
     let name = stream_name(req);
     let Some(stream) = inner.streams.get(&name) else {
-        return json_error(
-            400,
-            "ResourceNotFoundException",
-            &format!("Stream {name} not found."),
-        );
+        return stream_not_found(&name);
     };
     json_ok(json!({"StreamDescriptionSummary": {
         "StreamName": name, "StreamARN": format!("arn:aws:kinesis:us-east-1:000000000000:stream/{name}"),

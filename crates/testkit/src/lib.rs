@@ -28,9 +28,17 @@ pub use kafka::{Kafka, Produced};
 pub use proxy::{AssumeRoleCall, RecordingProxy};
 pub use services::{free_port, Moto, Tansu};
 pub use tcp_proxy::TcpProxy;
-pub use worker::{metric_value, ownership, Worker, WorkerConfig};
+pub use worker::{metric_value, ownership, produce, Worker, WorkerConfig};
 
 use std::time::{Duration, Instant};
+
+/// Asserts that a metrics page shows no dead letter of any reason.
+pub fn assert_nothing_dead_lettered(metrics: &str) {
+    assert!(
+        !metrics.contains("dead_lettered_total{"),
+        "nothing dead-lettered:\n{metrics}"
+    );
+}
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T

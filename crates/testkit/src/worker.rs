@@ -234,6 +234,17 @@ impl Worker {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, then asserts a clean exit (code 0) within 30 s.
+    pub fn stop(&mut self) {
+        self.sigterm();
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "worker exited with {status}:\n{}",
+            self.logs()
+        );
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
@@ -265,6 +276,19 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((status, body))
+}
+
+/// Runs `bin produce` (the sample-event command) and asserts it succeeded. One event per
+/// record batch: Tansu answers fetches from mid-batch offsets wrongly, and pausing or
+/// seeking a partition makes the consumer fetch from such offsets.
+pub fn produce(bin: &Path, bootstrap: &str, topic: &str, sources: &str, count: u32, users: u32) {
+    let status = Command::new(bin)
+        .args(["produce", "--topic", topic, "--sources", sources])
+        .args(["--count", &count.to_string(), "--users", &users.to_string()])
+        .args(["--batch-size", "1", "--bootstrap-servers", bootstrap])
+        .status()
+        .expect("produce runs");
+    assert!(status.success(), "produce failed: {status}");
 }
 
 /// When a worker held which partitions, from its JSON log (`[log] format = "json"`), up
