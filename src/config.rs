@@ -160,7 +160,8 @@ pub struct DeliveryConfig {
     pub max_in_flight: usize,
     /// Most events in flight from one partition; past it the partition is paused.
     pub max_in_flight_per_partition: usize,
-    /// Share of a partition's in-flight budget one tenant may hold (0 to 1; 1 = off).
+    /// Share of a full partition's in-flight budget one tenant may hold (0 to 1;
+    /// 1 = off).
     pub tenant_share: f64,
     pub commit_interval_ms: u64,
     /// Retryable failures are retried this long, then dead-lettered `retries_exhausted`.
@@ -181,7 +182,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             max_in_flight: 20_000,
             max_in_flight_per_partition: 2_000,
-            tenant_share: 1.0,
+            tenant_share: 0.5,
             commit_interval_ms: 1_000,
             retry_window_secs: 4 * 3600,
             permanent_error_window_secs: 180,

@@ -250,10 +250,8 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
         tenants.push(env.tenant(&source, &format!("small-{i}"), 2));
         small_sources.push(source);
     }
-    let cfg = env
-        .config(&tenants.iter().collect::<Vec<_>>())
-        .set("delivery", "max_in_flight_per_partition = 1000")
-        .set("delivery", "tenant_share = 0.5");
+    // Fairness as configured by default (`tenant_share = 0.5`).
+    let cfg = env.config(&tenants.iter().collect::<Vec<_>>());
     cfg.write();
     // The small tenants' events come after all of the big one's, in the same partitions:
     // the worst case, where reading in order would make them wait for the whole backlog.

@@ -13,11 +13,13 @@
 //!
 //! The tracker also knows how many events each partition has in flight, which is what
 //! backpressure (pausing a partition) is decided on, and how many of them each tenant
-//! has, which is what fairness is decided on: a tenant over its share of a partition's
-//! budget has its further events of that partition *skipped* (not read into memory)
-//! while the others' go on; once its backlog drains, the partition is read again from
-//! the first skipped offset, and what was already handled is recognised and passed over.
-//! The commit watermark never passes a skipped offset.
+//! has, which is what fairness is decided on. While a partition's budget is not used up,
+//! any tenant may use it (a partition holding one busy tenant runs at full speed). Once
+//! it is, a tenant holding its share or more has its further events of that partition
+//! *skipped* (not read into memory) while the others' go on; once its backlog drains
+//! below its share, the partition is read again from the first skipped offset, and what
+//! was already handled is recognised and passed over. The commit watermark never passes
+//! a skipped offset.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -95,7 +97,10 @@ pub enum Admission {
 /// Fairness limits within one partition.
 #[derive(Debug, Clone, Copy)]
 pub struct Fairness {
-    /// Most events in flight one tenant may have in one partition.
+    /// Events in flight in one partition from which on it is contended: tenants at
+    /// their share are skipped there (below it, nobody is).
+    pub contended_at: usize,
+    /// Most events in flight one tenant may have in a contended partition.
     pub per_source: usize,
     /// Most skipped-ahead offsets remembered per partition; past it the partition pauses.
     pub max_handled_ahead: usize,
@@ -180,8 +185,8 @@ impl OffsetTracker {
     }
 
     /// Decides what to do with an event of `source` just read, and registers it in
-    /// flight when it is to be handled. With `fairness`, a tenant at its share of the
-    /// partition has this and its further events of the partition skipped.
+    /// flight when it is to be handled. With `fairness`, a tenant at its share of a
+    /// contended partition has this and its further events of the partition skipped.
     pub fn admit(
         &self,
         topic: &str,
@@ -208,7 +213,8 @@ impl OffsetTracker {
                 .skip
                 .as_ref()
                 .is_some_and(|s| s.sources.contains(source));
-            let over = state.by_source.get(source).copied().unwrap_or(0) >= f.per_source;
+            let over = state.pending.len() >= f.contended_at
+                && state.by_source.get(source).copied().unwrap_or(0) >= f.per_source;
             if skipping || over {
                 let skip = state.skip.get_or_insert_with(|| Skip {
                     from: offset,
@@ -242,16 +248,24 @@ impl OffsetTracker {
         })
     }
 
-    /// Partitions whose skipped tenants have drained below `resume_below` events in
-    /// flight: they are to be read again from the returned offset. Their skip ends here.
-    pub fn skips_to_reread(&self, resume_below: usize) -> Vec<(Arc<str>, i32, i64)> {
+    /// Partitions where reading the skipped events again would get them handled: the
+    /// partition has drained to `partition_below` events in flight, or every tenant
+    /// skipped there to below `source_below`. They are to be read again from the
+    /// returned offset. Their skip ends here.
+    pub fn skips_to_reread(
+        &self,
+        partition_below: usize,
+        source_below: usize,
+    ) -> Vec<(Arc<str>, i32, i64)> {
         let mut inner = self.lock();
         let mut out = Vec::new();
         for ((topic, partition), state) in inner.partitions.iter_mut() {
             let drained = state.skip.as_ref().is_some_and(|skip| {
-                skip.sources
-                    .iter()
-                    .all(|s| state.by_source.get(s).copied().unwrap_or(0) < resume_below)
+                state.pending.len() < partition_below
+                    || skip
+                        .sources
+                        .iter()
+                        .all(|s| state.by_source.get(s).copied().unwrap_or(0) < source_below)
             });
             if drained {
                 if let Some(skip) = state.skip.take() {
@@ -492,56 +506,88 @@ mod tests {
         assert_eq!((pause.len(), resume.len()), (0, 1));
     }
 
+    fn handle(a: Admission) -> Ticket {
+        match a {
+            Admission::Handle(t) => t,
+            a => panic!("expected to handle, got {a:?}"),
+        }
+    }
+
     #[test]
-    fn a_tenant_over_its_share_is_skipped_then_read_again_without_duplicates() {
+    fn a_tenant_over_its_share_of_a_contended_partition_is_skipped_then_read_again() {
         let t = tracker();
         let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
         let f = Some(Fairness {
+            contended_at: 3,
             per_source: 2,
             max_handled_ahead: 100,
         });
         let admit = |o, s: &Arc<str>| t.admit("t", 0, o, Some(s), f);
-        let b0 = match admit(0, &big) {
-            Admission::Handle(x) => x,
-            a => panic!("{a:?}"),
-        };
-        let Admission::Handle(b1) = admit(1, &big) else {
-            panic!("big's second event is handled")
-        };
+        // Below contention a tenant may go past its share.
+        let b0 = handle(admit(0, &big));
+        let b1 = handle(admit(1, &big));
+        let b2 = handle(admit(2, &big));
         assert!(
-            matches!(admit(2, &big), Admission::Skip),
-            "big is at its share"
+            matches!(admit(3, &big), Admission::Skip),
+            "the partition is contended and big is over its share"
         );
-        let s3 = match admit(3, &small) {
-            Admission::Handle(x) => x,
-            a => panic!("{a:?}"),
-        };
-        assert!(
-            matches!(admit(4, &big), Admission::Skip),
-            "skipped until read again"
-        );
-        t.done(&s3);
-        // Nothing past the first skipped offset may be committed.
-        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 0)]);
-        assert!(t.skips_to_reread(1).is_empty(), "big still has 2 in flight");
-        t.done(&b0);
-        assert_eq!(t.skips_to_reread(2), vec![(Arc::from("t"), 0, 2)]);
-        // Until 2 is read again, nothing from 2 on may be committed, even with nothing
-        // in flight below it.
-        t.done(&b1);
-        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 2)]);
-        // Read again from 2: 3 was handled already, 2 and 4 are handled now.
-        assert!(matches!(admit(2, &big), Admission::Handle(_)));
-        assert!(matches!(admit(3, &small), Admission::Duplicate));
-        assert!(
-            matches!(admit(4, &big), Admission::Handle(_)),
-            "big has one in flight (2)"
-        );
+        let s4 = handle(admit(4, &small));
         assert!(
             matches!(admit(5, &big), Admission::Skip),
-            "big at its share again (2 and 4)"
+            "skipped until read again"
         );
-        assert_eq!(t.to_commit(None), vec![], "2 is still in flight");
+        t.done(&s4);
+        // Nothing past the first skipped offset may be committed.
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 0)]);
+        assert!(
+            t.skips_to_reread(1, 2).is_empty(),
+            "big still has 3 in flight"
+        );
+        t.done(&b0);
+        assert!(
+            t.skips_to_reread(1, 2).is_empty(),
+            "big still has 2 in flight"
+        );
+        t.done(&b1);
+        assert_eq!(t.skips_to_reread(1, 2), vec![(Arc::from("t"), 0, 3)]);
+        // Until 3 is read again, nothing from 3 on may be committed, even with nothing
+        // in flight below it.
+        t.done(&b2);
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 3)]);
+        // Read again from 3: 4 was handled already, 3 and 5 are handled now.
+        let b3 = handle(admit(3, &big));
+        assert!(matches!(admit(4, &small), Admission::Duplicate));
+        let _b5 = handle(admit(5, &big));
+        let _b6 = handle(admit(6, &big));
+        assert!(
+            matches!(admit(7, &big), Admission::Skip),
+            "contended again (3, 5, 6 in flight)"
+        );
+        assert_eq!(t.to_commit(None), vec![], "3 is still in flight");
+        t.done(&b3);
+        assert_eq!(
+            t.skips_to_reread(3, 0),
+            vec![(Arc::from("t"), 0, 7)],
+            "the partition drained below 3"
+        );
+    }
+
+    #[test]
+    fn a_lone_tenant_is_never_skipped_below_contention() {
+        let t = tracker();
+        let lone: Arc<str> = "lone".into();
+        let f = Some(Fairness {
+            contended_at: 10,
+            per_source: 1,
+            max_handled_ahead: 100,
+        });
+        for o in 0..10 {
+            let ticket = handle(t.admit("t", 0, o, Some(&lone), f));
+            if o % 2 == 0 {
+                t.done(&ticket);
+            }
+        }
+        assert_eq!(t.in_flight(), 5);
     }
 
     #[test]

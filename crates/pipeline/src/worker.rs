@@ -47,8 +47,9 @@ pub struct WorkerSettings {
     /// Most events in flight from one partition: past it that partition is paused until
     /// half has drained. Memory stays bounded however long a destination is down.
     pub max_in_flight_per_partition: usize,
-    /// Share (0 to 1) of a partition's in-flight budget one tenant may hold; its further
-    /// events there are skipped and read again once it drains. 1 turns fairness off.
+    /// Share (0 to 1) of a full partition's in-flight budget one tenant may hold; its
+    /// further events there are skipped and read again once it drains. 1 turns
+    /// fairness off.
     pub tenant_share: f64,
     pub commit_interval: Duration,
     /// On SIGTERM, how long in-flight events may take to finish before they are
@@ -391,15 +392,11 @@ pub async fn run(
     ));
 
     tracing::info!(topics = ?settings.kafka.topics, group = %settings.kafka.group_id, "consuming");
-    let per_partition = settings.max_in_flight_per_partition.max(1);
-    let flow = FlowControl {
-        per_partition,
-        total: settings.max_in_flight.max(1),
-        fairness: (settings.tenant_share < 1.0).then(|| Fairness {
-            per_source: ((per_partition as f64 * settings.tenant_share) as usize).max(1),
-            max_handled_ahead: per_partition.saturating_mul(50),
-        }),
-    };
+    let flow = FlowControl::new(
+        settings.max_in_flight_per_partition,
+        settings.max_in_flight,
+        settings.tenant_share,
+    );
     let header = settings.kafka.source_id_header.as_str();
     // The tick resumes drained partitions, and also keeps calling into librdkafka while
     // every partition is paused: it must be polled within max.poll.interval.ms or it
@@ -543,12 +540,30 @@ pub async fn run(
 /// Backpressure: pause a partition with too many events in flight (or all of them when
 /// the total is too high), resume it once enough have drained.
 struct FlowControl {
+    /// In flight in one partition at which it is paused.
     per_partition: usize,
     total: usize,
     fairness: Option<Fairness>,
 }
 
 impl FlowControl {
+    /// With fairness (`tenant_share` below 1), a partition is contended once its budget
+    /// is used up; tenants at their share are skipped there from then on, and the
+    /// others may add up to one share more before the partition pauses.
+    fn new(per_partition: usize, total: usize, tenant_share: f64) -> Self {
+        let per_partition = per_partition.max(1);
+        let fairness = (tenant_share < 1.0).then(|| Fairness {
+            contended_at: per_partition,
+            per_source: ((per_partition as f64 * tenant_share) as usize).max(1),
+            max_handled_ahead: per_partition.saturating_mul(50),
+        });
+        FlowControl {
+            per_partition: per_partition + fairness.map_or(0, |f| f.per_source),
+            total: total.max(1),
+            fairness,
+        }
+    }
+
     /// Whether the partition just read from may need pausing.
     fn over(&self, tracker: &OffsetTracker, topic: &str, partition: i32) -> bool {
         tracker
@@ -558,14 +573,16 @@ impl FlowControl {
     }
 
     /// Reads partitions again from their first skipped offset once the tenants skipped
-    /// there have drained to half their share.
+    /// there have drained below their share, or the partition to half its budget.
     fn reread_drained<C: Consumer<X>, X: ConsumerContext>(
         &self,
         consumer: &C,
         tracker: &OffsetTracker,
     ) {
         let Some(f) = self.fairness else { return };
-        for (topic, partition, from) in tracker.skips_to_reread((f.per_source / 2).max(1)) {
+        for (topic, partition, from) in
+            tracker.skips_to_reread(f.contended_at.div_ceil(2), f.per_source)
+        {
             match consumer.seek(
                 &topic,
                 partition,
