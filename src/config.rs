@@ -114,7 +114,8 @@ pub struct AwsConfig {
     /// Time allowed for one AWS API attempt.
     pub api_timeout_ms: u64,
     pub connect_timeout_ms: u64,
-    /// Most AWS requests on the wire at once (each holds a pooled connection).
+    /// Most AWS requests on the wire at once (each holds a pooled connection); one
+    /// tenant may hold `delivery.tenant_share` of them.
     pub max_concurrent_requests: usize,
     /// Share of each stream's capacity this pod may use (0 to 1): with a tenant's
     /// partitions spread over N pods, 1/N keeps their sum within the stream's limits.

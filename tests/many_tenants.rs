@@ -1,5 +1,6 @@
 //! Many tenants: settings from a compacted topic, the credential cache under concurrency
-//! and short credential lifetimes. Against Tansu and the AWS fake of `kd-testkit`.
+//! and short credential lifetimes, fairness towards small tenants next to a big or a slow
+//! one. Against Tansu and the AWS fake of `kd-testkit`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -287,6 +288,7 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
         big_then < 4000,
         "small tenants waited for the big one ({big_then} written)"
     );
+    assert!(worker.metric("kinesis_destination_fairness_skips_total") > 0.0);
 
     wait_metric(
         &worker,
@@ -301,6 +303,7 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
         .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(ids.len(), 10_000, "every big event arrived");
+    assert!(worker.metric("kinesis_destination_fairness_rereads_total") > 0.0);
     env.wait_committed_to_end(&cfg.group_id).await;
     // Order per user among first deliveries.
     let mut last: std::collections::HashMap<String, i64> = Default::default();
@@ -320,5 +323,75 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
         let prev = last.insert(user.clone(), seq).unwrap_or(-1);
         assert!(seq > prev, "user {user}: {seq} after {prev}");
     }
+    worker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tenant_holds_at_most_its_share_of_the_requests_on_the_wire() {
+    let env = Env::start().await;
+    // Every write to the slow tenant's stream takes 2 s (not a timeout: it succeeds).
+    let slow = env.tenant("src_slow", "slow", 2);
+    env.fake.fail_for(
+        "slow",
+        kd_testkit::Fault::Latency(Duration::from_secs(2)),
+        Duration::from_secs(600),
+    );
+    let mut tenants = vec![slow.clone()];
+    let mut small_sources = Vec::new();
+    for i in 0..10 {
+        let source = format!("src_quick{i}");
+        tenants.push(env.tenant(&source, &format!("quick-{i}"), 2));
+        small_sources.push(source);
+    }
+    // 16 requests on the wire at once: with 200 users, the slow tenant alone could keep
+    // all of them busy for 2 s at a time. Its share (default 0.5) leaves 8 for the rest.
+    let cfg = env
+        .config(&tenants.iter().collect::<Vec<_>>())
+        .set("aws", "max_concurrent_requests = 16");
+    cfg.write();
+    let bootstrap = env.tansu.bootstrap();
+    let produce = |sources: &str, count: u32, users: u32| {
+        kd_testkit::produce(
+            bin(),
+            &bootstrap,
+            kd_testkit::env::TOPIC,
+            sources,
+            count,
+            users,
+        )
+    };
+    produce("src_slow", 2_000, 200);
+    produce(&small_sources.join(","), 1_000, 10);
+
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    let quick_count = || {
+        (0..10)
+            .map(|i| env.fake.records_of(&format!("quick-{i}")).len())
+            .sum::<usize>()
+    };
+    kd_testkit::eventually(Duration::from_secs(20), "quick tenants delivered", || {
+        let n = quick_count();
+        async move { (n >= 1000).then_some(()) }
+    })
+    .await;
+    let slow_then = env.fake.records_of("slow").len();
+    eprintln!("slow tenant: quick tenants done when the slow one had {slow_then} of 2,000 written");
+    assert!(
+        slow_then < 1000,
+        "the slow tenant was not slow ({slow_then} written)"
+    );
+
+    // Once it is fast again, everything of the slow tenant arrives too.
+    env.fake.clear_faults("slow");
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        3_000.0,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(env.fake.records_of("slow").len(), 2_000);
+    env.wait_committed_to_end(&cfg.group_id).await;
     worker.stop();
 }

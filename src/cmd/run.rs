@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kd_aws::{AwsSettings, CredentialCache, CredentialSettings, KinesisWriter, RateLimits};
+use kd_aws::{
+    AwsSettings, CredentialCache, CredentialSettings, KinesisWriter, RateLimits, RequestBudget,
+};
 use kd_pipeline::{KafkaSettings, RetryPolicy, WorkerSettings};
 use kd_telemetry::Readiness;
 use kd_tenants::TenantStore;
@@ -107,7 +109,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let writer = KinesisWriter::new(
         credentials,
         RateLimits::new(aws.capacity_fraction),
-        aws.max_concurrent_requests,
+        RequestBudget::new(aws.max_concurrent_requests, config.delivery.tenant_share),
     );
 
     let shutdown = CancellationToken::new();

@@ -4,6 +4,7 @@
 //!   per (role, external ID) until shortly before the credentials expire, concurrent
 //!   misses coalesced, failures remembered briefly.
 //! - [`limits`]: a records/s and bytes/s budget per stream, from its shard count.
+//! - [`requests`]: how many requests may be on the wire, in all and per tenant.
 //! - [`writer`]: one `PutRecord` per event, with the stream's capacity respected.
 //! - [`errors`]: the one place that decides which AWS failures are worth retrying.
 //!
@@ -14,6 +15,7 @@
 pub mod credentials;
 pub mod errors;
 pub mod limits;
+pub mod requests;
 pub mod writer;
 
 use std::time::Duration;
@@ -25,6 +27,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 pub use credentials::{CredentialCache, CredentialSettings};
 pub use errors::{classify, AwsError, ErrorClass, Failure};
 pub use limits::RateLimits;
+pub use requests::RequestBudget;
 pub use writer::KinesisWriter;
 
 /// How the worker reaches AWS.

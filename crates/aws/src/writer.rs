@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::Semaphore;
-
 use aws_sdk_kinesis::primitives::Blob;
 use kd_event::PartitionKey;
 use kd_tenants::TenantSettings;
@@ -12,6 +10,7 @@ use kd_tenants::TenantSettings;
 use crate::credentials::CredentialCache;
 use crate::errors::{AwsError, ErrorClass};
 use crate::limits::RateLimits;
+use crate::requests::RequestBudget;
 
 /// Where a record landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,16 +26,16 @@ pub struct KinesisWriter {
     limits: RateLimits,
     /// Caps the requests on the wire at once: every one holds a pooled connection and
     /// its buffers, so thousands of busy lanes would otherwise mean thousands of
-    /// connections and hundreds of MiB.
-    requests: Arc<Semaphore>,
+    /// connections and hundreds of MiB. One tenant may hold only its share of them.
+    requests: Arc<RequestBudget>,
 }
 
 impl KinesisWriter {
-    pub fn new(credentials: CredentialCache, limits: RateLimits, max_concurrent: usize) -> Self {
+    pub fn new(credentials: CredentialCache, limits: RateLimits, requests: RequestBudget) -> Self {
         KinesisWriter {
             credentials,
             limits,
-            requests: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            requests: Arc::new(requests),
         }
     }
 
@@ -61,7 +60,7 @@ impl KinesisWriter {
             .await;
         let m = kd_telemetry::metrics();
         // Held only for the call itself, never across backoff or rate-limit waits.
-        let _permit = self.requests.acquire().await;
+        let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
         let result = client
             .put_record()

@@ -434,6 +434,9 @@ pub async fn run(
             Admission::Handle(ticket) => ticket,
             // Read again after a skip, or not ours: nothing to do (not even count it).
             other => {
+                if matches!(other, Admission::Skip) {
+                    kd_telemetry::metrics().fairness_skips.inc();
+                }
                 tracing::trace!(offset = msg.offset(), partition = msg.partition(), admission = ?other, "not handled");
                 continue;
             }
@@ -589,7 +592,10 @@ impl FlowControl {
                 Offset::Offset(from),
                 Duration::from_secs(1),
             ) {
-                Ok(()) => tracing::debug!(%topic, partition, from, "reading skipped events again"),
+                Ok(()) => {
+                    kd_telemetry::metrics().fairness_rereads.inc();
+                    tracing::debug!(%topic, partition, from, "reading skipped events again");
+                }
                 Err(e) => {
                     tracing::warn!(%topic, partition, from, error = %e, "cannot seek back to skipped events; will retry");
                     tracker.restore_skip(&topic, partition, from);

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub tenant_settings_records: IntCounter,
     pub commits: IntCounterVec,
     pub dead_letter_produce_seconds: Histogram,
+    pub fairness_skips: IntCounter,
+    pub fairness_rereads: IntCounter,
     pub source_delivered: IntCounterVec,
     pub source_dead_lettered: IntCounterVec,
     pub source_put_errors: IntCounterVec,
@@ -148,6 +150,14 @@ impl Metrics {
                 name("dead_letter_produce_seconds"),
                 "Time to get a dead letter acknowledged by Kafka."
             ))?),
+            fairness_skips: reg!(IntCounter::new(
+                name("fairness_skips_total"),
+                "Events left in Kafka for now because their tenant held its share of a full partition (counted at every pass)."
+            )?),
+            fairness_rereads: reg!(IntCounter::new(
+                name("fairness_rereads_total"),
+                "Partitions read again from their first skipped event."
+            )?),
             source_delivered: reg!(IntCounterVec::new(
                 Opts::new(
                     name("source_events_delivered_total"),
