@@ -117,6 +117,9 @@ pub struct AwsConfig {
     /// Most AWS requests on the wire at once (each holds a pooled connection); one
     /// tenant may hold `delivery.tenant_share` of them.
     pub max_concurrent_requests: usize,
+    /// How long a `PutRecords` batch waits for more records (tenants with
+    /// `usePutRecords`).
+    pub put_records_linger_ms: u64,
     /// Share of each stream's capacity this pod may use (0 to 1): with a tenant's
     /// partitions spread over N pods, 1/N keeps their sum within the stream's limits.
     pub capacity_fraction: f64,
@@ -134,6 +137,7 @@ impl Default for AwsConfig {
             api_timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             max_concurrent_requests: 256,
+            put_records_linger_ms: 10,
             capacity_fraction: 1.0,
         }
     }

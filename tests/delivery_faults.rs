@@ -606,3 +606,66 @@ async fn kafka_outage_is_waited_out_without_loss() {
     assert!(failed_commits > 0.0, "the outage was felt");
     worker.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_records_partial_failures_are_retried_record_by_record_in_order() {
+    let env = Env::start().await;
+    let mut t = env.tenant("src_batched", "batched", 4);
+    t.use_put_records = true;
+    let cfg = env
+        .config(&[&t])
+        .set("delivery", "initial_backoff_ms = 20")
+        .set("delivery", "max_backoff_ms = 200");
+    cfg.write();
+    // 300 users, 10 events each, users interleaved.
+    let events: Vec<(String, String, usize)> = (0..10)
+        .flat_map(|seq| (0..300).map(move |u| ("src_batched".to_owned(), format!("b{u}"), seq)))
+        .collect();
+    let sent = env.send_all(&events).await;
+    // The first two calls fail whole (503); in the next eight, 30 of every hundred
+    // records are refused as throttled while the rest are written.
+    env.fake.fail_next(
+        "batched",
+        Fault::Error {
+            status: 503,
+            code: "ServiceUnavailable".into(),
+        },
+        2,
+    );
+    env.fake
+        .fail_next("batched", Fault::PartialFailure { percent: 30 }, 8);
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        3000.0,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let records = env.fake.records_of("batched");
+    assert_all_delivered_in_order(&sent, &records);
+    // A refused record is not written, and an accepted one is never sent again.
+    assert_eq!(records.len(), 3000, "no record written twice");
+    let calls = env.fake.requests("PutRecords");
+    assert_eq!(env.fake.requests("PutRecord"), 0);
+    assert!(calls <= 600, "{calls} PutRecords calls for 3,000 records");
+    let m = worker.metrics();
+    let refused = metric_value(
+        &m,
+        "kinesis_destination_put_errors_total{error=\"ProvisionedThroughputExceededException\"}",
+    );
+    assert!(refused > 0.0, "partial failures were seen");
+    assert!(
+        metric_value(
+            &m,
+            "kinesis_destination_put_errors_total{error=\"ServiceUnavailable\"}"
+        ) >= 2.0
+    );
+    assert!(metric_value(&m, "kinesis_destination_retries_total") >= refused);
+    eprintln!("PutRecords: 3,000 records in {calls} calls, {refused} refused records retried");
+    kd_testkit::assert_nothing_dead_lettered(&m);
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.stop();
+}

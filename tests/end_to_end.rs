@@ -679,3 +679,77 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
     );
     worker.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_records_batches_deliver_byte_for_byte_in_order() {
+    let env = Env::start().await;
+    let mut t = Tenant::new("src_batch", "111111111111", "us-east-1", "batched");
+    t.shards = 2;
+    t.use_put_records = true;
+    env.streams.create(&t).await;
+    let cfg = env.config();
+    cfg.write_tenants(&[t.settings()]);
+    cfg.write();
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(30));
+
+    // 10 users, 30 events each, users interleaved, every event type.
+    let mut want: Vec<(Vec<u8>, String)> = Vec::new();
+    let mut n = 0;
+    for _ in 0..30 {
+        for u in 0..10 {
+            n += 1;
+            let user = format!("batch-user-{u}");
+            let bytes = event(TYPES[n % TYPES.len()], json!({"userId": user}), n);
+            env.send(&bytes, Some("src_batch"), &user).await;
+            want.push((bytes, user));
+        }
+    }
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        want.len() as f64,
+    )
+    .await;
+    // moto returns each shard's records in sequence order: per user (one key, one
+    // shard) that is the order they were written in.
+    let records = env.streams.read(&t).await;
+    let got: Vec<(Vec<u8>, String)> = records
+        .iter()
+        .map(|r| (r.data.clone(), r.partition_key.clone()))
+        .collect();
+    for u in 0..10 {
+        let user = format!("batch-user-{u}");
+        let of_user = |v: &[(Vec<u8>, String)]| -> Vec<Vec<u8>> {
+            v.iter()
+                .filter(|(_, k)| *k == user)
+                .map(|(d, _)| d.clone())
+                .collect()
+        };
+        assert!(
+            of_user(&got) == of_user(&want),
+            "{user}'s events arrived byte for byte and in order"
+        );
+    }
+    assert_eq!(got.len(), want.len());
+    let m = worker.metrics();
+    let calls = kd_testkit::metric_value(&m, "kinesis_destination_put_records_batch_records_count");
+    let batched = kd_testkit::metric_value(&m, "kinesis_destination_put_records_batch_records_sum");
+    assert_eq!(
+        batched,
+        want.len() as f64,
+        "every record went by PutRecords"
+    );
+    assert!(
+        calls < want.len() as f64,
+        "{calls} PutRecords calls for {} records",
+        want.len()
+    );
+    eprintln!(
+        "PutRecords: {} records in {calls} calls against moto",
+        want.len()
+    );
+    kd_testkit::assert_nothing_dead_lettered(&m);
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.stop();
+}

@@ -110,6 +110,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         credentials,
         RateLimits::new(aws.capacity_fraction),
         RequestBudget::new(aws.max_concurrent_requests, config.delivery.tenant_share),
+        Duration::from_millis(aws.put_records_linger_ms),
     );
 
     let shutdown = CancellationToken::new();

@@ -182,6 +182,22 @@ impl AwsError {
     }
 }
 
+impl AwsError {
+    /// Builds the error of one record that a `PutRecords` call refused while the call
+    /// itself succeeded (`ProvisionedThroughputExceededException`, `InternalFailure`, a
+    /// KMS error). A code we do not know is taken as transient, as a 5xx would be.
+    pub fn from_record(context: &str, code: &str, message: Option<&str>) -> Self {
+        AwsError {
+            class: classify(Failure::Service {
+                code: Some(code),
+                status: 500,
+            }),
+            code: code.to_owned(),
+            message: one_line(&format!("{context}: {}", message.unwrap_or(code))),
+        }
+    }
+}
+
 /// The HTTP status of a raw response, whatever its concrete type.
 pub trait HttpStatus {
     fn status_code(&self) -> u16;
@@ -277,6 +293,22 @@ mod tests {
         ];
         for (failure, want) in table {
             assert_eq!(classify(*failure), *want, "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn refused_records_of_a_put_records_call() {
+        let ctx = "PutRecords to stream s in us-east-1";
+        for (code, want) in [
+            ("ProvisionedThroughputExceededException", Retryable),
+            ("InternalFailure", Retryable),
+            ("KMSThrottlingException", Retryable),
+            ("KMSAccessDeniedException", Permanent),
+            ("SomethingNew", Retryable),
+        ] {
+            let e = AwsError::from_record(ctx, code, Some("why\nnot"));
+            assert_eq!((e.class, e.code.as_str()), (want, code));
+            assert_eq!(e.message, format!("{ctx}: why not"));
         }
     }
 

@@ -5,13 +5,15 @@
 //!   misses coalesced, failures remembered briefly.
 //! - [`limits`]: a records/s and bytes/s budget per stream, from its shard count.
 //! - [`requests`]: how many requests may be on the wire, in all and per tenant.
-//! - [`writer`]: one `PutRecord` per event, with the stream's capacity respected.
+//! - [`writer`]: one record per event, with the stream's capacity respected: by
+//!   `PutRecord`, or gathered into `PutRecords` calls ([`batch`]) where a tenant asks.
 //! - [`errors`]: the one place that decides which AWS failures are worth retrying.
 //!
 //! All clients share one HTTP connection pool (they are built from one `SdkConfig`), and
 //! the SDK's own retries are off: the pipeline retries with its own policy so that order,
 //! metrics and the retry window stay in one place.
 
+pub mod batch;
 pub mod credentials;
 pub mod errors;
 pub mod limits;

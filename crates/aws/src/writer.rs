@@ -1,16 +1,23 @@
-//! One `PutRecord` per event into the tenant's stream, within the stream's capacity.
+//! One record per event into the tenant's stream, within the stream's capacity: with
+//! `PutRecord`, or gathered into `PutRecords` calls for tenants that turned it on.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use kd_event::PartitionKey;
-use kd_tenants::TenantSettings;
+use kd_tenants::{Region, StreamName, TenantSettings};
+use tokio::sync::oneshot;
 
-use crate::credentials::CredentialCache;
+use crate::batch::Batches;
+use crate::credentials::{CredentialCache, Session};
 use crate::errors::{AwsError, ErrorClass};
 use crate::limits::RateLimits;
 use crate::requests::RequestBudget;
+
+/// Largest record sent in a `PutRecords` batch.
+const BATCHED_RECORD_MAX_BYTES: usize = 1024 * 1024;
 
 /// Where a record landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,14 +35,44 @@ pub struct KinesisWriter {
     /// its buffers, so thousands of busy lanes would otherwise mean thousands of
     /// connections and hundreds of MiB. One tenant may hold only its share of them.
     requests: Arc<RequestBudget>,
+    batches: Arc<Batches<Destination, Pending>>,
+    /// How long a `PutRecords` batch stays open for more records.
+    linger: Duration,
+}
+
+/// Where a batch goes: records share a call only with the same credentials, region and
+/// stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Destination {
+    /// The session's address: it stays put while any of its records is pending (each
+    /// holds the session), and a refreshed or changed session is another destination.
+    session: usize,
+    region: Region,
+    stream: StreamName,
+}
+
+/// A record waiting in a batch for its call.
+struct Pending {
+    tenant: Arc<TenantSettings>,
+    session: Arc<Session>,
+    key: String,
+    data: Vec<u8>,
+    done: oneshot::Sender<Result<Written, AwsError>>,
 }
 
 impl KinesisWriter {
-    pub fn new(credentials: CredentialCache, limits: RateLimits, requests: RequestBudget) -> Self {
+    pub fn new(
+        credentials: CredentialCache,
+        limits: RateLimits,
+        requests: RequestBudget,
+        linger: Duration,
+    ) -> Self {
         KinesisWriter {
             credentials,
             limits,
             requests: Arc::new(requests),
+            batches: Arc::default(),
+            linger,
         }
     }
 
@@ -44,21 +81,19 @@ impl KinesisWriter {
     /// dropped here, so the next attempt assumes the role again.
     pub async fn put_record(
         &self,
-        tenant: &TenantSettings,
+        tenant: &Arc<TenantSettings>,
         key: &PartitionKey,
         data: &[u8],
     ) -> Result<Written, AwsError> {
         let session = self.credentials.session(tenant).await?;
         let client = session.kinesis(&tenant.region);
+        let bytes = data.len() + key.as_str().len();
         self.limits
-            .acquire(
-                tenant,
-                key.as_str(),
-                data.len() + key.as_str().len(),
-                Some(&client),
-            )
+            .acquire(tenant, key.as_str(), bytes, Some(&client))
             .await;
-        let m = kd_telemetry::metrics();
+        if goes_in_batch(tenant, bytes) {
+            return self.put_batched(tenant, session, key, data, bytes).await;
+        }
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
@@ -70,6 +105,7 @@ impl KinesisWriter {
             .send()
             .await;
         let elapsed = started.elapsed().as_secs_f64();
+        let m = kd_telemetry::metrics();
         match result {
             Ok(out) => {
                 m.put_duration.with_label_values(&["ok"]).observe(elapsed);
@@ -79,31 +115,201 @@ impl KinesisWriter {
                 })
             }
             Err(e) => {
-                let err = AwsError::from_sdk(
-                    &format!("PutRecord to stream {} in {}", tenant.stream, tenant.region),
-                    &e,
-                );
                 m.put_duration
                     .with_label_values(&["error"])
                     .observe(elapsed);
-                m.put_errors.with_label_values(&[&err.code]).inc();
-                if let Some(source) = kd_telemetry::source_label(tenant.source_id.as_str()) {
-                    m.source_put_errors
-                        .with_label_values(&[source, &err.code])
-                        .inc();
-                }
+                let err = AwsError::from_sdk(&context("PutRecord", tenant), &e);
+                self.failed(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(tenant).await;
-                }
-                if err.code == "ProvisionedThroughputExceededException" {
-                    self.limits.throttled(tenant, key.as_str());
                 }
                 Err(err)
             }
         }
     }
 
+    /// Adds the record to its destination's open batch and waits for its own outcome.
+    async fn put_batched(
+        &self,
+        tenant: &Arc<TenantSettings>,
+        session: Arc<Session>,
+        key: &PartitionKey,
+        data: &[u8],
+        bytes: usize,
+    ) -> Result<Written, AwsError> {
+        let destination = Destination {
+            session: Arc::as_ptr(&session) as usize,
+            region: tenant.region.clone(),
+            stream: tenant.stream.clone(),
+        };
+        let (done, outcome) = oneshot::channel();
+        let pending = Pending {
+            tenant: tenant.clone(),
+            session,
+            key: key.as_str().to_owned(),
+            data: data.to_vec(),
+            done,
+        };
+        let added = self.batches.add(destination.clone(), bytes, pending);
+        // Sending happens in tasks of its own: a caller that gives up waiting (its
+        // partition was revoked) must not strand the other records of its batch.
+        for batch in added.ready {
+            tokio::spawn(self.clone().send_batch(batch));
+        }
+        if let Some(id) = added.opened {
+            let writer = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(writer.linger).await;
+                if let Some(batch) = writer.batches.take(&destination, id) {
+                    writer.send_batch(batch).await;
+                }
+            });
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(AwsError::from_record(
+                &context("PutRecords", tenant),
+                "InternalFailure",
+                Some("the batch was abandoned"),
+            ))
+        })
+    }
+
+    /// One `PutRecords` call; every record learns its own outcome.
+    async fn send_batch(self, mut batch: Vec<Pending>) {
+        let Some(first) = batch.first() else { return };
+        let tenant = first.tenant.clone();
+        let client = first.session.kinesis(&tenant.region);
+        let ctx = context("PutRecords", &tenant);
+        let m = kd_telemetry::metrics();
+        m.put_records_batch_size.observe(batch.len() as f64);
+        let keys: Vec<String> = batch
+            .iter_mut()
+            .map(|p| std::mem::take(&mut p.key))
+            .collect();
+        let entries: Result<Vec<_>, _> = batch
+            .iter_mut()
+            .zip(&keys)
+            .map(|(p, key)| {
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(std::mem::take(&mut p.data)))
+                    .partition_key(key.as_str())
+                    .build()
+            })
+            .collect();
+        let entries = match entries {
+            Ok(e) => e,
+            Err(e) => {
+                let err = AwsError {
+                    class: ErrorClass::Permanent,
+                    code: "ConstructionFailure".into(),
+                    message: crate::errors::one_line(&format!("{ctx}: {e}")),
+                };
+                for p in batch {
+                    let _ = p.done.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
+        let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
+        let started = Instant::now();
+        let result = client
+            .put_records()
+            .stream_name(tenant.stream.as_str())
+            .set_records(Some(entries))
+            .send()
+            .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        match result {
+            Ok(out) => {
+                m.put_duration.with_label_values(&["ok"]).observe(elapsed);
+                let mut results = out.records().iter();
+                for (p, key) in batch.into_iter().zip(&keys) {
+                    let outcome = match results.next() {
+                        Some(r) => match r.error_code() {
+                            Some(code) => {
+                                let err = AwsError::from_record(&ctx, code, r.error_message());
+                                self.failed(&p.tenant, key, &err);
+                                Err(err)
+                            }
+                            None => Ok(Written {
+                                shard_id: r.shard_id().unwrap_or_default().to_owned(),
+                                sequence_number: r.sequence_number().unwrap_or_default().to_owned(),
+                            }),
+                        },
+                        // Fewer results than records: the missing ones are unknown.
+                        None => Err(AwsError::from_record(
+                            &ctx,
+                            "InternalFailure",
+                            Some("no result for this record"),
+                        )),
+                    };
+                    let _ = p.done.send(outcome);
+                }
+            }
+            Err(e) => {
+                m.put_duration
+                    .with_label_values(&["error"])
+                    .observe(elapsed);
+                let err = AwsError::from_sdk(&ctx, &e);
+                if err.class == ErrorClass::ExpiredCredentials {
+                    self.credentials.invalidate(&tenant).await;
+                }
+                for (p, key) in batch.into_iter().zip(&keys) {
+                    self.failed(&p.tenant, key, &err);
+                    let _ = p.done.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// Counts a refused record and slows its shard down when it was throttled.
+    fn failed(&self, tenant: &TenantSettings, key: &str, err: &AwsError) {
+        let m = kd_telemetry::metrics();
+        m.put_errors.with_label_values(&[&err.code]).inc();
+        if let Some(source) = kd_telemetry::source_label(tenant.source_id.as_str()) {
+            m.source_put_errors
+                .with_label_values(&[source, &err.code])
+                .inc();
+        }
+        if err.code == "ProvisionedThroughputExceededException" {
+            self.limits.throttled(tenant, key);
+        }
+    }
+
     pub fn credentials(&self) -> &CredentialCache {
         &self.credentials
+    }
+}
+
+fn context(operation: &str, tenant: &TenantSettings) -> String {
+    format!(
+        "{operation} to stream {} in {}",
+        tenant.stream, tenant.region
+    )
+}
+
+/// Whether a record of `bytes` goes into a `PutRecords` batch. A record over 1 MiB
+/// (streams with a raised maximum record size) goes on its own with `PutRecord`, which
+/// every tenant's role allows: `PutRecords` documents 1 MiB per record.
+fn goes_in_batch(tenant: &TenantSettings, bytes: usize) -> bool {
+    tenant.use_put_records && bytes <= BATCHED_RECORD_MAX_BYTES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(use_put_records: bool) -> TenantSettings {
+        let mut v = serde_json::json!({"sourceId": "s", "stream": "st", "region": "us-east-1",
+            "roleAddress": "arn:aws:iam::123456789012:role/r", "maxRecordSizeKiB": 4096});
+        v["usePutRecords"] = use_put_records.into();
+        kd_tenants::parse_tenant(&v).unwrap()
+    }
+
+    #[test]
+    fn records_up_to_1_mib_of_batching_tenants_are_batched() {
+        assert!(goes_in_batch(&tenant(true), 1024 * 1024));
+        assert!(!goes_in_batch(&tenant(true), 1024 * 1024 + 1));
+        assert!(!goes_in_batch(&tenant(false), 10));
     }
 }

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub tenant_settings_records: IntCounter,
     pub commits: IntCounterVec,
     pub dead_letter_produce_seconds: Histogram,
+    pub put_records_batch_size: Histogram,
     pub fairness_skips: IntCounter,
     pub fairness_rereads: IntCounter,
     pub source_delivered: IntCounterVec,
@@ -79,7 +80,7 @@ impl Metrics {
             put_duration: reg!(HistogramVec::new(
                 HistogramOpts::new(
                     name("put_duration_seconds"),
-                    "Duration of one Kinesis PutRecord call, by outcome."
+                    "Duration of one Kinesis PutRecord or PutRecords call, by outcome."
                 )
                 .buckets(vec![
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
@@ -150,6 +151,13 @@ impl Metrics {
                 name("dead_letter_produce_seconds"),
                 "Time to get a dead letter acknowledged by Kafka."
             ))?),
+            put_records_batch_size: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    name("put_records_batch_records"),
+                    "Records per PutRecords call (tenants with usePutRecords)."
+                )
+                .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0])
+            )?),
             fairness_skips: reg!(IntCounter::new(
                 name("fairness_skips_total"),
                 "Events left in Kafka for now because their tenant held its share of a full partition (counted at every pass)."

@@ -219,6 +219,9 @@ pub struct TenantSettings {
     /// The stream's shard count (capacity hint); 1 when not given.
     pub shards: u32,
     pub use_message_id: bool,
+    /// Write with `PutRecords` batches instead of one `PutRecord` per event (the role
+    /// must then also allow `kinesis:PutRecords`).
+    pub use_put_records: bool,
     /// Largest record Kinesis accepts for this stream, in bytes (data plus partition key).
     pub max_record_bytes: usize,
 }
@@ -264,6 +267,7 @@ struct RawSettings {
     secret_id: Option<Value>,
     shards: Option<Value>,
     use_message_id: Option<Value>,
+    use_put_records: Option<Value>,
     #[serde(rename = "maxRecordSizeKiB")]
     max_record_size_kib: Option<Value>,
 }
@@ -318,11 +322,13 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
             }
         },
     };
-    let use_message_id = match &raw.use_message_id {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(invalid("useMessageId must be true or false".into())),
+    let flag = |name: &str, v: &Option<Value>| match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(invalid(format!("{name} must be true or false"))),
     };
+    let use_message_id = flag("useMessageId", &raw.use_message_id)?;
+    let use_put_records = flag("usePutRecords", &raw.use_put_records)?;
     let max_kib = match &raw.max_record_size_kib {
         None | Some(Value::Null) => DEFAULT_MAX_RECORD_KIB,
         Some(v) => match v.as_u64() {
@@ -342,6 +348,7 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         secret_id,
         shards,
         use_message_id,
+        use_put_records,
         max_record_bytes: max_kib as usize * 1024,
     })
 }
@@ -403,6 +410,7 @@ mod tests {
             ("stream", json!("has space"), "stream"),
             ("shards", json!(0), "shards"),
             ("useMessageId", json!("yes"), "useMessageId"),
+            ("usePutRecords", json!(1), "usePutRecords"),
             ("maxRecordSizeKiB", json!(20000), "maxRecordSizeKiB"),
             ("secretId", json!(42), "secretId"),
         ];

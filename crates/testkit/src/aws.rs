@@ -14,6 +14,8 @@ pub struct Tenant {
     pub shards: u32,
     pub secret_id: Option<String>,
     pub max_record_kib: Option<u32>,
+    /// Write with `PutRecords` batches.
+    pub use_put_records: bool,
 }
 
 impl Tenant {
@@ -26,6 +28,7 @@ impl Tenant {
             shards: 1,
             secret_id: None,
             max_record_kib: None,
+            use_put_records: false,
         }
     }
 
@@ -46,6 +49,9 @@ impl Tenant {
         }
         if let Some(k) = self.max_record_kib {
             v["maxRecordSizeKiB"] = json!(k);
+        }
+        if self.use_put_records {
+            v["usePutRecords"] = json!(true);
         }
         v
     }
