@@ -369,6 +369,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.aws.put_records_linger_ms > 5_000 {
+            return Err(ConfigError::new(
+                "aws.put_records_linger_ms",
+                "must be at most 5000 (records wait this long before their call)",
+            ));
+        }
         if self.aws.max_cached_credentials == 0 {
             return Err(ConfigError::new(
                 "aws.max_cached_credentials",
@@ -599,6 +605,14 @@ listen = "0.0.0.0:9464"
                 "tenants.file",
             ),
             (SPEC_EXAMPLE.replace("[http]", "[http"), "config file"),
+            (
+                SPEC_EXAMPLE.replace("[aws]", "[aws]\nput_records_linger_ms = 60000"),
+                "aws.put_records_linger_ms",
+            ),
+            (
+                format!("{SPEC_EXAMPLE}\n[delivery]\ntenant_share = 0\n"),
+                "delivery.tenant_share",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::parse(&text, &[]).unwrap_err();
