@@ -2,7 +2,6 @@
 //! `KINESIS_DESTINATION__SECTION__KEY`, checked once at start-up. A bad key stops the
 //! worker with exit code 2 and one line that names it.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -48,30 +47,8 @@ pub struct MetricsConfig {
     pub source_labels: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaConfig {
-    pub bootstrap_servers: String,
-    pub group_id: String,
-    pub topics: Vec<String>,
-    pub dead_letter_topic: String,
-    pub source_id_header: String,
-    /// Passed to librdkafka verbatim (security, SASL, TLS, timeouts).
-    pub librdkafka: BTreeMap<String, String>,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            bootstrap_servers: "127.0.0.1:9092".into(),
-            group_id: "kinesis-destination".into(),
-            topics: vec!["segment-events".into()],
-            dead_letter_topic: "segment-events-dlq".into(),
-            source_id_header: "source_id".into(),
-            librdkafka: BTreeMap::new(),
-        }
-    }
-}
+/// The `[kafka]` section: the pipeline's own settings type, so the two cannot drift.
+pub type KafkaConfig = kd_pipeline::KafkaSettings;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -575,6 +552,19 @@ listen = "0.0.0.0:9464"
         assert_eq!(c.delivery.max_in_flight, 7);
         assert_eq!(c.aws.capacity_fraction, 0.5);
         assert_eq!(c.kafka.librdkafka["security.protocol"], "ssl");
+    }
+
+    #[test]
+    fn kafka_credentials_never_show_in_debug() {
+        let text = SPEC_EXAMPLE.replace(
+            "[kafka.librdkafka]",
+            "[kafka.librdkafka]\n\"sasl.password\" = \"hunter2\"",
+        );
+        let c = Config::parse(&text, &[]).unwrap();
+        assert_eq!(c.kafka.librdkafka["sasl.password"], "hunter2");
+        let shown = format!("{c:?}");
+        assert!(shown.contains("sasl.password"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kd_aws::{
     AwsSettings, CredentialCache, CredentialSettings, KinesisWriter, RateLimits, RequestBudget,
 };
-use kd_pipeline::{KafkaSettings, RetryPolicy, WorkerSettings};
+use kd_pipeline::{RetryPolicy, WorkerSettings};
 use kd_telemetry::Readiness;
 use kd_tenants::TenantStore;
 use tokio_util::sync::CancellationToken;
@@ -25,15 +25,7 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let config = Config::load(&args.config)?;
-    let k = &config.kafka;
-    let kafka = KafkaSettings {
-        bootstrap_servers: k.bootstrap_servers.clone(),
-        group_id: k.group_id.clone(),
-        topics: k.topics.clone(),
-        dead_letter_topic: k.dead_letter_topic.clone(),
-        source_id_header: k.source_id_header.clone(),
-        librdkafka: k.librdkafka.clone(),
-    };
+    let kafka = config.kafka.clone();
     kd_pipeline::validate_kafka(&kafka).map_err(|(key, reason)| {
         CliError::Usage(format!("config: kafka.librdkafka: {key}: {reason}"))
     })?;

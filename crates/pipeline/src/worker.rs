@@ -25,16 +25,46 @@ use crate::offsets::{Admission, Fairness, FlowInput, OffsetTracker, Ticket};
 use crate::retry::RetryPolicy;
 use crate::route::route;
 
-/// Kafka side of the worker (SPEC 2 `[kafka]`).
-#[derive(Debug, Clone)]
+/// Kafka side of the worker: the `[kafka]` section of the configuration (SPEC 2).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     pub group_id: String,
     pub topics: Vec<String>,
     pub dead_letter_topic: String,
     pub source_id_header: String,
-    /// Passed to librdkafka verbatim, after our defaults (so they can override them).
+    /// Passed to librdkafka verbatim, after our defaults (so they can override them):
+    /// security, SASL, TLS, timeouts.
     pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_id: "kinesis-destination".into(),
+            topics: vec!["segment-events".into()],
+            dead_letter_topic: "segment-events-dlq".into(),
+            source_id_header: "source_id".into(),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// The librdkafka properties may hold credentials (`sasl.password`,
+/// `ssl.key.password`, ...): their values never show in `Debug`, only their names.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("source_id_header", &self.source_id_header)
+            .field("librdkafka", &self.librdkafka.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// Everything the worker needs besides its collaborators.
