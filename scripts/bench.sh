@@ -11,4 +11,4 @@ cargo bench --locked --bench tenants "$@"
 echo
 echo "== throughput: one tenant, 20,000 events, 64 shards, 25 ms per AWS call"
 cargo test --release --locked --test throughput -- --ignored --nocapture --test-threads 1 2>&1 \
-    | grep -E "^(PutRecord|test result)"
+    | grep -oE "PutRecords? +[0-9].*|test result.*"

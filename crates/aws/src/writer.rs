@@ -176,6 +176,9 @@ impl KinesisWriter {
 
     /// One `PutRecords` call; every record learns its own outcome.
     async fn send_batch(self, mut batch: Vec<Pending>) {
+        // A record whose caller gave up (its partition was revoked, the worker is
+        // stopping) is left out: its partition's next reader writes it.
+        batch.retain(|p| !p.done.is_closed());
         let Some(first) = batch.first() else { return };
         let tenant = first.tenant.clone();
         let client = first.session.kinesis(&tenant.region);
