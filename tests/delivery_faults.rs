@@ -399,9 +399,12 @@ async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
 async fn workers_joining_and_leaving_share_partitions_without_loss() {
     let env = std::sync::Arc::new(Env::start().await);
     let t = env.tenant("src_group", "group", 4);
+    // A second tenant writes with PutRecords batches through the same rebalances.
+    let mut batched = env.tenant("src_group_b", "group-batched", 2);
+    batched.use_put_records = true;
     // Tansu's group coordinator keeps rebalancing a group of several members whose
     // session timeout is shorter than about 6 s, so this test keeps the default.
-    let cfg = env.config(&[&t]).set("log", "format = \"json\"");
+    let cfg = env.config(&[&t, &batched]).set("log", "format = \"json\"");
     cfg.write();
     let mut a = Worker::start(bin(), &cfg);
     let mut b = Worker::start(bin(), &cfg);
@@ -409,13 +412,18 @@ async fn workers_joining_and_leaving_share_partitions_without_loss() {
     b.wait_ready(Duration::from_secs(60));
 
     let sent = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Sent>::new()));
+    let sent_batched = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Sent>::new()));
     let producer = {
-        let (env, sent) = (env.clone(), sent.clone());
+        let (env, sent, sent_batched) = (env.clone(), sent.clone(), sent_batched.clone());
         tokio::spawn(async move {
             for seq in 0..60 {
                 for u in 0..25 {
                     let s = env.send("src_group", &format!("u{u}"), seq).await;
                     sent.lock().await.push(s);
+                    if u < 10 {
+                        let s = env.send("src_group_b", &format!("b{u}"), seq).await;
+                        sent_batched.lock().await.push(s);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -432,11 +440,18 @@ async fn workers_joining_and_leaving_share_partitions_without_loss() {
 
     let records = env.fake.records_of("group");
     assert_all_delivered_in_order(&sent, &records);
+    let batched_records = env.fake.records_of("group-batched");
+    assert_all_delivered_in_order(&sent_batched.lock().await.clone(), &batched_records);
     let duplicates = records.len() - first_deliveries(&records).len();
-    eprintln!("join/leave: {} events, {duplicates} duplicates", sent.len());
+    let batched_duplicates = batched_records.len() - first_deliveries(&batched_records).len();
+    eprintln!(
+        "join/leave: {} + {} events, {duplicates} + {batched_duplicates} duplicates",
+        sent.len(),
+        batched_records.len() - batched_duplicates
+    );
     assert!(
-        duplicates <= 2 * PARTITIONS as usize * 2000,
-        "{duplicates} duplicates"
+        duplicates + batched_duplicates <= 2 * PARTITIONS as usize * 2000,
+        "{duplicates} + {batched_duplicates} duplicates"
     );
     let writers: HashSet<&str> = records.iter().map(|r| r.access_key.as_str()).collect();
     assert!(writers.len() >= 2, "the work was shared");
