@@ -330,8 +330,11 @@ async fn exhausted_retry_window_dead_letters_and_moves_on() {
 async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
     let env = std::sync::Arc::new(Env::start().await);
     let t = env.tenant("src_crash", "crash", 4);
+    // A second tenant writes with PutRecords batches.
+    let mut batched = env.tenant("src_crash_b", "crash-batched", 2);
+    batched.use_put_records = true;
     let per_partition_cap = 100;
-    let mut cfg = env.config(&[&t]).set(
+    let mut cfg = env.config(&[&t, &batched]).set(
         "delivery",
         &format!("max_in_flight_per_partition = {per_partition_cap}"),
     );
@@ -345,7 +348,11 @@ async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
         tokio::spawn(async move {
             for seq in 0..100 {
                 for u in 0..20 {
-                    let s = env.send("src_crash", &format!("u{u}"), seq).await;
+                    let s = if u < 15 {
+                        env.send("src_crash", &format!("u{u}"), seq).await
+                    } else {
+                        env.send("src_crash_b", &format!("b{u}"), seq).await
+                    };
                     sent.lock().await.push(s);
                 }
                 tokio::time::sleep(Duration::from_millis(350)).await;
@@ -361,12 +368,7 @@ async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
         tokio::time::sleep(Duration::from_millis(*ms)).await;
         worker.sigkill();
         let sent = sent.lock().await.clone();
-        assert_commits_cover_only_written(
-            &env,
-            &cfg.group_id,
-            &sent,
-            &env.fake.records_of("crash"),
-        );
+        assert_commits_cover_only_written(&env, &cfg.group_id, &sent, &env.fake.records());
     }
     producer.await.unwrap();
     let sent = sent.lock().await.clone();
@@ -375,8 +377,14 @@ async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
     let mut worker = Worker::start(bin(), &cfg);
     worker.wait_ready(Duration::from_secs(60));
     env.wait_committed_to_end(&cfg.group_id).await;
-    let records = env.fake.records_of("crash");
-    assert_all_delivered_in_order(&sent, &records);
+    let records = env.fake.records();
+    let (sent_b, sent_a): (Vec<Sent>, Vec<Sent>) = sent
+        .iter()
+        .cloned()
+        .partition(|s| s.id.starts_with("src_crash_b/"));
+    assert_all_delivered_in_order(&sent_a, &env.fake.records_of("crash"));
+    assert_all_delivered_in_order(&sent_b, &env.fake.records_of("crash-batched"));
+    assert_eq!(sent_b.len(), 500);
     assert_eq!(
         assert_commits_cover_only_written(&env, &cfg.group_id, &sent, &records),
         sent.len()

@@ -69,9 +69,13 @@ struct Skip {
 
 impl PartitionState {
     fn watermark(&self) -> Option<i64> {
-        let w = match self.pending.first() {
-            Some(&lowest) => Some(lowest),
-            None => self.next,
+        // `next` is below some pending offsets while a partition is read again after a
+        // skip: the events handled ahead of the skip are pending, the ones between the
+        // skip and them are not read yet.
+        let w = match (self.pending.first(), self.next) {
+            (Some(&lowest), Some(next)) => Some(lowest.min(next)),
+            (Some(&lowest), None) => Some(lowest),
+            (None, next) => next,
         };
         match (&self.skip, w) {
             (Some(skip), Some(w)) => Some(w.min(skip.from)),
@@ -569,6 +573,38 @@ mod tests {
             t.skips_to_reread(3, 0),
             vec![(Arc::from("t"), 0, 7)],
             "the partition drained below 3"
+        );
+    }
+
+    #[test]
+    fn events_handled_ahead_of_a_skip_do_not_let_commits_pass_it_once_it_is_read_again() {
+        let t = tracker();
+        let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
+        let f = Some(Fairness {
+            contended_at: 2,
+            per_source: 1,
+            max_handled_ahead: 100,
+        });
+        let admit = |o, s: &Arc<str>| t.admit("t", 0, o, Some(s), f);
+        let b0 = handle(admit(0, &big));
+        let b1 = handle(admit(1, &big));
+        assert!(matches!(admit(2, &big), Admission::Skip));
+        // Handled ahead of the skip, and still in flight when the skip is read again.
+        let _s3 = handle(admit(3, &small));
+        t.done(&b0);
+        t.done(&b1);
+        assert_eq!(t.skips_to_reread(1, 1), vec![(Arc::from("t"), 0, 2)]);
+        assert_eq!(
+            t.to_commit(None),
+            vec![(Arc::from("t"), 0, 2)],
+            "2 is not read again yet: 3 in flight must not let the commit pass it"
+        );
+        let b2 = handle(admit(2, &big));
+        t.done(&b2);
+        assert_eq!(
+            t.to_commit(None),
+            vec![(Arc::from("t"), 0, 3)],
+            "up to 3, which is still in flight"
         );
     }
 
