@@ -275,7 +275,10 @@ impl OffsetTracker {
                 if let Some(skip) = state.skip.take() {
                     state.handled_ahead = state.handled_ahead.split_off(&skip.from);
                     // Reading resumes at the skip: nothing at or past it counts as read
-                    // until it is read again, or the watermark would jump past it.
+                    // until it is read again, or the watermark would jump past it. (A
+                    // seek bumps librdkafka's version barrier for the partition at once,
+                    // and messages fetched before it are dropped when served, so the
+                    // next message of this partition is the one at the skip.)
                     state.next = Some(skip.from);
                     out.push((topic.clone(), *partition, skip.from));
                 }
