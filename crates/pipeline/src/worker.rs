@@ -75,7 +75,9 @@ pub struct WorkerSettings {
     /// it every partition is paused until a quarter has drained.
     pub max_in_flight: usize,
     /// Most events in flight from one partition: past it that partition is paused until
-    /// half has drained. Memory stays bounded however long a destination is down.
+    /// half has drained (with fairness, tenants at their share are skipped there first,
+    /// and it pauses at one share more). Memory stays bounded however long a
+    /// destination is down.
     pub max_in_flight_per_partition: usize,
     /// Share (0 to 1) of a full partition's in-flight budget one tenant may hold; its
     /// further events there are skipped and read again once it drains. 1 turns
