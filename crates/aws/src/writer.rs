@@ -55,7 +55,7 @@ struct Destination {
 struct Pending {
     tenant: Arc<TenantSettings>,
     session: Arc<Session>,
-    key: String,
+    key: PartitionKey,
     data: Vec<u8>,
     done: oneshot::Sender<Result<Written, AwsError>>,
 }
@@ -146,7 +146,7 @@ impl KinesisWriter {
         let pending = Pending {
             tenant: tenant.clone(),
             session,
-            key: key.as_str().to_owned(),
+            key: key.clone(),
             data: data.to_vec(),
             done,
         };
@@ -185,17 +185,12 @@ impl KinesisWriter {
         let ctx = context("PutRecords", &tenant);
         let m = kd_telemetry::metrics();
         m.put_records_batch_size.observe(batch.len() as f64);
-        let keys: Vec<String> = batch
-            .iter_mut()
-            .map(|p| std::mem::take(&mut p.key))
-            .collect();
         let entries: Result<Vec<_>, _> = batch
             .iter_mut()
-            .zip(&keys)
-            .map(|(p, key)| {
+            .map(|p| {
                 PutRecordsRequestEntry::builder()
                     .data(Blob::new(std::mem::take(&mut p.data)))
-                    .partition_key(key.as_str())
+                    .partition_key(p.key.as_str())
                     .build()
             })
             .collect();
@@ -226,12 +221,12 @@ impl KinesisWriter {
             Ok(out) => {
                 m.put_duration.with_label_values(&["ok"]).observe(elapsed);
                 let mut results = out.records().iter();
-                for (p, key) in batch.into_iter().zip(&keys) {
+                for p in batch {
                     let outcome = match results.next() {
                         Some(r) => match r.error_code() {
                             Some(code) => {
                                 let err = AwsError::from_record(&ctx, code, r.error_message());
-                                self.failed(&p.tenant, key, &err);
+                                self.failed(&p.tenant, p.key.as_str(), &err);
                                 Err(err)
                             }
                             None => Ok(Written {
@@ -257,8 +252,8 @@ impl KinesisWriter {
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(&tenant).await;
                 }
-                for (p, key) in batch.into_iter().zip(&keys) {
-                    self.failed(&p.tenant, key, &err);
+                for p in batch {
+                    self.failed(&p.tenant, p.key.as_str(), &err);
                     let _ = p.done.send(Err(err.clone()));
                 }
             }
