@@ -254,32 +254,24 @@ impl OffsetTracker {
 
     /// Partitions where reading the skipped events again would get them handled: the
     /// partition has drained to `partition_below` events in flight, or every tenant
-    /// skipped there to below `source_below`. They are to be read again from the
-    /// returned offset. Their skip ends here.
+    /// skipped there to below `source_below`. Each is to be read again from the returned
+    /// offset: seek there, then call [`reread_from`](Self::reread_from). Nothing changes
+    /// until then, so a seek that fails leaves the skip as it was.
     pub fn skips_to_reread(
         &self,
         partition_below: usize,
         source_below: usize,
     ) -> Vec<(Arc<str>, i32, i64)> {
-        let mut inner = self.lock();
+        let inner = self.lock();
         let mut out = Vec::new();
-        for ((topic, partition), state) in inner.partitions.iter_mut() {
-            let drained = state.skip.as_ref().is_some_and(|skip| {
-                state.pending.len() < partition_below
+        for ((topic, partition), state) in inner.partitions.iter() {
+            if let Some(skip) = &state.skip {
+                let drained = state.pending.len() < partition_below
                     || skip
                         .sources
                         .iter()
-                        .all(|s| state.by_source.get(s).copied().unwrap_or(0) < source_below)
-            });
-            if drained {
-                if let Some(skip) = state.skip.take() {
-                    state.handled_ahead = state.handled_ahead.split_off(&skip.from);
-                    // Reading resumes at the skip: nothing at or past it counts as read
-                    // until it is read again, or the watermark would jump past it. (A
-                    // seek bumps librdkafka's version barrier for the partition at once,
-                    // and messages fetched before it are dropped when served, so the
-                    // next message of this partition is the one at the skip.)
-                    state.next = Some(skip.from);
+                        .all(|s| state.by_source.get(s).copied().unwrap_or(0) < source_below);
+                if drained {
                     out.push((topic.clone(), *partition, skip.from));
                 }
             }
@@ -287,16 +279,23 @@ impl OffsetTracker {
         out
     }
 
-    /// Puts back a skip whose re-read could not be started (the seek failed), so the
-    /// watermark stays below it and the re-read is tried again.
-    pub fn restore_skip(&self, topic: &str, partition: i32, from: i64) {
+    /// Ends the skip of a partition whose reading was just moved back to `from` (its
+    /// first skipped offset): the next events read are the skipped ones and those
+    /// handled after them, which are passed over.
+    pub fn reread_from(&self, topic: &str, partition: i32, from: i64) {
         let mut inner = self.lock();
-        if let Some(state) = inner.partitions.get_mut(&(Arc::from(topic), partition)) {
-            let skip = state.skip.get_or_insert_with(|| Skip {
-                from,
-                sources: Default::default(),
-            });
-            skip.from = skip.from.min(from);
+        let Some(state) = inner.partitions.get_mut(&(Arc::from(topic), partition)) else {
+            return;
+        };
+        if state.skip.as_ref().is_some_and(|skip| skip.from == from) {
+            state.skip = None;
+            state.handled_ahead = state.handled_ahead.split_off(&from);
+            // Reading resumes at the skip: nothing at or past it counts as read until it
+            // is read again, or the watermark would jump past it. (A seek bumps
+            // librdkafka's version barrier for the partition at once, and messages
+            // fetched before it are dropped when served, so the next message of this
+            // partition is the one at the skip.)
+            state.next = Some(from);
         }
     }
 
@@ -557,6 +556,13 @@ mod tests {
         );
         t.done(&b1);
         assert_eq!(t.skips_to_reread(1, 2), vec![(Arc::from("t"), 0, 3)]);
+        assert_eq!(
+            t.skips_to_reread(1, 2),
+            vec![(Arc::from("t"), 0, 3)],
+            "offered until the seek back is done"
+        );
+        t.reread_from("t", 0, 3);
+        assert!(t.skips_to_reread(1, 2).is_empty());
         // Until 3 is read again, nothing from 3 on may be committed, even with nothing
         // in flight below it.
         t.done(&b2);
@@ -597,6 +603,7 @@ mod tests {
         t.done(&b0);
         t.done(&b1);
         assert_eq!(t.skips_to_reread(1, 1), vec![(Arc::from("t"), 0, 2)]);
+        t.reread_from("t", 0, 2);
         assert_eq!(
             t.to_commit(None),
             vec![(Arc::from("t"), 0, 2)],
@@ -609,6 +616,25 @@ mod tests {
             vec![(Arc::from("t"), 0, 3)],
             "up to 3, which is still in flight"
         );
+    }
+
+    #[test]
+    fn a_failed_seek_back_leaves_the_skip_in_force() {
+        let t = tracker();
+        let big: Arc<str> = "big".into();
+        let f = Some(Fairness {
+            contended_at: 1,
+            per_source: 1,
+            max_handled_ahead: 100,
+        });
+        let b0 = handle(t.admit("t", 0, 0, Some(&big), f));
+        assert!(matches!(t.admit("t", 0, 1, Some(&big), f), Admission::Skip));
+        t.done(&b0);
+        assert_eq!(t.skips_to_reread(1, 1), vec![(Arc::from("t"), 0, 1)]);
+        // The seek failed: reading goes on past the skip, and big is still skipped
+        // there, or its event 2 would be written before its event 1.
+        assert!(matches!(t.admit("t", 0, 2, Some(&big), f), Admission::Skip));
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 1)]);
     }
 
     #[test]
@@ -627,6 +653,96 @@ mod tests {
             }
         }
         assert_eq!(t.in_flight(), 5);
+    }
+
+    /// Drives the tracker the way the worker does (read in order, finish events in any
+    /// order, read skips again or fail to seek back, commit) through many random runs, and checks what must
+    /// always hold: a commit never passes an event not done, every event is done in the
+    /// end, and each tenant's events are handled in offset order.
+    #[test]
+    fn random_runs_never_commit_past_an_event_not_done() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        const EVENTS: i64 = 400;
+        for seed in 0..1000u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let t = tracker();
+            let tenants: Vec<Arc<str>> = vec!["big".into(), "a".into(), "b".into()];
+            // Most events belong to the big tenant.
+            let owner: Vec<usize> = (0..EVENTS)
+                .map(|_| {
+                    if rng.random_bool(0.7) {
+                        0
+                    } else {
+                        rng.random_range(1..3)
+                    }
+                })
+                .collect();
+            let f = Some(Fairness {
+                contended_at: rng.random_range(2..12),
+                per_source: rng.random_range(1..6),
+                max_handled_ahead: 1000,
+            });
+            let (partition_below, source_below) =
+                (f.unwrap().contended_at.div_ceil(2), f.unwrap().per_source);
+            let mut position = 0i64;
+            let mut in_flight: Vec<Ticket> = Vec::new();
+            let mut done = std::collections::HashSet::new();
+            let mut handled_last: HashMap<usize, i64> = HashMap::new();
+            let mut committed = 0i64;
+            for _step in 0..20_000 {
+                match rng.random_range(0..10) {
+                    0..=4 if position < EVENTS => {
+                        let o = position;
+                        position += 1;
+                        let who = owner[o as usize];
+                        if let Admission::Handle(ticket) =
+                            t.admit("t", 0, o, Some(&tenants[who]), f)
+                        {
+                            if !done.contains(&o) {
+                                let last = handled_last.insert(who, o).unwrap_or(-1);
+                                assert!(
+                                    o > last,
+                                    "seed {seed}: tenant {who} handled {o} after {last}"
+                                );
+                            }
+                            in_flight.push(ticket);
+                        }
+                    }
+                    0..=7 if !in_flight.is_empty() => {
+                        let ticket = in_flight.swap_remove(rng.random_range(0..in_flight.len()));
+                        done.insert(ticket.offset);
+                        t.done(&ticket);
+                    }
+                    _ => {
+                        for (_, _, from) in t.skips_to_reread(partition_below, source_below) {
+                            // Now and then the seek back fails and is tried again later.
+                            if rng.random_bool(0.8) {
+                                position = from;
+                                t.reread_from("t", 0, from);
+                            }
+                        }
+                    }
+                }
+                for (_, _, offset) in t.to_commit(None) {
+                    assert!(offset >= committed, "seed {seed}: commits go forward");
+                    for o in committed..offset {
+                        assert!(
+                            done.contains(&o),
+                            "seed {seed}: committed {offset} but {o} is not done"
+                        );
+                    }
+                    committed = offset;
+                }
+                if committed == EVENTS {
+                    break;
+                }
+            }
+            assert_eq!(
+                committed, EVENTS,
+                "seed {seed}: everything done and committed in the end"
+            );
+        }
     }
 
     #[test]

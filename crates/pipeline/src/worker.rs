@@ -625,12 +625,14 @@ impl FlowControl {
                 Duration::from_secs(1),
             ) {
                 Ok(()) => {
+                    tracker.reread_from(&topic, partition, from);
                     kd_telemetry::metrics().fairness_rereads.inc();
                     tracing::debug!(%topic, partition, from, "reading skipped events again");
                 }
+                // The skip stays in force (its tenants' events are still skipped) and is
+                // offered again at the next tick.
                 Err(e) => {
                     tracing::warn!(%topic, partition, from, error = %e, "cannot seek back to skipped events; will retry");
-                    tracker.restore_skip(&topic, partition, from);
                 }
             }
         }
