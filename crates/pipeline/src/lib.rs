@@ -10,11 +10,12 @@
 //! - [`lanes`]: per (tenant, partition key) FIFO, one write in flight per lane.
 //! - [`retry`]: backoff and retry windows.
 //! - [`dead_letter`]: dead-letter records and their headers.
-//! - [`offsets`]: commit only up to the lowest event not yet done.
+//! - [`offsets`]: commit only up to the lowest event not yet done; fairness skips.
 //! - [`worker`]: the consumer loop, rebalance handling and shutdown that tie them together.
 
 pub mod dead_letter;
 pub mod lanes;
+mod offset_set;
 pub mod offsets;
 pub mod retry;
 pub mod route;

@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::offset_set::OffsetSet;
+
 /// A topic and partition.
 pub type TopicPartition = (Arc<str>, i32);
 
@@ -58,7 +60,7 @@ struct PartitionState {
     /// Tenants whose events are being skipped, and the first offset skipped.
     skip: Option<Skip>,
     /// Offsets handled after a skip began: passed over when the partition is read again.
-    handled_ahead: BTreeSet<i64>,
+    handled_ahead: OffsetSet,
 }
 
 #[derive(Debug)]
@@ -155,7 +157,7 @@ impl OffsetTracker {
                     paused: false,
                     by_source: HashMap::new(),
                     skip: None,
-                    handled_ahead: BTreeSet::new(),
+                    handled_ahead: OffsetSet::default(),
                 },
             );
             if let Some(old) = old {
@@ -205,10 +207,10 @@ impl OffsetTracker {
             return Admission::NotAssigned;
         };
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        if state.handled_ahead.contains(&offset) {
+        if state.handled_ahead.contains(offset) {
             if state.skip.is_none() {
                 // Read again past every skip: nothing below will be read again.
-                state.handled_ahead = state.handled_ahead.split_off(&(offset + 1));
+                state.handled_ahead.retain_from(offset + 1);
             }
             return Admission::Duplicate;
         }
@@ -289,7 +291,7 @@ impl OffsetTracker {
         };
         if state.skip.as_ref().is_some_and(|skip| skip.from == from) {
             state.skip = None;
-            state.handled_ahead = state.handled_ahead.split_off(&from);
+            state.handled_ahead.retain_from(from);
             // Reading resumes at the skip: nothing at or past it counts as read until it
             // is read again, or the watermark would jump past it. (A seek bumps
             // librdkafka's version barrier for the partition at once, and messages
