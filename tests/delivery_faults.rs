@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kd_testkit::env::{
     assert_all_delivered_in_order, assert_commits_cover_only_written, first_deliveries,
-    wait_metric, FakeEnv as Env, Sent, DLQ, PARTITIONS, TOPIC,
+    wait_metric, FakeEnv as Env, Sent, DLQ, PARTITIONS,
 };
 use kd_testkit::{
     metric_value, Fault, Kafka, Tansu, TcpProxy, Worker, WorkerConfig, CALLER_ACCOUNT,
@@ -49,8 +49,7 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
     env.fake
         .fail_for("hot", Fault::Throttle { percent: 50 }, storm);
     let storm_end = Instant::now() + storm;
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
@@ -110,8 +109,7 @@ async fn server_errors_and_timeouts_are_retried_then_delivered() {
     );
     env.fake
         .fail_next("flaky", Fault::Latency(Duration::from_secs(2)), 3);
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     let sent = env.send_many("src_flaky", 3, 10).await;
     wait_metric(
         &worker,
@@ -175,8 +173,7 @@ async fn denied_tenants_are_dead_lettered_after_the_confirmation_window() {
         .set("delivery", "initial_backoff_ms = 50")
         .set("delivery", "max_backoff_ms = 300");
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     let started = Instant::now();
     let mut denied = Vec::new();
     env.send_many("src_good", 5, 1).await;
@@ -237,8 +234,7 @@ async fn expired_credentials_are_replaced_without_losing_events() {
     let t = env.tenant("src_exp", "expiring", 2);
     let cfg = env.config(&[&t]).set("delivery", "max_backoff_ms = 200");
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     let mut sent = env.send_many("src_exp", 5, 10).await;
     wait_metric(
         &worker,
@@ -294,8 +290,7 @@ async fn exhausted_retry_window_dead_letters_and_moves_on() {
         },
         Duration::from_secs(3600),
     );
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     let failed = env.send_many("src_down", 5, 1).await;
     let dead = env
         .kafka
@@ -534,15 +529,10 @@ async fn long_outage_of_one_tenant_keeps_memory_bounded_while_others_flow() {
     }
     let cfg = env.config(&tenants.iter().collect::<Vec<_>>());
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     eprintln!("idle rss {} MiB", worker.rss_bytes() / 1048576);
-    let bootstrap = env.tansu.bootstrap();
-    let produce = |sources: &str, count: u32| {
-        kd_testkit::produce(bin(), &bootstrap, TOPIC, sources, count, 500)
-    };
-    produce("src_down", 1000);
-    produce(&sources.join(","), 100_000);
+    env.produce(bin(), "src_down", 1000, 500);
+    env.produce(bin(), &sources.join(","), 100_000, 500);
 
     let mut peak = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -592,8 +582,7 @@ async fn kafka_outage_is_waited_out_without_loss() {
     cfg.write();
     // 2,000 events wait in Kafka; a one-shard stream takes them in about two seconds.
     let mut sent = env.send_many("src_k", 40, 50).await;
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
@@ -657,8 +646,7 @@ async fn put_records_partial_failures_are_retried_record_by_record_in_order() {
     );
     env.fake
         .fail_next("batched", Fault::PartialFailure { percent: 30 }, 8);
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",

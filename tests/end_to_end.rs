@@ -99,8 +99,7 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     let cfg = env.config();
     cfg.write_tenants(&tenants.iter().map(Tenant::settings).collect::<Vec<_>>());
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
 
     // (tenant, exact bytes, expected partition key)
     let mut expected: Vec<(String, Vec<u8>, String)> = Vec::new();
@@ -306,8 +305,7 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
     bad_settings["secretId"] = json!("topsecret-value");
     cfg.write_tenants(&[good.settings(), small.settings(), bad_settings.clone()]);
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
 
     let pad = "x".repeat(2048);
     let cases: Vec<(Option<&str>, Vec<u8>, Option<&str>)> = vec![
@@ -493,8 +491,7 @@ async fn sigterm_and_sigkill_mid_stream_lose_nothing() {
 
     let total = 900;
     let mut sent: Vec<(Produced, String)> = Vec::new();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
 
     // Events keep arriving while the worker is stopped and started.
     let mut next = 0;
@@ -524,8 +521,7 @@ async fn sigterm_and_sigkill_mid_stream_lose_nothing() {
     assert_commits_cover_only_written(&env, &cfg.group_id, &t, &sent).await;
 
     send_batch(300, &mut sent).await;
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     send_batch(100, &mut sent).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     worker.sigkill();
@@ -566,8 +562,7 @@ async fn tenants_file_edits_apply_without_restart() {
     let cfg = env.config();
     cfg.write_tenants(&[a.settings()]);
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     let ev = |n: usize| {
         json!({"type": "track", "userId": format!("u{n}"), "messageId": format!("m{n}")})
             .to_string()
@@ -643,8 +638,7 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
     // 3,000 events queued before the worker starts, through the produce command.
     kd_testkit::produce(bin(), &tansu.bootstrap(), TOPIC, "src_one", 3000, 200);
 
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
@@ -690,8 +684,7 @@ async fn put_records_batches_deliver_byte_for_byte_in_order() {
     let cfg = env.config();
     cfg.write_tenants(&[t.settings()]);
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
 
     // 10 users, 30 events each, users interleaved, every event type.
     let mut want: Vec<(Vec<u8>, String)> = Vec::new();

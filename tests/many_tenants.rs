@@ -44,6 +44,31 @@ async fn wait_settings(workers: &[&Worker], records: f64) {
     }
 }
 
+/// Ten small tenants `src_{name}0..9` with two-shard streams `{name}-0..9`: their
+/// settings and their source IDs, comma-separated for `produce`.
+fn ten_small_tenants(env: &Env, name: &str) -> (Vec<kd_testkit::Tenant>, String) {
+    let tenants: Vec<_> = (0..10)
+        .map(|i| env.tenant(&format!("src_{name}{i}"), &format!("{name}-{i}"), 2))
+        .collect();
+    let sources = tenants
+        .iter()
+        .map(|t| t.source_id.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    (tenants, sources)
+}
+
+/// Waits until the streams of the ten small tenants `name` hold `count` records in all.
+async fn wait_small_tenants_delivered(env: &Env, name: &str, count: usize, timeout: Duration) {
+    kd_testkit::eventually(timeout, "small tenants delivered", || {
+        let n: usize = (0..10)
+            .map(|i| env.fake.records_of(&format!("{name}-{i}")).len())
+            .sum();
+        async move { (n >= count).then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_topic_changes_apply_without_restart_and_workers_converge() {
     let env = Env::start().await;
@@ -180,8 +205,7 @@ async fn fifty_concurrent_events_of_a_new_tenant_cost_one_assume_role() {
     cfg.write();
     // Queued before the worker starts, so 50 lanes ask for credentials at once.
     let sent = env.send_many("src_new", 50, 1).await;
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
@@ -211,8 +235,7 @@ async fn short_lived_credentials_are_refreshed_before_they_expire() {
     env.fake.set_credential_lifetime(Duration::from_secs(4));
     let cfg = env.config(&[&t]);
     cfg.write();
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     let mut sent = Vec::new();
     for seq in 0..50 {
         for u in 0..4 {
@@ -244,44 +267,17 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
     // The big tenant's one-shard stream takes under 1,000 records a second: its 10,000
     // events need more than ten seconds. Ten small tenants send 100 each.
     let big = env.tenant("src_big", "big", 1);
-    let mut tenants = vec![big.clone()];
-    let mut small_sources = Vec::new();
-    for i in 0..10 {
-        let source = format!("src_small{i}");
-        tenants.push(env.tenant(&source, &format!("small-{i}"), 2));
-        small_sources.push(source);
-    }
+    let (small, small_sources) = ten_small_tenants(&env, "small");
     // Fairness as configured by default (`tenant_share = 0.5`).
-    let cfg = env.config(&tenants.iter().collect::<Vec<_>>());
+    let cfg = env.config(&[&big].into_iter().chain(&small).collect::<Vec<_>>());
     cfg.write();
     // The small tenants' events come after all of the big one's, in the same partitions:
     // the worst case, where reading in order would make them wait for the whole backlog.
-    let bootstrap = env.tansu.bootstrap();
-    let produce = |sources: &str, count: u32, users: u32| {
-        kd_testkit::produce(
-            bin(),
-            &bootstrap,
-            kd_testkit::env::TOPIC,
-            sources,
-            count,
-            users,
-        )
-    };
-    produce("src_big", 10_000, 300);
-    produce(&small_sources.join(","), 1_000, 10);
+    env.produce(bin(), "src_big", 10_000, 300);
+    env.produce(bin(), &small_sources, 1_000, 10);
 
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
-    let small_count = || {
-        (0..10)
-            .map(|i| env.fake.records_of(&format!("small-{i}")).len())
-            .sum::<usize>()
-    };
-    kd_testkit::eventually(Duration::from_secs(60), "small tenants delivered", || {
-        let n = small_count();
-        async move { (n >= 1000).then_some(()) }
-    })
-    .await;
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    wait_small_tenants_delivered(&env, "small", 1000, Duration::from_secs(60)).await;
     let big_then = env.fake.records_of("big").len();
     eprintln!("fairness: small tenants done when the big one had {big_then} of 10,000 written");
     assert!(
@@ -336,45 +332,18 @@ async fn a_slow_tenant_holds_at_most_its_share_of_the_requests_on_the_wire() {
         kd_testkit::Fault::Latency(Duration::from_secs(2)),
         Duration::from_secs(600),
     );
-    let mut tenants = vec![slow.clone()];
-    let mut small_sources = Vec::new();
-    for i in 0..10 {
-        let source = format!("src_quick{i}");
-        tenants.push(env.tenant(&source, &format!("quick-{i}"), 2));
-        small_sources.push(source);
-    }
+    let (quick, quick_sources) = ten_small_tenants(&env, "quick");
     // 16 requests on the wire at once: with 200 users, the slow tenant alone could keep
     // all of them busy for 2 s at a time. Its share (default 0.5) leaves 8 for the rest.
     let cfg = env
-        .config(&tenants.iter().collect::<Vec<_>>())
+        .config(&[&slow].into_iter().chain(&quick).collect::<Vec<_>>())
         .set("aws", "max_concurrent_requests = 16");
     cfg.write();
-    let bootstrap = env.tansu.bootstrap();
-    let produce = |sources: &str, count: u32, users: u32| {
-        kd_testkit::produce(
-            bin(),
-            &bootstrap,
-            kd_testkit::env::TOPIC,
-            sources,
-            count,
-            users,
-        )
-    };
-    produce("src_slow", 2_000, 200);
-    produce(&small_sources.join(","), 1_000, 10);
+    env.produce(bin(), "src_slow", 2_000, 200);
+    env.produce(bin(), &quick_sources, 1_000, 10);
 
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
-    let quick_count = || {
-        (0..10)
-            .map(|i| env.fake.records_of(&format!("quick-{i}")).len())
-            .sum::<usize>()
-    };
-    kd_testkit::eventually(Duration::from_secs(20), "quick tenants delivered", || {
-        let n = quick_count();
-        async move { (n >= 1000).then_some(()) }
-    })
-    .await;
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    wait_small_tenants_delivered(&env, "quick", 1000, Duration::from_secs(20)).await;
     let slow_then = env.fake.records_of("slow").len();
     eprintln!("slow tenant: quick tenants done when the slow one had {slow_then} of 2,000 written");
     assert!(

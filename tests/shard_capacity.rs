@@ -36,8 +36,7 @@ async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
         })
         .collect();
     let sent = env.send_all(&events).await;
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",

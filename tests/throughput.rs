@@ -31,8 +31,7 @@ async fn one_tenant(batched: bool) {
         .flat_map(|seq| (0..1000).map(move |u| ("src_x".to_owned(), format!("u{u}"), seq)))
         .collect();
     env.send_all(&events).await;
-    let mut worker = Worker::start(bin(), &cfg);
-    worker.wait_ready(Duration::from_secs(30));
+    let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",

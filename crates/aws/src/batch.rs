@@ -101,6 +101,7 @@ impl<K: Hash + Eq + Clone, T> Batches<K, T> {
     }
 
     /// Batches open now.
+    #[cfg(test)]
     pub fn open(&self) -> usize {
         self.inner
             .lock()

@@ -180,9 +180,17 @@ impl AwsError {
             message: one_line(&format!("{context}: {message}")),
         }
     }
-}
 
-impl AwsError {
+    /// Builds the error of a request that could not be built (an input AWS would never
+    /// accept): final.
+    pub fn construction(context: &str, err: &dyn std::error::Error) -> Self {
+        AwsError {
+            class: classify(Failure::Construction),
+            code: "ConstructionFailure".to_owned(),
+            message: one_line(&format!("{context}: {}", chain(Some(err)))),
+        }
+    }
+
     /// Builds the error of one record that a `PutRecords` call refused while the call
     /// itself succeeded (`ProvisionedThroughputExceededException`, `InternalFailure`, a
     /// KMS error). A code we do not know is taken as transient, as a 5xx would be.

@@ -53,6 +53,7 @@ impl RequestBudget {
     }
 
     /// Most requests one tenant may have on the wire.
+    #[cfg(test)]
     pub fn per_tenant(&self) -> usize {
         self.per_tenant
     }
@@ -89,6 +90,7 @@ impl RequestBudget {
     }
 
     /// Tenants with a request on the wire or waiting for one.
+    #[cfg(test)]
     pub fn active_tenants(&self) -> usize {
         self.lock().len()
     }

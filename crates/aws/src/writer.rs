@@ -197,11 +197,7 @@ impl KinesisWriter {
         let entries = match entries {
             Ok(e) => e,
             Err(e) => {
-                let err = AwsError {
-                    class: ErrorClass::Permanent,
-                    code: "ConstructionFailure".into(),
-                    message: crate::errors::one_line(&format!("{ctx}: {e}")),
-                };
+                let err = AwsError::construction(&ctx, &e);
                 for p in batch {
                     let _ = p.done.send(Err(err.clone()));
                 }

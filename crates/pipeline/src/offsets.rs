@@ -514,6 +514,16 @@ mod tests {
         assert_eq!((pause.len(), resume.len()), (0, 1));
     }
 
+    /// Fairness for tests: skipping from `contended_at` events in flight, for tenants
+    /// holding `per_source`.
+    fn fair(contended_at: usize, per_source: usize) -> Option<Fairness> {
+        Some(Fairness {
+            contended_at,
+            per_source,
+            max_handled_ahead: 100,
+        })
+    }
+
     fn handle(a: Admission) -> Ticket {
         match a {
             Admission::Handle(t) => t,
@@ -525,11 +535,7 @@ mod tests {
     fn a_tenant_over_its_share_of_a_contended_partition_is_skipped_then_read_again() {
         let t = tracker();
         let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
-        let f = Some(Fairness {
-            contended_at: 3,
-            per_source: 2,
-            max_handled_ahead: 100,
-        });
+        let f = fair(3, 2);
         let admit = |o, s: &Arc<str>| t.admit("t", 0, o, Some(s), f);
         // Below contention a tenant may go past its share.
         let b0 = handle(admit(0, &big));
@@ -591,11 +597,7 @@ mod tests {
     fn events_handled_ahead_of_a_skip_do_not_let_commits_pass_it_once_it_is_read_again() {
         let t = tracker();
         let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
-        let f = Some(Fairness {
-            contended_at: 2,
-            per_source: 1,
-            max_handled_ahead: 100,
-        });
+        let f = fair(2, 1);
         let admit = |o, s: &Arc<str>| t.admit("t", 0, o, Some(s), f);
         let b0 = handle(admit(0, &big));
         let b1 = handle(admit(1, &big));
@@ -624,11 +626,7 @@ mod tests {
     fn a_failed_seek_back_leaves_the_skip_in_force() {
         let t = tracker();
         let big: Arc<str> = "big".into();
-        let f = Some(Fairness {
-            contended_at: 1,
-            per_source: 1,
-            max_handled_ahead: 100,
-        });
+        let f = fair(1, 1);
         let b0 = handle(t.admit("t", 0, 0, Some(&big), f));
         assert!(matches!(t.admit("t", 0, 1, Some(&big), f), Admission::Skip));
         t.done(&b0);
@@ -643,11 +641,7 @@ mod tests {
     fn a_lone_tenant_is_never_skipped_below_contention() {
         let t = tracker();
         let lone: Arc<str> = "lone".into();
-        let f = Some(Fairness {
-            contended_at: 10,
-            per_source: 1,
-            max_handled_ahead: 100,
-        });
+        let f = fair(10, 1);
         for o in 0..10 {
             let ticket = handle(t.admit("t", 0, o, Some(&lone), f));
             if o % 2 == 0 {

@@ -62,6 +62,13 @@ impl FakeEnv {
         cfg
     }
 
+    /// Sends `count` sample events of `sources` (comma-separated, round-robin) over
+    /// `users` users each into the input topic, with the `produce` command of `bin`, one
+    /// record per batch.
+    pub fn produce(&self, bin: &std::path::Path, sources: &str, count: u32, users: u32) {
+        crate::produce(bin, &self.tansu.bootstrap(), TOPIC, sources, count, users);
+    }
+
     /// Sends event number `seq` of `user` for `source`.
     pub async fn send(&self, source: &str, user: &str, seq: usize) -> Sent {
         let id = format!("{source}/{user}/{seq}");

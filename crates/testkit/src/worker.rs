@@ -171,6 +171,13 @@ impl Worker {
         }
     }
 
+    /// Starts a worker and waits (up to 30 s) until it is ready.
+    pub fn start_ready(bin: &Path, config: &WorkerConfig) -> Worker {
+        let mut worker = Worker::start(bin, config);
+        worker.wait_ready(Duration::from_secs(30));
+        worker
+    }
+
     /// Waits for `/readyz` to answer 200.
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
