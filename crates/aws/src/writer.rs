@@ -184,7 +184,7 @@ impl KinesisWriter {
         let client = first.session.kinesis(&tenant.region);
         let ctx = context("PutRecords", &tenant);
         let m = kd_telemetry::metrics();
-        m.put_records_batch_size.observe(batch.len() as f64);
+        m.put_records_batch_records.observe(batch.len() as f64);
         let entries: Result<Vec<_>, _> = batch
             .iter_mut()
             .map(|p| {

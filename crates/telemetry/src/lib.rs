@@ -40,7 +40,7 @@ pub struct Metrics {
     pub tenant_settings_records: IntCounter,
     pub commits: IntCounterVec,
     pub dead_letter_produce_seconds: Histogram,
-    pub put_records_batch_size: Histogram,
+    pub put_records_batch_records: Histogram,
     pub fairness_skips: IntCounter,
     pub fairness_rereads: IntCounter,
     pub source_delivered: IntCounterVec,
@@ -151,7 +151,7 @@ impl Metrics {
                 name("dead_letter_produce_seconds"),
                 "Time to get a dead letter acknowledged by Kafka."
             ))?),
-            put_records_batch_size: reg!(Histogram::with_opts(
+            put_records_batch_records: reg!(Histogram::with_opts(
                 HistogramOpts::new(
                     name("put_records_batch_records"),
                     "Records per PutRecords call (tenants with usePutRecords)."
