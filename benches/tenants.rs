@@ -72,12 +72,9 @@ fn file_provider() -> Snapshot {
 async fn topic_provider() {
     let tansu = Tansu::start();
     tansu.create_topic("tenant-settings", 4);
-    // One record per batch (Tansu's high watermark is wrong after multi-record batches),
-    // many in flight at once.
+    // Batched as librdkafka does by default, many in flight at once.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", tansu.bootstrap())
-        .set("batch.num.messages", "1")
-        .set("linger.ms", "0")
         .create()
         .expect("producer");
     let started = Instant::now();

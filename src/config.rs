@@ -142,6 +142,9 @@ pub struct DeliveryConfig {
     pub max_in_flight: usize,
     /// Most events in flight from one partition; past it the partition is paused.
     pub max_in_flight_per_partition: usize,
+    /// Most bytes (keys and values) of the events in flight (all partitions); one
+    /// partition may hold the share `max_in_flight_per_partition / max_in_flight` of it.
+    pub max_in_flight_bytes: usize,
     /// Share of a full partition's in-flight budget one tenant may hold (0 to 1;
     /// 1 = off).
     pub tenant_share: f64,
@@ -164,6 +167,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             max_in_flight: 20_000,
             max_in_flight_per_partition: 2_000,
+            max_in_flight_bytes: 256 * 1024 * 1024,
             tenant_share: 0.5,
             commit_interval_ms: 1_000,
             retry_window_secs: 4 * 3600,
@@ -364,6 +368,12 @@ impl Config {
             return Err(ConfigError::new(
                 "delivery.max_in_flight",
                 "must be at least 1",
+            ));
+        }
+        if d.max_in_flight_bytes < 1024 * 1024 {
+            return Err(ConfigError::new(
+                "delivery.max_in_flight_bytes",
+                "must be at least 1048576 (1 MiB)",
             ));
         }
         if !(d.tenant_share > 0.0 && d.tenant_share <= 1.0) {
@@ -602,6 +612,10 @@ listen = "0.0.0.0:9464"
             (
                 format!("{SPEC_EXAMPLE}\n[delivery]\ntenant_share = 0\n"),
                 "delivery.tenant_share",
+            ),
+            (
+                format!("{SPEC_EXAMPLE}\n[delivery]\nmax_in_flight_bytes = 1000\n"),
+                "delivery.max_in_flight_bytes",
             ),
         ];
         for (text, key) in cases {

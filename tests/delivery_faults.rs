@@ -31,14 +31,21 @@ async fn throttling_storm_keeps_order_and_other_tenants_flowing() {
         .set("delivery", "max_backoff_ms = 200");
     cfg.write();
     // Both tenants' events wait in the same partitions before the worker starts.
-    let mut sent_hot = Vec::new();
-    let mut sent_calm = Vec::new();
-    for seq in 0..20 {
-        for u in 0..20 {
-            sent_hot.push(env.send("src_hot", &format!("h{u}"), seq).await);
-            sent_calm.push(env.send("src_calm", &format!("c{u}"), seq).await);
-        }
-    }
+    let events: Vec<(String, String, usize)> = (0..20)
+        .flat_map(|seq| {
+            (0..20).flat_map(move |u| {
+                [
+                    ("src_hot".to_owned(), format!("h{u}"), seq),
+                    ("src_calm".to_owned(), format!("c{u}"), seq),
+                ]
+            })
+        })
+        .collect();
+    let (sent_hot, sent_calm): (Vec<Sent>, Vec<Sent>) = env
+        .send_all(&events)
+        .await
+        .into_iter()
+        .partition(|s| s.id.starts_with("src_hot/"));
     // The hot stream throttles every write for 4 seconds, then half of them until 8 s.
     let storm = Duration::from_secs(8);
     env.fake.fail_for(
@@ -328,29 +335,47 @@ async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
     // A second tenant writes with PutRecords batches.
     let mut batched = env.tenant("src_crash_b", "crash-batched", 2);
     batched.use_put_records = true;
+    // Both streams refuse 30% of their writes as throttled, all along.
+    for stream in ["crash", "crash-batched"] {
+        env.fake.fail_for(
+            stream,
+            Fault::Throttle { percent: 30 },
+            Duration::from_secs(3600),
+        );
+    }
     let per_partition_cap = 100;
-    let mut cfg = env.config(&[&t, &batched]).set(
-        "delivery",
-        &format!("max_in_flight_per_partition = {per_partition_cap}"),
-    );
+    let mut cfg = env
+        .config(&[&t, &batched])
+        .set(
+            "delivery",
+            &format!("max_in_flight_per_partition = {per_partition_cap}"),
+        )
+        .set("delivery", "initial_backoff_ms = 20")
+        .set("delivery", "max_backoff_ms = 500");
     cfg.session_timeout_ms = 2000;
     cfg.write();
 
-    // Events keep arriving, about 60 a second, while the worker is killed again and again.
+    // Events keep arriving, about 60 a second in zstd-compressed batches of 20, while
+    // the worker is killed again and again: every restart, pause and fairness seek
+    // starts fetching inside such a batch.
+    let zstd = std::sync::Arc::new(Kafka::compressed(&env.tansu.bootstrap(), "zstd"));
     let sent = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Sent>::new()));
     let producer = {
         let (env, sent) = (env.clone(), sent.clone());
         tokio::spawn(async move {
             for seq in 0..100 {
-                for u in 0..20 {
-                    let s = if u < 15 {
-                        env.send("src_crash", &format!("u{u}"), seq).await
-                    } else {
-                        env.send("src_crash_b", &format!("b{u}"), seq).await
-                    };
-                    sent.lock().await.push(s);
-                }
-                tokio::time::sleep(Duration::from_millis(350)).await;
+                let round: Vec<(String, String, usize)> = (0..20)
+                    .map(|u| {
+                        if u < 15 {
+                            ("src_crash".to_owned(), format!("u{u}"), seq)
+                        } else {
+                            ("src_crash_b".to_owned(), format!("b{u}"), seq)
+                        }
+                    })
+                    .collect();
+                let round = env.send_all_via(&zstd, &round).await;
+                sent.lock().await.extend(round);
+                tokio::time::sleep(Duration::from_millis(330)).await;
             }
         })
     };
@@ -414,20 +439,30 @@ async fn workers_joining_and_leaving_share_partitions_without_loss() {
     a.wait_ready(Duration::from_secs(60));
     b.wait_ready(Duration::from_secs(60));
 
+    // Rounds of 35 events in lz4-compressed batches.
+    let lz4 = Kafka::compressed(&env.tansu.bootstrap(), "lz4");
     let sent = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Sent>::new()));
     let sent_batched = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Sent>::new()));
     let producer = {
         let (env, sent, sent_batched) = (env.clone(), sent.clone(), sent_batched.clone());
         tokio::spawn(async move {
             for seq in 0..60 {
-                for u in 0..25 {
-                    let s = env.send("src_group", &format!("u{u}"), seq).await;
-                    sent.lock().await.push(s);
-                    if u < 10 {
-                        let s = env.send("src_group_b", &format!("b{u}"), seq).await;
-                        sent_batched.lock().await.push(s);
-                    }
-                }
+                let round: Vec<(String, String, usize)> = (0..25)
+                    .flat_map(|u| {
+                        let mut r = vec![("src_group".to_owned(), format!("u{u}"), seq)];
+                        if u < 10 {
+                            r.push(("src_group_b".to_owned(), format!("b{u}"), seq));
+                        }
+                        r
+                    })
+                    .collect();
+                let (b, a): (Vec<Sent>, Vec<Sent>) = env
+                    .send_all_via(&lz4, &round)
+                    .await
+                    .into_iter()
+                    .partition(|s| s.id.starts_with("src_group_b/"));
+                sent.lock().await.extend(a);
+                sent_batched.lock().await.extend(b);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
@@ -531,8 +566,8 @@ async fn long_outage_of_one_tenant_keeps_memory_bounded_while_others_flow() {
     cfg.write();
     let mut worker = Worker::start_ready(bin(), &cfg);
     eprintln!("idle rss {} MiB", worker.rss_bytes() / 1048576);
-    env.produce(bin(), "src_down", 1000, 500);
-    env.produce(bin(), &sources.join(","), 100_000, 500);
+    env.produce(bin(), "src_down", 1000, 500, &[]);
+    env.produce(bin(), &sources.join(","), 100_000, 500, &[]);
 
     let mut peak = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -580,8 +615,14 @@ async fn kafka_outage_is_waited_out_without_loss() {
     let cfg = WorkerConfig::new(&format!("127.0.0.1:{proxy_port}"), &env.fake.endpoint());
     cfg.write_tenants(&[t.settings()]);
     cfg.write();
-    // 2,000 events wait in Kafka; a one-shard stream takes them in about two seconds.
-    let mut sent = env.send_many("src_k", 40, 50).await;
+    // 2,000 events wait in Kafka, in gzip-compressed batches; a one-shard stream takes
+    // them in about two seconds.
+    let gzip = Kafka::compressed(&env.tansu.bootstrap(), "gzip");
+    let events = |seqs: std::ops::Range<usize>| -> Vec<(String, String, usize)> {
+        seqs.flat_map(|seq| (0..40).map(move |u| ("src_k".to_owned(), format!("src_k-u{u}"), seq)))
+            .collect()
+    };
+    let mut sent = env.send_all_via(&gzip, &events(0..50)).await;
     let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,
@@ -602,11 +643,7 @@ async fn kafka_outage_is_waited_out_without_loss() {
     let failed_commits =
         worker.metric("kinesis_destination_offset_commits_total{outcome=\"error\"}");
     proxy.up();
-    for seq in 50..60 {
-        for u in 0..40 {
-            sent.push(env.send("src_k", &format!("src_k-u{u}"), seq).await);
-        }
-    }
+    sent.extend(env.send_all_via(&gzip, &events(50..60)).await);
     env.wait_committed_to_end(&cfg.group_id).await;
     assert_all_delivered_in_order(&sent, &env.fake.records_of("kafka-outage"));
     let records = env.fake.records_of("kafka-outage");

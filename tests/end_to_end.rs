@@ -296,11 +296,7 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
     small.max_record_kib = Some(1);
     env.streams.create(&good).await;
     env.streams.create(&small).await;
-    // Dead letters one per record batch: Tansu's high watermark is wrong after a
-    // multi-record batch, and replay reads up to the high watermark.
-    let cfg = env
-        .config()
-        .set("kafka.librdkafka", "\"batch.num.messages\" = \"1\"");
+    let cfg = env.config();
     let mut bad_settings = Tenant::new("src_bad", "333333333333", "mars-north-1", "x").settings();
     bad_settings["secretId"] = json!("topsecret-value");
     cfg.write_tenants(&[good.settings(), small.settings(), bad_settings.clone()]);
@@ -636,7 +632,7 @@ async fn one_shard_tenant_is_held_to_shard_capacity() {
     cfg.write_tenants(&[t.settings()]);
     cfg.write();
     // 3,000 events queued before the worker starts, through the produce command.
-    kd_testkit::produce(bin(), &tansu.bootstrap(), TOPIC, "src_one", 3000, 200);
+    kd_testkit::produce(bin(), &tansu.bootstrap(), TOPIC, "src_one", 3000, 200, &[]);
 
     let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(

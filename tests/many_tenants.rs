@@ -273,8 +273,8 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
     cfg.write();
     // The small tenants' events come after all of the big one's, in the same partitions:
     // the worst case, where reading in order would make them wait for the whole backlog.
-    env.produce(bin(), "src_big", 10_000, 300);
-    env.produce(bin(), &small_sources, 1_000, 10);
+    env.produce(bin(), "src_big", 10_000, 300, &["--compression", "lz4"]);
+    env.produce(bin(), &small_sources, 1_000, 10, &["--compression", "lz4"]);
 
     let mut worker = Worker::start_ready(bin(), &cfg);
     wait_small_tenants_delivered(&env, "small", 1000, Duration::from_secs(60)).await;
@@ -339,8 +339,8 @@ async fn a_slow_tenant_holds_at_most_its_share_of_the_requests_on_the_wire() {
         .config(&[&slow].into_iter().chain(&quick).collect::<Vec<_>>())
         .set("aws", "max_concurrent_requests = 16");
     cfg.write();
-    env.produce(bin(), "src_slow", 2_000, 200);
-    env.produce(bin(), &quick_sources, 1_000, 10);
+    env.produce(bin(), "src_slow", 2_000, 200, &[]);
+    env.produce(bin(), &quick_sources, 1_000, 10, &[]);
 
     let mut worker = Worker::start_ready(bin(), &cfg);
     wait_small_tenants_delivered(&env, "quick", 1000, Duration::from_secs(20)).await;

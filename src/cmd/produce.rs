@@ -52,9 +52,34 @@ pub struct Args {
     /// Bytes of padding in each event's properties (to test sizes).
     #[arg(long, default_value_t = 0)]
     pad: usize,
-    /// Most events per Kafka record batch (librdkafka's batch.num.messages).
-    #[arg(long, default_value_t = 10_000)]
-    batch_size: u32,
+    /// Most events per Kafka record batch (librdkafka's batch.num.messages; its default
+    /// of 10,000 when not given).
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Compression of the record batches (librdkafka's compression.type).
+    #[arg(long, value_enum, default_value_t = Compression::None)]
+    compression: Compression,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 const TYPES: [&str; 6] = ["identify", "track", "page", "screen", "group", "alias"];
@@ -115,11 +140,16 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             "--sources: source IDs must not be empty".into(),
         ));
     }
-    let producer: FutureProducer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", &args.bootstrap_servers)
         .set("acks", "all")
         .set("message.timeout.ms", "30000")
-        .set("batch.num.messages", args.batch_size.max(1).to_string())
+        .set("compression.type", args.compression.as_str());
+    if let Some(n) = args.batch_size {
+        config.set("batch.num.messages", n.max(1).to_string());
+    }
+    let producer: FutureProducer = config
         .create()
         .map_err(|e| CliError::Usage(format!("--bootstrap-servers: {e}")))?;
     let started = Instant::now();

@@ -112,6 +112,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let settings = WorkerSettings {
         kafka,
         max_in_flight: d.max_in_flight,
+        max_in_flight_bytes: d.max_in_flight_bytes,
         max_in_flight_per_partition: d.max_in_flight_per_partition,
         tenant_share: d.tenant_share,
         commit_interval: Duration::from_millis(d.commit_interval_ms),
@@ -126,7 +127,12 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     };
     kd_pipeline::run(settings, tenants, writer, readiness, shutdown)
         .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
+        .map_err(|e| match e {
+            missing @ kd_pipeline::WorkerError::MissingTopic { .. } => {
+                CliError::Usage(format!("config: {missing}"))
+            }
+            e => CliError::Failed(e.to_string()),
+        })?;
     Ok(ExitCode::SUCCESS)
 }
 

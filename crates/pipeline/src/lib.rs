@@ -15,6 +15,7 @@
 
 pub mod dead_letter;
 pub mod lanes;
+mod log_limit;
 mod offset_set;
 pub mod offsets;
 pub mod retry;
@@ -23,4 +24,6 @@ pub mod worker;
 
 pub use dead_letter::Reason;
 pub use retry::RetryPolicy;
-pub use worker::{run, validate_kafka, KafkaSettings, WorkerError, WorkerSettings};
+pub use worker::{
+    dead_letter_max_bytes, run, validate_kafka, KafkaSettings, WorkerError, WorkerSettings,
+};

@@ -21,8 +21,9 @@
 //! was already handled is recognised and passed over. The commit watermark never passes
 //! a skipped offset.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -42,12 +43,15 @@ pub struct Ticket {
     pub cancel: CancellationToken,
     /// The tenant it counts against, for fairness.
     source: Option<Arc<str>>,
+    /// Bytes it holds in memory (key and value), for the byte budget.
+    bytes: usize,
 }
 
 #[derive(Debug)]
 struct PartitionState {
     epoch: u64,
-    pending: BTreeSet<i64>,
+    /// Offsets in flight, with when each was read.
+    pending: BTreeMap<i64, Instant>,
     /// One past the highest offset read, once something was read.
     next: Option<i64>,
     /// The last offset committed (or handed out to commit) for this assignment.
@@ -55,12 +59,14 @@ struct PartitionState {
     cancel: CancellationToken,
     /// Whether backpressure paused fetching from this partition.
     paused: bool,
-    /// Events in flight per tenant.
-    by_source: HashMap<Arc<str>, usize>,
+    /// Events and bytes in flight per tenant.
+    by_source: HashMap<Arc<str>, Held>,
     /// Tenants whose events are being skipped, and the first offset skipped.
     skip: Option<Skip>,
     /// Offsets handled after a skip began: passed over when the partition is read again.
     handled_ahead: OffsetSet,
+    /// Bytes of this partition's events in flight.
+    pending_bytes: usize,
 }
 
 #[derive(Debug)]
@@ -70,13 +76,24 @@ struct Skip {
 }
 
 impl PartitionState {
+    fn held(&self) -> Held {
+        Held {
+            events: self.pending.len(),
+            bytes: self.pending_bytes,
+        }
+    }
+
+    fn held_by(&self, source: &Arc<str>) -> Held {
+        self.by_source.get(source).copied().unwrap_or_default()
+    }
+
     fn watermark(&self) -> Option<i64> {
         // `next` is below some pending offsets while a partition is read again after a
         // skip: the events handled ahead of the skip are pending, the ones between the
         // skip and them are not read yet.
-        let w = match (self.pending.first(), self.next) {
-            (Some(&lowest), Some(next)) => Some(lowest.min(next)),
-            (Some(&lowest), None) => Some(lowest),
+        let w = match (self.pending.first_key_value(), self.next) {
+            (Some((&lowest, _)), Some(next)) => Some(lowest.min(next)),
+            (Some((&lowest, _)), None) => Some(lowest),
             (None, next) => next,
         };
         match (&self.skip, w) {
@@ -100,14 +117,42 @@ pub enum Admission {
     NotAssigned,
 }
 
+/// What a tenant or a partition holds in flight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+/// A limit on what is held in flight, in events and in bytes: reached when either is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+impl Budget {
+    pub fn reached_by(&self, held: Held) -> bool {
+        held.events >= self.events || held.bytes >= self.bytes
+    }
+
+    /// The budget scaled by `share` (at least one event and one byte).
+    pub fn share(&self, share: f64) -> Budget {
+        Budget {
+            events: ((self.events as f64 * share) as usize).max(1),
+            bytes: ((self.bytes as f64 * share) as usize).max(1),
+        }
+    }
+}
+
 /// Fairness limits within one partition.
 #[derive(Debug, Clone, Copy)]
 pub struct Fairness {
-    /// Events in flight in one partition from which on it is contended: tenants at
-    /// their share are skipped there (below it, nobody is).
-    pub contended_at: usize,
-    /// Most events in flight one tenant may have in a contended partition.
-    pub per_source: usize,
+    /// Held in flight in one partition from which on it is contended: tenants at their
+    /// share are skipped there (below it, nobody is).
+    pub contended_at: Budget,
+    /// Most one tenant may hold in flight in a contended partition.
+    pub per_source: Budget,
     /// Most skipped-ahead offsets remembered per partition; past it the partition pauses.
     pub max_handled_ahead: usize,
 }
@@ -125,6 +170,8 @@ struct Inner {
     partitions: HashMap<(Arc<str>, i32), PartitionState>,
     next_epoch: u64,
     pending_total: usize,
+    /// Bytes of the events in flight, over all partitions.
+    pending_bytes: usize,
 }
 
 impl OffsetTracker {
@@ -150,7 +197,7 @@ impl OffsetTracker {
                 (topic.into(), partition),
                 PartitionState {
                     epoch,
-                    pending: BTreeSet::new(),
+                    pending: BTreeMap::new(),
                     next: None,
                     committed: None,
                     cancel: self.cancel.child_token(),
@@ -158,14 +205,15 @@ impl OffsetTracker {
                     by_source: HashMap::new(),
                     skip: None,
                     handled_ahead: OffsetSet::default(),
+                    pending_bytes: 0,
                 },
             );
             if let Some(old) = old {
                 old.cancel.cancel();
-                inner.pending_total -= old.pending.len();
+                inner.forget(&old);
             }
         }
-        publish_in_flight(inner.pending_total);
+        inner.publish();
     }
 
     /// Stops tracking revoked partitions; their in-flight events are abandoned (the new
@@ -175,29 +223,32 @@ impl OffsetTracker {
         for (topic, partition) in partitions {
             if let Some(old) = inner.partitions.remove(&(Arc::from(topic), partition)) {
                 old.cancel.cancel();
-                inner.pending_total -= old.pending.len();
+                inner.forget(&old);
+                forget_oldest_gauge(topic, partition);
             }
         }
-        publish_in_flight(inner.pending_total);
+        inner.publish();
     }
 
     /// Registers an event as read and in flight, without fairness. `None` when the
     /// partition is not (or no longer) assigned to us: the event must then be ignored.
     pub fn read(&self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
-        match self.admit(topic, partition, offset, None, None) {
+        match self.admit(topic, partition, offset, 0, None, None) {
             Admission::Handle(t) => Some(t),
             _ => None,
         }
     }
 
-    /// Decides what to do with an event of `source` just read, and registers it in
-    /// flight when it is to be handled. With `fairness`, a tenant at its share of a
-    /// contended partition has this and its further events of the partition skipped.
+    /// Decides what to do with an event of `source` just read (holding `bytes` in
+    /// memory), and registers it in flight when it is to be handled. With `fairness`, a
+    /// tenant at its share of a contended partition has this and its further events of
+    /// the partition skipped.
     pub fn admit(
         &self,
         topic: &str,
         partition: i32,
         offset: i64,
+        bytes: usize,
         source: Option<&Arc<str>>,
         fairness: Option<Fairness>,
     ) -> Admission {
@@ -219,8 +270,8 @@ impl OffsetTracker {
                 .skip
                 .as_ref()
                 .is_some_and(|s| s.sources.contains(source));
-            let over = state.pending.len() >= f.contended_at
-                && state.by_source.get(source).copied().unwrap_or(0) >= f.per_source;
+            let over = f.contended_at.reached_by(state.held())
+                && f.per_source.reached_by(state.held_by(source));
             if skipping || over {
                 let skip = state.skip.get_or_insert_with(|| Skip {
                     from: offset,
@@ -236,14 +287,18 @@ impl OffsetTracker {
         if state.skip.is_some() {
             state.handled_ahead.insert(offset);
         }
-        let inserted = state.pending.insert(offset);
+        let inserted = state.pending.insert(offset, Instant::now()).is_none();
         if inserted {
             if let Some(source) = source {
-                *state.by_source.entry(source.clone()).or_default() += 1;
+                let held = state.by_source.entry(source.clone()).or_default();
+                held.events += 1;
+                held.bytes += bytes;
             }
+            state.pending_bytes += bytes;
             inner.pending_total += 1;
+            inner.pending_bytes += bytes;
         }
-        publish_in_flight(inner.pending_total);
+        inner.publish();
         Admission::Handle(Ticket {
             topic: key.0,
             partition,
@@ -251,28 +306,29 @@ impl OffsetTracker {
             epoch,
             cancel,
             source: source.cloned(),
+            bytes: if inserted { bytes } else { 0 },
         })
     }
 
     /// Partitions where reading the skipped events again would get them handled: the
-    /// partition has drained to `partition_below` events in flight, or every tenant
-    /// skipped there to below `source_below`. Each is to be read again from the returned
-    /// offset: seek there, then call [`reread_from`](Self::reread_from). Nothing changes
-    /// until then, so a seek that fails leaves the skip as it was.
+    /// partition has drained below `partition_below`, or every tenant skipped there
+    /// below `source_below`. Each is to be read again from the returned offset: seek
+    /// there, then call [`reread_from`](Self::reread_from). Nothing changes until then,
+    /// so a seek that fails leaves the skip as it was.
     pub fn skips_to_reread(
         &self,
-        partition_below: usize,
-        source_below: usize,
+        partition_below: Budget,
+        source_below: Budget,
     ) -> Vec<(Arc<str>, i32, i64)> {
         let inner = self.lock();
         let mut out = Vec::new();
         for ((topic, partition), state) in inner.partitions.iter() {
             if let Some(skip) = &state.skip {
-                let drained = state.pending.len() < partition_below
+                let drained = !partition_below.reached_by(state.held())
                     || skip
                         .sources
                         .iter()
-                        .all(|s| state.by_source.get(s).copied().unwrap_or(0) < source_below);
+                        .all(|s| !source_below.reached_by(state.held_by(s)));
                 if drained {
                     out.push((topic.clone(), *partition, skip.from));
                 }
@@ -311,18 +367,21 @@ impl OffsetTracker {
         if state.epoch != ticket.epoch {
             return;
         }
-        if state.pending.remove(&ticket.offset) {
+        if state.pending.remove(&ticket.offset).is_some() {
+            state.pending_bytes -= ticket.bytes;
             if let Some(source) = &ticket.source {
-                if let Some(n) = state.by_source.get_mut(source) {
-                    *n -= 1;
-                    if *n == 0 {
+                if let Some(held) = state.by_source.get_mut(source) {
+                    held.events -= 1;
+                    held.bytes -= ticket.bytes;
+                    if held.events == 0 {
                         state.by_source.remove(source);
                     }
                 }
             }
             inner.pending_total -= 1;
+            inner.pending_bytes -= ticket.bytes;
         }
-        publish_in_flight(inner.pending_total);
+        inner.publish();
     }
 
     /// Offsets to commit now (Kafka's convention: the next offset to read), for the
@@ -368,13 +427,49 @@ impl OffsetTracker {
         self.lock().pending_total
     }
 
-    /// Events in flight of one partition (`None` when it is not assigned).
-    pub fn in_flight_of(&self, topic: &str, partition: i32) -> Option<usize> {
+    /// How long the oldest event in flight of each partition has been waiting (`None`
+    /// for a partition with nothing in flight).
+    pub fn oldest_in_flight(&self) -> Vec<(TopicPartition, Option<Duration>)> {
+        let inner = self.lock();
+        let now = Instant::now();
+        inner
+            .partitions
+            .iter()
+            .map(|(tp, state)| {
+                // Usually the lowest offset, but not after a skip was read again.
+                let oldest = state.pending.values().min().map(|&at| now - at);
+                (tp.clone(), oldest)
+            })
+            .collect()
+    }
+
+    /// Publishes [`oldest_in_flight`](Self::oldest_in_flight) as the
+    /// `oldest_in_flight_seconds` gauge (0 for a partition with nothing in flight).
+    pub fn publish_oldest_in_flight(&self) {
+        let gauge = &kd_telemetry::metrics().oldest_in_flight_seconds;
+        for ((topic, partition), oldest) in self.oldest_in_flight() {
+            gauge
+                .with_label_values(&[&*topic, &partition.to_string()])
+                .set(oldest.map_or(0.0, |d| d.as_secs_f64()));
+        }
+    }
+
+    /// Events and bytes in flight over all partitions.
+    pub fn held(&self) -> Held {
+        let inner = self.lock();
+        Held {
+            events: inner.pending_total,
+            bytes: inner.pending_bytes,
+        }
+    }
+
+    /// Events and bytes in flight of one partition (`None` when it is not assigned).
+    pub fn held_in(&self, topic: &str, partition: i32) -> Option<Held> {
         let inner = self.lock();
         inner
             .partitions
             .get(&(Arc::from(topic), partition))
-            .map(|s| s.pending.len())
+            .map(PartitionState::held)
     }
 
     /// Applies backpressure decisions: `decide(in_flight_of_partition, paused_now,
@@ -386,12 +481,15 @@ impl OffsetTracker {
     ) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
         let mut inner = self.lock();
         let total = inner.pending_total;
+        let total_bytes = inner.pending_bytes;
         let (mut pause, mut resume) = (Vec::new(), Vec::new());
         for ((topic, partition), state) in inner.partitions.iter_mut() {
             let paused = decide(&FlowInput {
                 in_flight: state.pending.len(),
+                bytes: state.pending_bytes,
                 paused: state.paused,
                 total,
+                total_bytes,
                 handled_ahead: state.handled_ahead.len(),
                 skipping: state.skip.is_some(),
             });
@@ -413,16 +511,38 @@ impl OffsetTracker {
 #[derive(Debug, Clone, Copy)]
 pub struct FlowInput {
     pub in_flight: usize,
+    /// Bytes in flight in this partition.
+    pub bytes: usize,
     pub paused: bool,
     /// In flight over all partitions.
     pub total: usize,
+    /// Bytes in flight over all partitions.
+    pub total_bytes: usize,
     pub handled_ahead: usize,
     /// Whether some tenant's events are being skipped in this partition.
     pub skipping: bool,
 }
 
-fn publish_in_flight(n: usize) {
-    kd_telemetry::metrics().in_flight_events.set(n as i64);
+impl Inner {
+    /// Takes a partition's events in flight out of the totals (revoked or reassigned).
+    fn forget(&mut self, old: &PartitionState) {
+        self.pending_total -= old.pending.len();
+        self.pending_bytes -= old.pending_bytes;
+    }
+}
+
+impl Inner {
+    fn publish(&self) {
+        let m = kd_telemetry::metrics();
+        m.in_flight_events.set(self.pending_total as i64);
+        m.in_flight_bytes.set(self.pending_bytes as i64);
+    }
+}
+
+fn forget_oldest_gauge(topic: &str, partition: i32) {
+    let _ = kd_telemetry::metrics()
+        .oldest_in_flight_seconds
+        .remove_label_values(&[topic, &partition.to_string()]);
 }
 
 #[cfg(test)]
@@ -514,12 +634,20 @@ mod tests {
         assert_eq!((pause.len(), resume.len()), (0, 1));
     }
 
+    /// A budget of `events` events, bytes unlimited.
+    fn below(events: usize) -> Budget {
+        Budget {
+            events,
+            bytes: usize::MAX,
+        }
+    }
+
     /// Fairness for tests: skipping from `contended_at` events in flight, for tenants
     /// holding `per_source`.
     fn fair(contended_at: usize, per_source: usize) -> Option<Fairness> {
         Some(Fairness {
-            contended_at,
-            per_source,
+            contended_at: below(contended_at),
+            per_source: below(per_source),
             max_handled_ahead: 100,
         })
     }
@@ -536,7 +664,7 @@ mod tests {
         let t = tracker();
         let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
         let f = fair(3, 2);
-        let admit = |o, s: &Arc<str>| t.admit("t", 0, o, Some(s), f);
+        let admit = |o, s: &Arc<str>| t.admit("t", 0, o, 0, Some(s), f);
         // Below contention a tenant may go past its share.
         let b0 = handle(admit(0, &big));
         let b1 = handle(admit(1, &big));
@@ -554,23 +682,26 @@ mod tests {
         // Nothing past the first skipped offset may be committed.
         assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 0)]);
         assert!(
-            t.skips_to_reread(1, 2).is_empty(),
+            t.skips_to_reread(below(1), below(2)).is_empty(),
             "big still has 3 in flight"
         );
         t.done(&b0);
         assert!(
-            t.skips_to_reread(1, 2).is_empty(),
+            t.skips_to_reread(below(1), below(2)).is_empty(),
             "big still has 2 in flight"
         );
         t.done(&b1);
-        assert_eq!(t.skips_to_reread(1, 2), vec![(Arc::from("t"), 0, 3)]);
         assert_eq!(
-            t.skips_to_reread(1, 2),
+            t.skips_to_reread(below(1), below(2)),
+            vec![(Arc::from("t"), 0, 3)]
+        );
+        assert_eq!(
+            t.skips_to_reread(below(1), below(2)),
             vec![(Arc::from("t"), 0, 3)],
             "offered until the seek back is done"
         );
         t.reread_from("t", 0, 3);
-        assert!(t.skips_to_reread(1, 2).is_empty());
+        assert!(t.skips_to_reread(below(1), below(2)).is_empty());
         // Until 3 is read again, nothing from 3 on may be committed, even with nothing
         // in flight below it.
         t.done(&b2);
@@ -587,7 +718,7 @@ mod tests {
         assert_eq!(t.to_commit(None), vec![], "3 is still in flight");
         t.done(&b3);
         assert_eq!(
-            t.skips_to_reread(3, 0),
+            t.skips_to_reread(below(3), below(0)),
             vec![(Arc::from("t"), 0, 7)],
             "the partition drained below 3"
         );
@@ -598,7 +729,7 @@ mod tests {
         let t = tracker();
         let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
         let f = fair(2, 1);
-        let admit = |o, s: &Arc<str>| t.admit("t", 0, o, Some(s), f);
+        let admit = |o, s: &Arc<str>| t.admit("t", 0, o, 0, Some(s), f);
         let b0 = handle(admit(0, &big));
         let b1 = handle(admit(1, &big));
         assert!(matches!(admit(2, &big), Admission::Skip));
@@ -606,7 +737,10 @@ mod tests {
         let _s3 = handle(admit(3, &small));
         t.done(&b0);
         t.done(&b1);
-        assert_eq!(t.skips_to_reread(1, 1), vec![(Arc::from("t"), 0, 2)]);
+        assert_eq!(
+            t.skips_to_reread(below(1), below(1)),
+            vec![(Arc::from("t"), 0, 2)]
+        );
         t.reread_from("t", 0, 2);
         assert_eq!(
             t.to_commit(None),
@@ -627,14 +761,94 @@ mod tests {
         let t = tracker();
         let big: Arc<str> = "big".into();
         let f = fair(1, 1);
-        let b0 = handle(t.admit("t", 0, 0, Some(&big), f));
-        assert!(matches!(t.admit("t", 0, 1, Some(&big), f), Admission::Skip));
+        let b0 = handle(t.admit("t", 0, 0, 0, Some(&big), f));
+        assert!(matches!(
+            t.admit("t", 0, 1, 0, Some(&big), f),
+            Admission::Skip
+        ));
         t.done(&b0);
-        assert_eq!(t.skips_to_reread(1, 1), vec![(Arc::from("t"), 0, 1)]);
+        assert_eq!(
+            t.skips_to_reread(below(1), below(1)),
+            vec![(Arc::from("t"), 0, 1)]
+        );
         // The seek failed: reading goes on past the skip, and big is still skipped
         // there, or its event 2 would be written before its event 1.
-        assert!(matches!(t.admit("t", 0, 2, Some(&big), f), Admission::Skip));
+        assert!(matches!(
+            t.admit("t", 0, 2, 0, Some(&big), f),
+            Admission::Skip
+        ));
         assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 1)]);
+    }
+
+    #[test]
+    fn a_tenant_of_large_records_is_skipped_once_a_partition_is_full_in_bytes() {
+        let t = tracker();
+        let (large, small): (Arc<str>, Arc<str>) = ("large".into(), "small".into());
+        // 1,000 events or 10 MB per partition; a tenant's share is half of that.
+        let partition = Budget {
+            events: 1000,
+            bytes: 10_000_000,
+        };
+        let f = Some(Fairness {
+            contended_at: partition,
+            per_source: partition.share(0.5),
+            max_handled_ahead: 100,
+        });
+        let admit = |o, bytes, s: &Arc<str>| t.admit("t", 0, o, bytes, Some(s), f);
+        let mut large_in_flight = Vec::new();
+        for o in 0..11 {
+            large_in_flight.push(handle(admit(o, 900_000, &large)));
+        }
+        assert_eq!(
+            t.held().bytes,
+            9_900_000,
+            "below 10 MB: nobody is held back"
+        );
+        large_in_flight.push(handle(admit(11, 900_000, &large)));
+        assert!(
+            matches!(admit(12, 900_000, &large), Admission::Skip),
+            "12 events is far below the event budget, but 10.8 MB is past the byte budget"
+        );
+        let s = handle(admit(13, 300, &small));
+        assert_eq!(
+            t.held(),
+            Held {
+                events: 13,
+                bytes: 12 * 900_000 + 300
+            }
+        );
+        t.done(&s);
+        let half = Budget {
+            events: 500,
+            bytes: 5_000_000,
+        };
+        assert!(
+            t.skips_to_reread(half, partition.share(0.5)).is_empty(),
+            "the large tenant still holds its share in bytes"
+        );
+        for ticket in large_in_flight.drain(..7) {
+            t.done(&ticket);
+        }
+        assert_eq!(
+            t.skips_to_reread(half, partition.share(0.5)),
+            vec![(Arc::from("t"), 0, 12)],
+            "4.5 MB left: below half the partition's bytes"
+        );
+        assert_eq!(t.held().bytes, 5 * 900_000);
+    }
+
+    #[test]
+    fn oldest_in_flight_is_the_longest_waiting_event_not_the_lowest_offset() {
+        let t = tracker();
+        assert_eq!(t.oldest_in_flight()[0].1, None);
+        let first = t.read("t", 0, 5).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let _later = t.read("t", 0, 3).unwrap();
+        let oldest = t.oldest_in_flight()[0].1.unwrap();
+        assert!(oldest >= Duration::from_millis(30), "{oldest:?}");
+        t.done(&first);
+        let oldest = t.oldest_in_flight()[0].1.unwrap();
+        assert!(oldest < Duration::from_millis(30), "{oldest:?}");
     }
 
     #[test]
@@ -643,7 +857,7 @@ mod tests {
         let lone: Arc<str> = "lone".into();
         let f = fair(10, 1);
         for o in 0..10 {
-            let ticket = handle(t.admit("t", 0, o, Some(&lone), f));
+            let ticket = handle(t.admit("t", 0, o, 0, Some(&lone), f));
             if o % 2 == 0 {
                 t.done(&ticket);
             }
@@ -676,12 +890,14 @@ mod tests {
                 })
                 .collect();
             let f = Some(Fairness {
-                contended_at: rng.random_range(2..12),
-                per_source: rng.random_range(1..6),
+                contended_at: below(rng.random_range(2..12)),
+                per_source: below(rng.random_range(1..6)),
                 max_handled_ahead: 1000,
             });
-            let (partition_below, source_below) =
-                (f.unwrap().contended_at.div_ceil(2), f.unwrap().per_source);
+            let (partition_below, source_below) = (
+                below(f.unwrap().contended_at.events.div_ceil(2)),
+                f.unwrap().per_source,
+            );
             let mut position = 0i64;
             let mut in_flight: Vec<Ticket> = Vec::new();
             let mut done = std::collections::HashSet::new();
@@ -695,7 +911,7 @@ mod tests {
                         position += 1;
                         let who = owner[o as usize];
                         if let Admission::Handle(ticket) =
-                            t.admit("t", 0, o, Some(&tenants[who]), f)
+                            t.admit("t", 0, o, 0, Some(&tenants[who]), f)
                         {
                             if handled.insert(o) {
                                 let last = handled_last.insert(who, o).unwrap_or(-1);

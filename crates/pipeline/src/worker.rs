@@ -19,9 +19,10 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
+use crate::dead_letter::{DeadLetter, DeadLetters, Reason, DEAD_LETTER_ROOM};
 use crate::lanes::Lanes;
-use crate::offsets::{Admission, Fairness, FlowInput, OffsetTracker, Ticket};
+use crate::log_limit::LogLimit;
+use crate::offsets::{Admission, Budget, Fairness, FlowInput, Held, OffsetTracker, Ticket};
 use crate::retry::RetryPolicy;
 use crate::route::route;
 
@@ -74,6 +75,9 @@ pub struct WorkerSettings {
     /// Most events read but not yet written or dead-lettered, over all partitions: past
     /// it every partition is paused until a quarter has drained.
     pub max_in_flight: usize,
+    /// The same in bytes (keys and values): past it every partition is paused until a
+    /// quarter has drained, so large records cannot exhaust memory below the event cap.
+    pub max_in_flight_bytes: usize,
     /// Most events in flight from one partition: past it that partition is paused until
     /// half has drained (with fairness, tenants at their share are skipped there first,
     /// and it pauses at one share more). Memory stays bounded however long a
@@ -96,15 +100,41 @@ pub struct WorkerSettings {
 pub enum WorkerError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// A topic the configuration names (under `key`) that the brokers do not have.
+    #[error("{key}: topic {topic:?} does not exist on the brokers")]
+    MissingTopic { key: &'static str, topic: String },
 }
 
-/// The consumer's callbacks: commit on revoke, track assignments, report lag.
+/// The consumer's callbacks: commit on revoke, track assignments, report lag, count
+/// errors.
 pub struct WorkerContext {
     tracker: Arc<OffsetTracker>,
     readiness: Arc<Readiness>,
+    errors: Arc<LogLimit>,
+}
+
+/// Counts a consumer error in `consumer_errors_total` and logs it once a minute per
+/// kind: an unreadable partition or an unreachable broker repeats at every attempt.
+fn consumer_error(errors: &LogLimit, e: &KafkaError, reason: &str) {
+    let code = e
+        .rdkafka_error_code()
+        .map_or_else(|| "Other".to_owned(), |c| format!("{c:?}"));
+    kd_telemetry::metrics()
+        .consumer_errors
+        .with_label_values(&[&code])
+        .inc();
+    if let Some(passed_over) = errors.due(&code) {
+        tracing::warn!(error = %e, reason, errors_since_last_line = passed_over, "kafka consumer error");
+    }
 }
 
 impl ClientContext for WorkerContext {
+    /// Errors of the client as a whole (brokers down, a connection closed by the
+    /// broker at every fetch).
+    fn error(&self, error: KafkaError, reason: &str) {
+        consumer_error(&self.errors, &error, reason);
+    }
+
     fn stats(&self, stats: Statistics) {
         let lag = &kd_telemetry::metrics().consumer_lag;
         for (topic, t) in &stats.topics {
@@ -326,11 +356,36 @@ fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
+/// librdkafka's default `receive.message.max.bytes`: the largest fetch response, and so
+/// the largest record, the consumer takes.
+const LIBRDKAFKA_RECEIVE_MAX: usize = 100_000_000;
+/// librdkafka's upper bound for `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX: usize = 1_000_000_000;
+
+/// The dead-letter producer's `message.max.bytes`: the largest record the consumer may
+/// take (its `receive.message.max.bytes`, at least `fetch.max.bytes` + 512) plus room for
+/// the dead-letter headers, unless `[kafka.librdkafka]` sets `message.max.bytes`.
+pub fn dead_letter_max_bytes(k: &KafkaSettings) -> usize {
+    let get = |key: &str| {
+        k.librdkafka
+            .get(key)
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    if let Some(set) = get("message.max.bytes") {
+        return set;
+    }
+    let largest_input = get("receive.message.max.bytes").unwrap_or_else(|| {
+        LIBRDKAFKA_RECEIVE_MAX.max(get("fetch.max.bytes").map_or(0, |f| f + 512))
+    });
+    (largest_input + DEAD_LETTER_ROOM).min(LIBRDKAFKA_MESSAGE_MAX)
+}
+
 fn producer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers)
         .set("acks", "all")
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "30000")
+        .set("message.max.bytes", dead_letter_max_bytes(k).to_string());
     for (key, value) in &k.librdkafka {
         // Consumer-only settings would only make the producer warn.
         if !CONSUMER_ONLY.contains(&key.as_str()) {
@@ -374,6 +429,64 @@ pub fn validate_kafka(k: &KafkaSettings) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// Waits until the brokers say whether every input topic and the dead-letter topic
+/// exist: a missing one is an error naming its configuration key (dead letters could
+/// never be written, or there is nothing to read). Brokers that cannot be reached are
+/// waited for, as the consumer would wait for them anyway, until shutdown.
+async fn check_topics(
+    consumer: &Arc<StreamConsumer<WorkerContext>>,
+    k: &KafkaSettings,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let wanted: Vec<(&'static str, String)> = k
+        .topics
+        .iter()
+        .map(|t| ("kafka.topics", t.clone()))
+        .chain([("kafka.dead_letter_topic", k.dead_letter_topic.clone())])
+        .collect();
+    let log = LogLimit::per_minute();
+    loop {
+        let (c, w) = (consumer.clone(), wanted.clone());
+        match tokio::task::spawn_blocking(move || missing_topic(&*c, &w)).await {
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some((key, topic)))) => return Err(WorkerError::MissingTopic { key, topic }),
+            Ok(Err(e)) => {
+                if log.due("metadata").is_some() {
+                    tracing::warn!(error = %e, "cannot ask the brokers whether the topics exist; waiting for them");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "topic check failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// The first of `wanted` (configuration key, topic) the brokers say they do not have.
+fn missing_topic<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    wanted: &[(&'static str, String)],
+) -> Result<Option<(&'static str, String)>, KafkaError> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    for (key, topic) in wanted {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        let found = metadata.topics().iter().find(|t| t.name() == topic);
+        let error = found.and_then(|t| t.error()).map(Code::from);
+        match (found, error) {
+            (Some(t), None) if !t.partitions().is_empty() => {}
+            (None, _)
+            | (Some(_), None)
+            | (Some(_), Some(Code::UnknownTopicOrPartition | Code::UnknownTopic)) => {
+                return Ok(Some((key, topic.clone())))
+            }
+            (Some(_), Some(code)) => return Err(KafkaError::MetadataFetch(code)),
+        }
+    }
+    Ok(None)
+}
+
 /// Runs the worker until `shutdown` is cancelled, then drains, commits and leaves the
 /// group (SPEC 9).
 pub async fn run(
@@ -385,21 +498,26 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let cancel = CancellationToken::new();
     let tracker = Arc::new(OffsetTracker::new(cancel.clone()));
+    let consumer_errors = Arc::new(LogLimit::per_minute());
     let context = WorkerContext {
         tracker: tracker.clone(),
         readiness: readiness.clone(),
+        errors: consumer_errors.clone(),
     };
     let consumer: StreamConsumer<WorkerContext> =
         consumer_config(&settings.kafka).create_with_context(context)?;
+    let consumer = Arc::new(consumer);
+    check_topics(&consumer, &settings.kafka, &shutdown).await?;
     let topics: Vec<&str> = settings.kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let consumer = Arc::new(consumer);
     let producer: FutureProducer = producer_config(&settings.kafka).create()?;
 
     let dead_letters = DeadLetters::new(
         producer.clone(),
         &settings.kafka.dead_letter_topic,
         settings.retry.clone(),
+        readiness.clone(),
+        dead_letter_max_bytes(&settings.kafka),
     );
     let deliverer = Arc::new(Deliverer {
         writer,
@@ -427,6 +545,7 @@ pub async fn run(
     let flow = FlowControl::new(
         settings.max_in_flight_per_partition,
         settings.max_in_flight,
+        settings.max_in_flight_bytes,
         settings.tenant_share,
     );
     let header = settings.kafka.source_id_header.as_str();
@@ -435,6 +554,7 @@ pub async fn run(
     // leaves the group.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     loop {
         let msg = tokio::select! {
             biased;
@@ -442,6 +562,10 @@ pub async fn run(
             _ = tick.tick() => {
                 flow.reread_drained(&*consumer, &tracker);
                 flow.apply(&*consumer, &tracker);
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    tracker.publish_oldest_in_flight();
+                }
                 continue;
             }
             m = consumer.recv() => m,
@@ -449,17 +573,21 @@ pub async fn run(
         let msg = match msg {
             Ok(m) => m.detach(),
             Err(e) => {
-                tracing::warn!(error = %e, "kafka consumer error");
+                // An undecodable batch or a partition the broker will not serve repeats
+                // at every fetch.
+                consumer_error(&consumer_errors, &e, "fetch");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let routed = route(&msg, &tenants.snapshot(), header);
         let source = routed.as_ref().ok().map(|r| r.tenant.source_id.shared());
+        let bytes = msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len);
         let ticket = match tracker.admit(
             msg.topic(),
             msg.partition(),
             msg.offset(),
+            bytes,
             source.as_ref(),
             flow.fairness,
         ) {
@@ -572,29 +700,47 @@ pub async fn run(
     Ok(())
 }
 
-/// Backpressure: pause a partition with too many events in flight (or all of them when
-/// the total is too high), resume it once enough have drained.
+/// Backpressure: pause a partition with too many events or bytes in flight (or all of
+/// them when the totals are too high), resume it once enough have drained.
 struct FlowControl {
-    /// In flight in one partition at which it is paused.
-    per_partition: usize,
-    total: usize,
+    /// Held in flight in one partition at which it is paused.
+    per_partition: Budget,
+    /// Held in flight over all partitions at which every partition is paused.
+    total: Budget,
     fairness: Option<Fairness>,
 }
 
 impl FlowControl {
-    /// With fairness (`tenant_share` below 1), a partition is contended once its budget
-    /// is used up; tenants at their share are skipped there from then on, and the
-    /// others may add up to one share more before the partition pauses.
-    fn new(per_partition: usize, total: usize, tenant_share: f64) -> Self {
+    /// A partition may hold the same share of the byte budget as of the event budget
+    /// (`total_bytes × per_partition / total`). With fairness (`tenant_share` below 1),
+    /// a partition is contended once its budget is used up; tenants at their share are
+    /// skipped there from then on, and the others may add up to one share more before
+    /// the partition pauses.
+    fn new(per_partition: usize, total: usize, total_bytes: usize, tenant_share: f64) -> Self {
+        let total = Budget {
+            events: total.max(1),
+            bytes: total_bytes.max(1),
+        };
         let per_partition = per_partition.max(1);
+        let partition_share = (per_partition as f64 / total.events as f64).min(1.0);
+        let budget = Budget {
+            events: per_partition,
+            bytes: ((total.bytes as f64 * partition_share) as usize).max(1),
+        };
         let fairness = (tenant_share < 1.0).then(|| Fairness {
-            contended_at: per_partition,
-            per_source: ((per_partition as f64 * tenant_share) as usize).max(1),
+            contended_at: budget,
+            per_source: budget.share(tenant_share),
             max_handled_ahead: per_partition.saturating_mul(50),
         });
         FlowControl {
-            per_partition: per_partition + fairness.map_or(0, |f| f.per_source),
-            total: total.max(1),
+            per_partition: match fairness {
+                Some(f) => Budget {
+                    events: budget.events + f.per_source.events,
+                    bytes: budget.bytes.saturating_add(f.per_source.bytes),
+                },
+                None => budget,
+            },
+            total,
             fairness,
         }
     }
@@ -602,9 +748,9 @@ impl FlowControl {
     /// Whether the partition just read from may need pausing.
     fn over(&self, tracker: &OffsetTracker, topic: &str, partition: i32) -> bool {
         tracker
-            .in_flight_of(topic, partition)
-            .is_some_and(|n| n >= self.per_partition)
-            || tracker.in_flight() >= self.total
+            .held_in(topic, partition)
+            .is_some_and(|held| self.per_partition.reached_by(held))
+            || self.total.reached_by(tracker.held())
     }
 
     /// Reads partitions again from their first skipped offset once the tenants skipped
@@ -615,9 +761,11 @@ impl FlowControl {
         tracker: &OffsetTracker,
     ) {
         let Some(f) = self.fairness else { return };
-        for (topic, partition, from) in
-            tracker.skips_to_reread(f.contended_at.div_ceil(2), f.per_source)
-        {
+        let half = Budget {
+            events: f.contended_at.events.div_ceil(2),
+            bytes: f.contended_at.bytes.div_ceil(2),
+        };
+        for (topic, partition, from) in tracker.skips_to_reread(half, f.per_source) {
             match consumer.seek(
                 &topic,
                 partition,
@@ -644,14 +792,28 @@ impl FlowControl {
         let (pause, resume) = tracker.rebalance_flow(|f: &FlowInput| {
             // Skipping ahead is bounded too: the offsets handled past a skip are kept.
             let too_far_ahead = f.skipping && f.handled_ahead >= max_ahead;
+            let (partition, total) = (
+                Held {
+                    events: f.in_flight,
+                    bytes: f.bytes,
+                },
+                Held {
+                    events: f.total,
+                    bytes: f.total_bytes,
+                },
+            );
             if f.paused {
                 // Hysteresis: resume only well below the caps, so a partition does not
                 // flap between paused and fetching on every event.
-                f.in_flight > self.per_partition / 2
-                    || f.total > self.total * 3 / 4
+                f.in_flight > self.per_partition.events / 2
+                    || f.bytes > self.per_partition.bytes / 2
+                    || f.total > self.total.events / 4 * 3
+                    || f.total_bytes > self.total.bytes / 4 * 3
                     || too_far_ahead
             } else {
-                f.in_flight >= self.per_partition || f.total >= self.total || too_far_ahead
+                self.per_partition.reached_by(partition)
+                    || self.total.reached_by(total)
+                    || too_far_ahead
             }
         });
         for (list, paused) in [(pause, true), (resume, false)] {
@@ -690,5 +852,73 @@ async fn commit_loop(
         }
         let (consumer, tracker) = (consumer.clone(), tracker.clone());
         let _ = tokio::task::spawn_blocking(move || commit(&*consumer, &tracker, None)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn a_partition_gets_the_share_of_the_byte_budget_it_has_of_the_event_budget() {
+        let flow = FlowControl::new(2000, 20_000, 256 * MIB, 0.5);
+        let f = flow.fairness.unwrap();
+        let partition = 256 * MIB / 10;
+        assert_eq!(
+            f.contended_at,
+            Budget {
+                events: 2000,
+                bytes: partition
+            }
+        );
+        assert_eq!(
+            f.per_source,
+            Budget {
+                events: 1000,
+                bytes: partition / 2
+            }
+        );
+        assert_eq!(
+            flow.per_partition,
+            Budget {
+                events: 3000,
+                bytes: partition + partition / 2
+            },
+            "with fairness, the others may add one share before the partition pauses"
+        );
+        let off = FlowControl::new(2000, 20_000, 256 * MIB, 1.0);
+        assert!(off.fairness.is_none());
+        assert_eq!(
+            off.per_partition,
+            Budget {
+                events: 2000,
+                bytes: partition
+            }
+        );
+        // A partition budget above the total gets the whole byte budget, not more.
+        let wide = FlowControl::new(30_000, 20_000, 256 * MIB, 1.0);
+        assert_eq!(wide.per_partition.bytes, 256 * MIB);
+    }
+
+    #[test]
+    fn the_dead_letter_producer_takes_what_the_consumer_may_read_plus_header_room() {
+        let mut k = KafkaSettings::default();
+        assert_eq!(dead_letter_max_bytes(&k), 100_000_000 + DEAD_LETTER_ROOM);
+        k.librdkafka
+            .insert("fetch.max.bytes".into(), "200000000".into());
+        assert_eq!(
+            dead_letter_max_bytes(&k),
+            200_000_512 + DEAD_LETTER_ROOM,
+            "librdkafka raises receive.message.max.bytes to fetch.max.bytes + 512"
+        );
+        k.librdkafka
+            .insert("receive.message.max.bytes".into(), "2000000".into());
+        assert_eq!(dead_letter_max_bytes(&k), 2_000_000 + DEAD_LETTER_ROOM);
+        k.librdkafka
+            .insert("message.max.bytes".into(), "1000000".into());
+        assert_eq!(dead_letter_max_bytes(&k), 1_000_000, "the operator's word");
+        assert!(validate_kafka(&KafkaSettings::default()).is_ok());
     }
 }

@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -34,12 +34,16 @@ pub struct Metrics {
     pub credential_cache_misses: IntCounter,
     pub rate_limit_wait_seconds: prometheus::Counter,
     pub in_flight_events: IntGauge,
+    pub in_flight_bytes: IntGauge,
+    pub oldest_in_flight_seconds: GaugeVec,
     pub consumer_lag: IntGaugeVec,
+    pub consumer_errors: IntCounterVec,
     pub tenants: IntGaugeVec,
     pub tenant_settings_errors: IntCounter,
     pub tenant_settings_records: IntCounter,
     pub commits: IntCounterVec,
     pub dead_letter_produce_seconds: Histogram,
+    pub dead_letter_failures: IntCounterVec,
     pub put_records_batch_records: Histogram,
     pub fairness_skips: IntCounter,
     pub fairness_rereads: IntCounter,
@@ -121,6 +125,24 @@ impl Metrics {
                 name("in_flight_events"),
                 "Events read but not yet written or dead-lettered."
             )?),
+            in_flight_bytes: reg!(IntGauge::new(
+                name("in_flight_bytes"),
+                "Bytes (keys and values) of the events read but not yet written or dead-lettered."
+            )?),
+            oldest_in_flight_seconds: reg!(GaugeVec::new(
+                Opts::new(
+                    name("oldest_in_flight_seconds"),
+                    "How long the oldest event of a partition not yet written or dead-lettered has been waiting (0 with none)."
+                ),
+                &["topic", "partition"]
+            )?),
+            consumer_errors: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("consumer_errors_total"),
+                    "Errors the Kafka consumer reported (undecodable batches, broker errors), by librdkafka error code."
+                ),
+                &["error"]
+            )?),
             consumer_lag: reg!(IntGaugeVec::new(
                 Opts::new(
                     name("consumer_lag"),
@@ -151,6 +173,13 @@ impl Metrics {
                 name("dead_letter_produce_seconds"),
                 "Time to get a dead letter acknowledged by Kafka."
             ))?),
+            dead_letter_failures: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("dead_letter_failures_total"),
+                    "Dead-letter produces that failed (and are retried), by librdkafka error code."
+                ),
+                &["error"]
+            )?),
             put_records_batch_records: reg!(Histogram::with_opts(
                 HistogramOpts::new(
                     name("put_records_batch_records"),
@@ -227,12 +256,14 @@ pub fn source_label(source: &str) -> Option<&str> {
 }
 
 /// What `/readyz` reports: ready once tenant settings are loaded and the consumer has
-/// joined its group, and no longer once shutdown has begun.
+/// joined its group, and no longer once shutdown has begun or while dead letters cannot
+/// be written for a reason that will not go away by itself.
 #[derive(Debug, Default)]
 pub struct Readiness {
     tenants_loaded: AtomicBool,
     joined_group: AtomicBool,
     shutting_down: AtomicBool,
+    dead_letters_failing: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -245,21 +276,29 @@ impl Readiness {
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
-    pub fn is_ready(&self) -> bool {
-        self.tenants_loaded.load(Ordering::SeqCst)
-            && self.joined_group.load(Ordering::SeqCst)
-            && !self.shutting_down.load(Ordering::SeqCst)
+    /// Dead letters cannot be written (`Some(why)`), or can again (`None`).
+    pub fn set_dead_letters_failing(&self, why: Option<String>) {
+        *self
+            .dead_letters_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = why;
     }
-    /// Why the process is not ready, for the body of a 503.
-    fn reason(&self) -> &'static str {
+    pub fn is_ready(&self) -> bool {
+        self.reason().is_none()
+    }
+    /// Why the process is not ready, for the body of a 503; `None` when it is.
+    fn reason(&self) -> Option<String> {
         if self.shutting_down.load(Ordering::SeqCst) {
-            "shutting down"
+            Some("shutting down".into())
         } else if !self.tenants_loaded.load(Ordering::SeqCst) {
-            "tenant settings not loaded"
+            Some("tenant settings not loaded".into())
         } else if !self.joined_group.load(Ordering::SeqCst) {
-            "consumer has not joined its group"
+            Some("consumer has not joined its group".into())
         } else {
-            "ready"
+            self.dead_letters_failing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
         }
     }
 }
@@ -286,10 +325,9 @@ async fn render_metrics() -> impl IntoResponse {
 }
 
 async fn ready(State(r): State<Arc<Readiness>>) -> impl IntoResponse {
-    if r.is_ready() {
-        (StatusCode::OK, "ready\n".to_owned())
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", r.reason()))
+    match r.reason() {
+        None => (StatusCode::OK, "ready\n".to_owned()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 
@@ -307,6 +345,15 @@ mod tests {
         m.put_errors.with_label_values(&["Throttling"]).inc();
         m.assume_role.with_label_values(&["ok"]).inc();
         m.consumer_lag.with_label_values(&["t", "0"]).set(3);
+        m.oldest_in_flight_seconds
+            .with_label_values(&["t", "0"])
+            .set(1.5);
+        m.consumer_errors
+            .with_label_values(&["BadCompression"])
+            .inc();
+        m.dead_letter_failures
+            .with_label_values(&["UnknownTopic"])
+            .inc();
         let text = m.render();
         for name in [
             "kinesis_destination_events_received_total",
@@ -321,6 +368,10 @@ mod tests {
             "kinesis_destination_rate_limit_wait_seconds_total",
             "kinesis_destination_in_flight_events",
             "kinesis_destination_consumer_lag{partition=\"0\",topic=\"t\"}",
+            "kinesis_destination_oldest_in_flight_seconds{partition=\"0\",topic=\"t\"}",
+            "kinesis_destination_consumer_errors_total{error=\"BadCompression\"}",
+            "kinesis_destination_dead_letter_failures_total{error=\"UnknownTopic\"}",
+            "kinesis_destination_in_flight_bytes",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
@@ -334,8 +385,16 @@ mod tests {
         assert!(!r.is_ready());
         r.set_joined_group();
         assert!(r.is_ready());
+        r.set_dead_letters_failing(Some("dead-letter topic dlq: unknown topic".into()));
+        assert!(!r.is_ready());
+        assert_eq!(
+            r.reason().as_deref(),
+            Some("dead-letter topic dlq: unknown topic")
+        );
+        r.set_dead_letters_failing(None);
+        assert!(r.is_ready());
         r.set_shutting_down();
         assert!(!r.is_ready());
-        assert_eq!(r.reason(), "shutting down");
+        assert_eq!(r.reason().as_deref(), Some("shutting down"));
     }
 }

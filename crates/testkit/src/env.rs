@@ -63,10 +63,26 @@ impl FakeEnv {
     }
 
     /// Sends `count` sample events of `sources` (comma-separated, round-robin) over
-    /// `users` users each into the input topic, with the `produce` command of `bin`, one
-    /// record per batch.
-    pub fn produce(&self, bin: &std::path::Path, sources: &str, count: u32, users: u32) {
-        crate::produce(bin, &self.tansu.bootstrap(), TOPIC, sources, count, users);
+    /// `users` users each into the input topic, with the `produce` command of `bin`
+    /// (batched as librdkafka does by default; `extra` adds flags such as
+    /// `--compression lz4`).
+    pub fn produce(
+        &self,
+        bin: &std::path::Path,
+        sources: &str,
+        count: u32,
+        users: u32,
+        extra: &[&str],
+    ) {
+        crate::produce(
+            bin,
+            &self.tansu.bootstrap(),
+            TOPIC,
+            sources,
+            count,
+            users,
+            extra,
+        );
     }
 
     /// Sends event number `seq` of `user` for `source`.
@@ -87,8 +103,18 @@ impl FakeEnv {
         Sent { at, id }
     }
 
-    /// Sends events given as (source, user, seq), in order, many in flight at once.
+    /// Sends events given as (source, user, seq), in order, many in flight at once (so
+    /// the producer batches them).
     pub async fn send_all(&self, events: &[(String, String, usize)]) -> Vec<Sent> {
+        self.send_all_via(&self.kafka, events).await
+    }
+
+    /// [`send_all`](Self::send_all) through another client (one that compresses).
+    pub async fn send_all_via(
+        &self,
+        kafka: &Kafka,
+        events: &[(String, String, usize)],
+    ) -> Vec<Sent> {
         let records: Vec<_> = events
             .iter()
             .map(|(source, user, seq)| {
@@ -104,7 +130,7 @@ impl FakeEnv {
                 )
             })
             .collect();
-        let at = self.kafka.send_many(TOPIC, &records).await;
+        let at = kafka.send_many(TOPIC, &records).await;
         at.into_iter()
             .zip(events)
             .map(|(at, (source, user, seq))| Sent {
@@ -114,21 +140,41 @@ impl FakeEnv {
             .collect()
     }
 
-    /// Sends `per_user` events for each of `users` users of `source`, users interleaved.
+    /// Sends `per_user` events for each of `users` users of `source`, users interleaved,
+    /// batched.
     pub async fn send_many(&self, source: &str, users: usize, per_user: usize) -> Vec<Sent> {
-        let mut sent = Vec::new();
-        for seq in 0..per_user {
-            for u in 0..users {
-                sent.push(self.send(source, &format!("{source}-u{u}"), seq).await);
-            }
-        }
-        sent
+        let events: Vec<(String, String, usize)> = (0..per_user)
+            .flat_map(|seq| {
+                (0..users).map(move |u| (source.to_owned(), format!("{source}-u{u}"), seq))
+            })
+            .collect();
+        self.send_all(&events).await
     }
 
     pub async fn wait_committed_to_end(&self, group: &str) {
         self.kafka
             .wait_committed_to_end(group, TOPIC, PARTITIONS)
             .await;
+    }
+
+    /// Waits until `group` has committed past every event of `sent`, from the offsets
+    /// the broker gave them (for a broker whose high watermark cannot be trusted).
+    pub async fn wait_committed_past(&self, group: &str, sent: &[Sent]) {
+        let mut want = vec![-1i64; PARTITIONS as usize];
+        for s in sent {
+            let w = &mut want[s.at.partition as usize];
+            *w = (*w).max(s.at.offset + 1);
+        }
+        eventually(
+            Duration::from_secs(60),
+            "offsets committed past every event sent",
+            || {
+                let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
+                let done = committed.iter().zip(&want).all(|(&c, &w)| c >= w);
+                async move { done.then_some(()) }
+            },
+        )
+        .await;
     }
 }
 

@@ -24,14 +24,31 @@ pub struct Kafka {
 }
 
 impl Kafka {
+    /// A client whose producer batches as librdkafka does by default (`linger.ms` 5),
+    /// uncompressed.
     pub fn new(bootstrap: &str) -> Kafka {
-        let producer = ClientConfig::new()
+        Kafka::with(bootstrap, &[])
+    }
+
+    /// A client whose producer compresses its batches with `codec` (`gzip`, `snappy`,
+    /// `lz4`, `zstd`).
+    pub fn compressed(bootstrap: &str, codec: &str) -> Kafka {
+        Kafka::with(bootstrap, &[("compression.type", codec)])
+    }
+
+    /// A client whose producer has librdkafka's defaults plus `settings`. Records up to
+    /// 12 MB may be produced (librdkafka's default stops at 1 MB), so tests can send
+    /// what the brokers of real users accept.
+    pub fn with(bootstrap: &str, settings: &[(&str, &str)]) -> Kafka {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", bootstrap)
             .set("acks", "all")
-            // One record per batch: Tansu answers fetches from mid-batch offsets wrongly.
-            .set("batch.num.messages", "1")
-            .create()
-            .expect("test producer");
+            .set("message.max.bytes", "12000000");
+        for (k, v) in settings {
+            config.set(*k, *v);
+        }
+        let producer = config.create().expect("test producer");
         Kafka {
             bootstrap: bootstrap.into(),
             producer,

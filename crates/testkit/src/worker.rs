@@ -137,6 +137,11 @@ impl Worker {
     /// worker gets its own HTTP port (through the environment override of
     /// `http.listen`), so several can run from one config.
     pub fn start(bin: &Path, config: &WorkerConfig) -> Worker {
+        Worker::start_with_env(bin, config, &[])
+    }
+
+    /// [`start`](Self::start) with more environment variables (configuration overrides).
+    pub fn start_with_env(bin: &Path, config: &WorkerConfig, env: &[(&str, &str)]) -> Worker {
         let http_port = free_port();
         let log = config
             .dir
@@ -159,6 +164,7 @@ impl Worker {
                 std::env::var("KD_WORKER_LOG")
                     .unwrap_or_else(|_| "info,kd_pipeline=debug,kd_aws=debug".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log file"))
             .stderr(out)
@@ -294,14 +300,22 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// Runs `bin produce` (the sample-event command) and asserts it succeeded. One event per
-/// record batch: Tansu answers fetches from mid-batch offsets wrongly, and pausing or
-/// seeking a partition makes the consumer fetch from such offsets.
-pub fn produce(bin: &Path, bootstrap: &str, topic: &str, sources: &str, count: u32, users: u32) {
+/// Runs `bin produce` (the sample-event command, batching as librdkafka does by
+/// default) and asserts it succeeded. `extra` adds flags (`--compression zstd`).
+pub fn produce(
+    bin: &Path,
+    bootstrap: &str,
+    topic: &str,
+    sources: &str,
+    count: u32,
+    users: u32,
+    extra: &[&str],
+) {
     let status = Command::new(bin)
         .args(["produce", "--topic", topic, "--sources", sources])
         .args(["--count", &count.to_string(), "--users", &users.to_string()])
-        .args(["--batch-size", "1", "--bootstrap-servers", bootstrap])
+        .args(["--bootstrap-servers", bootstrap])
+        .args(extra)
         .status()
         .expect("produce runs");
     assert!(status.success(), "produce failed: {status}");
