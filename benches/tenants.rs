@@ -168,9 +168,13 @@ fn route_lookups(snapshot: &Snapshot) {
         })
         .collect();
     let n = 1_000_000;
+    let from = kd_pipeline::route::SourceIdFrom {
+        header: "source_id".into(),
+        header_only: false,
+    };
     let started = Instant::now();
     for i in 0..n {
-        let r = kd_pipeline::route::route(&msgs[i % msgs.len()], &snap, "source_id");
+        let r = kd_pipeline::route::route(&msgs[i % msgs.len()], &snap, &from);
         assert!(r.is_ok());
     }
     let took = started.elapsed();

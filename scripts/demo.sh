@@ -43,11 +43,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log "starting tansu on 127.0.0.1:$KAFKA_PORT and moto on 127.0.0.1:$AWS_PORT"
-# SQLite storage, in the demo folder (the database path is relative to the working
-# directory): it keeps multi-record batches intact for fetches that start inside one.
-(cd "$DEMO" && exec tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
   --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --storage-engine sqlite://tansu.db) >"$DEMO/tansu.log" 2>&1 &
+  --storage-engine memory://tansu/ >"$DEMO/tansu.log" 2>&1 &
 pids+=($!)
 python3 -m moto.server -H 127.0.0.1 -p "$AWS_PORT" >"$DEMO/moto.log" 2>&1 &
 pids+=($!)

@@ -24,6 +24,7 @@ ensure_build_deps() {
   command -v cc >/dev/null || missing+=(build-essential)
   command -v make >/dev/null || missing+=(make)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
+  command -v patch >/dev/null || missing+=(patch)
   pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
   [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
   if [ ${#missing[@]} -gt 0 ]; then
@@ -32,27 +33,38 @@ ensure_build_deps() {
   fi
 }
 
-# Tansu, a Kafka-protocol broker (Rust), built once into ~/.cargo/bin with its SQLite
-# storage engine (about 10 minutes on 2 cores). The memory engine of 0.6.0 answers a fetch
-# that starts inside a multi-record batch with the next batch; the SQLite one does not.
-tansu_has_sqlite() {
-  tansu --version 2>/dev/null | grep -q "$TANSU_VERSION" || return 1
-  # cargo records the features each installed binary was built with.
-  python3 - "$TANSU_VERSION" <<'PY' 2>/dev/null
+# Tansu 0.6.0, a Kafka-protocol broker (Rust, crates.io), with two fixes to its memory
+# storage engine (tools/tansu/memory-engine.patch: a fetch from inside a multi-record
+# batch returned the next batch; the latest offset was not the high watermark). Built
+# once into ~/.cargo/bin as `tansu` (about 10 minutes on 2 cores).
+TANSU_KD_VERSION=0.6.0+kd.1
+
+tansu_is_patched() {
+  # cargo records each installed package with its version.
+  python3 - "$TANSU_KD_VERSION" <<'PY' 2>/dev/null
 import json, os, sys
-with open(os.path.expanduser("~/.cargo/.crates2.json")) as f:
+home = os.environ.get("CARGO_HOME", os.path.expanduser("~/.cargo"))
+with open(os.path.join(home, ".crates2.json")) as f:
     installs = json.load(f)["installs"]
-ok = any(k.startswith(f"tansu {sys.argv[1]} ") and "libsql" in v.get("features", [])
-         for k, v in installs.items())
-sys.exit(0 if ok else 1)
+sys.exit(0 if any(k.startswith(f"tansu-kd {sys.argv[1]} ") for k in installs) else 1)
 PY
 }
 
 ensure_tansu() {
-  export PATH="$HOME/.cargo/bin:$PATH"
-  tansu_has_sqlite && return
-  log "building tansu $TANSU_VERSION with its SQLite engine (about 10 minutes, once per machine)"
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql --quiet
+  export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+  tansu_is_patched && command -v tansu >/dev/null && return
+  log "building tansu $TANSU_VERSION with the memory-engine fixes (about 10 minutes, once per machine)"
+  local tools=.tools
+  mkdir -p "$tools"
+  # tansu-storage's source, as cargo downloads it, patched.
+  cargo fetch --quiet --manifest-path tools/tansu/fetch/Cargo.toml
+  local crate
+  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/tansu-storage-"$TANSU_VERSION".crate | head -n 1)
+  rm -rf "$tools/tansu-storage-$TANSU_VERSION"
+  tar -xzf "$crate" -C "$tools"
+  patch --quiet -p1 -d "$tools/tansu-storage-$TANSU_VERSION" <tools/tansu/memory-engine.patch
+  CARGO_TARGET_DIR="$tools/tansu-target" cargo install --quiet --locked --force \
+    --path tools/tansu --root "${CARGO_HOME:-$HOME/.cargo}"
 }
 
 # moto, the AWS emulator (STS and Kinesis on one endpoint).

@@ -61,6 +61,10 @@ pub struct TenantsConfig {
     pub poll_interval_ms: u64,
     /// With `topic`: how long changes are gathered before they take effect together.
     pub flush_interval_ms: u64,
+    /// Route by the source ID header only; a `projectId` in the body is ignored.
+    pub require_header: bool,
+    /// Accept an edit of the tenants file that removes every tenant.
+    pub allow_empty: bool,
 }
 
 impl Default for TenantsConfig {
@@ -70,6 +74,8 @@ impl Default for TenantsConfig {
             topic: None,
             poll_interval_ms: 1000,
             flush_interval_ms: 100,
+            require_header: false,
+            allow_empty: false,
         }
     }
 }
@@ -174,7 +180,8 @@ impl Default for DeliveryConfig {
             permanent_error_window_secs: 180,
             initial_backoff_ms: 100,
             max_backoff_ms: 30_000,
-            shutdown_timeout_secs: 30,
+            // Together within Kubernetes' default 30 s grace period, with 5 s to spare.
+            shutdown_timeout_secs: 15,
             close_timeout_secs: 10,
         }
     }

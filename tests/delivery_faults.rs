@@ -642,6 +642,26 @@ async fn kafka_outage_is_waited_out_without_loss() {
     );
     let failed_commits =
         worker.metric("kinesis_destination_offset_commits_total{outcome=\"error\"}");
+    // The broker errors of the outage are counted, and logged once a minute per kind
+    // rather than at every attempt (librdkafka's own line per error is replaced).
+    let m = worker.metrics();
+    let errors: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("kinesis_destination_consumer_errors_total{"))
+        .collect();
+    let count: f64 = errors
+        .iter()
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    let logs = worker.logs();
+    let lines = logs.matches("kafka consumer error").count();
+    assert!(count >= 1.0, "consumer errors counted:\n{m}");
+    assert!(
+        lines <= errors.len(),
+        "{count} errors of {} kinds, {lines} log lines:\n{logs}",
+        errors.len()
+    );
+    assert!(!logs.contains("rdkafka::client"), "{logs}");
     proxy.up();
     sent.extend(env.send_all_via(&gzip, &events(50..60)).await);
     env.wait_committed_to_end(&cfg.group_id).await;
@@ -714,6 +734,115 @@ async fn put_records_partial_failures_are_retried_record_by_record_in_order() {
     assert!(metric_value(&m, "kinesis_destination_retries_total") >= refused);
     eprintln!("PutRecords: 3,000 records in {calls} calls, {refused} refused records retried");
     kd_testkit::assert_nothing_dead_lettered(&m);
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_writes_that_never_finish_exits_within_kubernetes_grace_period() {
+    let env = Env::start().await;
+    let t = env.tenant("src_hang", "hang", 1);
+    // Every write is answered after a minute: past the API timeout, so retried forever.
+    env.fake.fail_for(
+        "hang",
+        Fault::Latency(Duration::from_secs(60)),
+        Duration::from_secs(3600),
+    );
+    // The shutdown settings are left at their defaults.
+    let cfg = env.config(&[&t]);
+    cfg.write();
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    env.send_many("src_hang", 5, 2).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_in_flight_events",
+        10.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let asked = Instant::now();
+    worker.sigterm();
+    let status = worker.wait_exit(Duration::from_secs(60));
+    let took = asked.elapsed();
+    eprintln!("shutdown with writes that never finish took {took:?}");
+    assert!(status.success(), "exit 0: {status}\n{}", worker.logs());
+    assert!(
+        took < Duration::from_secs(25),
+        "the whole shutdown fits Kubernetes' 30 s grace period with room: {took:?}"
+    );
+    assert!(worker.logs().contains("abandoned"), "{}", worker.logs());
+    assert!(env.fake.records_of("hang").is_empty());
+    // Nothing was committed past the abandoned events (the first of each partition).
+    let committed = env
+        .kafka
+        .committed(&cfg.group_id, kd_testkit::env::TOPIC, PARTITIONS);
+    assert!(committed.iter().all(|&c| c <= 0), "{committed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_settings_changes_without_restart() {
+    let env = Env::start().await;
+    let fixed = env.tenant("src_moving", "fixed", 1);
+    let other = env.tenant("src_other", "other", 1);
+    // The tenant first names a stream that does not exist: its writes are refused and
+    // retried (a missing stream may be being created).
+    let mut broken = fixed.clone();
+    broken.stream = "missing".into();
+    let cfg = env
+        .config(&[&broken, &other])
+        .set("delivery", "initial_backoff_ms = 50")
+        .set("delivery", "max_backoff_ms = 500");
+    cfg.write();
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    let sent = env.send_many("src_moving", 5, 4).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_retries_total",
+        20.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(env.fake.records_of("fixed").is_empty());
+    // The settings are fixed: the waiting events go to the new stream, in order.
+    cfg.write_tenants(&[fixed.settings(), other.settings()]);
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        sent.len() as f64,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_all_delivered_in_order(&sent, &env.fake.records_of("fixed"));
+    kd_testkit::assert_nothing_dead_lettered(&worker.metrics());
+
+    // Broken again, then removed while its events are retried: they are dead-lettered
+    // as the events of an unknown source, not retried for the rest of their window.
+    cfg.write_tenants(&[broken.settings(), other.settings()]);
+    wait_metric(
+        &worker,
+        "kinesis_destination_tenants{state=\"valid\"}",
+        2.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retries = worker.metric("kinesis_destination_retries_total");
+    let more = env.send_many("src_moving", 3, 1).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_retries_total",
+        retries + 6.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    cfg.write_tenants(&[other.settings()]);
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_dead_lettered_total{reason=\"unknown_source\"}",
+        more.len() as f64,
+        Duration::from_secs(30),
+    )
+    .await;
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.stop();
 }

@@ -491,18 +491,24 @@ async fn sigterm_and_sigkill_mid_stream_lose_nothing() {
 
     // Events keep arriving while the worker is stopped and started.
     let mut next = 0;
+    // In batches, as a producer with librdkafka's defaults sends them.
     let mut send_batch = async |count: usize, sent: &mut Vec<(Produced, String)>| {
+        let mut ids = Vec::new();
+        let mut records = Vec::new();
         for _ in 0..count {
             let id = format!("r-{next}");
-            let bytes =
-                json!({"type": "track", "userId": format!("u{}", next % 17), "messageId": id})
-                    .to_string();
-            let at = env
-                .send(bytes.as_bytes(), Some("src_r"), &format!("u{}", next % 17))
-                .await;
-            sent.push((at, id));
+            let user = format!("u{}", next % 17);
+            let bytes = json!({"type": "track", "userId": user, "messageId": id}).to_string();
+            records.push((
+                user,
+                bytes.into_bytes(),
+                vec![("source_id".to_owned(), "src_r".to_owned())],
+            ));
+            ids.push(id);
             next += 1;
         }
+        let at = env.kafka.send_many(TOPIC, &records).await;
+        sent.extend(at.into_iter().zip(ids));
     };
     send_batch(300, &mut sent).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -51,6 +51,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
                 tenants.clone(),
                 Duration::from_millis(config.tenants.poll_interval_ms),
                 Some(bytes),
+                config.tenants.allow_empty,
             ))
         }
         None => None,
@@ -115,6 +116,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         max_in_flight_bytes: d.max_in_flight_bytes,
         max_in_flight_per_partition: d.max_in_flight_per_partition,
         tenant_share: d.tenant_share,
+        require_header: config.tenants.require_header,
         commit_interval: Duration::from_millis(d.commit_interval_ms),
         shutdown_timeout: Duration::from_secs(d.shutdown_timeout_secs),
         close_timeout: Duration::from_secs(d.close_timeout_secs),

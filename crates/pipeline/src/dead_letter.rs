@@ -200,10 +200,36 @@ fn code_name(e: &KafkaError) -> String {
         .map_or_else(|| "Other".to_owned(), |c| format!("{c:?}"))
 }
 
+/// The dead-letter producer's client callbacks: its client-wide errors (brokers down)
+/// are logged once a minute per kind, not at every reconnection attempt.
+#[derive(Debug)]
+pub struct DeadLetterClient {
+    errors: LogLimit,
+}
+
+impl Default for DeadLetterClient {
+    fn default() -> Self {
+        DeadLetterClient {
+            errors: LogLimit::per_minute(),
+        }
+    }
+}
+
+impl rdkafka::ClientContext for DeadLetterClient {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(passed_over) = self.errors.due(&code_name(&error)) {
+            tracing::warn!(error = %error, reason, errors_since_last_line = passed_over, "dead-letter producer error");
+        }
+    }
+}
+
+/// The producer dead letters are written with.
+pub type DeadLetterProducer = FutureProducer<DeadLetterClient>;
+
 /// Produces dead letters and waits for Kafka to confirm them.
 #[derive(Clone)]
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: DeadLetterProducer,
     topic: Arc<str>,
     retry: RetryPolicy,
     readiness: Arc<Readiness>,
@@ -214,7 +240,7 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub fn new(
-        producer: FutureProducer,
+        producer: DeadLetterProducer,
         topic: &str,
         retry: RetryPolicy,
         readiness: Arc<Readiness>,

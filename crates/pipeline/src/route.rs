@@ -18,6 +18,16 @@ pub struct Routed {
     pub key: PartitionKey,
 }
 
+/// Where an event's source ID is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIdFrom {
+    /// The header that carries it.
+    pub header: String,
+    /// Only the header: a `projectId` in the body is ignored, for platforms where the
+    /// body is written by the tenant (who could otherwise name another tenant).
+    pub header_only: bool,
+}
+
 /// The source ID from the header named `header`, when present, non-empty and UTF-8.
 fn header_source_id<'a>(msg: &'a OwnedMessage, header: &str) -> Option<&'a str> {
     let headers = msg.headers()?;
@@ -36,19 +46,24 @@ fn header_source_id<'a>(msg: &'a OwnedMessage, header: &str) -> Option<&'a str> 
 pub fn route(
     msg: &OwnedMessage,
     snapshot: &Snapshot,
-    source_id_header: &str,
+    from: &SourceIdFrom,
 ) -> Result<Routed, DeadLetter> {
     let value = msg.payload().unwrap_or_default();
     let view = EventView::decode(value).map_err(|e| match e {
         DecodeError::InvalidJson(m) => DeadLetter::new(Reason::InvalidJson, m),
         DecodeError::UnsupportedType(m) => DeadLetter::new(Reason::UnsupportedType, m),
     })?;
-    let source_id = header_source_id(msg, source_id_header)
-        .or(view.project_id.as_deref())
+    let source_id = header_source_id(msg, &from.header)
+        .or(view.project_id.as_deref().filter(|_| !from.header_only))
         .ok_or_else(|| {
+            let header = &from.header;
             DeadLetter::new(
                 Reason::MissingSourceId,
-                format!("no {source_id_header} header and no projectId in the message"),
+                if from.header_only {
+                    format!("no {header} header (projectId in the message is not used: tenants.require_header)")
+                } else {
+                    format!("no {header} header and no projectId in the message")
+                },
             )
         })?;
     let tenant = match snapshot.get(source_id) {
@@ -123,10 +138,31 @@ mod tests {
         )
     }
 
+    fn header(header_only: bool) -> SourceIdFrom {
+        SourceIdFrom {
+            header: "source_id".into(),
+            header_only,
+        }
+    }
+
     fn reason(value: &str, source: Option<&str>) -> Reason {
-        route(&msg(value, source), &snapshot(), "source_id")
+        route(&msg(value, source), &snapshot(), &header(false))
             .unwrap_err()
             .reason
+    }
+
+    #[test]
+    fn with_the_header_required_the_body_cannot_name_a_tenant() {
+        let body = r#"{"type":"track","userId":"u","projectId":"src_1"}"#;
+        let dl = route(&msg(body, None), &snapshot(), &header(true)).unwrap_err();
+        assert_eq!(dl.reason, Reason::MissingSourceId);
+        assert!(dl.error.contains("require_header"), "{}", dl.error);
+        let r = route(&msg(body, Some("src_1")), &snapshot(), &header(true)).unwrap();
+        assert_eq!(
+            r.tenant.source_id.as_str(),
+            "src_1",
+            "the header still routes"
+        );
     }
 
     #[test]
@@ -134,7 +170,7 @@ mod tests {
         let r = route(
             &msg(r#"{"type":"track","userId":"u"}"#, Some("src_1")),
             &snapshot(),
-            "source_id",
+            &header(false),
         )
         .unwrap();
         assert_eq!(r.tenant.source_id.as_str(), "src_1");
@@ -145,7 +181,7 @@ mod tests {
                 None,
             ),
             &snapshot(),
-            "source_id",
+            &header(false),
         )
         .unwrap();
         assert_eq!(r.key.as_str(), "a");

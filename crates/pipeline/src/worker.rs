@@ -14,17 +14,18 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetter, DeadLetters, Reason, DEAD_LETTER_ROOM};
+use crate::dead_letter::{
+    DeadLetter, DeadLetterClient, DeadLetterProducer, DeadLetters, Reason, DEAD_LETTER_ROOM,
+};
 use crate::lanes::Lanes;
 use crate::log_limit::LogLimit;
 use crate::offsets::{Admission, Budget, Fairness, FlowInput, Held, OffsetTracker, Ticket};
 use crate::retry::RetryPolicy;
-use crate::route::route;
+use crate::route::{route, SourceIdFrom};
 
 /// Kafka side of the worker: the `[kafka]` section of the configuration (SPEC 2).
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
@@ -87,11 +88,14 @@ pub struct WorkerSettings {
     /// further events there are skipped and read again once it drains. 1 turns
     /// fairness off.
     pub tenant_share: f64,
+    /// Read the source ID from the header only, never from the body's `projectId`.
+    pub require_header: bool,
     pub commit_interval: Duration,
     /// On SIGTERM, how long in-flight events may take to finish before they are
     /// abandoned (to be re-read after restart).
     pub shutdown_timeout: Duration,
-    /// How long leaving the group may take before the worker exits anyway.
+    /// After that, how long the final commit and leaving the group may take together
+    /// before the worker exits anyway.
     pub close_timeout: Duration,
     pub retry: RetryPolicy,
 }
@@ -251,12 +255,42 @@ struct Deliverer {
     dead_letters: DeadLetters,
     tracker: Arc<OffsetTracker>,
     retry: RetryPolicy,
+    /// Looked up again before each retry: settings may change during a retry window.
+    tenants: Arc<TenantStore>,
 }
 
 enum Outcome {
     Written,
     DeadLetter(DeadLetter),
     Cancelled,
+}
+
+impl Deliverer {
+    /// The settings in force now for the tenant an event was routed to: the same `Arc`
+    /// while they did not change. A tenant removed or made invalid meanwhile is a dead
+    /// letter (`unknown_source`, `invalid_settings`), as its next event would be.
+    fn current_settings(
+        &self,
+        routed_with: &Arc<TenantSettings>,
+    ) -> Result<Arc<TenantSettings>, DeadLetter> {
+        let source = routed_with.source_id.as_str();
+        match self.tenants.snapshot().get(source) {
+            Some(kd_tenants::TenantEntry::Valid(t)) if **t == **routed_with => {
+                Ok(routed_with.clone())
+            }
+            Some(kd_tenants::TenantEntry::Valid(t)) => Ok(t.clone()),
+            Some(kd_tenants::TenantEntry::Invalid { reason }) => Err(DeadLetter::new(
+                Reason::InvalidSettings,
+                format!("settings became invalid while the event was retried: {reason}"),
+            )
+            .of_source(source)),
+            None => Err(DeadLetter::new(
+                Reason::UnknownSource,
+                format!("source {source:?} was removed while its event was retried"),
+            )
+            .of_source(source)),
+        }
+    }
 }
 
 impl Deliverer {
@@ -290,13 +324,28 @@ impl Deliverer {
         let mut permanent_since: Option<Instant> = None;
         let mut attempt = 0u32;
         let cancel = &job.ticket.cancel;
+        let mut tenant = job.tenant.clone();
         loop {
             // Revoked or shutting down: leave the event to the partition's next reader.
             if cancel.is_cancelled() {
                 return Outcome::Cancelled;
             }
+            if attempt > 0 {
+                match self.current_settings(&tenant) {
+                    Ok(current) => {
+                        if !Arc::ptr_eq(&current, &tenant) {
+                            tracing::info!(source_id = %tenant.source_id, "tenant settings changed; retrying with the new ones");
+                            // A new role, secret, region or stream: the old ones'
+                            // failures say nothing about the new ones.
+                            permanent_since = None;
+                            tenant = current;
+                        }
+                    }
+                    Err(dl) => return Outcome::DeadLetter(dl),
+                }
+            }
             let result = tokio::select! {
-                r = self.writer.put_record(&job.tenant, &job.key, data) => r,
+                r = self.writer.put_record(&tenant, &job.key, data) => r,
                 _ = cancel.cancelled() => return Outcome::Cancelled,
             };
             let err = match result {
@@ -309,7 +358,7 @@ impl Deliverer {
                     if since.elapsed() >= self.retry.permanent_window {
                         return Outcome::DeadLetter(
                             DeadLetter::new(Reason::DestinationRejected, err.to_string())
-                                .of_source(job.tenant.source_id.as_str()),
+                                .of_source(tenant.source_id.as_str()),
                         );
                     }
                 }
@@ -324,12 +373,12 @@ impl Deliverer {
                                     started.elapsed().as_secs()
                                 ),
                             )
-                            .of_source(job.tenant.source_id.as_str()),
+                            .of_source(tenant.source_id.as_str()),
                         );
                     }
                 }
             }
-            tracing::debug!(source_id = %job.tenant.source_id, attempt, error = %err, "write failed; retrying");
+            tracing::debug!(source_id = %tenant.source_id, attempt, error = %err, "write failed; retrying");
             kd_telemetry::metrics().retries.inc();
             let wait = self.retry.backoff(attempt);
             attempt = attempt.saturating_add(1);
@@ -438,9 +487,11 @@ async fn check_topics(
     k: &KafkaSettings,
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
+    // A subscription pattern (`^events-.*`) may match nothing yet: not checked.
     let wanted: Vec<(&'static str, String)> = k
         .topics
         .iter()
+        .filter(|t| !t.starts_with('^'))
         .map(|t| ("kafka.topics", t.clone()))
         .chain([("kafka.dead_letter_topic", k.dead_letter_topic.clone())])
         .collect();
@@ -510,7 +561,8 @@ pub async fn run(
     check_topics(&consumer, &settings.kafka, &shutdown).await?;
     let topics: Vec<&str> = settings.kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let producer: FutureProducer = producer_config(&settings.kafka).create()?;
+    let producer: DeadLetterProducer =
+        producer_config(&settings.kafka).create_with_context(DeadLetterClient::default())?;
 
     let dead_letters = DeadLetters::new(
         producer.clone(),
@@ -524,6 +576,7 @@ pub async fn run(
         dead_letters: dead_letters.clone(),
         tracker: tracker.clone(),
         retry: settings.retry.clone(),
+        tenants: tenants.clone(),
     });
     let lanes = {
         let deliverer = deliverer.clone();
@@ -548,7 +601,10 @@ pub async fn run(
         settings.max_in_flight_bytes,
         settings.tenant_share,
     );
-    let header = settings.kafka.source_id_header.as_str();
+    let source_id_from = SourceIdFrom {
+        header: settings.kafka.source_id_header.clone(),
+        header_only: settings.require_header,
+    };
     // The tick resumes drained partitions, and also keeps calling into librdkafka while
     // every partition is paused: it must be polled within max.poll.interval.ms or it
     // leaves the group.
@@ -580,7 +636,7 @@ pub async fn run(
                 continue;
             }
         };
-        let routed = route(&msg, &tenants.snapshot(), header);
+        let routed = route(&msg, &tenants.snapshot(), &source_id_from);
         let source = routed.as_ref().ok().map(|r| r.tenant.source_id.shared());
         let bytes = msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len);
         let ticket = match tracker.admit(
@@ -661,9 +717,12 @@ pub async fn run(
     }
     cancel.cancel();
     stop_committer.cancel();
-    // A commit blocks while the broker is unreachable: every step of the exit has a
-    // deadline, so the process leaves even then (uncommitted events are re-read).
-    if tokio::time::timeout(settings.close_timeout, committer)
+    // Committing and leaving share one budget (`close_timeout`), so the whole exit takes
+    // at most `shutdown_timeout + close_timeout`. A commit blocks while the broker is
+    // unreachable: every step has this deadline, and the process leaves even then
+    // (uncommitted events are read again by the partition's next owner).
+    let close_deadline = tokio::time::Instant::now() + settings.close_timeout;
+    if tokio::time::timeout_at(close_deadline, committer)
         .await
         .is_err()
     {
@@ -674,7 +733,7 @@ pub async fn run(
         let tracker = tracker.clone();
         tokio::task::spawn_blocking(move || commit(&*consumer, &tracker, None))
     };
-    if tokio::time::timeout(settings.close_timeout, final_commit)
+    if tokio::time::timeout_at(close_deadline, final_commit)
         .await
         .is_err()
     {
@@ -682,14 +741,13 @@ pub async fn run(
     }
     // Nothing is read or written from here on; the group may hand the partitions over.
     tracing::info!("leaving the consumer group");
-    // Leaving the group (librdkafka's close) runs when the last handle drops; bound it so
-    // an unreachable broker cannot hang the exit.
+    // Leaving the group (librdkafka's close) runs when the last handle drops.
     let close = tokio::task::spawn_blocking(move || {
         consumer.unsubscribe();
         drop(consumer);
         let _ = rdkafka::producer::Producer::flush(&producer, Duration::from_secs(5));
     });
-    if tokio::time::timeout(settings.close_timeout, close)
+    if tokio::time::timeout_at(close_deadline, close)
         .await
         .is_err()
     {

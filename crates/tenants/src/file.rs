@@ -71,22 +71,44 @@ fn parse_array(bytes: &[u8]) -> Result<Snapshot, String> {
 }
 
 /// Polls the file every `interval` and loads it into the store whenever its contents
-/// differ from what was last seen (`last_seen`: the bytes already loaded, if any). A bad edit is reported (log and
-/// `kinesis_destination_tenant_settings_errors_total`) and the last good settings stay.
+/// differ from what was last seen (`last_seen`: the bytes already loaded, if any). A bad
+/// edit is reported (log and `kinesis_destination_tenant_settings_errors_total`) and the
+/// last good settings stay. So is an edit that removes every tenant at once (a truncated
+/// or emptied file would dead-letter all traffic), unless `allow_empty`.
 ///
 /// Polling (rather than inotify) also sees files replaced through symlinks, as
-/// Kubernetes does for mounted ConfigMaps.
+/// Kubernetes does for mounted ConfigMaps. Reading and parsing run off the async
+/// runtime's threads (100,000 tenants are 14 MB of JSON).
 pub async fn watch_file(
     path: PathBuf,
     store: Arc<TenantStore>,
     interval: Duration,
     last_seen: Option<Vec<u8>>,
+    allow_empty: bool,
 ) {
     let mut last = last_seen;
     loop {
-        match std::fs::read(&path) {
-            Ok(bytes) if last.as_deref() != Some(&bytes[..]) => {
-                match parse_array(&bytes) {
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || std::fs::read(path)).await
+        };
+        match read {
+            Ok(Ok(bytes)) if last.as_deref() != Some(&bytes[..]) => {
+                let (parsed, bytes) =
+                    tokio::task::spawn_blocking(move || (parse_array(&bytes), bytes))
+                        .await
+                        .unwrap_or_else(|e| (Err(format!("parser failed: {e}")), Vec::new()));
+                let parsed = parsed.and_then(|snapshot| {
+                    if snapshot.is_empty() && !store.snapshot().is_empty() && !allow_empty {
+                        Err(format!(
+                            "it removes all {} tenants at once (set tenants.allow_empty = true if that is meant)",
+                            store.snapshot().len()
+                        ))
+                    } else {
+                        Ok(snapshot)
+                    }
+                });
+                match parsed {
                     Ok(snapshot) => {
                         tracing::info!(
                             path = %path.display(),
@@ -107,14 +129,15 @@ pub async fn watch_file(
                 }
                 last = Some(bytes);
             }
-            Ok(_) => {}
-            Err(e) => {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
                 if last.is_some() {
                     kd_telemetry::metrics().tenant_settings_errors.inc();
                 }
                 tracing::error!(path = %path.display(), error = %e, "cannot read tenants file; keeping the last good settings");
                 last = None;
             }
+            Err(e) => tracing::error!(error = %e, "tenants file reader failed"),
         }
         tokio::time::sleep(interval).await;
     }
@@ -155,6 +178,7 @@ mod tests {
             store.clone(),
             Duration::from_millis(20),
             None,
+            false,
         ));
         wait_for(|| store.snapshot().get("a").is_some()).await;
 
@@ -170,6 +194,33 @@ mod tests {
         wait_for(|| store.snapshot().get("b").is_some()).await;
         assert!(store.snapshot().get("a").is_none());
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_edit_that_removes_every_tenant_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenants.json");
+        let one = r#"[{"sourceId":"a","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"}]"#;
+        for allow_empty in [false, true] {
+            std::fs::write(&path, one).unwrap();
+            let store = Arc::new(TenantStore::new());
+            let task = tokio::spawn(watch_file(
+                path.clone(),
+                store.clone(),
+                Duration::from_millis(20),
+                None,
+                allow_empty,
+            ));
+            wait_for(|| store.snapshot().get("a").is_some()).await;
+            std::fs::write(&path, "[]").unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(
+                store.snapshot().is_empty(),
+                allow_empty,
+                "allow_empty = {allow_empty}"
+            );
+            task.abort();
+        }
     }
 
     async fn wait_for(cond: impl Fn() -> bool) {

@@ -45,7 +45,30 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(tenants: HashMap<Arc<str>, TenantEntry>) -> Self {
+    /// The snapshot of `tenants`, with every tenant whose `secretId` is another tenant's
+    /// source ID made invalid: the external ID a role trusts is the source ID of its
+    /// tenant, so such a setting would let one tenant write through another's role.
+    pub fn new(mut tenants: HashMap<Arc<str>, TenantEntry>) -> Self {
+        let impostors: Vec<Arc<str>> = tenants
+            .iter()
+            .filter_map(|(source, entry)| match entry {
+                TenantEntry::Valid(t) => t
+                    .secret_id
+                    .as_ref()
+                    .map(|s| s.expose())
+                    .filter(|secret| *secret != &**source && tenants.contains_key(*secret))
+                    .map(|_| source.clone()),
+                TenantEntry::Invalid { .. } => None,
+            })
+            .collect();
+        for source in impostors {
+            let reason: Arc<str> = format!(
+                "tenant {source}: secretId is the source ID of another tenant (external IDs must not name another tenant)"
+            )
+            .into();
+            tracing::warn!(%reason, "invalid tenant settings; its events will be dead-lettered");
+            tenants.insert(source, TenantEntry::Invalid { reason });
+        }
         Snapshot { tenants }
     }
 
@@ -66,6 +89,46 @@ impl Snapshot {
             .values()
             .filter(|e| matches!(e, TenantEntry::Invalid { .. }))
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(source: &str, secret: Option<&str>) -> (Arc<str>, TenantEntry) {
+        let mut v = serde_json::json!({"sourceId": source,
+            "roleAddress": "arn:aws:iam::123456789012:role/r", "region": "us-east-1",
+            "stream": "s"});
+        if let Some(secret) = secret {
+            v["secretId"] = secret.into();
+        }
+        (
+            source.into(),
+            TenantEntry::Valid(Arc::new(parse_tenant(&v).unwrap())),
+        )
+    }
+
+    #[test]
+    fn a_secret_id_naming_another_tenant_makes_its_tenant_invalid() {
+        let s = Snapshot::new(HashMap::from([
+            tenant("src_victim", None),
+            tenant("src_evil", Some("src_victim")),
+            tenant("src_own", Some("src_own")),
+            tenant("src_shared_a", Some("shared-secret")),
+            tenant("src_shared_b", Some("shared-secret")),
+        ]));
+        let Some(TenantEntry::Invalid { reason }) = s.get("src_evil") else {
+            panic!("src_evil must be invalid")
+        };
+        assert!(reason.contains("another tenant"), "{reason}");
+        for ok in ["src_victim", "src_own", "src_shared_a", "src_shared_b"] {
+            assert!(
+                matches!(s.get(ok), Some(TenantEntry::Valid(_))),
+                "{ok} stays valid"
+            );
+        }
+        assert_eq!(s.invalid_count(), 1);
     }
 }
 

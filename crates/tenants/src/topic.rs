@@ -109,6 +109,9 @@ pub async fn follow_topic(
             config.set(k, v);
         }
     }
+    // The end of each partition is reported, also for one emptied by retention or
+    // ending in a transaction marker (no record at `high - 1` is ever returned).
+    config.set("enable.partition.eof", "true");
     let consumer: StreamConsumer = config.create().map_err(|e| err(e.to_string()))?;
     let topic = settings.topic.clone();
     let (partitions, ends) = {
@@ -130,10 +133,10 @@ pub async fn follow_topic(
             }
             let mut ends = HashMap::new();
             for &p in &parts {
-                let (_, high) = consumer
+                let watermarks = consumer
                     .fetch_watermarks(&topic, p, Duration::from_secs(30))
                     .map_err(|e| e.to_string())?;
-                ends.insert(p, high);
+                ends.insert(p, watermarks);
             }
             Ok((parts, ends))
         })
@@ -147,9 +150,10 @@ pub async fn follow_topic(
     consumer.assign(&tpl).map_err(|e| err(e.to_string()))?;
 
     let mut tenants: HashMap<Arc<str>, TenantEntry> = HashMap::new();
-    // Partitions not yet read up to their end as it was at start.
-    let mut catching_up: HashMap<i32, i64> =
-        ends.into_iter().filter(|(_, high)| *high > 0).collect();
+    let mut catching_up = CatchUp::new(ends);
+    let started = std::time::Instant::now();
+    let mut progress = tokio::time::interval(CATCH_UP_LOG_EVERY);
+    progress.tick().await;
     let mut loaded = false;
     // Records applied to `tenants` but not yet in an installed snapshot.
     let mut unpublished = 0u64;
@@ -163,7 +167,7 @@ pub async fn follow_topic(
                 .tenant_settings_records
                 .inc_by(std::mem::take(unpublished));
         };
-        if !loaded && catching_up.is_empty() {
+        if !loaded && catching_up.done() {
             loaded = true;
             tracing::info!(topic = %topic, records, tenants = tenants.len(), "tenant settings loaded from topic");
             publish(&tenants, &mut unpublished);
@@ -174,16 +178,24 @@ pub async fn follow_topic(
                     publish(&tenants, &mut unpublished);
                 }
             }
+            _ = progress.tick(), if !loaded => {
+                tracing::warn!(
+                    topic = %topic,
+                    waited_secs = started.elapsed().as_secs(),
+                    records,
+                    behind = ?catching_up.behind(),
+                    "still reading the tenant settings topic; not ready until every partition is read to its end (partition: next offset to see, end)"
+                );
+            }
             msg = consumer.recv() => match msg {
                 Ok(m) => {
                     records += 1;
                     apply_record(&mut tenants, m.key(), m.payload());
                     unpublished += 1;
-                    if let Some(&end) = catching_up.get(&m.partition()) {
-                        if m.offset() + 1 >= end {
-                            catching_up.remove(&m.partition());
-                        }
-                    }
+                    catching_up.seen(m.partition(), m.offset());
+                }
+                Err(rdkafka::error::KafkaError::PartitionEOF(partition)) => {
+                    catching_up.at_end(partition);
                 }
                 Err(e) => {
                     tracing::warn!(topic = %topic, error = %e, "reading tenant settings topic");
@@ -194,9 +206,81 @@ pub async fn follow_topic(
     }
 }
 
+/// How often the first read of the settings topic says how far it got.
+const CATCH_UP_LOG_EVERY: Duration = Duration::from_secs(15);
+
+/// Which partitions of the settings topic are not yet read up to their end as it was
+/// at start. A partition is done once a record at or past its last offset is seen, or
+/// once the consumer reports it is at the end (an empty partition, one whose records
+/// retention or compaction removed, one whose last offset is a transaction marker:
+/// none of these ever returns a record at `high - 1`).
+#[derive(Debug)]
+struct CatchUp {
+    /// Partition → (next offset to see, end at start).
+    behind: BTreeMap<i32, (i64, i64)>,
+}
+
+impl CatchUp {
+    /// From each partition's (low, high) watermarks at start.
+    fn new(watermarks: HashMap<i32, (i64, i64)>) -> Self {
+        CatchUp {
+            behind: watermarks
+                .into_iter()
+                .filter(|(_, (low, high))| low < high)
+                .collect(),
+        }
+    }
+
+    fn seen(&mut self, partition: i32, offset: i64) {
+        if let Some((next, end)) = self.behind.get_mut(&partition) {
+            *next = offset + 1;
+            if *next >= *end {
+                self.behind.remove(&partition);
+            }
+        }
+    }
+
+    fn at_end(&mut self, partition: i32) {
+        self.behind.remove(&partition);
+    }
+
+    fn done(&self) -> bool {
+        self.behind.is_empty()
+    }
+
+    fn behind(&self) -> &BTreeMap<i32, (i64, i64)> {
+        &self.behind
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_read_ends_at_each_partitions_end_whatever_is_there() {
+        let mut c = CatchUp::new(HashMap::from([
+            (0, (0, 0)),     // never written
+            (1, (50, 50)),   // every record removed by retention
+            (2, (0, 10)),    // ends in a transaction marker at 9
+            (3, (100, 103)), // compacted up to 100
+        ]));
+        assert_eq!(c.behind().keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+        c.seen(2, 8);
+        assert!(
+            !c.done(),
+            "9 is not a record: 2 is not done by records alone"
+        );
+        c.seen(3, 102);
+        assert_eq!(c.behind().keys().copied().collect::<Vec<_>>(), vec![2]);
+        c.at_end(2);
+        assert!(c.done(), "the consumer reached the end of 2");
+        // A partition reported at its end before its records arrive (a record compacted
+        // away after the watermarks were read) is done as well.
+        let mut c = CatchUp::new(HashMap::from([(0, (0, 5))]));
+        c.at_end(0);
+        assert!(c.done());
+    }
 
     fn settings(stream: &str) -> Vec<u8> {
         format!(r#"{{"roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"{stream}"}}"#)

@@ -156,26 +156,6 @@ impl FakeEnv {
             .wait_committed_to_end(group, TOPIC, PARTITIONS)
             .await;
     }
-
-    /// Waits until `group` has committed past every event of `sent`, from the offsets
-    /// the broker gave them (for a broker whose high watermark cannot be trusted).
-    pub async fn wait_committed_past(&self, group: &str, sent: &[Sent]) {
-        let mut want = vec![-1i64; PARTITIONS as usize];
-        for s in sent {
-            let w = &mut want[s.at.partition as usize];
-            *w = (*w).max(s.at.offset + 1);
-        }
-        eventually(
-            Duration::from_secs(60),
-            "offsets committed past every event sent",
-            || {
-                let committed = self.kafka.committed(group, TOPIC, PARTITIONS);
-                let done = committed.iter().zip(&want).all(|(&c, &w)| c >= w);
-                async move { done.then_some(()) }
-            },
-        )
-        .await;
-    }
 }
 
 pub async fn wait_metric(worker: &Worker, name: &str, at_least: f64, timeout: Duration) {

@@ -2,7 +2,7 @@
 //!
 //! Every end-to-end test starts its own real services on free loopback ports and stops
 //! them when dropped, so tests run in parallel and never share state:
-//! - [`Tansu`]: a Kafka-protocol broker (SQLite storage, or in memory for snappy).
+//! - [`Tansu`]: a Kafka-protocol broker (in memory; `tools/tansu` fixes its batch handling).
 //! - [`Moto`]: the AWS emulator (STS and Kinesis on one endpoint).
 //! - [`RecordingProxy`]: sits in front of moto and records every STS AssumeRole call, so
 //!   tests can check which roles were assumed, with which external IDs, how often.
@@ -26,7 +26,7 @@ pub use aws::{StreamRecord, Streams, Tenant};
 pub use fake_aws::{FakeAws, FakeRecord, Fault, CALLER_ACCOUNT};
 pub use kafka::{Kafka, Produced, Record};
 pub use proxy::{AssumeRoleCall, RecordingProxy};
-pub use services::{free_port, Moto, Storage, Tansu};
+pub use services::{free_port, Moto, Tansu};
 pub use tcp_proxy::TcpProxy;
 pub use worker::{metric_value, ownership, produce, Worker, WorkerConfig};
 

@@ -31,20 +31,8 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Where a [`Tansu`] broker keeps its records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Storage {
-    /// SQLite, in the broker's own temporary folder: the default. It returns the batch
-    /// holding a fetch offset that falls inside a multi-record batch, as Kafka does.
-    Sqlite,
-    /// In memory. Tansu 0.6.0's memory engine answers a fetch from inside a
-    /// multi-record batch with the *next* batch and reports a wrong high watermark, but
-    /// unlike the SQLite engine it can read back snappy batches: only for a consumer
-    /// that reads from offset 0 without pausing.
-    Memory,
-}
-
-/// A Tansu broker.
+/// A Tansu broker (the build of `tools/tansu`, whose memory engine answers a fetch from
+/// inside a multi-record batch with that batch and reports the right high watermark).
 pub struct Tansu {
     child: Child,
     pub port: u16,
@@ -56,31 +44,17 @@ impl Tansu {
         Tansu::start_on(free_port(), None)
     }
 
-    /// A broker with `storage`.
-    pub fn start_with(storage: Storage) -> Tansu {
-        Tansu::spawn(free_port(), None, storage)
-    }
-
     /// A broker on `port` that tells clients to connect to `advertised_port` instead (a
     /// [`TcpProxy`](crate::TcpProxy) in front of it), or to `port` itself.
     pub fn start_on(port: u16, advertised_port: Option<u16>) -> Tansu {
-        Tansu::spawn(port, advertised_port, Storage::Sqlite)
-    }
-
-    fn spawn(port: u16, advertised_port: Option<u16>, storage: Storage) -> Tansu {
         let dir = tempfile::tempdir().expect("temp dir for the broker");
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
-        // The SQLite path is relative to the working directory.
-        let engine = match storage {
-            Storage::Sqlite => "sqlite://tansu.db",
-            Storage::Memory => "memory://tansu/",
-        };
         let log = std::fs::File::create(dir.path().join("tansu.log")).expect("broker log");
         let mut child = Command::new("tansu")
             .args(["broker", "--listener-url", &url])
             .args(["--advertised-listener-url", &advertised])
-            .args(["--storage-engine", engine])
+            .args(["--storage-engine", "memory://tansu/"])
             .current_dir(dir.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -115,17 +89,6 @@ impl Tansu {
             .status()
             .expect("tansu topic create runs");
         assert!(status.success(), "creating topic {name} failed: {status}");
-    }
-
-    /// Deletes a topic.
-    pub fn delete_topic(&self, name: &str) {
-        let status = Command::new("tansu")
-            .args(["topic", "delete", name])
-            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
-            .stdout(Stdio::null())
-            .status()
-            .expect("tansu topic delete runs");
-        assert!(status.success(), "deleting topic {name} failed: {status}");
     }
 }
 
