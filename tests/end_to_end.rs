@@ -441,6 +441,58 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
         replayed[0].data, cases[4].1,
         "the original value, byte for byte"
     );
+    // A dead letter claiming to come from a topic the worker does not read (someone
+    // wrote it to the dead-letter topic by hand) is refused, not produced there; one cut
+    // to fit is left alone.
+    env.kafka
+        .send(
+            DLQ,
+            Some("k"),
+            br#"{"type":"track","userId":"u9"}"#,
+            &[
+                ("source_id", "src_nobody"),
+                ("dlq.reason", "unknown_source"),
+                ("dlq.topic", "payments"),
+            ],
+        )
+        .await;
+    env.kafka
+        .send(
+            DLQ,
+            Some("k"),
+            br#"{"type":"track","us"#,
+            &[
+                ("source_id", "src_nobody"),
+                ("dlq.reason", "unknown_source"),
+                ("dlq.topic", TOPIC),
+                ("dlq.truncated", "true"),
+            ],
+        )
+        .await;
+    let out = std::process::Command::new(bin())
+        .args([
+            "replay",
+            "--reason",
+            "unknown_source",
+            "--from-offset",
+            "7",
+            "--config",
+        ])
+        .arg(cfg.path())
+        .output()
+        .expect("replay runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("replayed 0 of 2")
+            && stderr.contains("refused 1")
+            && stderr.contains("left 1 truncated"),
+        "{stderr}"
+    );
+    assert!(env
+        .kafka
+        .read_topic("payments", 1, Duration::from_secs(2))
+        .is_empty());
     // The worker is still healthy after all that.
     assert_eq!(worker.get("/healthz").map(|r| r.0), Some(200));
     worker.stop();

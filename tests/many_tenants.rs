@@ -92,6 +92,33 @@ async fn settings_topic_changes_apply_without_restart_and_workers_converge() {
             "both pods loaded both tenants"
         );
     }
+    // The one-shot commands find tenants in the settings topic too.
+    let command = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(cfg.path())
+            .env("AWS_ACCESS_KEY_ID", "t")
+            .env("AWS_SECRET_ACCESS_KEY", "t")
+            .output()
+            .expect("command runs")
+    };
+    let check = command(&["check", "--source-id", "src_a"]);
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("PASS ")).count(),
+        3,
+        "{out}"
+    );
+    let tail = command(&["tail", "--source-id", "src_nobody"]);
+    assert_eq!(tail.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&tail.stderr)
+            .contains("no tenant \"src_nobody\" in topic tenant-settings"),
+        "{}",
+        String::from_utf8_lossy(&tail.stderr)
+    );
     let delivered = |ws: [&Worker; 2]| {
         ws.iter()
             .map(|w| w.metric("kinesis_destination_events_delivered_total"))

@@ -24,9 +24,7 @@ fn report(ok: bool, what: &str, detail: &str) -> bool {
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let config = Config::load(&args.config)?;
-    let file = config.tenants.file.clone().unwrap_or_default();
-    let (snapshot, _) = kd_tenants::load_file(&file)
-        .map_err(|e| CliError::Usage(format!("config: tenants.file: {e}")))?;
+    let (snapshot, from) = super::tenant_settings(&config).await?;
     let tenant = match snapshot.get(&args.source_id) {
         Some(TenantEntry::Valid(t)) => {
             report(
@@ -55,7 +53,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             report(
                 false,
                 "settings",
-                &format!("no tenant {:?} in {}", args.source_id, file.display()),
+                &format!("no tenant {:?} in {from}", args.source_id),
             );
             return Ok(ExitCode::FAILURE);
         }

@@ -9,6 +9,12 @@ pub mod run;
 pub mod tail;
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kd_tenants::{Snapshot, TenantStore};
+
+use crate::config::Config;
 
 /// What went wrong, as the user sees it: always one line.
 #[derive(Debug, thiserror::Error)]
@@ -62,4 +68,55 @@ pub async fn aws_base(endpoint_url: Option<String>) -> aws_config::SdkConfig {
         connect_timeout: std::time::Duration::from_secs(3),
     })
     .await
+}
+
+/// Starts following the settings topic into `tenants` and waits for its first full
+/// read. Returns the follower, which goes on applying changes.
+pub async fn read_settings_topic(
+    config: &Config,
+    topic: &str,
+    tenants: &Arc<TenantStore>,
+) -> Result<tokio::task::JoinHandle<Result<(), kd_tenants::TopicError>>, CliError> {
+    let settings = kd_tenants::TopicSettings {
+        bootstrap_servers: config.kafka.bootstrap_servers.clone(),
+        topic: topic.to_owned(),
+        librdkafka: config.kafka.librdkafka.clone(),
+        flush_interval: Duration::from_millis(config.tenants.flush_interval_ms.max(1)),
+    };
+    let mut follower = tokio::spawn(kd_tenants::follow_topic(settings, tenants.clone()));
+    tracing::info!(%topic, "reading tenant settings topic");
+    let mut progress = tokio::time::interval(Duration::from_millis(50));
+    while !tenants.is_loaded() {
+        tokio::select! {
+            _ = progress.tick() => {}
+            ended = &mut follower => {
+                return Err(match ended {
+                    Ok(Err(e)) => CliError::Usage(format!("config: tenants.topic: {e}")),
+                    Ok(Ok(())) => CliError::Failed("tenant settings reader stopped".into()),
+                    Err(e) => CliError::Failed(format!("tenant settings reader failed: {e}")),
+                });
+            }
+        }
+    }
+    Ok(follower)
+}
+
+/// The tenant settings a one-shot command (check, tail) looks a tenant up in: the
+/// tenants file, or the settings topic read once to its end. Also says where they came
+/// from, for messages.
+pub async fn tenant_settings(config: &Config) -> Result<(Arc<Snapshot>, String), CliError> {
+    match (&config.tenants.file, &config.tenants.topic) {
+        (Some(file), _) => {
+            let (snapshot, _) = kd_tenants::load_file(file)
+                .map_err(|e| CliError::Usage(format!("config: tenants.file: {e}")))?;
+            Ok((Arc::new(snapshot), file.display().to_string()))
+        }
+        (None, Some(topic)) => {
+            let tenants = Arc::new(TenantStore::new());
+            let follower = read_settings_topic(config, topic, &tenants).await?;
+            follower.abort();
+            Ok((tenants.snapshot(), format!("topic {topic}")))
+        }
+        (None, None) => Err(CliError::Usage("config: tenants.file: is required".into())),
+    }
 }

@@ -4,7 +4,10 @@
 //!
 //! It reads the dead-letter topic from the beginning up to its end at start, without a
 //! consumer group: running it twice replays twice, so narrow it with `--reason`,
-//! `--source-id` and `--from-offset`.
+//! `--source-id` and `--from-offset`. A dead letter goes back only to one of the
+//! configured input topics (or to `--to-topic`): one whose `dlq.topic` names another
+//! topic is refused and counted. A dead letter whose value was cut to fit
+//! (`dlq.truncated`) is not replayed: its original is at `dlq.topic`/`dlq.offset`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +38,9 @@ pub struct Args {
     /// Count what would be replayed, produce nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Produce every replayed event to this topic instead of its `dlq.topic`.
+    #[arg(long)]
+    to_topic: Option<String>,
 }
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
@@ -51,9 +57,15 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         .set("enable.auto.commit", "false")
         .create()
         .map_err(|e| CliError::Usage(format!("config: kafka: {e}")))?;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &k.bootstrap_servers)
+    // The cluster's security settings ([kafka.librdkafka]) apply to the producer too,
+    // and it takes records as large as the dead-letter producer does.
+    let producer: FutureProducer = base
+        .clone()
         .set("acks", "all")
+        .set(
+            "message.max.bytes",
+            kd_pipeline::dead_letter_max_bytes(k).to_string(),
+        )
         .create()
         .map_err(|e| CliError::Usage(format!("config: kafka: {e}")))?;
     let fail = |what: &str, e: &dyn std::fmt::Display| CliError::Failed(format!("{what}: {e}"));
@@ -87,7 +99,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     }
     consumer.assign(&tpl).map_err(|e| fail("assigning", &e))?;
 
-    let (mut seen, mut replayed) = (0u64, 0u64);
+    let (mut seen, mut replayed, mut refused, mut truncated) = (0u64, 0u64, 0u64, 0u64);
     let mut remaining: std::collections::HashSet<i32> = ends.keys().copied().collect();
     while !remaining.is_empty() {
         let Some(msg) = consumer.poll(Duration::from_secs(10)) else {
@@ -126,13 +138,22 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
                 continue;
             }
         }
-        let Some(to_topic) = header("dlq.topic") else {
-            eprintln!(
-                "skipping offset {} of partition {}: no dlq.topic header",
-                msg.offset(),
-                msg.partition()
-            );
+        if header("dlq.truncated").as_deref() == Some("true") {
+            truncated += 1;
             continue;
+        }
+        let to_topic = match (&args.to_topic, header("dlq.topic")) {
+            (Some(to), _) => to.clone(),
+            (None, Some(from)) if k.topics.contains(&from) => from,
+            (None, from) => {
+                refused += 1;
+                eprintln!(
+                    "refused offset {} of partition {}: dlq.topic {from:?} is not an input topic (kafka.topics); --to-topic replays elsewhere",
+                    msg.offset(),
+                    msg.partition()
+                );
+                continue;
+            }
         };
         replayed += 1;
         if args.dry_run {
@@ -160,11 +181,21 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             .map_err(|(e, _)| fail("producing a replayed event", &e))?;
     }
     eprintln!(
-        "{} {replayed} of {seen} dead letters",
+        "{} {replayed} of {seen} dead letters{}{}",
         if args.dry_run {
             "would replay"
         } else {
             "replayed"
+        },
+        if refused > 0 {
+            format!("; refused {refused} not read from an input topic")
+        } else {
+            String::new()
+        },
+        if truncated > 0 {
+            format!("; left {truncated} truncated ones (their originals are where dlq.topic/dlq.offset say)")
+        } else {
+            String::new()
         }
     );
     Ok(ExitCode::SUCCESS)

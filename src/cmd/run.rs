@@ -145,27 +145,7 @@ async fn load_from_topic(
     topic: &str,
     tenants: &Arc<TenantStore>,
 ) -> Result<(), CliError> {
-    let settings = kd_tenants::TopicSettings {
-        bootstrap_servers: config.kafka.bootstrap_servers.clone(),
-        topic: topic.to_owned(),
-        librdkafka: config.kafka.librdkafka.clone(),
-        flush_interval: Duration::from_millis(config.tenants.flush_interval_ms.max(1)),
-    };
-    let mut follower = tokio::spawn(kd_tenants::follow_topic(settings, tenants.clone()));
-    tracing::info!(%topic, "reading tenant settings topic");
-    let mut progress = tokio::time::interval(Duration::from_millis(50));
-    while !tenants.is_loaded() {
-        tokio::select! {
-            _ = progress.tick() => {}
-            ended = &mut follower => {
-                return Err(match ended {
-                    Ok(Err(e)) => CliError::Usage(format!("config: tenants.topic: {e}")),
-                    Ok(Ok(())) => CliError::Failed("tenant settings reader stopped".into()),
-                    Err(e) => CliError::Failed(format!("tenant settings reader failed: {e}")),
-                });
-            }
-        }
-    }
+    let follower = super::read_settings_topic(config, topic, tenants).await?;
     tokio::spawn(async move {
         if let Ok(Err(e)) = follower.await {
             tracing::error!(error = %e, "tenant settings reader stopped; the last settings stay in force");

@@ -57,16 +57,14 @@ struct Target {
     endpoint_url: Option<String>,
 }
 
-fn target(args: &Args) -> Result<Target, CliError> {
+async fn target(args: &Args) -> Result<Target, CliError> {
     if let Some(source_id) = &args.source_id {
         let path = args
             .config
             .as_ref()
             .expect("clap requires --config with --source-id");
         let config = crate::config::Config::load(path)?;
-        let file = config.tenants.file.clone().unwrap_or_default();
-        let (snapshot, _) = kd_tenants::load_file(&file)
-            .map_err(|e| CliError::Usage(format!("config: tenants.file: {e}")))?;
+        let (snapshot, from) = super::tenant_settings(&config).await?;
         let tenant = match snapshot.get(source_id) {
             Some(kd_tenants::TenantEntry::Valid(t)) => (**t).clone(),
             Some(kd_tenants::TenantEntry::Invalid { reason }) => {
@@ -74,8 +72,7 @@ fn target(args: &Args) -> Result<Target, CliError> {
             }
             None => {
                 return Err(CliError::Usage(format!(
-                    "--source-id: no tenant {source_id:?} in {}",
-                    file.display()
+                    "--source-id: no tenant {source_id:?} in {from}"
                 )))
             }
         };
@@ -117,7 +114,7 @@ fn target(args: &Args) -> Result<Target, CliError> {
 }
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
-    let t = target(&args)?;
+    let t = target(&args).await?;
     let base = super::aws_base(t.endpoint_url.clone()).await;
     let client = if t.assume {
         let cache = kd_aws::CredentialCache::new(base, kd_aws::CredentialSettings::default());

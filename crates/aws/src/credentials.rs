@@ -222,8 +222,12 @@ impl CredentialCache {
         let lifetime = expires
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
-        let margin = self.settings.refresh_margin.min(lifetime / 2);
-        let refresh_at = Instant::now() + lifetime.saturating_sub(margin);
+        let refresh_at = Instant::now()
+            + refresh_after(
+                lifetime,
+                self.settings.refresh_margin,
+                rand::random::<f64>(),
+            );
         m.assume_role.with_label_values(&["ok"]).inc();
         tracing::debug!(
             source_id = %tenant.source_id,
@@ -247,9 +251,43 @@ impl CredentialCache {
     }
 }
 
+/// When cached credentials of `lifetime` are replaced: `margin` before they expire (at
+/// most half their life), less a further share of up to half the margin drawn from
+/// `jitter` (0 to 1), so sessions assumed together (a cold start, a rebalance) do not all
+/// call STS again in the same second.
+fn refresh_after(lifetime: Duration, margin: Duration, jitter: f64) -> Duration {
+    let margin = margin.min(lifetime / 2);
+    let spread = margin.mul_f64(jitter.clamp(0.0, 1.0) / 2.0);
+    lifetime.saturating_sub(margin + spread)
+}
+
 fn outcome(err: &AwsError) -> &'static str {
     match err.class {
         crate::ErrorClass::Permanent => "denied",
         _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod refresh_tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_replaced_at_a_jittered_point_before_they_expire() {
+        let hour = Duration::from_secs(3600);
+        let margin = Duration::from_secs(300);
+        assert_eq!(refresh_after(hour, margin, 0.0), Duration::from_secs(3300));
+        assert_eq!(refresh_after(hour, margin, 1.0), Duration::from_secs(3150));
+        assert_eq!(refresh_after(hour, margin, 0.5), Duration::from_secs(3225));
+        // Short-lived credentials: the margin is at most half their life.
+        let minute = Duration::from_secs(60);
+        assert_eq!(refresh_after(minute, margin, 0.0), Duration::from_secs(30));
+        assert_eq!(refresh_after(minute, margin, 1.0), Duration::from_secs(15));
+        // Sessions assumed together spread over the jitter window.
+        let points: std::collections::HashSet<u64> = (0..100)
+            .map(|_| refresh_after(hour, margin, rand::random::<f64>()).as_secs())
+            .collect();
+        assert!(points.len() > 20, "{} distinct seconds", points.len());
+        assert!(points.iter().all(|&p| (3150..=3300).contains(&p)));
     }
 }

@@ -18,6 +18,7 @@ pub mod lanes;
 mod log_limit;
 mod offset_set;
 pub mod offsets;
+mod panics;
 pub mod retry;
 pub mod route;
 pub mod worker;

@@ -24,6 +24,7 @@ use crate::dead_letter::{
 use crate::lanes::Lanes;
 use crate::log_limit::LogLimit;
 use crate::offsets::{Admission, Budget, Fairness, FlowInput, Held, OffsetTracker, Ticket};
+use crate::panics::retrying_panics;
 use crate::retry::RetryPolicy;
 use crate::route::{route, SourceIdFrom};
 
@@ -295,7 +296,11 @@ impl Deliverer {
 
 impl Deliverer {
     async fn deliver(&self, job: Job) {
-        match self.write_with_retries(&job).await {
+        let cancel = &job.ticket.cancel;
+        let outcome = retrying_panics(&self.retry, cancel, || self.write_with_retries(&job))
+            .await
+            .unwrap_or(Outcome::Cancelled);
+        match outcome {
             Outcome::Written => {
                 let m = kd_telemetry::metrics();
                 m.events_delivered.inc();

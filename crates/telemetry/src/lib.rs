@@ -29,6 +29,7 @@ pub struct Metrics {
     pub put_duration: HistogramVec,
     pub put_errors: IntCounterVec,
     pub retries: IntCounter,
+    pub write_panics: IntCounter,
     pub assume_role: IntCounterVec,
     pub credential_cache_hits: IntCounter,
     pub credential_cache_misses: IntCounter,
@@ -101,6 +102,10 @@ impl Metrics {
             retries: reg!(IntCounter::new(
                 name("retries_total"),
                 "Writes retried after a retryable failure."
+            )?),
+            write_panics: reg!(IntCounter::new(
+                name("write_panics_total"),
+                "Writes that panicked (each is caught and tried again; a bug to report)."
             )?),
             assume_role: reg!(IntCounterVec::new(
                 Opts::new(
