@@ -78,8 +78,15 @@ async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
     );
     assert!(
         steady.len() <= 5,
-        "{} throttled writes in steady state",
-        steady.len()
+        "{} throttled writes in steady state; the worker's view:\n{}",
+        steady.len(),
+        worker
+            .logs()
+            .lines()
+            .filter(|l| !l.contains("write failed; retrying") && !l.contains("offsets committed"))
+            .take(60)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(worker.metric("kinesis_destination_rate_limit_wait_seconds_total") > 0.0);
     worker.stop();
