@@ -391,3 +391,67 @@ async fn a_slow_tenant_holds_at_most_its_share_of_the_requests_on_the_wire() {
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sts_refusing_the_workers_own_credentials_takes_readiness_away() {
+    let env = Env::start().await;
+    let warm = env.tenant("src_warm", "warm", 1);
+    let cold = env.tenant("src_cold", "cold", 1);
+    let cfg = env
+        .config(&[&warm, &cold])
+        .set("aws", "assume_role_failure_ttl_secs = 1")
+        .set("delivery", "initial_backoff_ms = 50")
+        .set("delivery", "max_backoff_ms = 500");
+    cfg.write();
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    let mut sent_warm = env.send_many("src_warm", 3, 1).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        3.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    // The worker's access key is revoked: a tenant without a cached session cannot be
+    // served, and readiness says why.
+    env.fake.reject_caller(true);
+    let sent_cold = env.send_many("src_cold", 3, 2).await;
+    let reason = kd_testkit::eventually(Duration::from_secs(30), "not ready", || async {
+        match worker.get("/readyz") {
+            Some((503, body)) => Some(body),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        reason.contains("worker's own AWS credentials") && reason.contains("InvalidClientTokenId"),
+        "{reason}"
+    );
+    // A tenant with a cached session is still served meanwhile.
+    sent_warm.extend(env.send_many("src_warm", 3, 1).await);
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        6.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(env.fake.records_of("cold").is_empty());
+    // The credentials are fixed: the waiting events are delivered, ready again.
+    env.fake.reject_caller(false);
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        12.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_all_delivered_in_order(&sent_cold, &env.fake.records_of("cold"));
+    assert_all_delivered_in_order(&sent_warm, &env.fake.records_of("warm"));
+    kd_testkit::eventually(Duration::from_secs(10), "ready again", || async {
+        (worker.get("/readyz").map(|r| r.0) == Some(200)).then_some(())
+    })
+    .await;
+    kd_testkit::assert_nothing_dead_lettered(&worker.metrics());
+    worker.stop();
+}

@@ -35,7 +35,9 @@ async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
             ("src_sharded".to_owned(), user, i)
         })
         .collect();
-    let sent = env.send_all(&events).await;
+    // In snappy-compressed batches, as a Java or librdkafka producer may send them.
+    let snappy = kd_testkit::Kafka::compressed(&env.tansu.bootstrap(), "snappy");
+    let sent = env.send_all_via(&snappy, &events).await;
     let mut worker = Worker::start_ready(bin(), &cfg);
     wait_metric(
         &worker,

@@ -98,7 +98,8 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             failure_ttl: Duration::from_secs(aws.assume_role_failure_ttl_secs),
             max_entries: aws.max_cached_credentials,
         },
-    );
+    )
+    .with_readiness(readiness.clone());
     let writer = KinesisWriter::new(
         credentials,
         RateLimits::new(aws.capacity_fraction),

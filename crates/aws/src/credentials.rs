@@ -94,6 +94,23 @@ impl Expiry<Key, Arc<Session>> for RefreshAhead {
     }
 }
 
+/// STS error codes that mean the *worker's own* credentials are wrong (revoked, expired,
+/// unsigned), not the tenant's role: no tenant can be served until they are fixed.
+const WORKER_IDENTITY_CODES: &[&str] = &[
+    "InvalidClientTokenId",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+];
+
+/// Whether an AssumeRole failure is the worker's identity's fault.
+pub fn is_worker_identity_error(err: &AwsError) -> bool {
+    WORKER_IDENTITY_CODES.contains(&err.code.as_str())
+}
+
 /// The per-(role, external ID) session cache.
 #[derive(Clone)]
 pub struct CredentialCache {
@@ -102,9 +119,22 @@ pub struct CredentialCache {
     sts_clients: Arc<Mutex<HashMap<Region, aws_sdk_sts::Client>>>,
     base: SdkConfig,
     settings: CredentialSettings,
+    readiness: Option<Arc<kd_telemetry::Readiness>>,
 }
 
 impl CredentialCache {
+    /// Takes readiness away while STS refuses the worker's own credentials.
+    pub fn with_readiness(mut self, readiness: Arc<kd_telemetry::Readiness>) -> Self {
+        self.readiness = Some(readiness);
+        self
+    }
+
+    fn identity(&self, why: Option<String>) {
+        if let Some(r) = &self.readiness {
+            r.set_problem(kd_telemetry::Problem::AwsIdentity, why);
+        }
+    }
+
     pub fn new(base: SdkConfig, settings: CredentialSettings) -> Self {
         CredentialCache {
             sessions: Cache::builder()
@@ -118,6 +148,7 @@ impl CredentialCache {
             sts_clients: Arc::default(),
             base,
             settings,
+            readiness: None,
         }
     }
 
@@ -205,7 +236,15 @@ impl CredentialCache {
                     &e,
                 );
                 m.assume_role.with_label_values(&[outcome(&err)]).inc();
-                tracing::warn!(source_id = %tenant.source_id, role = %tenant.role, error = %err, "AssumeRole failed");
+                if is_worker_identity_error(&err) {
+                    tracing::error!(error = %err, "STS refuses the worker's own AWS credentials; no tenant can be served until they are fixed");
+                    self.identity(Some(format!(
+                        "the worker's own AWS credentials are refused by STS ({}); check the credential chain (IRSA, Pod Identity, environment)",
+                        err.code
+                    )));
+                } else {
+                    tracing::warn!(source_id = %tenant.source_id, role = %tenant.role, error = %err, "AssumeRole failed");
+                }
                 return Err(err);
             }
         };
@@ -229,6 +268,7 @@ impl CredentialCache {
                 rand::random::<f64>(),
             );
         m.assume_role.with_label_values(&["ok"]).inc();
+        self.identity(None);
         tracing::debug!(
             source_id = %tenant.source_id,
             role = %tenant.role,

@@ -261,14 +261,24 @@ pub fn source_label(source: &str) -> Option<&str> {
 }
 
 /// What `/readyz` reports: ready once tenant settings are loaded and the consumer has
-/// joined its group, and no longer once shutdown has begun or while dead letters cannot
-/// be written for a reason that will not go away by itself.
+/// joined its group, and no longer once shutdown has begun or while something that will
+/// not go away by itself is wrong (dead letters cannot be written, the worker's own AWS
+/// identity is refused).
 #[derive(Debug, Default)]
 pub struct Readiness {
     tenants_loaded: AtomicBool,
     joined_group: AtomicBool,
     shutting_down: AtomicBool,
-    dead_letters_failing: std::sync::Mutex<Option<String>>,
+    problems: std::sync::Mutex<std::collections::BTreeMap<Problem, String>>,
+}
+
+/// Conditions that take readiness away until they clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Problem {
+    /// Dead letters cannot be written (unknown topic, no authorization).
+    DeadLetters,
+    /// STS refuses the worker's own credentials.
+    AwsIdentity,
 }
 
 impl Readiness {
@@ -281,12 +291,17 @@ impl Readiness {
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
+    /// `problem` is there (`Some(why)`), or cleared (`None`).
+    pub fn set_problem(&self, problem: Problem, why: Option<String>) {
+        let mut problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+        match why {
+            Some(why) => problems.insert(problem, why),
+            None => problems.remove(&problem),
+        };
+    }
     /// Dead letters cannot be written (`Some(why)`), or can again (`None`).
     pub fn set_dead_letters_failing(&self, why: Option<String>) {
-        *self
-            .dead_letters_failing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = why;
+        self.set_problem(Problem::DeadLetters, why);
     }
     pub fn is_ready(&self) -> bool {
         self.reason().is_none()
@@ -300,10 +315,9 @@ impl Readiness {
         } else if !self.joined_group.load(Ordering::SeqCst) {
             Some("consumer has not joined its group".into())
         } else {
-            self.dead_letters_failing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
+            let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+            (!problems.is_empty())
+                .then(|| problems.values().cloned().collect::<Vec<_>>().join("; "))
         }
     }
 }
@@ -396,7 +410,14 @@ mod tests {
             r.reason().as_deref(),
             Some("dead-letter topic dlq: unknown topic")
         );
+        r.set_problem(Problem::AwsIdentity, Some("credentials refused".into()));
+        assert_eq!(
+            r.reason().as_deref(),
+            Some("dead-letter topic dlq: unknown topic; credentials refused"),
+            "every problem is named"
+        );
         r.set_dead_letters_failing(None);
+        r.set_problem(Problem::AwsIdentity, None);
         assert!(r.is_ready());
         r.set_shutting_down();
         assert!(!r.is_ready());

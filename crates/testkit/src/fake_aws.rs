@@ -109,6 +109,8 @@ struct Inner {
     denied_roles: Vec<String>,
     throttled: Vec<Instant>,
     requests: HashMap<String, u64>,
+    /// STS refuses the caller's own credentials (as for a revoked access key).
+    reject_caller: bool,
 }
 
 pub struct FakeAws {
@@ -180,6 +182,12 @@ impl FakeAws {
     /// Answers AccessDeniedException to writes signed with `role`'s credentials.
     pub fn deny_role_writes(&self, role: &str) {
         self.lock().denied_roles.push(role.into());
+    }
+
+    /// Makes STS refuse the worker's own credentials (`InvalidClientTokenId`), or accept
+    /// them again.
+    pub fn reject_caller(&self, reject: bool) {
+        self.lock().reject_caller = reject;
     }
 
     /// Gives `role` a trust policy (the seed's JSON); AssumeRole is then checked against
@@ -613,6 +621,13 @@ fn sts(inner: &Mutex<Inner>, body: &[u8]) -> Response {
         role_arn: role.clone(),
         external_id: external_id.clone(),
     });
+    if inner.reject_caller {
+        return sts_error(
+            403,
+            "InvalidClientTokenId",
+            "The security token included in the request is invalid.",
+        );
+    }
     if let Some(policy) = inner.trust.get(&role) {
         if !trusts(policy, external_id.as_deref()) {
             return sts_error(
