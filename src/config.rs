@@ -94,6 +94,8 @@ pub struct AwsConfig {
     pub assume_role_failure_ttl_secs: u64,
     /// Most (role, external ID) sessions cached at once.
     pub max_cached_credentials: u64,
+    /// Most AssumeRole calls on the wire at once.
+    pub max_concurrent_assume_role: usize,
     /// Time allowed for one AWS API attempt.
     pub api_timeout_ms: u64,
     pub connect_timeout_ms: u64,
@@ -117,6 +119,7 @@ impl Default for AwsConfig {
             credential_refresh_margin_secs: 300,
             assume_role_failure_ttl_secs: 10,
             max_cached_credentials: 100_000,
+            max_concurrent_assume_role: 32,
             api_timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             max_concurrent_requests: 256,
@@ -361,6 +364,12 @@ impl Config {
             return Err(ConfigError::new(
                 "aws.put_records_linger_ms",
                 "must be at most 5000 (records wait this long before their call)",
+            ));
+        }
+        if self.aws.max_concurrent_assume_role == 0 {
+            return Err(ConfigError::new(
+                "aws.max_concurrent_assume_role",
+                "must be at least 1",
             ));
         }
         if self.aws.max_cached_credentials == 0 {

@@ -455,3 +455,34 @@ async fn sts_refusing_the_workers_own_credentials_takes_readiness_away() {
     kd_testkit::assert_nothing_dead_lettered(&worker.metrics());
     worker.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_of_many_tenants_keeps_assume_role_calls_within_their_bound() {
+    let env = Env::start().await;
+    env.fake.set_sts_latency(Duration::from_millis(300));
+    let tenants: Vec<_> = (0..60)
+        .map(|i| env.tenant(&format!("src_cold{i}"), &format!("cold-{i}"), 1))
+        .collect();
+    let cfg = env
+        .config(&tenants.iter().collect::<Vec<_>>())
+        .set("aws", "max_concurrent_assume_role = 8");
+    cfg.write();
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    // One event of each tenant: 60 sessions to assume at once.
+    let events: Vec<(String, String, usize)> = (0..60)
+        .map(|i| (format!("src_cold{i}"), "u".to_owned(), 0))
+        .collect();
+    env.send_all(&events).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        60.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    let most = env.fake.max_concurrent_assume_role();
+    eprintln!("cold start: at most {most} AssumeRole calls at once (bound 8)");
+    assert!((2..=8).contains(&most), "{most} AssumeRole calls at once");
+    assert_eq!(env.fake.requests("AssumeRole"), 60);
+    worker.stop();
+}

@@ -97,6 +97,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             refresh_margin: Duration::from_secs(aws.credential_refresh_margin_secs),
             failure_ttl: Duration::from_secs(aws.assume_role_failure_ttl_secs),
             max_entries: aws.max_cached_credentials,
+            max_concurrent_assume_role: aws.max_concurrent_assume_role,
         },
     )
     .with_readiness(readiness.clone());

@@ -31,6 +31,9 @@ pub struct CredentialSettings {
     pub failure_ttl: Duration,
     /// Most sessions kept at once.
     pub max_entries: u64,
+    /// Most AssumeRole calls on the wire at once (a cold start or a mass refresh of
+    /// thousands of tenants would otherwise meet STS's request rate limit at once).
+    pub max_concurrent_assume_role: usize,
 }
 
 impl Default for CredentialSettings {
@@ -41,6 +44,7 @@ impl Default for CredentialSettings {
             refresh_margin: Duration::from_secs(300),
             failure_ttl: Duration::from_secs(10),
             max_entries: 100_000,
+            max_concurrent_assume_role: 32,
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct CredentialCache {
     base: SdkConfig,
     settings: CredentialSettings,
     readiness: Option<Arc<kd_telemetry::Readiness>>,
+    /// Places for AssumeRole calls on the wire.
+    assume_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl CredentialCache {
@@ -147,6 +153,9 @@ impl CredentialCache {
                 .build(),
             sts_clients: Arc::default(),
             base,
+            assume_permits: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_concurrent_assume_role.max(1),
+            )),
             settings,
             readiness: None,
         }
@@ -218,6 +227,8 @@ impl CredentialCache {
 
     async fn assume(&self, tenant: &TenantSettings) -> Result<Arc<Session>, AwsError> {
         let m = kd_telemetry::metrics();
+        // The permit is held for the call only; the semaphore is never closed.
+        let _permit = self.assume_permits.acquire().await.ok();
         let started = Instant::now();
         let out = self
             .sts(&tenant.region)

@@ -111,6 +111,11 @@ struct Inner {
     requests: HashMap<String, u64>,
     /// STS refuses the caller's own credentials (as for a revoked access key).
     reject_caller: bool,
+    /// How long STS takes to answer.
+    sts_latency: Duration,
+    /// AssumeRole calls being answered now, and the most there ever were at once.
+    sts_in_flight: usize,
+    sts_max_in_flight: usize,
 }
 
 pub struct FakeAws {
@@ -182,6 +187,16 @@ impl FakeAws {
     /// Answers AccessDeniedException to writes signed with `role`'s credentials.
     pub fn deny_role_writes(&self, role: &str) {
         self.lock().denied_roles.push(role.into());
+    }
+
+    /// Makes STS take `latency` to answer each AssumeRole.
+    pub fn set_sts_latency(&self, latency: Duration) {
+        self.lock().sts_latency = latency;
+    }
+
+    /// The most AssumeRole calls that were ever being answered at once.
+    pub fn max_concurrent_assume_role(&self) -> usize {
+        self.lock().sts_max_in_flight
     }
 
     /// Makes STS refuse the worker's own credentials (`InvalidClientTokenId`), or accept
@@ -306,6 +321,14 @@ async fn handle(
             .entry("AssumeRole".into())
             .and_modify(|n| *n += 1)
             .or_insert(1);
+        let latency = {
+            let mut i = inner.lock().unwrap();
+            i.sts_in_flight += 1;
+            i.sts_max_in_flight = i.sts_max_in_flight.max(i.sts_in_flight);
+            i.sts_latency
+        };
+        tokio::time::sleep(latency).await;
+        inner.lock().unwrap().sts_in_flight -= 1;
         return sts(&inner, &body);
     }
     inner
