@@ -161,6 +161,11 @@ async fn a_dead_letter_too_large_for_its_topic_is_cut_to_fit_and_says_so() {
         Some(200),
         "a dead letter cut to fit is no failure"
     );
+    assert_eq!(
+        worker.metric("kinesis_destination_dead_letters_truncated_total"),
+        1.0,
+        "but it is counted, to be alerted on"
+    );
     worker.stop();
 }
 

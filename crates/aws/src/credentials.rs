@@ -126,6 +126,8 @@ pub struct CredentialCache {
     readiness: Option<Arc<kd_telemetry::Readiness>>,
     /// Places for AssumeRole calls on the wire.
     assume_permits: Arc<tokio::sync::Semaphore>,
+    /// When STS was last asked about the worker's own identity, and its answer.
+    identity_checked: Arc<Mutex<Option<(Instant, bool)>>>,
 }
 
 impl CredentialCache {
@@ -158,6 +160,7 @@ impl CredentialCache {
             )),
             settings,
             readiness: None,
+            identity_checked: Arc::default(),
         }
     }
 
@@ -212,6 +215,45 @@ impl CredentialCache {
         self.failures.invalidate(&key).await;
     }
 
+    /// Whether STS refuses the worker's own credentials in the worker's own region
+    /// (`GetCallerIdentity`), asked at most every 10 s. An identity error from a
+    /// tenant's region alone may mean that region is not enabled for the worker's
+    /// account (STS then answers `InvalidClientTokenId` too): that is the tenant's
+    /// problem, not every tenant's.
+    async fn identity_refused(&self) -> bool {
+        const RECHECK: Duration = Duration::from_secs(10);
+        if let Some((at, refused)) = *self
+            .identity_checked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            if at.elapsed() < RECHECK {
+                return refused;
+            }
+        }
+        let region = self
+            .base
+            .region()
+            .map(|r| r.as_ref().to_owned())
+            .unwrap_or_else(|| "us-east-1".into());
+        let conf = aws_sdk_sts::config::Builder::from(&self.base)
+            .region(aws_config::Region::new(region))
+            .build();
+        let refused = match aws_sdk_sts::Client::from_conf(conf)
+            .get_caller_identity()
+            .send()
+            .await
+        {
+            Ok(_) => false,
+            Err(e) => is_worker_identity_error(&AwsError::from_sdk("GetCallerIdentity", &e)),
+        };
+        *self
+            .identity_checked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), refused));
+        refused
+    }
+
     fn sts(&self, region: &Region) -> aws_sdk_sts::Client {
         let mut clients = self.sts_clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
@@ -247,7 +289,7 @@ impl CredentialCache {
                     &e,
                 );
                 m.assume_role.with_label_values(&[outcome(&err)]).inc();
-                if is_worker_identity_error(&err) {
+                if is_worker_identity_error(&err) && self.identity_refused().await {
                     tracing::error!(error = %err, "STS refuses the worker's own AWS credentials; no tenant can be served until they are fixed");
                     self.identity(Some(format!(
                         "the worker's own AWS credentials are refused by STS ({}); check the credential chain (IRSA, Pod Identity, environment)",

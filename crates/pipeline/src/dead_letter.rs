@@ -304,8 +304,10 @@ impl DeadLetters {
                             .with_label_values(&[source, dl.reason.as_str()])
                             .inc();
                     }
-                    if attempt > 0 {
-                        self.readiness.set_dead_letters_failing(None);
+                    // Any dead letter written shows the topic takes them again.
+                    self.readiness.set_dead_letters_failing(None);
+                    if truncated_from.is_some() {
+                        m.dead_letters_truncated.inc();
                     }
                     tracing::info!(
                         reason = dl.reason.as_str(),

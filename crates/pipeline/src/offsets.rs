@@ -43,15 +43,13 @@ pub struct Ticket {
     pub cancel: CancellationToken,
     /// The tenant it counts against, for fairness.
     source: Option<Arc<str>>,
-    /// Bytes it holds in memory (key and value), for the byte budget.
-    bytes: usize,
 }
 
 #[derive(Debug)]
 struct PartitionState {
     epoch: u64,
-    /// Offsets in flight, with when each was read.
-    pending: BTreeMap<i64, Instant>,
+    /// Offsets in flight, with when each was read and the bytes it holds.
+    pending: BTreeMap<i64, (Instant, usize)>,
     /// One past the highest offset read, once something was read.
     next: Option<i64>,
     /// The last offset committed (or handed out to commit) for this assignment.
@@ -287,8 +285,9 @@ impl OffsetTracker {
         if state.skip.is_some() {
             state.handled_ahead.insert(offset);
         }
-        let inserted = state.pending.insert(offset, Instant::now()).is_none();
+        let inserted = !state.pending.contains_key(&offset);
         if inserted {
+            state.pending.insert(offset, (Instant::now(), bytes));
             if let Some(source) = source {
                 let held = state.by_source.entry(source.clone()).or_default();
                 held.events += 1;
@@ -306,7 +305,6 @@ impl OffsetTracker {
             epoch,
             cancel,
             source: source.cloned(),
-            bytes: if inserted { bytes } else { 0 },
         })
     }
 
@@ -367,19 +365,21 @@ impl OffsetTracker {
         if state.epoch != ticket.epoch {
             return;
         }
-        if state.pending.remove(&ticket.offset).is_some() {
-            state.pending_bytes -= ticket.bytes;
+        // The bytes are those recorded when the offset was admitted, whichever ticket
+        // of it finishes first.
+        if let Some((_, bytes)) = state.pending.remove(&ticket.offset) {
+            state.pending_bytes -= bytes;
             if let Some(source) = &ticket.source {
                 if let Some(held) = state.by_source.get_mut(source) {
                     held.events -= 1;
-                    held.bytes -= ticket.bytes;
+                    held.bytes -= bytes;
                     if held.events == 0 {
                         state.by_source.remove(source);
                     }
                 }
             }
             inner.pending_total -= 1;
-            inner.pending_bytes -= ticket.bytes;
+            inner.pending_bytes -= bytes;
         }
         inner.publish();
     }
@@ -437,7 +437,12 @@ impl OffsetTracker {
             .iter()
             .map(|(tp, state)| {
                 // Usually the lowest offset, but not after a skip was read again.
-                let oldest = state.pending.values().min().map(|&at| now - at);
+                let oldest = state
+                    .pending
+                    .values()
+                    .map(|(at, _)| *at)
+                    .min()
+                    .map(|at| now - at);
                 (tp.clone(), oldest)
             })
             .collect()

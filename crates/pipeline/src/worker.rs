@@ -24,7 +24,7 @@ use crate::dead_letter::{
 use crate::lanes::Lanes;
 use crate::log_limit::LogLimit;
 use crate::offsets::{Admission, Budget, Fairness, FlowInput, Held, OffsetTracker, Ticket};
-use crate::panics::retrying_panics;
+use crate::panics::{retrying_panics, GaveUp};
 use crate::retry::RetryPolicy;
 use crate::route::{route, SourceIdFrom};
 
@@ -297,9 +297,25 @@ impl Deliverer {
 impl Deliverer {
     async fn deliver(&self, job: Job) {
         let cancel = &job.ticket.cancel;
-        let outcome = retrying_panics(&self.retry, cancel, || self.write_with_retries(&job))
-            .await
-            .unwrap_or(Outcome::Cancelled);
+        // One retry window for the event, across panics too.
+        let started = Instant::now();
+        let outcome = match retrying_panics(&self.retry, cancel, || {
+            self.write_with_retries(&job, started)
+        })
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(GaveUp::Cancelled) => Outcome::Cancelled,
+            // A write that panics every time is a bug that would otherwise hold the
+            // partition's commits back for good: the event goes to the dead letters.
+            Err(GaveUp::Panicked { times, message }) => Outcome::DeadLetter(
+                DeadLetter::new(
+                    Reason::RetriesExhausted,
+                    format!("the write panicked {times} times: {message}"),
+                )
+                .of_source(job.tenant.source_id.as_str()),
+            ),
+        };
         match outcome {
             Outcome::Written => {
                 let m = kd_telemetry::metrics();
@@ -323,9 +339,8 @@ impl Deliverer {
         }
     }
 
-    async fn write_with_retries(&self, job: &Job) -> Outcome {
+    async fn write_with_retries(&self, job: &Job, started: Instant) -> Outcome {
         let data = job.msg.payload().unwrap_or_default();
-        let started = Instant::now();
         let mut permanent_since: Option<Instant> = None;
         let mut attempt = 0u32;
         let cancel = &job.ticket.cancel;
@@ -335,19 +350,20 @@ impl Deliverer {
             if cancel.is_cancelled() {
                 return Outcome::Cancelled;
             }
-            if attempt > 0 {
-                match self.current_settings(&tenant) {
-                    Ok(current) => {
-                        if !Arc::ptr_eq(&current, &tenant) {
-                            tracing::info!(source_id = %tenant.source_id, "tenant settings changed; retrying with the new ones");
-                            // A new role, secret, region or stream: the old ones'
-                            // failures say nothing about the new ones.
-                            permanent_since = None;
-                            tenant = current;
-                        }
+            // Every attempt uses the settings in force now: an event may have waited in
+            // its lane behind a retrying one, and one user's events must all follow a
+            // change of stream together.
+            match self.current_settings(&tenant) {
+                Ok(current) => {
+                    if !Arc::ptr_eq(&current, &tenant) {
+                        tracing::info!(source_id = %tenant.source_id, "tenant settings changed; writing with the new ones");
+                        // A new role, secret, region or stream: the old ones' failures
+                        // say nothing about the new ones.
+                        permanent_since = None;
+                        tenant = current;
                     }
-                    Err(dl) => return Outcome::DeadLetter(dl),
                 }
+                Err(dl) => return Outcome::DeadLetter(dl),
             }
             let result = tokio::select! {
                 r = self.writer.put_record(&tenant, &job.key, data) => r,

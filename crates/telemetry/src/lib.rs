@@ -45,6 +45,7 @@ pub struct Metrics {
     pub commits: IntCounterVec,
     pub dead_letter_produce_seconds: Histogram,
     pub dead_letter_failures: IntCounterVec,
+    pub dead_letters_truncated: IntCounter,
     pub put_records_batch_records: Histogram,
     pub fairness_skips: IntCounter,
     pub fairness_rereads: IntCounter,
@@ -184,6 +185,10 @@ impl Metrics {
                     "Dead-letter produces that failed (and are retried), by librdkafka error code."
                 ),
                 &["error"]
+            )?),
+            dead_letters_truncated: reg!(IntCounter::new(
+                name("dead_letters_truncated_total"),
+                "Dead letters written with their value cut to fit the dead-letter topic (the whole record is only in the input topic, until its retention ends)."
             )?),
             put_records_batch_records: reg!(Histogram::with_opts(
                 HistogramOpts::new(

@@ -634,8 +634,32 @@ fn trusts(policy: &Value, external_id: Option<&str>) -> bool {
 fn sts(inner: &Mutex<Inner>, body: &[u8]) -> Response {
     let form: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
     let get = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    if get("Action").as_deref() == Some("GetCallerIdentity") {
+        if inner.lock().unwrap().reject_caller {
+            return sts_error(
+                403,
+                "InvalidClientTokenId",
+                "The security token included in the request is invalid.",
+            );
+        }
+        let xml = format!(
+            r#"<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <GetCallerIdentityResult>
+    <Arn>arn:aws:iam::{CALLER_ACCOUNT}:user/worker</Arn>
+    <UserId>AIDAFAKE</UserId>
+    <Account>{CALLER_ACCOUNT}</Account>
+  </GetCallerIdentityResult>
+  <ResponseMetadata><RequestId>fake</RequestId></ResponseMetadata>
+</GetCallerIdentityResponse>"#
+        );
+        return ([("content-type", "text/xml")], xml).into_response();
+    }
     if get("Action").as_deref() != Some("AssumeRole") {
-        return (StatusCode::BAD_REQUEST, "only AssumeRole is faked").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "only AssumeRole and GetCallerIdentity are faked",
+        )
+            .into_response();
     }
     let role = get("RoleArn").unwrap_or_default();
     let external_id = get("ExternalId");
