@@ -231,3 +231,57 @@ fn docker_compose_file_is_valid() {
         );
     }
 }
+
+#[test]
+fn idle_http_connections_cannot_keep_the_probes_from_answering() {
+    use std::io::Read;
+    let cfg = WorkerConfig::new(&format!("127.0.0.1:{}", free_port()), "http://127.0.0.1:1");
+    cfg.write_tenants(&[]);
+    cfg.write();
+    let mut worker = Worker::start(bin(), &cfg);
+    for _ in 0..100 {
+        if worker.get("/healthz").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // 100 clients connect and send nothing (or half a request head), more than the
+    // server serves at once.
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", worker.http_port)).unwrap();
+            if i % 2 == 0 {
+                use std::io::Write;
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+            }
+            s
+        })
+        .collect();
+    // The probes still answer: the server closes connections that are slow to send
+    // their request head, which makes room.
+    let asked = std::time::Instant::now();
+    let health = worker.get("/healthz");
+    let took = asked.elapsed();
+    assert_eq!(health.map(|h| h.0), Some(200));
+    assert!(took < Duration::from_secs(15), "answered after {took:?}");
+    // The idle connections were closed by the server, each 5 s after it was accepted
+    // (64 at a time): reading them ends (after a 408 answer, or at once) or is reset,
+    // rather than waiting.
+    std::thread::sleep(Duration::from_secs(16).saturating_sub(asked.elapsed()));
+    let mut closed = 0;
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Err(_) => {}
+        }
+    }
+    assert_eq!(
+        closed, 100,
+        "every idle connection was closed by the server"
+    );
+    worker.stop();
+}

@@ -327,7 +327,17 @@ impl Readiness {
     }
 }
 
+/// Most HTTP connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection that has not sent a whole request head in this long is closed.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A connection is closed after this long, whatever it does (scrapers reconnect).
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Binds the HTTP listener (so a bad address fails at start-up) and returns the server.
+/// The server holds at most [`MAX_CONNECTIONS`], each for at most
+/// [`CONNECTION_TIMEOUT`], and closes one that is slow to send its request head, so
+/// idle or slow clients cannot keep `/metrics` and the probes from answering.
 pub async fn bind(
     listen: SocketAddr,
     readiness: Arc<Readiness>,
@@ -338,7 +348,34 @@ pub async fn bind(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(readiness);
-    Ok(async move { axum::serve(listener, app).await })
+    Ok(serve(listener, app))
+}
+
+async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(place) = places.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, do not spin.
+                tracing::warn!(error = %e, "cannot accept an HTTP connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+            drop(place);
+        });
+    }
 }
 
 async fn render_metrics() -> impl IntoResponse {
