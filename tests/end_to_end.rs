@@ -493,6 +493,19 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
         .kafka
         .read_topic("payments", 1, Duration::from_secs(2))
         .is_empty());
+    // Sent where the operator says, it is replayed (and, src_nobody being set up now,
+    // delivered).
+    let out = std::process::Command::new(bin())
+        .args(["replay", "--reason", "unknown_source", "--from-offset", "7"])
+        .args(["--to-topic", TOPIC, "--config"])
+        .arg(cfg.path())
+        .output()
+        .expect("replay runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("replayed 1 of 2"), "{stderr}");
+    wait_metric(&worker, "kinesis_destination_events_delivered_total", 5.0).await;
+    assert_eq!(env.streams.read(&nobody).await.len(), 2);
     // The worker is still healthy after all that.
     assert_eq!(worker.get("/healthz").map(|r| r.0), Some(200));
     worker.stop();
