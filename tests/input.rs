@@ -15,6 +15,15 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
 }
 
+/// 1.1 MB: over a tenant's default 1,024 KiB record limit and librdkafka's default
+/// message.max.bytes.
+fn big_event() -> String {
+    format!(
+        r#"{{"type":"track","userId":"u","messageId":"big","p":"{}"}}"#,
+        "x".repeat(1_100_000)
+    )
+}
+
 /// 600 events of 30 users, in rounds the producer batches.
 fn events(source: &str) -> Vec<(String, String, usize)> {
     (0..20)
@@ -64,12 +73,8 @@ async fn an_event_over_a_megabyte_is_dead_lettered_and_the_partition_commits_pas
     let cfg = env.config(&[&t]);
     cfg.write();
     let mut worker = Worker::start_ready(bin(), &cfg);
-    // 1.1 MB: over the tenant's 1,024 KiB record limit and librdkafka's default
-    // message.max.bytes, between ordinary events of the same user.
-    let big = format!(
-        r#"{{"type":"track","userId":"u","messageId":"big","p":"{}"}}"#,
-        "x".repeat(1_100_000)
-    );
+    // Between ordinary events of the same user.
+    let big = big_event();
     let before = env.send("src_big", "u", 0).await;
     let at = env
         .kafka
@@ -114,10 +119,7 @@ async fn a_dead_letter_too_large_for_its_topic_is_cut_to_fit_and_says_so() {
         .set("kafka.librdkafka", "\"message.max.bytes\" = \"1000000\"");
     cfg.write();
     let mut worker = Worker::start_ready(bin(), &cfg);
-    let big = format!(
-        r#"{{"type":"track","userId":"u","messageId":"big","p":"{}"}}"#,
-        "x".repeat(1_100_000)
-    );
+    let big = big_event();
     let at = env
         .kafka
         .send(

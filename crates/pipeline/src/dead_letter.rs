@@ -194,8 +194,9 @@ fn cut_to(value_len: usize, other_bytes: usize, producer_max: usize) -> Option<u
     .or(Some(value_len / 2))
 }
 
-/// The librdkafka name of an error's code, for the metric label (a small fixed set).
-fn code_name(e: &KafkaError) -> String {
+/// The librdkafka name of an error's code, for metric labels and log limits (a small
+/// fixed set).
+pub(crate) fn code_name(e: &KafkaError) -> String {
     e.rdkafka_error_code()
         .map_or_else(|| "Other".to_owned(), |c| format!("{c:?}"))
 }

@@ -19,7 +19,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{
-    DeadLetter, DeadLetterClient, DeadLetterProducer, DeadLetters, Reason, DEAD_LETTER_ROOM,
+    code_name, DeadLetter, DeadLetterClient, DeadLetterProducer, DeadLetters, Reason,
+    DEAD_LETTER_ROOM,
 };
 use crate::lanes::Lanes;
 use crate::log_limit::LogLimit;
@@ -121,9 +122,7 @@ pub struct WorkerContext {
 /// Counts a consumer error in `consumer_errors_total` and logs it once a minute per
 /// kind: an unreadable partition or an unreachable broker repeats at every attempt.
 fn consumer_error(errors: &LogLimit, e: &KafkaError, reason: &str) {
-    let code = e
-        .rdkafka_error_code()
-        .map_or_else(|| "Other".to_owned(), |c| format!("{c:?}"));
+    let code = code_name(e);
     kd_telemetry::metrics()
         .consumer_errors
         .with_label_values(&[&code])
@@ -276,7 +275,11 @@ impl Deliverer {
     ) -> Result<Arc<TenantSettings>, DeadLetter> {
         let source = routed_with.source_id.as_str();
         match self.tenants.snapshot().get(source) {
-            Some(kd_tenants::TenantEntry::Valid(t)) if **t == **routed_with => {
+            // The same settings (usually the very same `Arc`: a pointer comparison on
+            // the per-event path; equal after a reload that changed nothing else).
+            Some(kd_tenants::TenantEntry::Valid(t))
+                if Arc::ptr_eq(t, routed_with) || **t == **routed_with =>
+            {
                 Ok(routed_with.clone())
             }
             Some(kd_tenants::TenantEntry::Valid(t)) => Ok(t.clone()),

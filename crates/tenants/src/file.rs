@@ -170,17 +170,7 @@ mod tests {
     async fn watcher_reloads_on_change_and_keeps_last_good_on_bad_edit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tenants.json");
-        let one = r#"[{"sourceId":"a","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"}]"#;
-        std::fs::write(&path, one).unwrap();
-        let store = Arc::new(TenantStore::new());
-        let task = tokio::spawn(watch_file(
-            path.clone(),
-            store.clone(),
-            Duration::from_millis(20),
-            None,
-            false,
-        ));
-        wait_for(|| store.snapshot().get("a").is_some()).await;
+        let (store, task) = watching(&path, false).await;
 
         std::fs::write(&path, "[ not json").unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -189,7 +179,7 @@ mod tests {
             "bad edit keeps last good"
         );
 
-        let two = one.replace("\"a\"", "\"b\"");
+        let two = ONE.replace("\"a\"", "\"b\"");
         std::fs::write(&path, two).unwrap();
         wait_for(|| store.snapshot().get("b").is_some()).await;
         assert!(store.snapshot().get("a").is_none());
@@ -200,18 +190,8 @@ mod tests {
     async fn an_edit_that_removes_every_tenant_is_refused_unless_allowed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tenants.json");
-        let one = r#"[{"sourceId":"a","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"}]"#;
         for allow_empty in [false, true] {
-            std::fs::write(&path, one).unwrap();
-            let store = Arc::new(TenantStore::new());
-            let task = tokio::spawn(watch_file(
-                path.clone(),
-                store.clone(),
-                Duration::from_millis(20),
-                None,
-                allow_empty,
-            ));
-            wait_for(|| store.snapshot().get("a").is_some()).await;
+            let (store, task) = watching(&path, allow_empty).await;
             std::fs::write(&path, "[]").unwrap();
             tokio::time::sleep(Duration::from_millis(150)).await;
             assert_eq!(
@@ -221,6 +201,27 @@ mod tests {
             );
             task.abort();
         }
+    }
+
+    /// One valid tenant, `a`.
+    const ONE: &str = r#"[{"sourceId":"a","roleAddress":"arn:aws:iam::123456789012:role/r","region":"us-east-1","stream":"s"}]"#;
+
+    /// Writes [`ONE`] to `path` and watches it until tenant `a` is loaded.
+    async fn watching(
+        path: &Path,
+        allow_empty: bool,
+    ) -> (Arc<TenantStore>, tokio::task::JoinHandle<()>) {
+        std::fs::write(path, ONE).unwrap();
+        let store = Arc::new(TenantStore::new());
+        let task = tokio::spawn(watch_file(
+            path.to_owned(),
+            store.clone(),
+            Duration::from_millis(20),
+            None,
+            allow_empty,
+        ));
+        wait_for(|| store.snapshot().get("a").is_some()).await;
+        (store, task)
     }
 
     async fn wait_for(cond: impl Fn() -> bool) {

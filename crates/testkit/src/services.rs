@@ -36,7 +36,8 @@ fn kill(child: &mut Child) {
 pub struct Tansu {
     child: Child,
     pub port: u16,
-    dir: tempfile::TempDir,
+    /// The broker's working directory, holding its log (`tansu.log`), for its life.
+    _dir: tempfile::TempDir,
 }
 
 impl Tansu {
@@ -63,12 +64,11 @@ impl Tansu {
             .spawn()
             .expect("tansu is installed (scripts/test.sh installs it)");
         wait_for_port(port, "tansu", &mut child);
-        Tansu { child, port, dir }
-    }
-
-    /// The broker's log (warnings and errors).
-    pub fn logs(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+        Tansu {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 
     pub fn bootstrap(&self) -> String {
