@@ -158,8 +158,12 @@ pub struct DeliveryConfig {
     /// 1 = off).
     pub tenant_share: f64,
     pub commit_interval_ms: u64,
-    /// Retryable failures are retried this long, then dead-lettered `retries_exhausted`.
+    /// Retryable failures are retried until this long after the event was produced (its
+    /// Kafka timestamp), then dead-lettered `retries_exhausted`.
     pub retry_window_secs: u64,
+    /// ...but each worker that reads an event retries it at least this long (at most the
+    /// window), so a backlog older than the window is not dead-lettered at once.
+    pub min_retry_secs: u64,
     /// Permanent failures are retried this long (IAM propagation), then dead-lettered
     /// `destination_rejected`.
     pub permanent_error_window_secs: u64,
@@ -180,6 +184,7 @@ impl Default for DeliveryConfig {
             tenant_share: 0.5,
             commit_interval_ms: 1_000,
             retry_window_secs: 4 * 3600,
+            min_retry_secs: 300,
             permanent_error_window_secs: 180,
             initial_backoff_ms: 100,
             max_backoff_ms: 30_000,

@@ -168,6 +168,8 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
                 });
             }
         }
+        // No timestamp is copied: the replayed record is stamped with the time of the
+        // replay, and so gets a whole retry window again.
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&to_topic).headers(headers);
         if let Some(key) = msg.key() {
             record = record.key(key);

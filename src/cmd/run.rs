@@ -126,6 +126,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             initial_backoff: Duration::from_millis(d.initial_backoff_ms),
             max_backoff: Duration::from_millis(d.max_backoff_ms),
             retry_window: Duration::from_secs(d.retry_window_secs),
+            min_retry: Duration::from_secs(d.min_retry_secs),
             permanent_window: Duration::from_secs(d.permanent_error_window_secs),
         },
     };

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use kd_aws::{ErrorClass, KinesisWriter};
 use kd_event::PartitionKey;
@@ -16,6 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{
@@ -300,10 +301,14 @@ impl Deliverer {
 impl Deliverer {
     async fn deliver(&self, job: Job) {
         let cancel = &job.ticket.cancel;
-        // One retry window for the event, across panics too.
+        // One retry window for the event, across panics too, counted from when it was
+        // produced: a rebalance or a restart does not start it again.
         let started = Instant::now();
+        let give_up_at = self
+            .retry
+            .give_up_at(produced_at(&job.msg), SystemTime::now(), started);
         let outcome = match retrying_panics(&self.retry, cancel, || {
-            self.write_with_retries(&job, started)
+            self.write_with_retries(&job, started, give_up_at)
         })
         .await
         {
@@ -342,7 +347,12 @@ impl Deliverer {
         }
     }
 
-    async fn write_with_retries(&self, job: &Job, started: Instant) -> Outcome {
+    async fn write_with_retries(
+        &self,
+        job: &Job,
+        started: Instant,
+        give_up_at: Instant,
+    ) -> Outcome {
         let data = job.msg.payload().unwrap_or_default();
         let mut permanent_since: Option<Instant> = None;
         let mut attempt = 0u32;
@@ -388,12 +398,16 @@ impl Deliverer {
                 }
                 ErrorClass::Retryable | ErrorClass::ExpiredCredentials => {
                     permanent_since = None;
-                    if started.elapsed() >= self.retry.retry_window {
+                    if Instant::now() >= give_up_at {
+                        let age = produced_at(&job.msg)
+                            .and_then(|p| SystemTime::now().duration_since(p).ok())
+                            .unwrap_or_else(|| started.elapsed());
                         return Outcome::DeadLetter(
                             DeadLetter::new(
                                 Reason::RetriesExhausted,
                                 format!(
-                                    "still failing after {}s of retries; last error {err}",
+                                    "still failing {}s after the event was produced ({}s of retries by this worker); last error {err}",
+                                    age.as_secs(),
                                     started.elapsed().as_secs()
                                 ),
                             )
@@ -414,6 +428,14 @@ impl Deliverer {
     }
 }
 
+/// When the event was produced, from its Kafka record's timestamp (create or log-append
+/// time); `None` when it has none.
+fn produced_at(msg: &OwnedMessage) -> Option<SystemTime> {
+    let millis = msg.timestamp().to_millis()?;
+    let millis = u64::try_from(millis).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))
+}
+
 fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers)
@@ -422,6 +444,9 @@ fn consumer_config(k: &KafkaSettings) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // A rebalance revokes only the partitions that move: the others' in-flight
+        // writes go on (with an eager strategy every member drops all its work).
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", "5000");
     for (key, value) in &k.librdkafka {
         c.set(key, value);

@@ -115,29 +115,7 @@ impl FakeEnv {
         kafka: &Kafka,
         events: &[(String, String, usize)],
     ) -> Vec<Sent> {
-        let records: Vec<_> = events
-            .iter()
-            .map(|(source, user, seq)| {
-                let id = format!("{source}/{user}/{seq}");
-                let value = json!({"type": "track", "event": "Tested", "userId": user,
-                    "messageId": id, "properties": {"seq": seq}})
-                .to_string()
-                .into_bytes();
-                (
-                    user.clone(),
-                    value,
-                    vec![("source_id".to_owned(), source.clone())],
-                )
-            })
-            .collect();
-        let at = kafka.send_many(TOPIC, &records).await;
-        at.into_iter()
-            .zip(events)
-            .map(|(at, (source, user, seq))| Sent {
-                at,
-                id: format!("{source}/{user}/{seq}"),
-            })
-            .collect()
+        send_events(kafka, events).await
     }
 
     /// Sends `per_user` events for each of `users` users of `source`, users interleaved,
@@ -232,4 +210,32 @@ pub fn assert_commits_cover_only_written(
         }
     }
     covered
+}
+
+/// Sends test events given as (source, user, seq) to the input topic through `kafka`,
+/// in order, many in flight at once (so the producer batches them).
+pub async fn send_events(kafka: &Kafka, events: &[(String, String, usize)]) -> Vec<Sent> {
+    let records: Vec<_> = events
+        .iter()
+        .map(|(source, user, seq)| {
+            let id = format!("{source}/{user}/{seq}");
+            let value = json!({"type": "track", "event": "Tested", "userId": user,
+                "messageId": id, "properties": {"seq": seq}})
+            .to_string()
+            .into_bytes();
+            (
+                user.clone(),
+                value,
+                vec![("source_id".to_owned(), source.clone())],
+            )
+        })
+        .collect();
+    let at = kafka.send_many(TOPIC, &records).await;
+    at.into_iter()
+        .zip(events)
+        .map(|(at, (source, user, seq))| Sent {
+            at,
+            id: format!("{source}/{user}/{seq}"),
+        })
+        .collect()
 }
