@@ -26,8 +26,8 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let config = Config::load(&args.config)?;
     let kafka = config.kafka.clone();
-    kd_pipeline::validate_kafka(&kafka).map_err(|(key, reason)| {
-        CliError::Usage(format!("config: kafka.librdkafka: {key}: {reason}"))
+    kd_pipeline::validate_kafka(&kafka).map_err(|e| {
+        CliError::Usage(format!("config: kafka.librdkafka: {}: {}", e.key, e.reason))
     })?;
     super::init_logging(&config.log.format, &config.log.level);
     kd_telemetry::set_source_labels(config.metrics.source_labels.iter().cloned());

@@ -11,9 +11,18 @@
 //! - [`retry`]: backoff and retry windows.
 //! - [`dead_letter`]: dead-letter records and their headers.
 //! - [`offsets`]: commit only up to the lowest event not yet done; fairness skips.
-//! - [`worker`]: the consumer loop, rebalance handling and shutdown that tie them together.
+//! - [`kafka`]: the `[kafka]` settings and the librdkafka configurations built from them.
+//! - [`worker`]: sets the stages up, runs the consume loop (`consume`, with `flow`
+//!   control), delivery (`deliver`), commits (`commits`, and the rebalance `callbacks`),
+//!   and shuts down in order (`shutdown`).
 
+mod callbacks;
+mod commits;
+mod consume;
 pub mod dead_letter;
+mod deliver;
+mod flow;
+pub mod kafka;
 pub mod lanes;
 mod log_limit;
 mod offset_set;
@@ -21,10 +30,10 @@ pub mod offsets;
 mod panics;
 pub mod retry;
 pub mod route;
+mod shutdown;
 pub mod worker;
 
 pub use dead_letter::Reason;
+pub use kafka::{dead_letter_max_bytes, validate_kafka, InvalidKafkaSetting, KafkaSettings};
 pub use retry::RetryPolicy;
-pub use worker::{
-    dead_letter_max_bytes, run, validate_kafka, KafkaSettings, WorkerError, WorkerSettings,
-};
+pub use worker::{run, WorkerError, WorkerSettings};

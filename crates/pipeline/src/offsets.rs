@@ -3,7 +3,7 @@
 //! An event is *done* once its record is written to Kinesis or its dead letter is
 //! confirmed by Kafka. The committable offset of a partition is the lowest offset not yet
 //! done (or, with nothing pending, one past the highest read): never past an event that
-//! is still in flight, so a crash can only re-deliver, never skip (SPEC 5.4).
+//! is still in flight, so a crash can only re-deliver, never skip (see "What the worker guarantees" in the README).
 //!
 //! Each assignment of a partition gets a new epoch; acknowledgements of events read
 //! under an older assignment are ignored, so a revoked partition's late completions
@@ -477,10 +477,10 @@ impl OffsetTracker {
             .map(PartitionState::held)
     }
 
-    /// Applies backpressure decisions: `decide(in_flight_of_partition, paused_now,
-    /// in_flight_total)` returns the partition's new paused state. Returns the
-    /// partitions to pause and to resume.
-    pub fn rebalance_flow(
+    /// Decides for every partition whether it should be paused now (`decide` sees what
+    /// it holds in flight, the totals and whether it is paused) and records the
+    /// decisions. Returns the partitions whose state changes: to pause, to resume.
+    pub fn pause_decisions(
         &self,
         mut decide: impl FnMut(&FlowInput) -> bool,
     ) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
@@ -631,11 +631,11 @@ mod tests {
         for o in 0..10 {
             t.read("t", 0, o).unwrap();
         }
-        let (pause, resume) = t.rebalance_flow(|f| f.in_flight >= 10);
+        let (pause, resume) = t.pause_decisions(|f| f.in_flight >= 10);
         assert_eq!((pause.len(), resume.len()), (1, 0));
-        let (pause, resume) = t.rebalance_flow(|f| f.in_flight >= 10);
+        let (pause, resume) = t.pause_decisions(|f| f.in_flight >= 10);
         assert_eq!((pause.len(), resume.len()), (0, 0), "already paused");
-        let (pause, resume) = t.rebalance_flow(|_| false);
+        let (pause, resume) = t.pause_decisions(|_| false);
         assert_eq!((pause.len(), resume.len()), (0, 1));
     }
 

@@ -1,0 +1,113 @@
+//! The consumer's callbacks, which librdkafka runs inside its poll: on a revoke, cancel
+//! the revoked partitions' in-flight work and commit what is done; on an assignment,
+//! start tracking and fetching; lag from the statistics; client errors counted and
+//! logged once a minute per kind.
+//!
+//! They must return quickly and may not write to Kinesis or wait for lanes: a
+//! rebalance waits for them.
+
+use std::sync::Arc;
+
+use kd_telemetry::Readiness;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
+
+use crate::commits::commit_offsets;
+use crate::dead_letter::code_name;
+use crate::log_limit::LogLimit;
+use crate::offsets::OffsetTracker;
+
+/// The consumer's callbacks: commit on revoke, track assignments, report lag, count
+/// errors.
+pub struct WorkerContext {
+    /// Told of every assignment and revoke; gives the offsets to commit on revoke.
+    pub(crate) tracker: Arc<OffsetTracker>,
+    /// Marked joined at the first assignment.
+    pub(crate) readiness: Arc<Readiness>,
+    /// Limits the consumer's error lines to one a minute per kind.
+    pub(crate) errors: Arc<LogLimit>,
+}
+
+/// Counts a consumer error in `consumer_errors_total` and logs it once a minute per
+/// kind: an unreadable partition or an unreachable broker repeats at every attempt.
+pub(crate) fn consumer_error(errors: &LogLimit, e: &KafkaError, reason: &str) {
+    let code = code_name(e);
+    kd_telemetry::metrics()
+        .consumer_errors
+        .with_label_values(&[&code])
+        .inc();
+    if let Some(passed_over) = errors.due(&code) {
+        tracing::warn!(error = %e, reason, errors_since_last_line = passed_over, "kafka consumer error");
+    }
+}
+
+impl ClientContext for WorkerContext {
+    /// Errors of the client as a whole (brokers down, a connection closed by the
+    /// broker at every fetch).
+    fn error(&self, error: KafkaError, reason: &str) {
+        consumer_error(&self.errors, &error, reason);
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let lag = &kd_telemetry::metrics().consumer_lag;
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 {
+                    continue;
+                }
+                let part = partition.to_string();
+                if p.consumer_lag >= 0 {
+                    lag.with_label_values(&[topic.as_str(), part.as_str()])
+                        .set(p.consumer_lag);
+                } else {
+                    let _ = lag.remove_label_values(&[topic.as_str(), part.as_str()]);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            // Stop the revoked partitions' in-flight work first (its next owner reads it
+            // again), then commit what was done: the commit can take a while, and the
+            // partitions' writes must not go on meanwhile.
+            let done = self.tracker.to_commit(Some(&revoked));
+            self.tracker
+                .revoke(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
+            tracing::info!(partitions = ?revoked, "partitions revoked");
+            commit_offsets(consumer, &self.tracker, done);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                // librdkafka keeps a partition paused across reassignment; a new
+                // assignment starts with nothing in flight, so it starts fetching.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!(error = %e, "cannot resume assigned partitions");
+                }
+                let assigned: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                self.tracker
+                    .assign(assigned.iter().map(|(t, p)| (t.as_str(), *p)));
+                self.readiness.set_joined_group();
+                tracing::info!(partitions = ?assigned, "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance failed"),
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The consume loop: reads each event, routes it to its tenant, admits it to the offset
+//! tracker (or skips it, for fairness) and hands it to its lane, or to the dead letters;
+//! between events, the flow-control tick.
+//!
+//! Owns the consumer's read side until shutdown. Never commits (see `commits`) and never
+//! writes to Kinesis (see `deliver`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kd_event::PartitionKey;
+use kd_tenants::{SourceId, TenantStore};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::callbacks::{consumer_error, WorkerContext};
+use crate::dead_letter::DeadLetters;
+use crate::deliver::Job;
+use crate::flow::FlowControl;
+use crate::lanes::Lanes;
+use crate::log_limit::LogLimit;
+use crate::offsets::{Admission, OffsetTracker};
+use crate::route::{route, SourceIdFrom};
+
+/// One user's lane: events of one tenant with one partition key, written in order.
+pub(crate) type Lane = (SourceId, PartitionKey);
+
+pub(crate) struct ConsumeLoop<F> {
+    pub consumer: Arc<StreamConsumer<WorkerContext>>,
+    pub tracker: Arc<OffsetTracker>,
+    /// Looked up for every event.
+    pub tenants: Arc<TenantStore>,
+    pub source_id_from: SourceIdFrom,
+    pub flow: FlowControl,
+    /// Where routed events go, one lane per user.
+    pub lanes: Arc<Lanes<Lane, Job, F>>,
+    /// Where events that cannot be routed go.
+    pub dead_letters: DeadLetters,
+    /// Limits fetch-error lines to one a minute per kind.
+    pub errors: Arc<LogLimit>,
+}
+
+impl<F, Fut> ConsumeLoop<F>
+where
+    F: Fn(Job) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    /// Reads and dispatches events until `shutdown` is cancelled.
+    pub async fn run(&self, shutdown: &CancellationToken) {
+        // The tick resumes drained partitions, and also keeps calling into librdkafka
+        // while every partition is paused: it must be polled within
+        // max.poll.interval.ms or it leaves the group.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u64;
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    self.flow.reread_drained(&*self.consumer, &self.tracker);
+                    self.flow.pause_and_resume(&*self.consumer, &self.tracker);
+                    ticks += 1;
+                    if ticks.is_multiple_of(10) {
+                        self.tracker.publish_oldest_in_flight();
+                    }
+                    continue;
+                }
+                m = self.consumer.recv() => m,
+            };
+            match msg {
+                Ok(m) => self.dispatch(m.detach()),
+                Err(e) => {
+                    // An undecodable batch or a partition the broker will not serve
+                    // repeats at every fetch.
+                    consumer_error(&self.errors, &e, "fetch");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Routes one event and hands it on, unless the tracker says it is not to be
+    /// handled (skipped for fairness, already handled, or of a partition not ours).
+    fn dispatch(&self, msg: rdkafka::message::OwnedMessage) {
+        let routed = route(&msg, &self.tenants.snapshot(), &self.source_id_from);
+        let source = routed.as_ref().ok().map(|r| r.tenant.source_id.shared());
+        let bytes = msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len);
+        let ticket = match self.tracker.admit(
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+            bytes,
+            source.as_ref(),
+            self.flow.fairness,
+        ) {
+            Admission::Handle(ticket) => ticket,
+            // Read again after a skip, or not ours: nothing to do (not even count it).
+            other => {
+                if matches!(other, Admission::Skip) {
+                    kd_telemetry::metrics().fairness_skips.inc();
+                }
+                tracing::trace!(offset = msg.offset(), partition = msg.partition(), admission = ?other, "not handled");
+                return;
+            }
+        };
+        kd_telemetry::metrics().events_received.inc();
+        if self
+            .flow
+            .reached(&self.tracker, msg.topic(), msg.partition())
+        {
+            self.flow.pause_and_resume(&*self.consumer, &self.tracker);
+        }
+        match routed {
+            Ok(routed) => {
+                let lane = (routed.tenant.source_id.clone(), routed.key.clone());
+                self.lanes.push(
+                    lane,
+                    Job {
+                        msg,
+                        ticket,
+                        tenant: routed.tenant,
+                        key: routed.key,
+                    },
+                );
+            }
+            Err(dl) => {
+                let (dead_letters, tracker) = (self.dead_letters.clone(), self.tracker.clone());
+                tokio::spawn(async move {
+                    if dead_letters.send(&msg, &dl, &ticket.cancel).await {
+                        tracker.done(&ticket);
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Delivery with retries: one event's write to its tenant's stream, tried again as the
+//! retry policy says until it is written, dead-lettered or abandoned (its partition
+//! revoked, or shutdown), then acknowledged to the offset tracker.
+//!
+//! Owns the retry windows and following a tenant's settings between attempts. Never
+//! touches the consumer (no pause, seek or commit): it only tells the tracker an event
+//! is done.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kd_aws::{AwsError, ErrorClass, KinesisWriter};
+use kd_event::PartitionKey;
+use kd_tenants::{TenantEntry, TenantSettings, TenantStore};
+use rdkafka::message::{Message, OwnedMessage};
+use tokio::time::Instant;
+
+use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
+use crate::offsets::{OffsetTracker, Ticket};
+use crate::panics::{retrying_panics, GaveUp};
+use crate::retry::RetryPolicy;
+
+/// One event on its way to Kinesis.
+pub(crate) struct Job {
+    pub msg: OwnedMessage,
+    pub ticket: Ticket,
+    /// The settings the event was routed with.
+    pub tenant: Arc<TenantSettings>,
+    pub key: PartitionKey,
+}
+
+/// Where events are written: Kinesis (`KinesisWriter`), or a fake in the unit tests.
+pub(crate) trait RecordWriter: Send + Sync + 'static {
+    fn put<'a>(
+        &'a self,
+        tenant: &'a Arc<TenantSettings>,
+        key: &'a PartitionKey,
+        data: &'a [u8],
+    ) -> impl Future<Output = Result<(), AwsError>> + Send + 'a;
+}
+
+impl RecordWriter for KinesisWriter {
+    async fn put(
+        &self,
+        tenant: &Arc<TenantSettings>,
+        key: &PartitionKey,
+        data: &[u8],
+    ) -> Result<(), AwsError> {
+        self.put_record(tenant, key, data).await.map(|_| ())
+    }
+}
+
+/// How one event's delivery ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Written,
+    DeadLetter(DeadLetter),
+    /// Its partition was revoked or the worker is shutting down: left unacknowledged,
+    /// for the partition's next reader.
+    Cancelled,
+}
+
+/// Writes one event, retrying as the policy says, following its tenant's settings.
+pub(crate) struct Retrying<W> {
+    pub writer: W,
+    pub retry: RetryPolicy,
+    /// Looked up again before each attempt: settings may change during a retry window.
+    pub tenants: Arc<TenantStore>,
+}
+
+impl<W: RecordWriter> Retrying<W> {
+    /// Writes `job` until it is written, dead-lettered or cancelled. One retry window
+    /// for the event, across panics too, counted from when it was produced: neither a
+    /// rebalance nor a restart starts it again.
+    pub async fn write(&self, job: &Job) -> Outcome {
+        let started = Instant::now();
+        let give_up_at = self
+            .retry
+            .give_up_at(produced_at(&job.msg), SystemTime::now(), started);
+        let attempts = retrying_panics(&self.retry, &job.ticket.cancel, || {
+            self.attempts(job, started, give_up_at)
+        });
+        match attempts.await {
+            Ok(outcome) => outcome,
+            Err(GaveUp::Cancelled) => Outcome::Cancelled,
+            // A write that panics every time is a bug that would otherwise hold the
+            // partition's commits back for good: the event goes to the dead letters.
+            Err(GaveUp::Panicked { times, message }) => Outcome::DeadLetter(
+                DeadLetter::new(
+                    Reason::RetriesExhausted,
+                    format!("the write panicked {times} times: {message}"),
+                )
+                .of_source(job.tenant.source_id.as_str()),
+            ),
+        }
+    }
+
+    async fn attempts(&self, job: &Job, started: Instant, give_up_at: Instant) -> Outcome {
+        let data = job.msg.payload().unwrap_or_default();
+        let mut permanent_since: Option<Instant> = None;
+        let mut attempt = 0u32;
+        let cancel = &job.ticket.cancel;
+        let mut tenant = job.tenant.clone();
+        loop {
+            // Revoked or shutting down: leave the event to the partition's next reader.
+            if cancel.is_cancelled() {
+                return Outcome::Cancelled;
+            }
+            // Every attempt uses the settings in force now: an event may have waited in
+            // its lane behind a retrying one, and one user's events must all follow a
+            // change of stream together.
+            match current_settings(&self.tenants, &tenant) {
+                Ok(current) => {
+                    if !Arc::ptr_eq(&current, &tenant) {
+                        tracing::info!(source_id = %tenant.source_id, "tenant settings changed; writing with the new ones");
+                        // A new role, secret, region or stream: the old ones' failures
+                        // say nothing about the new ones.
+                        permanent_since = None;
+                        tenant = current;
+                    }
+                }
+                Err(dl) => return Outcome::DeadLetter(dl),
+            }
+            let err = tokio::select! {
+                r = self.writer.put(&tenant, &job.key, data) => match r {
+                    Ok(()) => return Outcome::Written,
+                    Err(e) => e,
+                },
+                _ = cancel.cancelled() => return Outcome::Cancelled,
+            };
+            let now = Instant::now();
+            let reason = match err.class {
+                ErrorClass::Permanent => {
+                    let since = *permanent_since.get_or_insert(now);
+                    (now - since >= self.retry.permanent_window)
+                        .then(|| (Reason::DestinationRejected, err.to_string()))
+                }
+                ErrorClass::Retryable | ErrorClass::ExpiredCredentials => {
+                    permanent_since = None;
+                    (now >= give_up_at).then(|| {
+                        let age = produced_at(&job.msg)
+                            .and_then(|p| SystemTime::now().duration_since(p).ok())
+                            .unwrap_or_else(|| now - started);
+                        let message = format!(
+                            "still failing {}s after the event was produced ({}s of retries by this worker); last error {err}",
+                            age.as_secs(),
+                            (now - started).as_secs()
+                        );
+                        (Reason::RetriesExhausted, message)
+                    })
+                }
+            };
+            if let Some((reason, message)) = reason {
+                return Outcome::DeadLetter(
+                    DeadLetter::new(reason, message).of_source(tenant.source_id.as_str()),
+                );
+            }
+            tracing::debug!(source_id = %tenant.source_id, attempt, error = %err, "write failed; retrying");
+            kd_telemetry::metrics().retries.inc();
+            let wait = self.retry.backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return Outcome::Cancelled,
+            }
+        }
+    }
+}
+
+/// The settings in force now for the tenant an event was routed to: the same `Arc`
+/// while they did not change. A tenant removed or made invalid meanwhile is a dead
+/// letter (`unknown_source`, `invalid_settings`), as its next event would be.
+fn current_settings(
+    tenants: &TenantStore,
+    routed_with: &Arc<TenantSettings>,
+) -> Result<Arc<TenantSettings>, DeadLetter> {
+    let source = routed_with.source_id.as_str();
+    match tenants.snapshot().get(source) {
+        // The same settings (usually the very same `Arc`: a pointer comparison on the
+        // per-event path; equal after a reload that changed nothing else).
+        Some(TenantEntry::Valid(t)) if Arc::ptr_eq(t, routed_with) || **t == **routed_with => {
+            Ok(routed_with.clone())
+        }
+        Some(TenantEntry::Valid(t)) => Ok(t.clone()),
+        Some(TenantEntry::Invalid { reason }) => Err(DeadLetter::new(
+            Reason::InvalidSettings,
+            format!("settings became invalid while the event was retried: {reason}"),
+        )
+        .of_source(source)),
+        None => Err(DeadLetter::new(
+            Reason::UnknownSource,
+            format!("source {source:?} was removed while its event was retried"),
+        )
+        .of_source(source)),
+    }
+}
+
+/// Writes events with retries, then acknowledges them: written, or dead-lettered once
+/// the dead letter is acknowledged by Kafka.
+pub(crate) struct Deliverer {
+    pub retrying: Retrying<KinesisWriter>,
+    pub dead_letters: DeadLetters,
+    pub tracker: Arc<OffsetTracker>,
+}
+
+impl Deliverer {
+    pub async fn deliver(&self, job: Job) {
+        match self.retrying.write(&job).await {
+            Outcome::Written => {
+                let m = kd_telemetry::metrics();
+                m.events_delivered.inc();
+                if let Some(source) = kd_telemetry::source_label(job.tenant.source_id.as_str()) {
+                    m.source_delivered.with_label_values(&[source]).inc();
+                }
+                self.tracker.done(&job.ticket);
+            }
+            Outcome::DeadLetter(dl) => {
+                if self
+                    .dead_letters
+                    .send(&job.msg, &dl, &job.ticket.cancel)
+                    .await
+                {
+                    self.tracker.done(&job.ticket);
+                }
+            }
+            // Not acknowledged, so it is read again by the partition's next reader.
+            Outcome::Cancelled => {}
+        }
+    }
+}
+
+/// When the event was produced, from its Kafka record's timestamp (create or log-append
+/// time); `None` when it has none.
+fn produced_at(msg: &OwnedMessage) -> Option<SystemTime> {
+    let millis = u64::try_from(msg.timestamp().to_millis()?).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+//! Flow control (backpressure): a partition with too many events or bytes in flight is
+//! paused, and resumed once enough have drained; all of them when the totals are too
+//! high. With fairness, a contended partition skips the events of tenants at their
+//! share and reads them again once those drain.
+//!
+//! Decides from the offset tracker's counts and acts on the consumer (pause, resume,
+//! seek); never touches events or commits.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::offsets::{Budget, Fairness, FlowInput, Held, OffsetTracker};
+
+/// Backpressure: pause a partition with too many events or bytes in flight (or all of
+/// them when the totals are too high), resume it once enough have drained.
+pub(crate) struct FlowControl {
+    /// Held in flight in one partition at which it is paused.
+    per_partition: Budget,
+    /// Held in flight over all partitions at which every partition is paused.
+    total: Budget,
+    pub(crate) fairness: Option<Fairness>,
+}
+
+impl FlowControl {
+    /// A partition may hold the same share of the byte budget as of the event budget
+    /// (`total_bytes × per_partition / total`). With fairness (`tenant_share` below 1),
+    /// a partition is contended once its budget is used up; tenants at their share are
+    /// skipped there from then on, and the others may add up to one share more before
+    /// the partition pauses.
+    pub(crate) fn new(
+        per_partition: usize,
+        total: usize,
+        total_bytes: usize,
+        tenant_share: f64,
+    ) -> Self {
+        let total = Budget {
+            events: total.max(1),
+            bytes: total_bytes.max(1),
+        };
+        let per_partition = per_partition.max(1);
+        let partition_share = (per_partition as f64 / total.events as f64).min(1.0);
+        let budget = Budget {
+            events: per_partition,
+            bytes: ((total.bytes as f64 * partition_share) as usize).max(1),
+        };
+        let fairness = (tenant_share < 1.0).then(|| Fairness {
+            contended_at: budget,
+            per_source: budget.share(tenant_share),
+            max_handled_ahead: per_partition.saturating_mul(50),
+        });
+        FlowControl {
+            per_partition: match fairness {
+                Some(f) => Budget {
+                    events: budget.events + f.per_source.events,
+                    bytes: budget.bytes.saturating_add(f.per_source.bytes),
+                },
+                None => budget,
+            },
+            total,
+            fairness,
+        }
+    }
+
+    /// Whether the partition just read from (or the totals) reached its budget, so that
+    /// [`pause_and_resume`](Self::pause_and_resume) should run now rather than at the
+    /// next tick.
+    pub(crate) fn reached(&self, tracker: &OffsetTracker, topic: &str, partition: i32) -> bool {
+        tracker
+            .held_in(topic, partition)
+            .is_some_and(|held| self.per_partition.reached_by(held))
+            || self.total.reached_by(tracker.held())
+    }
+
+    /// Reads partitions again from their first skipped offset once the tenants skipped
+    /// there have drained below their share, or the partition to half its budget.
+    pub(crate) fn reread_drained<C: Consumer<X>, X: ConsumerContext>(
+        &self,
+        consumer: &C,
+        tracker: &OffsetTracker,
+    ) {
+        let Some(f) = self.fairness else { return };
+        let half = Budget {
+            events: f.contended_at.events.div_ceil(2),
+            bytes: f.contended_at.bytes.div_ceil(2),
+        };
+        for (topic, partition, from) in tracker.skips_to_reread(half, f.per_source) {
+            match consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(from),
+                Duration::from_secs(1),
+            ) {
+                Ok(()) => {
+                    tracker.reread_from(&topic, partition, from);
+                    kd_telemetry::metrics().fairness_rereads.inc();
+                    tracing::debug!(%topic, partition, from, "reading skipped events again");
+                }
+                // The skip stays in force (its tenants' events are still skipped) and is
+                // offered again at the next tick.
+                Err(e) => {
+                    tracing::warn!(%topic, partition, from, error = %e, "cannot seek back to skipped events; will retry");
+                }
+            }
+        }
+    }
+
+    /// Pauses and resumes partitions as their in-flight counts say.
+    pub(crate) fn pause_and_resume<C: Consumer<X>, X: ConsumerContext>(
+        &self,
+        consumer: &C,
+        tracker: &OffsetTracker,
+    ) {
+        let max_ahead = self.fairness.map_or(usize::MAX, |f| f.max_handled_ahead);
+        let (pause, resume) = tracker.pause_decisions(|f: &FlowInput| {
+            // Skipping ahead is bounded too: the offsets handled past a skip are kept.
+            let too_far_ahead = f.skipping && f.handled_ahead >= max_ahead;
+            let (partition, total) = (
+                Held {
+                    events: f.in_flight,
+                    bytes: f.bytes,
+                },
+                Held {
+                    events: f.total,
+                    bytes: f.total_bytes,
+                },
+            );
+            if f.paused {
+                // Hysteresis: resume only well below the caps, so a partition does not
+                // flap between paused and fetching on every event.
+                f.in_flight > self.per_partition.events / 2
+                    || f.bytes > self.per_partition.bytes / 2
+                    || f.total > self.total.events / 4 * 3
+                    || f.total_bytes > self.total.bytes / 4 * 3
+                    || too_far_ahead
+            } else {
+                self.per_partition.reached_by(partition)
+                    || self.total.reached_by(total)
+                    || too_far_ahead
+            }
+        });
+        for (list, paused) in [(pause, true), (resume, false)] {
+            if list.is_empty() {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (topic, partition) in &list {
+                tpl.add_partition(topic, *partition);
+            }
+            let result = if paused {
+                consumer.pause(&tpl)
+            } else {
+                consumer.resume(&tpl)
+            };
+            match result {
+                Ok(()) => tracing::info!(partitions = ?list, paused, "backpressure"),
+                Err(e) => tracing::warn!(error = %e, paused, "cannot pause or resume partitions"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn a_partition_gets_the_share_of_the_byte_budget_it_has_of_the_event_budget() {
+        let flow = FlowControl::new(2000, 20_000, 256 * MIB, 0.5);
+        let f = flow.fairness.unwrap();
+        let partition = 256 * MIB / 10;
+        assert_eq!(
+            f.contended_at,
+            Budget {
+                events: 2000,
+                bytes: partition
+            }
+        );
+        assert_eq!(
+            f.per_source,
+            Budget {
+                events: 1000,
+                bytes: partition / 2
+            }
+        );
+        assert_eq!(
+            flow.per_partition,
+            Budget {
+                events: 3000,
+                bytes: partition + partition / 2
+            },
+            "with fairness, the others may add one share before the partition pauses"
+        );
+        let off = FlowControl::new(2000, 20_000, 256 * MIB, 1.0);
+        assert!(off.fairness.is_none());
+        assert_eq!(
+            off.per_partition,
+            Budget {
+                events: 2000,
+                bytes: partition
+            }
+        );
+        // A partition budget above the total gets the whole byte budget, not more.
+        let wide = FlowControl::new(30_000, 20_000, 256 * MIB, 1.0);
+        assert_eq!(wide.per_partition.bytes, 256 * MIB);
+    }
+}

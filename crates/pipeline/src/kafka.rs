@@ -1,0 +1,273 @@
+//! What the worker asks of librdkafka: the `[kafka]` settings, the consumer's and the
+//! dead-letter producer's client configurations built from them (ours first, the
+//! operator's `[kafka.librdkafka]` over them), their check at start-up, and whether the
+//! topics the configuration names exist.
+//!
+//! Owns no running client: the worker creates them from these configurations.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::DEAD_LETTER_ROOM;
+use crate::log_limit::LogLimit;
+
+/// Kafka side of the worker: the `[kafka]` section of the configuration.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub dead_letter_topic: String,
+    pub source_id_header: String,
+    /// Passed to librdkafka verbatim, after our defaults (so they can override them):
+    /// security, SASL, TLS, timeouts.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_id: "kinesis-destination".into(),
+            topics: vec!["segment-events".into()],
+            dead_letter_topic: "segment-events-dlq".into(),
+            source_id_header: "source_id".into(),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// The librdkafka properties may hold credentials (`sasl.password`,
+/// `ssl.key.password`, ...): their values never show in `Debug`, only their names.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("source_id_header", &self.source_id_header)
+            .field("librdkafka", &self.librdkafka.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A topic the configuration names (under `key`) that the brokers do not have.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: topic {topic:?} does not exist on the brokers")]
+pub struct MissingTopic {
+    pub key: &'static str,
+    pub topic: String,
+}
+
+pub(crate) fn consumer_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("group.id", &k.group_id)
+        // Offsets are committed by the tracker, never by librdkafka on its own.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // A rebalance revokes only the partitions that move: the others' in-flight
+        // writes go on (with an eager strategy every member drops all its work).
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("statistics.interval.ms", "5000");
+    for (key, value) in &k.librdkafka {
+        c.set(key, value);
+    }
+    c
+}
+
+/// librdkafka's default `receive.message.max.bytes`: the largest fetch response, and so
+/// the largest record, the consumer takes.
+const LIBRDKAFKA_RECEIVE_MAX: usize = 100_000_000;
+/// librdkafka's upper bound for `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX: usize = 1_000_000_000;
+
+/// The dead-letter producer's `message.max.bytes`: the largest record the consumer may
+/// take (its `receive.message.max.bytes`, at least `fetch.max.bytes` + 512) plus room for
+/// the dead-letter headers, unless `[kafka.librdkafka]` sets `message.max.bytes`.
+pub fn dead_letter_max_bytes(k: &KafkaSettings) -> usize {
+    let get = |key: &str| {
+        k.librdkafka
+            .get(key)
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    if let Some(set) = get("message.max.bytes") {
+        return set;
+    }
+    let largest_input = get("receive.message.max.bytes").unwrap_or_else(|| {
+        LIBRDKAFKA_RECEIVE_MAX.max(get("fetch.max.bytes").map_or(0, |f| f + 512))
+    });
+    (largest_input + DEAD_LETTER_ROOM).min(LIBRDKAFKA_MESSAGE_MAX)
+}
+
+pub(crate) fn producer_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers)
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .set("message.max.bytes", dead_letter_max_bytes(k).to_string());
+    for (key, value) in &k.librdkafka {
+        // Consumer-only settings would only make the producer warn.
+        if !CONSUMER_ONLY.contains(&key.as_str()) {
+            c.set(key, value);
+        }
+    }
+    c
+}
+
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.commit.interval.ms",
+    "partition.assignment.strategy",
+    "fetch.min.bytes",
+    "fetch.wait.max.ms",
+    "fetch.max.bytes",
+    "max.partition.fetch.bytes",
+    "isolation.level",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "statistics.interval.ms",
+];
+
+/// A `[kafka.librdkafka]` property librdkafka rejects.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct InvalidKafkaSetting {
+    /// The property's name (empty when librdkafka does not say which).
+    pub key: String,
+    /// librdkafka's one-line description of what is wrong.
+    pub reason: String,
+    #[source]
+    pub source: Box<KafkaError>,
+}
+
+/// Checks the `[kafka.librdkafka]` settings without connecting anywhere: the first
+/// property librdkafka rejects, with its reason.
+pub fn validate_kafka(k: &KafkaSettings) -> Result<(), InvalidKafkaSetting> {
+    for config in [consumer_config(k), producer_config(k)] {
+        if let Err(source) = config.create_native_config() {
+            let (key, reason) = match &source {
+                KafkaError::ClientConfig(_, desc, key, _) => (key.clone(), desc.clone()),
+                other => (String::new(), other.to_string()),
+            };
+            return Err(InvalidKafkaSetting {
+                key,
+                reason,
+                source: Box::new(source),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the brokers say whether every input topic and the dead-letter topic
+/// exist: a missing one is an error naming its configuration key (dead letters could
+/// never be written, or there is nothing to read). Brokers that cannot be reached are
+/// waited for, as the consumer would wait for them anyway, until shutdown.
+pub(crate) async fn check_topics<C: ConsumerContext + 'static>(
+    consumer: &Arc<StreamConsumer<C>>,
+    k: &KafkaSettings,
+    shutdown: &CancellationToken,
+) -> Result<(), MissingTopic> {
+    // A subscription pattern (`^events-.*`) may match nothing yet: not checked.
+    let wanted: Vec<(&'static str, String)> = k
+        .topics
+        .iter()
+        .filter(|t| !t.starts_with('^'))
+        .map(|t| ("kafka.topics", t.clone()))
+        .chain([("kafka.dead_letter_topic", k.dead_letter_topic.clone())])
+        .collect();
+    let log = LogLimit::per_minute();
+    loop {
+        let (c, w) = (consumer.clone(), wanted.clone());
+        match tokio::task::spawn_blocking(move || missing_topic(&*c, &w)).await {
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some((key, topic)))) => return Err(MissingTopic { key, topic }),
+            Ok(Err(e)) => {
+                if log.due("metadata").is_some() {
+                    tracing::warn!(error = %e, "cannot ask the brokers whether the topics exist; waiting for them");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "topic check failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// The first of `wanted` (configuration key, topic) the brokers say they do not have.
+fn missing_topic<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    wanted: &[(&'static str, String)],
+) -> Result<Option<(&'static str, String)>, KafkaError> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    for (key, topic) in wanted {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        let found = metadata.topics().iter().find(|t| t.name() == topic);
+        let error = found.and_then(|t| t.error()).map(Code::from);
+        match (found, error) {
+            (Some(t), None) if !t.partitions().is_empty() => {}
+            (None, _)
+            | (Some(_), None)
+            | (Some(_), Some(Code::UnknownTopicOrPartition | Code::UnknownTopic)) => {
+                return Ok(Some((key, topic.clone())))
+            }
+            (Some(_), Some(code)) => return Err(KafkaError::MetadataFetch(code)),
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dead_letter_producer_takes_what_the_consumer_may_read_plus_header_room() {
+        let mut k = KafkaSettings::default();
+        assert_eq!(dead_letter_max_bytes(&k), 100_000_000 + DEAD_LETTER_ROOM);
+        k.librdkafka
+            .insert("fetch.max.bytes".into(), "200000000".into());
+        assert_eq!(
+            dead_letter_max_bytes(&k),
+            200_000_512 + DEAD_LETTER_ROOM,
+            "librdkafka raises receive.message.max.bytes to fetch.max.bytes + 512"
+        );
+        k.librdkafka
+            .insert("receive.message.max.bytes".into(), "2000000".into());
+        assert_eq!(dead_letter_max_bytes(&k), 2_000_000 + DEAD_LETTER_ROOM);
+        k.librdkafka
+            .insert("message.max.bytes".into(), "1000000".into());
+        assert_eq!(dead_letter_max_bytes(&k), 1_000_000, "the operator's word");
+        assert!(validate_kafka(&KafkaSettings::default()).is_ok());
+    }
+
+    #[test]
+    fn a_rejected_librdkafka_property_is_named_with_its_reason() {
+        let mut k = KafkaSettings::default();
+        k.librdkafka
+            .insert("fetch.wait.max.ms".into(), "soon".into());
+        let e = validate_kafka(&k).unwrap_err();
+        assert_eq!(e.key, "fetch.wait.max.ms");
+        assert!(e.reason.contains("Invalid value"), "{}", e.reason);
+        assert!(std::error::Error::source(&e).is_some(), "the cause is kept");
+    }
+}
