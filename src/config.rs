@@ -1,4 +1,4 @@
-//! The configuration file (SPEC 2): TOML, every key overridable from the environment as
+//! The configuration file: TOML, every key overridable from the environment as
 //! `KINESIS_DESTINATION__SECTION__KEY`, checked once at start-up. A bad key stops the
 //! worker with exit code 2 and one line that names it.
 
@@ -22,7 +22,7 @@ impl ConfigError {
     fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
             key: key.into(),
-            message: one_line(&message.into()),
+            message: kd_event::text::one_line(&message.into()),
         }
     }
 }
@@ -55,7 +55,7 @@ pub type KafkaConfig = kd_pipeline::KafkaSettings;
 pub struct TenantsConfig {
     /// JSON array of tenant settings, re-read when it changes.
     pub file: Option<PathBuf>,
-    /// Compacted Kafka topic of tenant settings (SPEC 4).
+    /// Compacted Kafka topic of tenant settings (see "Tenant settings" in the README).
     pub topic: Option<String>,
     /// How often the file is checked for changes.
     pub poll_interval_ms: u64,
@@ -510,10 +510,6 @@ fn lookup<'a>(shape: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value
         t = t.get(seg)?.as_table()?;
     }
     t.get(last)
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

@@ -1,15 +1,13 @@
 //! The binary's edges without services: flags, bad configuration, readiness without a
 //! broker, policy output, and the Docker Compose file.
 
+mod common;
+use common::bin;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use kd_testkit::{free_port, Worker, WorkerConfig};
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(bin());

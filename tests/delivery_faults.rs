@@ -3,8 +3,9 @@
 //! denied roles, expiring credentials. Nothing may be lost or skipped silently, and
 //! per-user order must hold among first deliveries.
 
+mod common;
+use common::bin;
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kd_testkit::env::{
@@ -15,10 +16,6 @@ use kd_testkit::{
     metric_value, Fault, Kafka, Tansu, TcpProxy, Worker, WorkerConfig, CALLER_ACCOUNT,
 };
 use serde_json::json;
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_storm_keeps_order_and_other_tenants_flowing() {

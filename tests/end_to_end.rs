@@ -2,8 +2,10 @@
 //! and a moto AWS emulator (behind a proxy that records AssumeRole calls), started per
 //! test on free ports.
 
+mod common;
+use common::bin;
+use kd_event::EventType;
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kd_testkit::{
@@ -14,10 +16,6 @@ use serde_json::{json, Value};
 const TOPIC: &str = "segment-events";
 const DLQ: &str = "segment-events-dlq";
 const PARTITIONS: i32 = 3;
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
 
 /// One test's services: broker with topics, emulator, recording proxy.
 struct Env {
@@ -82,8 +80,6 @@ fn event(kind: &str, ids: Value, n: usize) -> Vec<u8> {
     format!("  {}\n", compact.replacen(':', " : ", 1)).into_bytes()
 }
 
-const TYPES: [&str; 6] = ["identify", "track", "page", "screen", "group", "alias"];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_every_event_to_its_own_tenants_stream() {
     let env = Env::start().await;
@@ -105,7 +101,7 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     let mut expected: Vec<(String, Vec<u8>, String)> = Vec::new();
     let mut n = 0;
     for t in &tenants {
-        for kind in TYPES {
+        for kind in EventType::ALL.map(EventType::as_str) {
             for by_header in [true, false] {
                 n += 1;
                 let user = format!("user-{}-{n}", t.source_id);
@@ -760,7 +756,11 @@ async fn put_records_batches_deliver_byte_for_byte_in_order() {
         for u in 0..10 {
             n += 1;
             let user = format!("batch-user-{u}");
-            let bytes = event(TYPES[n % TYPES.len()], json!({"userId": user}), n);
+            let bytes = event(
+                EventType::ALL[n % EventType::ALL.len()].as_str(),
+                json!({"userId": user}),
+                n,
+            );
             env.send(&bytes, Some("src_batch"), &user).await;
             want.push((bytes, user));
         }

@@ -3,17 +3,14 @@
 //! missing or goes away, large records of a tenant that is down. Nothing of it may stall
 //! a partition, lose an event or let memory grow without bound.
 
-use std::path::Path;
+mod common;
+use common::bin;
 use std::time::{Duration, Instant};
 
 use kd_testkit::env::{
     assert_all_delivered_in_order, wait_metric, FakeEnv as Env, Sent, DLQ, PARTITIONS, TOPIC,
 };
 use kd_testkit::{eventually, metric_value, Fault, Kafka, Tansu, Worker};
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
 
 /// 1.1 MB: over a tenant's default 1,024 KiB record limit and librdkafka's default
 /// message.max.bytes.

@@ -2,7 +2,8 @@
 //! and short credential lifetimes, fairness towards small tenants next to a big or a slow
 //! one. Against Tansu and the AWS fake of `kd-testkit`.
 
-use std::path::Path;
+mod common;
+use common::bin;
 use std::time::Duration;
 
 use kd_testkit::env::{assert_all_delivered_in_order, wait_metric, FakeEnv as Env, DLQ};
@@ -10,10 +11,6 @@ use kd_testkit::{metric_value, Kafka, Worker, CALLER_ACCOUNT};
 use serde_json::json;
 
 const SETTINGS: &str = "tenant-settings";
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
 
 /// One event for each of 12 users of `source`, all with sequence number `seq`.
 async fn round(env: &Env, source: &str, seq: usize) -> Vec<kd_testkit::env::Sent> {

@@ -6,17 +6,14 @@
 //! the cooperative protocol can hand one partition to two members. Kafka (and the mock
 //! cluster) wait for every member before the leader assigns.
 
+mod common;
+use common::bin;
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kd_testkit::env::{assert_all_delivered_in_order, send_events, Sent, DLQ, TOPIC};
 use kd_testkit::{eventually, ownership, FakeAws, Fault, Kafka, Tenant, Worker, WorkerConfig};
 use rdkafka::mocking::MockCluster;
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
 
 const PARTITIONS: i32 = 6;
 const WINDOW: Duration = Duration::from_secs(25);

@@ -2,15 +2,12 @@
 //! it drives about 3,600 writes a second, which the worker and the fake only sustain on
 //! this 2-core machine when no other test competes for it.
 
-use std::path::Path;
+mod common;
+use common::bin;
 use std::time::Duration;
 
 use kd_testkit::env::{assert_all_delivered_in_order, wait_metric, FakeEnv as Env};
 use kd_testkit::Worker;
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {

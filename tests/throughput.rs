@@ -4,15 +4,12 @@
 //! 25 ms as a real Kinesis endpoint would: `PutRecord` against `PutRecords` batches.
 //! Only delivery is asserted; the figures are printed.
 
-use std::path::Path;
+mod common;
+use common::bin;
 use std::time::Duration;
 
 use kd_testkit::env::{wait_metric, FakeEnv as Env};
 use kd_testkit::{Fault, Worker};
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_kinesis-destination"))
-}
 
 const EVENTS: usize = 20_000;
 

@@ -4,10 +4,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_smithy_types::date_time::Format;
+use kd_event::sample::{sample_event, sample_user};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
 
 use super::CliError;
 
@@ -82,58 +82,6 @@ impl Compression {
     }
 }
 
-const TYPES: [&str; 6] = ["identify", "track", "page", "screen", "group", "alias"];
-
-/// The `n`th sample event: types in turn, users in turn, every fifth anonymous.
-pub fn sample_event(
-    source: &str,
-    n: u64,
-    users: u64,
-    project_id: bool,
-    pad: usize,
-) -> serde_json::Value {
-    let kind = TYPES[(n % 6) as usize];
-    let user = n / 6 % users.max(1);
-    let now = aws_smithy_types::DateTime::from(SystemTime::now())
-        .fmt(Format::DateTime)
-        .unwrap_or_default();
-    let mut e = json!({
-        "type": kind,
-        "messageId": format!("{source}-{n}"),
-        "timestamp": now,
-        "context": {"library": {"name": "kinesis-destination-produce", "version": env!("CARGO_PKG_VERSION")}},
-    });
-    if n % 5 == 4 {
-        e["anonymousId"] = json!(format!("anon-{user}"));
-    } else {
-        e["userId"] = json!(format!("user-{user}"));
-    }
-    match kind {
-        "identify" => {
-            e["traits"] = json!({"email": format!("user-{user}@example.com"), "plan": "Pro Annual"})
-        }
-        "track" => {
-            e["event"] = json!("User Registered");
-            e["properties"] = json!({"plan": "Pro Annual", "account_type": "Facebook"});
-        }
-        "page" => e["name"] = json!("Home"),
-        "screen" => e["name"] = json!("Dashboard"),
-        "group" => {
-            e["groupId"] = json!("0e8c78ea9d9dsasahjg");
-            e["traits"] = json!({"name": "group_name", "employees": 3});
-        }
-        _ => e["previousId"] = json!(format!("anon-{user}")),
-    }
-    e["properties"]["seq"] = json!(n);
-    if pad > 0 {
-        e["properties"]["pad"] = json!("x".repeat(pad));
-    }
-    if project_id {
-        e["projectId"] = json!(source);
-    }
-    e
-}
-
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     if args.sources.iter().any(|s| s.is_empty()) {
         return Err(CliError::Usage(
@@ -158,9 +106,12 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     for n in 0..args.count {
         let source = &args.sources[(n % args.sources.len() as u64) as usize];
         let with_project = matches!(args.source_in, SourceIn::ProjectId | SourceIn::Both);
-        let value = sample_event(source, n, args.users, with_project, args.pad).to_string();
+        let now = aws_smithy_types::DateTime::from(SystemTime::now())
+            .fmt(Format::DateTime)
+            .unwrap_or_default();
+        let value = sample_event(source, n, args.users, with_project, args.pad, &now).to_string();
         let mut record: FutureRecord<'_, str, str> = FutureRecord::to(&args.topic).payload(&value);
-        let key = format!("{source}:{}", n / 6 % args.users.max(1));
+        let key = format!("{source}:{}", sample_user(n, args.users));
         record = record.key(&key);
         if matches!(args.source_in, SourceIn::Header | SourceIn::Both) {
             record = record.headers(OwnedHeaders::new().insert(Header {
@@ -203,28 +154,4 @@ async fn settle(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> Result<
         }
     }
     Ok(n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn samples_cover_every_type_and_both_identities() {
-        let events: Vec<_> = (0..30)
-            .map(|n| sample_event("src", n, 3, true, 0))
-            .collect();
-        for t in TYPES {
-            assert!(events.iter().any(|e| e["type"] == t), "{t}");
-        }
-        assert!(events
-            .iter()
-            .any(|e| e.get("anonymousId").is_some() && e.get("userId").is_none()));
-        for e in &events {
-            let bytes = e.to_string();
-            let view = kd_event::EventView::decode(bytes.as_bytes()).unwrap();
-            assert!(view.partition_key(false).is_ok());
-            assert_eq!(view.project_id.as_deref(), Some("src"));
-        }
-    }
 }

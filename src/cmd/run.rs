@@ -37,15 +37,8 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     // A tenants file is read before anything starts: a bad one is a configuration error.
     let file_watch = match &config.tenants.file {
         Some(file) => {
-            let (snapshot, bytes) = kd_tenants::load_file(file)
+            let bytes = kd_tenants::load_file_into(file, &tenants)
                 .map_err(|e| CliError::Usage(format!("config: tenants.file: {e}")))?;
-            tracing::info!(
-                path = %file.display(),
-                tenants = snapshot.len(),
-                invalid = snapshot.invalid_count(),
-                "tenant settings loaded"
-            );
-            tenants.replace(snapshot);
             Some(kd_tenants::watch_file(
                 file.clone(),
                 tenants.clone(),

@@ -1,12 +1,12 @@
-//! `tail`: read a Kinesis stream and print each record's JSON, one per line (the seed's
-//! "Kinesis tailing utility"). Reads with the worker's own identity, or as a tenant
+//! `tail`: read a Kinesis stream and print each record's JSON, one per line (the
+//! "Kinesis tailing utility" of the destination this product re-creates). Reads with the worker's own identity, or as a tenant
 //! (assuming its role with its external ID), or as a tenant of a config file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use aws_sdk_kinesis::types::ShardIteratorType;
+use kd_aws::shards::{StartAt, StreamReader};
 use serde_json::{json, Value};
 
 use super::CliError;
@@ -92,19 +92,16 @@ async fn target(args: &Args) -> Result<Target, CliError> {
     if let Some(x) = &args.external_id {
         settings["secretId"] = json!(x);
     }
-    let tenant = kd_tenants::parse_tenant(&settings).map_err(|e| {
-        let msg = e.to_string();
-        let flag = if msg.contains("roleAddress") {
-            "--role-arn"
-        } else if msg.contains("region") {
-            "--region"
-        } else {
-            "--stream"
-        };
-        CliError::Usage(format!(
-            "{flag}: {}",
-            msg.trim_start_matches("tenant tail: ")
-        ))
+    let tenant = kd_tenants::parse_tenant(&settings).map_err(|e| match e {
+        kd_tenants::SettingsError::Field { field, error, .. } => {
+            let flag = match field {
+                "roleAddress" => "--role-arn",
+                "region" => "--region",
+                _ => "--stream",
+            };
+            CliError::Usage(format!("{flag}: {error}"))
+        }
+        other => CliError::Usage(other.to_string()),
     })?;
     Ok(Target {
         tenant,
@@ -130,98 +127,49 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         aws_sdk_kinesis::Client::from_conf(conf)
     };
     let stream = t.tenant.stream.as_str();
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        CliError::Failed(format!("{what} on stream {stream}: {e}"))
+    let fail = |e: kd_aws::AwsError| CliError::Failed(format!("stream {stream}: {e}"));
+    let start = if args.latest {
+        StartAt::Latest
+    } else {
+        StartAt::Oldest
     };
-
-    let mut shards = Vec::new();
-    let mut next: Option<String> = None;
-    loop {
-        let mut req = client.list_shards();
-        req = match &next {
-            Some(token) => req.next_token(token),
-            None => req.stream_name(stream),
-        };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| fail("ListShards", &kd_aws::AwsError::from_sdk("ListShards", &e)))?;
-        shards.extend(out.shards().iter().map(|s| s.shard_id().to_owned()));
-        next = out.next_token().map(str::to_owned);
-        if next.is_none() {
-            break;
-        }
-    }
-
-    let mut iterators = Vec::new();
-    for shard in &shards {
-        let kind = if args.latest {
-            ShardIteratorType::Latest
-        } else {
-            ShardIteratorType::TrimHorizon
-        };
-        let out = client
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(shard)
-            .shard_iterator_type(kind)
-            .send()
-            .await
-            .map_err(|e| {
-                fail(
-                    "GetShardIterator",
-                    &kd_aws::AwsError::from_sdk("GetShardIterator", &e),
-                )
-            })?;
-        iterators.push((shard.clone(), out.shard_iterator().map(str::to_owned)));
-    }
-
+    let mut reader = StreamReader::open(client, stream, start)
+        .await
+        .map_err(fail)?;
     let stdout = std::io::stdout();
+    let mut reader_gone = false;
     loop {
-        let mut any_open = false;
-        for (shard, iterator) in iterators.iter_mut() {
-            // Drain each shard to its current end before moving on, keeping shard order.
-            while let Some(it) = iterator.take() {
-                any_open = true;
-                let out = client
-                    .get_records()
-                    .shard_iterator(&it)
-                    .limit(10_000)
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        fail("GetRecords", &kd_aws::AwsError::from_sdk("GetRecords", &e))
-                    })?;
-                for r in out.records() {
-                    let data = r.data().as_ref();
-                    let decoded: Value = serde_json::from_slice(data)
-                        .unwrap_or_else(|_| json!(String::from_utf8_lossy(data)));
-                    let line = match args.format {
-                        Format::Data => decoded.to_string(),
-                        Format::Record => json!({
-                            "shardId": shard,
-                            "sequenceNumber": r.sequence_number(),
-                            "partitionKey": r.partition_key(),
-                            "data": decoded,
-                        })
-                        .to_string(),
-                    };
-                    use std::io::Write;
-                    if writeln!(stdout.lock(), "{line}").is_err() {
-                        // Reader went away (a closed pipe): stop quietly.
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                }
-                let at_end = out.records().is_empty() || out.millis_behind_latest() == Some(0);
-                *iterator = out.next_shard_iterator().map(str::to_owned);
-                if at_end {
-                    break;
-                }
-            }
-        }
-        if !args.follow || !any_open {
+        let any_open = reader
+            .read_to_end(|shard, r| {
+                let line = format_record(args.format, shard, r);
+                use std::io::Write;
+                // A reader that went away (a closed pipe) stops us quietly.
+                reader_gone = writeln!(stdout.lock(), "{line}").is_err();
+                !reader_gone
+            })
+            .await
+            .map_err(fail)?;
+        if reader_gone || !args.follow || !any_open {
             return Ok(ExitCode::SUCCESS);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// One output line for a record: its data as JSON (a string when it is not JSON), or
+/// the whole record.
+fn format_record(format: Format, shard: &str, r: &aws_sdk_kinesis::types::Record) -> String {
+    let data = r.data().as_ref();
+    let decoded: Value =
+        serde_json::from_slice(data).unwrap_or_else(|_| json!(String::from_utf8_lossy(data)));
+    match format {
+        Format::Data => decoded.to_string(),
+        Format::Record => json!({
+            "shardId": shard,
+            "sequenceNumber": r.sequence_number(),
+            "partitionKey": r.partition_key(),
+            "data": decoded,
+        })
+        .to_string(),
     }
 }

@@ -76,17 +76,13 @@ impl Session {
     /// A Kinesis client for `region`, signing with this session's credentials. Clients
     /// share the base config's HTTP connection pool.
     pub fn kinesis(&self, region: &Region) -> aws_sdk_kinesis::Client {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        clients
-            .entry(region.clone())
-            .or_insert_with(|| {
-                let conf = aws_sdk_kinesis::config::Builder::from(&self.base)
-                    .region(aws_config::Region::new(region.as_str().to_owned()))
-                    .credentials_provider(self.credentials.clone())
-                    .build();
-                aws_sdk_kinesis::Client::from_conf(conf)
-            })
-            .clone()
+        per_region(&self.clients, region, |r| {
+            let conf = aws_sdk_kinesis::config::Builder::from(&self.base)
+                .region(r)
+                .credentials_provider(self.credentials.clone())
+                .build();
+            aws_sdk_kinesis::Client::from_conf(conf)
+        })
     }
 }
 
@@ -255,16 +251,12 @@ impl CredentialCache {
     }
 
     fn sts(&self, region: &Region) -> aws_sdk_sts::Client {
-        let mut clients = self.sts_clients.lock().unwrap_or_else(|p| p.into_inner());
-        clients
-            .entry(region.clone())
-            .or_insert_with(|| {
-                let conf = aws_sdk_sts::config::Builder::from(&self.base)
-                    .region(aws_config::Region::new(region.as_str().to_owned()))
-                    .build();
-                aws_sdk_sts::Client::from_conf(conf)
-            })
-            .clone()
+        per_region(&self.sts_clients, region, |r| {
+            let conf = aws_sdk_sts::config::Builder::from(&self.base)
+                .region(r)
+                .build();
+            aws_sdk_sts::Client::from_conf(conf)
+        })
     }
 
     async fn assume(&self, tenant: &TenantSettings) -> Result<Arc<Session>, AwsError> {
@@ -359,6 +351,20 @@ fn outcome(err: &AwsError) -> &'static str {
         crate::ErrorClass::Permanent => "denied",
         _ => "error",
     }
+}
+
+/// The client for `region` from `clients`, built on first use (clients of one base
+/// config share its HTTP connection pool).
+fn per_region<C: Clone>(
+    clients: &Mutex<HashMap<Region, C>>,
+    region: &Region,
+    build: impl FnOnce(aws_config::Region) -> C,
+) -> C {
+    let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
+    clients
+        .entry(region.clone())
+        .or_insert_with(|| build(aws_config::Region::new(region.as_str().to_owned())))
+        .clone()
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use kd_event::text::one_line;
+
 /// What kind of failure happened, reduced to what classification needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure<'a> {
@@ -231,18 +233,6 @@ fn chain(err: Option<&dyn std::error::Error>) -> String {
     }
 }
 
-/// Error text goes into Kafka headers and log lines: keep it on one line and short.
-pub fn one_line(s: &str) -> String {
-    let flat: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    match flat.char_indices().nth(500) {
-        Some((i, _)) => format!("{}…", &flat[..i]),
-        None => flat,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,11 +308,5 @@ mod tests {
             assert_eq!((e.class, e.code.as_str()), (want, code));
             assert_eq!(e.message, format!("{ctx}: why not"));
         }
-    }
-
-    #[test]
-    fn one_line_flattens_and_caps() {
-        assert_eq!(one_line("a\nb\tc"), "a b c");
-        assert_eq!(one_line(&"x".repeat(600)).chars().count(), 501);
     }
 }

@@ -5,6 +5,7 @@
 //!   misses coalesced, failures remembered briefly.
 //! - [`limits`]: a records/s and bytes/s budget per stream, from its shard count.
 //! - [`requests`]: how many requests may be on the wire, in all and per tenant.
+//! - [`shards`]: listing a stream's shards, and reading its records back (`tail`).
 //! - [`writer`]: one record per event, with the stream's capacity respected: by
 //!   `PutRecord`, or gathered into `PutRecords` calls ([`batch`]) where a tenant asks.
 //! - [`errors`]: the one place that decides which AWS failures are worth retrying.
@@ -18,6 +19,7 @@ pub mod credentials;
 pub mod errors;
 pub mod limits;
 pub mod requests;
+pub mod shards;
 pub mod writer;
 
 use std::time::Duration;

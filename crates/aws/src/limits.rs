@@ -333,8 +333,14 @@ impl RateLimits {
             self.fraction,
         );
         tokio::spawn(async move {
-            let result = list_open_shards(&client, &stream).await;
-            match result {
+            let result = crate::shards::list_shards(&client, &stream).await;
+            let ranges = result.map(|shards| {
+                shards
+                    .iter()
+                    .filter_map(crate::shards::open_range)
+                    .collect::<Vec<_>>()
+            });
+            match ranges {
                 Ok(ranges) if !ranges.is_empty() => {
                     tracing::debug!(%stream, shards = ranges.len(), "per-shard rate limits");
                     let shards = ranges
@@ -355,7 +361,7 @@ impl RateLimits {
                 }
                 Ok(_) => {}
                 Err(e) if e.class == crate::ErrorClass::Permanent => {
-                    // The seed's policy grants only kinesis:PutRecord: plan by `shards`.
+                    // The policy the README suggests grants only kinesis:PutRecord: plan by `shards`.
                     tracing::debug!(%stream, error = %e, "cannot list shards; stream-wide rate limit");
                     limiter.shards.store(Arc::new(ShardMap::Denied));
                 }
@@ -376,44 +382,6 @@ impl RateLimits {
 
 fn find_shard(shards: &[ShardBudget], hash: u128) -> Option<&ShardBudget> {
     shards.iter().find(|s| s.start <= hash && hash <= s.end)
-}
-
-/// The hash-key ranges of the stream's open shards.
-async fn list_open_shards(
-    client: &aws_sdk_kinesis::Client,
-    stream: &str,
-) -> Result<Vec<(u128, u128)>, crate::AwsError> {
-    let mut ranges = Vec::new();
-    let mut next: Option<String> = None;
-    loop {
-        let req = match &next {
-            Some(token) => client.list_shards().next_token(token),
-            None => client.list_shards().stream_name(stream),
-        };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| crate::AwsError::from_sdk(&format!("ListShards {stream}"), &e))?;
-        for s in out.shards() {
-            let open = s
-                .sequence_number_range()
-                .is_none_or(|r| r.ending_sequence_number().is_none());
-            let range = s.hash_key_range().and_then(|h| {
-                Some((
-                    h.starting_hash_key().parse::<u128>().ok()?,
-                    h.ending_hash_key().parse::<u128>().ok()?,
-                ))
-            });
-            if let (true, Some(r)) = (open, range) {
-                ranges.push(r);
-            }
-        }
-        next = out.next_token().map(str::to_owned);
-        if next.is_none() {
-            break;
-        }
-    }
-    Ok(ranges)
 }
 
 #[cfg(test)]
@@ -490,29 +458,39 @@ mod tests {
 
     #[test]
     fn keys_map_to_the_shard_whose_range_holds_their_md5() {
-        let step = u128::MAX / 4;
+        // Four shards as Kinesis creates them: equal quarters of the 128-bit key space.
+        let quarter = 1u128 << 126;
         let shards: Vec<ShardBudget> = (0..4u128)
             .map(|i| ShardBudget {
-                start: i * step,
+                start: i * quarter,
                 end: if i == 3 {
                     u128::MAX
                 } else {
-                    (i + 1) * step - 1
+                    (i + 1) * quarter - 1
                 },
                 bucket: Bucket::new(1000.0, 1e6),
             })
             .collect();
-        // MD5("user-1") = 0x... ; whichever shard holds it must be the only one.
-        let h = hash_key("user-1");
-        let found: Vec<_> = shards
-            .iter()
-            .filter(|s| s.start <= h && h <= s.end)
-            .collect();
-        assert_eq!(found.len(), 1);
-        assert!(std::ptr::eq(find_shard(&shards, h).unwrap(), found[0]));
+        let index = |hash| {
+            find_shard(&shards, hash).map(|s| shards.iter().position(|x| std::ptr::eq(x, s)))
+        };
+        // MD5("user-1") = d6d77053..., in the last quarter.
+        assert_eq!(hash_key("user-1"), 0xd6d7705392bc7af633328bea8c4c6904);
+        assert_eq!(index(hash_key("user-1")), Some(Some(3)));
+        assert_eq!(index(0), Some(Some(0)));
         assert_eq!(
-            hash_key("user-1"),
-            u128::from_str_radix(&format!("{:x}", md5::compute("user-1")), 16).unwrap()
+            index(quarter - 1),
+            Some(Some(0)),
+            "a range's end is inclusive"
         );
+        assert_eq!(
+            index(quarter),
+            Some(Some(1)),
+            "the next range starts after it"
+        );
+        assert_eq!(index(u128::MAX), Some(Some(3)));
+        // After a merge left a hole (a closed shard not listed), no budget is found.
+        let holed: Vec<ShardBudget> = shards.into_iter().filter(|s| s.start != quarter).collect();
+        assert!(find_shard(&holed, quarter + 5).is_none());
     }
 }

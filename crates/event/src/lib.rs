@@ -4,7 +4,10 @@
 //! alias) as a JSON object. The worker forwards those bytes to Kinesis untouched; this
 //! crate only reads the handful of fields that routing needs (`type`, `userId`,
 //! `anonymousId`, `messageId`, `projectId`) and derives the Kinesis partition key from
-//! them (SPEC 5.2). Everything here is pure and allocation-light: it runs once per event.
+//! them (see "Output" in the README). Everything here is pure and allocation-light: it runs once per event.
+
+pub mod sample;
+pub mod text;
 
 use std::fmt;
 
@@ -129,7 +132,7 @@ struct Fields {
     project_id: Option<Value>,
 }
 
-/// An identifier field as SPEC 5.2 reads it: a non-empty string, or a number as its
+/// An identifier field as the partition-key rules read it: a non-empty string, or a number as its
 /// decimal text. Anything else (null, bool, object, array, "") counts as absent.
 fn identifier(v: Option<Value>) -> Option<String> {
     match v? {
@@ -159,7 +162,7 @@ impl EventView {
             Some(Value::String(s)) => EventType::parse(&s).ok_or_else(|| {
                 DecodeError::UnsupportedType(format!(
                     "type {:?} is not one of identify, track, page, screen, group, alias",
-                    truncate(&s, 64)
+                    text::clip(&s, 64)
                 ))
             })?,
             Some(_) => {
@@ -182,7 +185,7 @@ impl EventView {
         })
     }
 
-    /// The Kinesis partition key (SPEC 5.2): `userId`, else `anonymousId`; `messageId`
+    /// The Kinesis partition key (see "Output" in the README): `userId`, else `anonymousId`; `messageId`
     /// alone when the tenant partitions by message.
     pub fn partition_key(&self, use_message_id: bool) -> Result<PartitionKey, MissingKey> {
         let id = if use_message_id {
@@ -205,13 +208,6 @@ pub enum MissingKey {
     UserOrAnonymousId,
     #[error("tenant partitions by messageId (useMessageId) and the message has none")]
     MessageId,
-}
-
-fn truncate(s: &str, max_chars: usize) -> &str {
-    match s.char_indices().nth(max_chars) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ impl DeadLetter {
     pub fn new(reason: Reason, error: impl Into<String>) -> Self {
         DeadLetter {
             reason,
-            error: kd_aws::errors::one_line(&error.into()),
+            error: kd_event::text::one_line(&error.into()),
             source: None,
         }
     }

@@ -11,6 +11,7 @@
 //! - [`retry`]: backoff and retry windows.
 //! - [`dead_letter`]: dead-letter records and their headers.
 //! - [`offsets`]: commit only up to the lowest event not yet done; fairness skips.
+//! - [`replay`]: dead letters sent back to their input topic once their cause is fixed.
 //! - [`kafka`]: the `[kafka]` settings and the librdkafka configurations built from them.
 //! - [`worker`]: sets the stages up, runs the consume loop (`consume`, with `flow`
 //!   control), delivery (`deliver`), commits (`commits`, and the rebalance `callbacks`),
@@ -28,6 +29,7 @@ mod log_limit;
 mod offset_set;
 pub mod offsets;
 mod panics;
+pub mod replay;
 pub mod retry;
 pub mod route;
 mod shutdown;

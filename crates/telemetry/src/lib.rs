@@ -67,22 +67,27 @@ impl Metrics {
                 m
             }};
         }
+        // Integer counters and gauges, plain or with labels: name, help[, labels].
+        macro_rules! counter {
+            ($n:expr, $help:expr) => {
+                reg!(IntCounter::new(name($n), $help)?)
+            };
+            ($n:expr, $help:expr, $labels:expr) => {
+                reg!(IntCounterVec::new(Opts::new(name($n), $help), $labels)?)
+            };
+        }
+        macro_rules! gauge {
+            ($n:expr, $help:expr) => {
+                reg!(IntGauge::new(name($n), $help)?)
+            };
+            ($n:expr, $help:expr, $labels:expr) => {
+                reg!(IntGaugeVec::new(Opts::new(name($n), $help), $labels)?)
+            };
+        }
         Ok(Metrics {
-            events_received: reg!(IntCounter::new(
-                name("events_received_total"),
-                "Events read from Kafka."
-            )?),
-            events_delivered: reg!(IntCounter::new(
-                name("events_delivered_total"),
-                "Events written to their tenant's Kinesis stream."
-            )?),
-            events_dead_lettered: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("events_dead_lettered_total"),
-                    "Events produced to the dead-letter topic, by reason."
-                ),
-                &["reason"]
-            )?),
+            events_received: counter!("events_received_total", "Events read from Kafka."),
+            events_delivered: counter!("events_delivered_total", "Events written to their tenant's Kinesis stream."),
+            events_dead_lettered: counter!("events_dead_lettered_total", "Events produced to the dead-letter topic, by reason.", &["reason"]),
             put_duration: reg!(HistogramVec::new(
                 HistogramOpts::new(
                     name("put_duration_seconds"),
@@ -93,48 +98,18 @@ impl Metrics {
                 ]),
                 &["outcome"]
             )?),
-            put_errors: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("put_errors_total"),
-                    "Failed Kinesis writes, by AWS error code."
-                ),
-                &["error"]
-            )?),
-            retries: reg!(IntCounter::new(
-                name("retries_total"),
-                "Writes retried after a retryable failure."
-            )?),
-            write_panics: reg!(IntCounter::new(
-                name("write_panics_total"),
-                "Writes that panicked (each is caught and tried again; a bug to report)."
-            )?),
-            assume_role: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("assume_role_total"),
-                    "STS AssumeRole calls, by outcome."
-                ),
-                &["outcome"]
-            )?),
-            credential_cache_hits: reg!(IntCounter::new(
-                name("credential_cache_hits_total"),
-                "Tenant credential lookups served from the cache."
-            )?),
-            credential_cache_misses: reg!(IntCounter::new(
-                name("credential_cache_misses_total"),
-                "Tenant credential lookups that needed an AssumeRole."
-            )?),
+            put_errors: counter!("put_errors_total", "Failed Kinesis writes, by AWS error code.", &["error"]),
+            retries: counter!("retries_total", "Writes retried after a retryable failure."),
+            write_panics: counter!("write_panics_total", "Writes that panicked (each is caught and tried again; a bug to report)."),
+            assume_role: counter!("assume_role_total", "STS AssumeRole calls, by outcome.", &["outcome"]),
+            credential_cache_hits: counter!("credential_cache_hits_total", "Tenant credential lookups served from the cache."),
+            credential_cache_misses: counter!("credential_cache_misses_total", "Tenant credential lookups that needed an AssumeRole."),
             rate_limit_wait_seconds: reg!(prometheus::Counter::new(
                 name("rate_limit_wait_seconds_total"),
                 "Time writes waited for stream capacity."
             )?),
-            in_flight_events: reg!(IntGauge::new(
-                name("in_flight_events"),
-                "Events read but not yet written or dead-lettered."
-            )?),
-            in_flight_bytes: reg!(IntGauge::new(
-                name("in_flight_bytes"),
-                "Bytes (keys and values) of the events read but not yet written or dead-lettered."
-            )?),
+            in_flight_events: gauge!("in_flight_events", "Events read but not yet written or dead-lettered."),
+            in_flight_bytes: gauge!("in_flight_bytes", "Bytes (keys and values) of the events read but not yet written or dead-lettered."),
             oldest_in_flight_seconds: reg!(GaugeVec::new(
                 Opts::new(
                     name("oldest_in_flight_seconds"),
@@ -142,54 +117,18 @@ impl Metrics {
                 ),
                 &["topic", "partition"]
             )?),
-            consumer_errors: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("consumer_errors_total"),
-                    "Errors the Kafka consumer reported (undecodable batches, broker errors), by librdkafka error code."
-                ),
-                &["error"]
-            )?),
-            consumer_lag: reg!(IntGaugeVec::new(
-                Opts::new(
-                    name("consumer_lag"),
-                    "Messages between the high watermark and the consumer position."
-                ),
-                &["topic", "partition"]
-            )?),
-            tenants: reg!(IntGaugeVec::new(
-                Opts::new(name("tenants"), "Tenant settings loaded, by state."),
-                &["state"]
-            )?),
-            tenant_settings_errors: reg!(IntCounter::new(
-                name("tenant_settings_errors_total"),
-                "Tenant settings loads rejected (the last good settings stay in force)."
-            )?),
-            tenant_settings_records: reg!(IntCounter::new(
-                name("tenant_settings_records_total"),
-                "Records applied from the tenant settings topic."
-            )?),
-            commits: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("offset_commits_total"),
-                    "Kafka offset commits, by outcome."
-                ),
-                &["outcome"]
-            )?),
+            consumer_errors: counter!("consumer_errors_total", "Errors the Kafka consumer reported (undecodable batches, broker errors), by librdkafka error code.", &["error"]),
+            consumer_lag: gauge!("consumer_lag", "Messages between the high watermark and the consumer position.", &["topic", "partition"]),
+            tenants: gauge!("tenants", "Tenant settings loaded, by state.", &["state"]),
+            tenant_settings_errors: counter!("tenant_settings_errors_total", "Tenant settings loads rejected (the last good settings stay in force)."),
+            tenant_settings_records: counter!("tenant_settings_records_total", "Records applied from the tenant settings topic."),
+            commits: counter!("offset_commits_total", "Kafka offset commits, by outcome.", &["outcome"]),
             dead_letter_produce_seconds: reg!(Histogram::with_opts(HistogramOpts::new(
                 name("dead_letter_produce_seconds"),
                 "Time to get a dead letter acknowledged by Kafka."
             ))?),
-            dead_letter_failures: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("dead_letter_failures_total"),
-                    "Dead-letter produces that failed (and are retried), by librdkafka error code."
-                ),
-                &["error"]
-            )?),
-            dead_letters_truncated: reg!(IntCounter::new(
-                name("dead_letters_truncated_total"),
-                "Dead letters written with their value cut to fit the dead-letter topic (the whole record is only in the input topic, until its retention ends)."
-            )?),
+            dead_letter_failures: counter!("dead_letter_failures_total", "Dead-letter produces that failed (and are retried), by librdkafka error code.", &["error"]),
+            dead_letters_truncated: counter!("dead_letters_truncated_total", "Dead letters written with their value cut to fit the dead-letter topic (the whole record is only in the input topic, until its retention ends)."),
             put_records_batch_records: reg!(Histogram::with_opts(
                 HistogramOpts::new(
                     name("put_records_batch_records"),
@@ -197,35 +136,11 @@ impl Metrics {
                 )
                 .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0])
             )?),
-            fairness_skips: reg!(IntCounter::new(
-                name("fairness_skips_total"),
-                "Events left in Kafka for now because their tenant held its share of a full partition (counted at every pass)."
-            )?),
-            fairness_rereads: reg!(IntCounter::new(
-                name("fairness_rereads_total"),
-                "Partitions read again from their first skipped event."
-            )?),
-            source_delivered: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("source_events_delivered_total"),
-                    "Events delivered, for the sources in [metrics] source_labels."
-                ),
-                &["source"]
-            )?),
-            source_dead_lettered: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("source_events_dead_lettered_total"),
-                    "Events dead-lettered, for the sources in [metrics] source_labels."
-                ),
-                &["source", "reason"]
-            )?),
-            source_put_errors: reg!(IntCounterVec::new(
-                Opts::new(
-                    name("source_put_errors_total"),
-                    "Failed writes, for the sources in [metrics] source_labels."
-                ),
-                &["source", "error"]
-            )?),
+            fairness_skips: counter!("fairness_skips_total", "Events left in Kafka for now because their tenant held its share of a full partition (counted at every pass)."),
+            fairness_rereads: counter!("fairness_rereads_total", "Partitions read again from their first skipped event."),
+            source_delivered: counter!("source_events_delivered_total", "Events delivered, for the sources in [metrics] source_labels.", &["source"]),
+            source_dead_lettered: counter!("source_events_dead_lettered_total", "Events dead-lettered, for the sources in [metrics] source_labels.", &["source", "reason"]),
+            source_put_errors: counter!("source_put_errors_total", "Failed writes, for the sources in [metrics] source_labels.", &["source", "error"]),
             registry,
         })
     }

@@ -17,8 +17,14 @@ pub enum FileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("tenants file {path} is not a JSON array of tenant objects: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("tenants file {path} is not a JSON array of tenant objects: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    /// An edit that would remove every tenant at once, without `tenants.allow_empty`.
+    #[error("tenants file {path}: the edit removes all {had} tenants at once (set tenants.allow_empty = true if that is meant)")]
+    RemovesAll { path: PathBuf, had: usize },
 }
 
 /// Reads and validates the tenants file. Individual invalid tenants do not fail the
@@ -29,15 +35,34 @@ pub fn load_file(path: &Path) -> Result<(Snapshot, Vec<u8>), FileError> {
         path: path.to_owned(),
         source,
     })?;
-    let snapshot = parse_array(&bytes).map_err(|message| FileError::Parse {
+    let snapshot = parse_array(&bytes).map_err(|source| FileError::Parse {
         path: path.to_owned(),
-        message,
+        source,
     })?;
     Ok((snapshot, bytes))
 }
 
-fn parse_array(bytes: &[u8]) -> Result<Snapshot, String> {
-    let items: Vec<Value> = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+/// Loads the tenants file into `store` (see [`load_file`]); returns the bytes read, for
+/// [`watch_file`].
+pub fn load_file_into(path: &Path, store: &TenantStore) -> Result<Vec<u8>, FileError> {
+    let (snapshot, bytes) = load_file(path)?;
+    install(store, path, snapshot);
+    Ok(bytes)
+}
+
+/// Puts a newly read file's settings in force, and says so.
+fn install(store: &TenantStore, path: &Path, snapshot: Snapshot) {
+    tracing::info!(
+        path = %path.display(),
+        tenants = snapshot.len(),
+        invalid = snapshot.invalid_count(),
+        "tenant settings loaded"
+    );
+    store.replace(snapshot);
+}
+
+fn parse_array(bytes: &[u8]) -> Result<Snapshot, serde_json::Error> {
+    let items: Vec<Value> = serde_json::from_slice(bytes)?;
     let mut tenants: HashMap<Arc<str>, TenantEntry> = HashMap::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
         match parse_tenant(item) {
@@ -94,35 +119,36 @@ pub async fn watch_file(
         };
         match read {
             Ok(Ok(bytes)) if last.as_deref() != Some(&bytes[..]) => {
-                let (parsed, bytes) =
-                    tokio::task::spawn_blocking(move || (parse_array(&bytes), bytes))
-                        .await
-                        .unwrap_or_else(|e| (Err(format!("parser failed: {e}")), Vec::new()));
-                let parsed = parsed.and_then(|snapshot| {
-                    if snapshot.is_empty() && !store.snapshot().is_empty() && !allow_empty {
-                        Err(format!(
-                            "it removes all {} tenants at once (set tenants.allow_empty = true if that is meant)",
-                            store.snapshot().len()
-                        ))
-                    } else {
-                        Ok(snapshot)
-                    }
-                });
+                let parsed = {
+                    let (path, had) = (path.clone(), store.snapshot().len());
+                    tokio::task::spawn_blocking(move || {
+                        let parsed = parse_array(&bytes)
+                            .map_err(|source| FileError::Parse {
+                                path: path.clone(),
+                                source,
+                            })
+                            .and_then(|snapshot| {
+                                if snapshot.is_empty() && had > 0 && !allow_empty {
+                                    Err(FileError::RemovesAll { path, had })
+                                } else {
+                                    Ok(snapshot)
+                                }
+                            });
+                        (parsed, bytes)
+                    })
+                    .await
+                };
+                let Ok((parsed, bytes)) = parsed else {
+                    tracing::error!("tenants file parser failed");
+                    tokio::time::sleep(interval).await;
+                    continue;
+                };
                 match parsed {
-                    Ok(snapshot) => {
-                        tracing::info!(
-                            path = %path.display(),
-                            tenants = snapshot.len(),
-                            invalid = snapshot.invalid_count(),
-                            "tenant settings loaded"
-                        );
-                        store.replace(snapshot);
-                    }
-                    Err(message) => {
+                    Ok(snapshot) => install(&store, &path, snapshot),
+                    Err(error) => {
                         kd_telemetry::metrics().tenant_settings_errors.inc();
                         tracing::error!(
-                            path = %path.display(),
-                            %message,
+                            %error,
                             "tenants file rejected; keeping the last good settings"
                         );
                     }

@@ -1,4 +1,5 @@
-//! The settings of one tenant, with the seed's names, validated at the edge.
+//! The settings of one tenant, with the names the destination's settings have always
+//! had (`sourceId`, `roleAddress`, `secretId`, ...), validated at the edge.
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,7 +12,8 @@ pub const DEFAULT_MAX_RECORD_KIB: u32 = 1024;
 /// Kinesis' largest configurable maximum record size, in KiB.
 pub const MAX_RECORD_KIB_LIMIT: u32 = 10240;
 
-/// A source (tenant) ID: the external ID of the seed's trust policy unless a secret is set.
+/// A source (tenant) ID: the external ID the tenant's trust policy expects, unless a
+/// secret is set.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SourceId(Arc<str>);
 
@@ -32,6 +34,25 @@ impl fmt::Display for SourceId {
     }
 }
 
+/// Why one setting's value is not valid (the message follows the setting's name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)")]
+    NotRoleArn,
+    #[error("has no 12-digit account ID")]
+    NoAccountId,
+    #[error("has no valid role name after role/")]
+    NoRoleName,
+    /// The value, clipped to 64 characters.
+    #[error("{0:?} is not a known AWS region")]
+    UnknownRegion(String),
+    #[error("is empty")]
+    Empty,
+    /// The value, clipped to 64 characters.
+    #[error("{0:?} is not a Kinesis stream name (1-128 of a-z A-Z 0-9 _ . -)")]
+    NotStreamName(String),
+}
+
 /// An IAM role ARN, `arn:PARTITION:iam::ACCOUNT:role/NAME`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RoleArn {
@@ -40,7 +61,7 @@ pub struct RoleArn {
 }
 
 impl RoleArn {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, FieldError> {
         let parts: Vec<&str> = s.splitn(6, ':').collect();
         let ok_shape = parts.len() == 6
             && parts[0] == "arn"
@@ -48,11 +69,11 @@ impl RoleArn {
             && parts[2] == "iam"
             && parts[3].is_empty();
         if !ok_shape {
-            return Err("is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)".into());
+            return Err(FieldError::NotRoleArn);
         }
         let account = parts[4];
         if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("has no 12-digit account ID".into());
+            return Err(FieldError::NoAccountId);
         }
         let name = parts[5].strip_prefix("role/").unwrap_or("");
         let name_ok = !name.is_empty()
@@ -61,7 +82,7 @@ impl RoleArn {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b));
         if !name_ok {
-            return Err("has no valid role name after role/".into());
+            return Err(FieldError::NoRoleName);
         }
         Ok(RoleArn {
             arn: s.into(),
@@ -130,11 +151,13 @@ const KNOWN_REGIONS: &[&str] = &[
 ];
 
 impl Region {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, FieldError> {
         if KNOWN_REGIONS.contains(&s) {
             Ok(Region(s.into()))
         } else {
-            Err(format!("{:?} is not a known AWS region", clip(s)))
+            Err(FieldError::UnknownRegion(
+                kd_event::text::clip(s, 64).to_owned(),
+            ))
         }
     }
 
@@ -154,18 +177,17 @@ impl fmt::Display for Region {
 pub struct StreamName(Arc<str>);
 
 impl StreamName {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, FieldError> {
         if s.is_empty() {
-            return Err("is empty".into());
+            return Err(FieldError::Empty);
         }
         if s.len() > 128
             || !s
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
         {
-            return Err(format!(
-                "{:?} is not a Kinesis stream name (1-128 of a-z A-Z 0-9 _ . -)",
-                clip(s)
+            return Err(FieldError::NotStreamName(
+                kd_event::text::clip(s, 64).to_owned(),
             ));
         }
         Ok(StreamName(s.into()))
@@ -227,8 +249,8 @@ pub struct TenantSettings {
 }
 
 impl TenantSettings {
-    /// The external ID we present to STS: the secret when set, else the source ID (seed,
-    /// steps 3 and "Use a single secret ID").
+    /// The external ID we present to STS: the secret when set, else the source ID (see
+    /// "Setting up a tenant in AWS" in the README).
     pub fn external_id(&self) -> &str {
         match &self.secret_id {
             Some(s) => s.expose(),
@@ -244,6 +266,13 @@ pub enum SettingsError {
     NotAnObject,
     #[error("tenant settings have no sourceId")]
     MissingSourceId,
+    #[error("tenant {source_id}: {field} {error}")]
+    Field {
+        source_id: String,
+        field: &'static str,
+        #[source]
+        error: FieldError,
+    },
     #[error("tenant {source_id}: {message}")]
     Invalid { source_id: String, message: String },
 }
@@ -252,7 +281,9 @@ impl SettingsError {
     /// The source ID the error belongs to, when it could be read.
     pub fn source_id(&self) -> Option<&str> {
         match self {
-            SettingsError::Invalid { source_id, .. } => Some(source_id),
+            SettingsError::Invalid { source_id, .. } | SettingsError::Field { source_id, .. } => {
+                Some(source_id)
+            }
             _ => None,
         }
     }
@@ -272,7 +303,7 @@ struct RawSettings {
     max_record_size_kib: Option<Value>,
 }
 
-/// Parses and validates one tenant object (SPEC 4).
+/// Parses and validates one tenant object (see "Tenant settings" in the README).
 pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
     let obj = value.as_object().ok_or(SettingsError::NotAnObject)?;
     let source_id = match obj.get("sourceId") {
@@ -294,12 +325,18 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
             None => Err(invalid(format!("{name} is required"))),
         }
     };
+    let field = |field: &'static str| {
+        let source_id = source_id.clone();
+        move |error| SettingsError::Field {
+            source_id,
+            field,
+            error,
+        }
+    };
     let role = RoleArn::parse(&required("roleAddress", &raw.role_address)?)
-        .map_err(|e| invalid(format!("roleAddress {e}")))?;
-    let region = Region::parse(&required("region", &raw.region)?)
-        .map_err(|e| invalid(format!("region {e}")))?;
-    let stream = StreamName::parse(&required("stream", &raw.stream)?)
-        .map_err(|e| invalid(format!("stream {e}")))?;
+        .map_err(field("roleAddress"))?;
+    let region = Region::parse(&required("region", &raw.region)?).map_err(field("region"))?;
+    let stream = StreamName::parse(&required("stream", &raw.stream)?).map_err(field("stream"))?;
     let secret_id = match &raw.secret_id {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
@@ -351,13 +388,6 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         use_put_records,
         max_record_bytes: max_kib as usize * 1024,
     })
-}
-
-fn clip(s: &str) -> &str {
-    match s.char_indices().nth(64) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
 }
 
 #[cfg(test)]

@@ -32,8 +32,14 @@ pub struct TopicSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
-    #[error("tenant settings topic {topic}: {message}")]
-    Kafka { topic: String, message: String },
+    #[error("tenant settings topic {topic}: {source}")]
+    Kafka {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("tenant settings topic {topic}: no such topic (or it has no partitions)")]
+    Missing { topic: String },
 }
 
 /// One record of the settings topic, applied to the working map.
@@ -94,9 +100,9 @@ pub async fn follow_topic(
     settings: TopicSettings,
     store: Arc<TenantStore>,
 ) -> Result<(), TopicError> {
-    let err = |message: String| TopicError::Kafka {
+    let err = |source: rdkafka::error::KafkaError| TopicError::Kafka {
         topic: settings.topic.clone(),
-        message,
+        source,
     };
     let mut config = ClientConfig::new();
     config
@@ -112,16 +118,16 @@ pub async fn follow_topic(
     // The end of each partition is reported, also for one emptied by retention or
     // ending in a transaction marker (no record at `high - 1` is ever returned).
     config.set("enable.partition.eof", "true");
-    let consumer: StreamConsumer = config.create().map_err(|e| err(e.to_string()))?;
+    let consumer: StreamConsumer = config.create().map_err(err)?;
     let topic = settings.topic.clone();
     let (partitions, ends) = {
         let consumer = &consumer;
         let topic = topic.clone();
         // Metadata and watermark calls block; they run once, at start.
-        tokio::task::block_in_place(move || -> Result<_, String> {
+        tokio::task::block_in_place(move || -> Result<_, TopicError> {
             let md = consumer
                 .fetch_metadata(Some(&topic), Duration::from_secs(30))
-                .map_err(|e| e.to_string())?;
+                .map_err(err)?;
             let parts: Vec<i32> = md
                 .topics()
                 .iter()
@@ -129,25 +135,24 @@ pub async fn follow_topic(
                 .flat_map(|t| t.partitions().iter().map(|p| p.id()))
                 .collect();
             if parts.is_empty() {
-                return Err("no such topic (or it has no partitions)".into());
+                return Err(TopicError::Missing { topic });
             }
             let mut ends = HashMap::new();
             for &p in &parts {
                 let watermarks = consumer
                     .fetch_watermarks(&topic, p, Duration::from_secs(30))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(err)?;
                 ends.insert(p, watermarks);
             }
             Ok((parts, ends))
-        })
-        .map_err(err)?
+        })?
     };
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {
         tpl.add_partition_offset(&topic, p, Offset::Beginning)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
     }
-    consumer.assign(&tpl).map_err(|e| err(e.to_string()))?;
+    consumer.assign(&tpl).map_err(err)?;
 
     let mut tenants: HashMap<Arc<str>, TenantEntry> = HashMap::new();
     let mut catching_up = CatchUp::new(ends);

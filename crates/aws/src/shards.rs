@@ -1,0 +1,161 @@
+//! A stream's shards: the one ListShards pager (for per-shard rate limits and for
+//! `tail`), and a reader that takes a stream's records shard by shard (for `tail`).
+
+use aws_sdk_kinesis::types::{Record, Shard, ShardIteratorType};
+
+use crate::AwsError;
+
+/// Every shard of `stream`, open and closed, following ListShards' pages.
+pub async fn list_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+) -> Result<Vec<Shard>, AwsError> {
+    let mut shards = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        // A page after the first names only its token, not the stream.
+        let req = match &next {
+            Some(token) => client.list_shards().next_token(token),
+            None => client.list_shards().stream_name(stream),
+        };
+        let out = req
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk(&format!("ListShards {stream}"), &e))?;
+        shards.extend(out.shards().iter().cloned());
+        next = out.next_token().map(str::to_owned);
+        if next.is_none() {
+            return Ok(shards);
+        }
+    }
+}
+
+/// The hash-key range of a shard still open for writes (`None` for a closed one).
+pub fn open_range(shard: &Shard) -> Option<(u128, u128)> {
+    let open = shard
+        .sequence_number_range()
+        .is_none_or(|r| r.ending_sequence_number().is_none());
+    let h = shard.hash_key_range()?;
+    let range = (
+        h.starting_hash_key().parse::<u128>().ok()?,
+        h.ending_hash_key().parse::<u128>().ok()?,
+    );
+    open.then_some(range)
+}
+
+/// Where a [`StreamReader`] starts in every shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest record kept.
+    Oldest,
+    /// Records written from now on.
+    Latest,
+}
+
+/// Reads a stream's records, one shard after the other, each to its current end.
+pub struct StreamReader {
+    client: aws_sdk_kinesis::Client,
+    /// (shard ID, its next iterator; `None` once the shard is closed and read).
+    shards: Vec<(String, Option<String>)>,
+}
+
+impl StreamReader {
+    /// Opens an iterator on every shard of `stream`.
+    pub async fn open(
+        client: aws_sdk_kinesis::Client,
+        stream: &str,
+        start: StartAt,
+    ) -> Result<StreamReader, AwsError> {
+        let kind = match start {
+            StartAt::Oldest => ShardIteratorType::TrimHorizon,
+            StartAt::Latest => ShardIteratorType::Latest,
+        };
+        let mut shards = Vec::new();
+        for shard in list_shards(&client, stream).await? {
+            let out = client
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(shard.shard_id())
+                .shard_iterator_type(kind.clone())
+                .send()
+                .await
+                .map_err(|e| AwsError::from_sdk("GetShardIterator", &e))?;
+            shards.push((
+                shard.shard_id().to_owned(),
+                out.shard_iterator().map(str::to_owned),
+            ));
+        }
+        Ok(StreamReader { client, shards })
+    }
+
+    /// Reads every shard to its current end, in shard order, handing each record to
+    /// `each` with its shard ID; stops early when `each` returns false. Returns whether
+    /// any shard is still open (has more to read later).
+    pub async fn read_to_end(
+        &mut self,
+        mut each: impl FnMut(&str, &Record) -> bool,
+    ) -> Result<bool, AwsError> {
+        let mut any_open = false;
+        for (shard, iterator) in self.shards.iter_mut() {
+            while let Some(it) = iterator.take() {
+                any_open = true;
+                let out = self
+                    .client
+                    .get_records()
+                    .shard_iterator(&it)
+                    .limit(10_000)
+                    .send()
+                    .await
+                    .map_err(|e| AwsError::from_sdk("GetRecords", &e))?;
+                for r in out.records() {
+                    if !each(shard, r) {
+                        return Ok(true);
+                    }
+                }
+                let at_end = out.records().is_empty() || out.millis_behind_latest() == Some(0);
+                *iterator = out.next_shard_iterator().map(str::to_owned);
+                if at_end {
+                    break;
+                }
+            }
+        }
+        Ok(any_open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_kinesis::types::{HashKeyRange, SequenceNumberRange};
+
+    fn shard(start: &str, end: &str, closed: bool) -> Shard {
+        let mut seq = SequenceNumberRange::builder().starting_sequence_number("1");
+        if closed {
+            seq = seq.ending_sequence_number("9");
+        }
+        Shard::builder()
+            .shard_id("shardId-000000000000")
+            .hash_key_range(
+                HashKeyRange::builder()
+                    .starting_hash_key(start)
+                    .ending_hash_key(end)
+                    .build()
+                    .unwrap(),
+            )
+            .sequence_number_range(seq.build().unwrap())
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn only_open_shards_have_a_range_for_writes() {
+        let max = u128::MAX.to_string();
+        assert_eq!(open_range(&shard("0", &max, false)), Some((0, u128::MAX)));
+        assert_eq!(
+            open_range(&shard("0", &max, true)),
+            None,
+            "closed by a reshard"
+        );
+        assert_eq!(open_range(&shard("x", &max, false)), None, "not a number");
+    }
+}
