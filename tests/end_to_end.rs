@@ -161,7 +161,7 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
         );
         assert!(
             got == want,
-            "{}'s stream holds exactly its events, byte for byte, with SPEC 5.2 keys",
+            "{}'s stream holds exactly its events, byte for byte, with the README's partition keys",
             t.source_id
         );
     }
@@ -279,7 +279,7 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     worker.stop();
 }
 
-/// SPEC 5.2's shortening, as the event crate does it.
+/// The partition-key shortening the README describes, as the event crate does it.
 fn kd_testkit_key(id: &str) -> String {
     kd_event::PartitionKey::new(id).unwrap().into_string()
 }

@@ -111,12 +111,12 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         Err(e) => {
             let err = kd_aws::AwsError::from_sdk("DescribeStreamSummary", &e);
             if err.code.contains("AccessDenied") {
-                // The seed's policy grants only kinesis:PutRecord: existence cannot be
+                // The suggested policy grants only kinesis:PutRecord: existence cannot be
                 // checked without writing, which check never does.
                 report(
                     true,
                     "stream",
-                    "not verified: the role may not describe the stream (the seed's policy grants only kinesis:PutRecord)",
+                    "not verified: the role may not describe the stream (the suggested policy grants only kinesis:PutRecord)",
                 )
             } else {
                 report(false, "stream", &err.to_string())

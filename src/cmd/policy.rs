@@ -1,5 +1,5 @@
-//! `policy`: the IAM documents a tenant creates for us (seed, steps 2-3 and "Multiple
-//! Sources"): a permission policy on their stream, and a role trust policy that lets our
+//! `policy`: the IAM documents a tenant creates for us (see "Setting up a tenant in
+//! AWS" in the README): a permission policy on their stream, and a role trust policy that lets our
 //! principal assume the role when it presents one of their external IDs.
 
 use std::process::ExitCode;

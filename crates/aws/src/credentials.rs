@@ -390,3 +390,6 @@ mod refresh_tests {
         assert!(points.iter().all(|&p| (3150..=3300).contains(&p)));
     }
 }
+
+#[cfg(test)]
+mod cache_tests;

@@ -48,7 +48,8 @@ struct Bucket {
 
 struct BucketState {
     factor: f64,
-    last_change: Instant,
+    /// Tokio's clock, so tests can move it (paused time).
+    last_change: tokio::time::Instant,
 }
 
 /// Share of a budget actually used: headroom for clocks and for counting windows that do
@@ -96,7 +97,7 @@ impl Bucket {
             full_bytes: bytes,
             state: Mutex::new(BucketState {
                 factor: 1.0,
-                last_change: Instant::now(),
+                last_change: tokio::time::Instant::now(),
             }),
             limiters: ArcSwap::from_pointee(limiters(records, bytes)),
         }
@@ -128,7 +129,7 @@ impl Bucket {
 
     fn set_factor(&self, state: &mut BucketState, factor: f64) {
         state.factor = factor;
-        state.last_change = Instant::now();
+        state.last_change = tokio::time::Instant::now();
         let fresh = limiters(self.full_records * factor, self.full_bytes * factor);
         // A new limiter would allow a full burst at once on top of what the old one let
         // through this second: start it spent, so the pace just changes.
@@ -431,29 +432,38 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(400));
     }
 
-    #[test]
-    fn throttling_cuts_the_rate_and_quiet_seconds_restore_it() {
+    #[tokio::test(start_paused = true)]
+    async fn throttling_cuts_the_rate_and_quiet_seconds_restore_it() {
+        let second = Duration::from_secs(1);
         let b = Bucket::new(1000.0, 1e6);
         b.throttled();
         assert_eq!(b.factor(), 0.8);
         b.throttled();
         assert_eq!(b.factor(), 0.8, "one decrease per second");
-        b.state.lock().unwrap().last_change -= Duration::from_secs(2);
+        tokio::time::advance(second).await;
         b.throttled();
         assert!((b.factor() - 0.64).abs() < 1e-9);
-        b.state.lock().unwrap().last_change -= Duration::from_secs(2);
         b.recover();
-        assert!((b.factor() - 0.74).abs() < 1e-9);
+        assert!(
+            (b.factor() - 0.64).abs() < 1e-9,
+            "no increase within the second"
+        );
+        tokio::time::advance(second).await;
+        b.recover();
+        assert!(
+            (b.factor() - 0.74).abs() < 1e-9,
+            "a tenth back per quiet second"
+        );
         for _ in 0..20 {
-            b.state.lock().unwrap().last_change -= Duration::from_secs(2);
+            tokio::time::advance(second).await;
             b.recover();
         }
-        assert_eq!(b.factor(), 1.0);
+        assert_eq!(b.factor(), 1.0, "never above the full rate");
         for _ in 0..20 {
-            b.state.lock().unwrap().last_change -= Duration::from_secs(2);
+            tokio::time::advance(second).await;
             b.throttled();
         }
-        assert_eq!(b.factor(), MIN_FACTOR);
+        assert_eq!(b.factor(), MIN_FACTOR, "never below the floor");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
 use kd_event::PartitionKey;
 use kd_tenants::{Region, StreamName, TenantSettings};
 use tokio::sync::oneshot;
@@ -119,7 +119,7 @@ impl KinesisWriter {
                     .with_label_values(&["error"])
                     .observe(elapsed);
                 let err = AwsError::from_sdk(&context("PutRecord", tenant), &e);
-                self.failed(tenant, key.as_str(), &err);
+                self.on_refused(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(tenant).await;
                 }
@@ -216,27 +216,11 @@ impl KinesisWriter {
         match result {
             Ok(out) => {
                 m.put_duration.with_label_values(&["ok"]).observe(elapsed);
-                let mut results = out.records().iter();
-                for p in batch {
-                    let outcome = match results.next() {
-                        Some(r) => match r.error_code() {
-                            Some(code) => {
-                                let err = AwsError::from_record(&ctx, code, r.error_message());
-                                self.failed(&p.tenant, p.key.as_str(), &err);
-                                Err(err)
-                            }
-                            None => Ok(Written {
-                                shard_id: r.shard_id().unwrap_or_default().to_owned(),
-                                sequence_number: r.sequence_number().unwrap_or_default().to_owned(),
-                            }),
-                        },
-                        // Fewer results than records: the missing ones are unknown.
-                        None => Err(AwsError::from_record(
-                            &ctx,
-                            "InternalFailure",
-                            Some("no result for this record"),
-                        )),
-                    };
+                let outcomes = record_outcomes(out.records(), batch.len(), &ctx);
+                for (p, outcome) in batch.into_iter().zip(outcomes) {
+                    if let Err(err) = &outcome {
+                        self.on_refused(&p.tenant, p.key.as_str(), err);
+                    }
                     let _ = p.done.send(outcome);
                 }
             }
@@ -249,7 +233,7 @@ impl KinesisWriter {
                     self.credentials.invalidate(&tenant).await;
                 }
                 for p in batch {
-                    self.failed(&p.tenant, p.key.as_str(), &err);
+                    self.on_refused(&p.tenant, p.key.as_str(), &err);
                     let _ = p.done.send(Err(err.clone()));
                 }
             }
@@ -257,7 +241,7 @@ impl KinesisWriter {
     }
 
     /// Counts a refused record and slows its shard down when it was throttled.
-    fn failed(&self, tenant: &TenantSettings, key: &str, err: &AwsError) {
+    fn on_refused(&self, tenant: &TenantSettings, key: &str, err: &AwsError) {
         let m = kd_telemetry::metrics();
         m.put_errors.with_label_values(&[&err.code]).inc();
         if let Some(source) = kd_telemetry::source_label(tenant.source_id.as_str()) {
@@ -273,6 +257,32 @@ impl KinesisWriter {
     pub fn credentials(&self) -> &CredentialCache {
         &self.credentials
     }
+}
+
+/// Each record's outcome from one PutRecords answer, in the order sent: written, refused
+/// with its own error (the call itself succeeded), or, when the answer lists fewer
+/// results than `sent` records, unknown (`InternalFailure`, retried).
+fn record_outcomes(
+    results: &[PutRecordsResultEntry],
+    sent: usize,
+    ctx: &str,
+) -> Vec<Result<Written, AwsError>> {
+    (0..sent)
+        .map(|i| match results.get(i) {
+            Some(r) => match r.error_code() {
+                Some(code) => Err(AwsError::from_record(ctx, code, r.error_message())),
+                None => Ok(Written {
+                    shard_id: r.shard_id().unwrap_or_default().to_owned(),
+                    sequence_number: r.sequence_number().unwrap_or_default().to_owned(),
+                }),
+            },
+            None => Err(AwsError::from_record(
+                ctx,
+                "InternalFailure",
+                Some("no result for this record"),
+            )),
+        })
+        .collect()
 }
 
 fn context(operation: &str, tenant: &TenantSettings) -> String {
@@ -305,5 +315,50 @@ mod tests {
         assert!(goes_in_batch(&tenant(true), 1024 * 1024));
         assert!(!goes_in_batch(&tenant(true), 1024 * 1024 + 1));
         assert!(!goes_in_batch(&tenant(false), 10));
+    }
+
+    fn written(seq: &str) -> PutRecordsResultEntry {
+        PutRecordsResultEntry::builder()
+            .shard_id("shardId-000000000001")
+            .sequence_number(seq)
+            .build()
+    }
+
+    fn refused(code: &str) -> PutRecordsResultEntry {
+        PutRecordsResultEntry::builder()
+            .error_code(code)
+            .error_message("Rate exceeded for shard")
+            .build()
+    }
+
+    #[test]
+    fn each_record_of_a_put_records_answer_gets_its_own_outcome_in_order() {
+        let results = [
+            written("1"),
+            refused("ProvisionedThroughputExceededException"),
+            written("3"),
+            refused("KMSAccessDeniedException"),
+        ];
+        let out = record_outcomes(&results, 4, "PutRecords to stream st");
+        assert_eq!(out[0].as_ref().unwrap().sequence_number, "1");
+        assert_eq!(out[0].as_ref().unwrap().shard_id, "shardId-000000000001");
+        let throttled = out[1].as_ref().unwrap_err();
+        assert_eq!(throttled.code, "ProvisionedThroughputExceededException");
+        assert_eq!(throttled.class, ErrorClass::Retryable);
+        assert_eq!(out[2].as_ref().unwrap().sequence_number, "3");
+        let kms = out[3].as_ref().unwrap_err();
+        assert_eq!(kms.class, ErrorClass::Permanent, "{kms}");
+        assert!(kms.message.starts_with("PutRecords to stream st"), "{kms}");
+    }
+
+    #[test]
+    fn records_missing_from_the_answer_are_retried_not_taken_as_written() {
+        let out = record_outcomes(&[written("1")], 3, "ctx");
+        assert!(out[0].is_ok());
+        for missing in &out[1..] {
+            let e = missing.as_ref().unwrap_err();
+            assert_eq!(e.code, "InternalFailure");
+            assert_eq!(e.class, ErrorClass::Retryable);
+        }
     }
 }

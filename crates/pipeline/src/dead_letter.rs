@@ -1,7 +1,7 @@
 //! Dead letters: events that cannot be delivered, kept for inspection and replay.
 //!
 //! A dead letter is the original record (key, value, headers) produced to the
-//! dead-letter topic with the headers of SPEC 6 added. Producing the original back to
+//! dead-letter topic with the `dlq.*` headers added (see "Dead letters" in the README). Producing the original back to
 //! the input topic (without the `dlq.*` headers) replays it. An event counts as done
 //! only once Kafka has acknowledged its dead letter.
 //!

@@ -121,24 +121,32 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_stays_under_the_cap() {
+    fn backoff_doubles_its_ceiling_up_to_the_cap_with_full_jitter() {
         let p = RetryPolicy {
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(500),
             ..RetryPolicy::default()
         };
-        for attempt in 0..40 {
-            let ceiling = Duration::from_millis(10)
-                .saturating_mul(2u32.saturating_pow(attempt.min(30)))
-                .min(Duration::from_millis(500));
-            for _ in 0..50 {
-                assert!(p.backoff(attempt) <= ceiling);
-            }
+        let ms = Duration::from_millis;
+        // (attempt, ceiling): 10 ms doubling, capped at 500 ms.
+        for (attempt, ceiling) in [
+            (0, ms(10)),
+            (1, ms(20)),
+            (3, ms(80)),
+            (5, ms(320)),
+            (6, ms(500)),
+            (40, ms(500)),
+        ] {
+            let draws: Vec<Duration> = (0..2000).map(|_| p.backoff(attempt)).collect();
+            assert!(draws.iter().all(|d| *d <= ceiling), "attempt {attempt}");
+            // Full jitter: uniform from zero, so the mean is about half the ceiling and
+            // some waits are short.
+            let mean = draws.iter().sum::<Duration>() / 2000;
+            assert!(
+                mean > ceiling * 4 / 10 && mean < ceiling * 6 / 10,
+                "attempt {attempt}: mean {mean:?}"
+            );
+            assert!(draws.iter().any(|d| *d < ceiling / 10), "attempt {attempt}");
         }
-        let late: Duration = (0..200).map(|_| p.backoff(20)).sum();
-        assert!(
-            late > Duration::from_millis(200 * 100),
-            "late retries wait longer on average"
-        );
     }
 }

@@ -1,7 +1,7 @@
 //! Telemetry: the edge operators look at.
 //!
-//! One process-wide registry holds the metrics of SPEC 8 (their names are part of the
-//! contract) plus a few operational ones; every stage records into it through
+//! One process-wide registry holds the metrics listed in the README (their names are part
+//! of the product's contract) plus a few operational ones; every stage records into it through
 //! [`metrics()`]. [`serve`] exposes `/metrics`, `/healthz` and `/readyz`. No metric
 //! carries a per-source or per-user label: label values come from small fixed sets
 //! (reasons, outcomes, AWS error codes, partitions).

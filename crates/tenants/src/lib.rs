@@ -1,8 +1,8 @@
 //! Route: tenant settings and the snapshot the hot path reads.
 //!
-//! Each source (tenant) has the settings of the seed's destination: the IAM role we
+//! Each source (tenant) has the settings of an Amazon Kinesis destination: the IAM role we
 //! assume, the region and stream to write to, an optional secret external ID, and a few
-//! capacity hints (SPEC 4). Settings are parsed and validated once, when they are loaded,
+//! capacity hints (see "Tenant settings" in the README). Settings are parsed and validated once, when they are loaded,
 //! into [`TenantSettings`]; inner code only ever sees valid values. A tenant whose
 //! settings are invalid stays in the snapshot as [`TenantEntry::Invalid`], so its events
 //! are dead-lettered `invalid_settings` instead of `unknown_source`.

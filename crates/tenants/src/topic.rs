@@ -1,4 +1,4 @@
-//! Kafka provider: tenant settings from a compacted topic (SPEC 4). Record key = source
+//! Kafka provider: tenant settings from a compacted topic. Record key = source
 //! ID, value = the settings object; an empty value (tombstone) removes the tenant.
 //!
 //! Every pod reads the whole topic from the beginning, without a consumer group, and then

@@ -40,7 +40,7 @@ impl Tenant {
         self.secret_id.as_deref().unwrap_or(&self.source_id)
     }
 
-    /// The tenant's settings object (SPEC 4).
+    /// The tenant's settings object, as the tenants file and topic hold it.
     pub fn settings(&self) -> Value {
         let mut v = json!({"sourceId": self.source_id, "roleAddress": self.role_arn(),
             "region": self.region, "stream": self.stream, "shards": self.shards});

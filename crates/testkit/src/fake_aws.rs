@@ -3,7 +3,7 @@
 //! It speaks the protocols the SDK speaks, on one endpoint: STS `AssumeRole` (query
 //! protocol, XML answers) and Kinesis `PutRecord`, `PutRecords`, `ListShards` and
 //! `DescribeStreamSummary` (JSON 1.1). Like the real services it
-//! - checks AssumeRole against a trust policy in the seed's JSON form (principal and
+//! - checks AssumeRole against a trust policy in IAM's JSON form, as `policy` prints it (principal and
 //!   `sts:ExternalId`, a string or a list) and denies a wrong external ID;
 //! - issues credentials with an expiry and refuses expired or unknown ones
 //!   (`ExpiredTokenException`, `UnrecognizedClientException`), identifying the caller
@@ -205,7 +205,7 @@ impl FakeAws {
         self.lock().reject_caller = reject;
     }
 
-    /// Gives `role` a trust policy (the seed's JSON); AssumeRole is then checked against
+    /// Gives `role` a trust policy (IAM's JSON, as `policy` prints it); AssumeRole is then checked against
     /// it. Roles without one trust everybody, as moto does.
     pub fn set_trust_policy(&self, role: &str, policy: Value) {
         self.lock().trust.insert(role.into(), policy);
@@ -757,7 +757,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trust_policy_in_the_seeds_form() {
+    fn trust_policy_in_iam_json_form() {
         let one = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
             "Principal": {"AWS": "arn:aws:iam::999999999999:root"}, "Action": "sts:AssumeRole",
             "Condition": {"StringEquals": {"sts:ExternalId": "src_1"}}}]});
