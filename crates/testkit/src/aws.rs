@@ -1,7 +1,7 @@
 //! Test tenants and their Kinesis streams in the emulator, reached as the tenant would:
 //! by assuming the tenant's role (moto keeps each account's streams apart).
 
-use aws_sdk_kinesis::types::ShardIteratorType;
+use kd_aws::shards::{StartAt, StreamReader};
 use serde_json::{json, Value};
 
 /// A tenant of a test: its settings and where its stream lives.
@@ -142,48 +142,25 @@ impl Streams {
         panic!("stream {} did not become active", t.stream);
     }
 
-    /// Every record in the tenant's stream, shard by shard, in shard order.
+    /// Every record in the tenant's stream, shard by shard, in shard order (read as
+    /// `tail` reads it).
     pub async fn read(&self, t: &Tenant) -> Vec<StreamRecord> {
         let k = self.client(t).await;
-        let shards = k
-            .list_shards()
-            .stream_name(&t.stream)
-            .send()
+        let mut reader = StreamReader::open(k, &t.stream, StartAt::Oldest)
             .await
-            .expect("list shards");
+            .expect("open stream");
         let mut out = Vec::new();
-        for shard in shards.shards() {
-            let mut it = k
-                .get_shard_iterator()
-                .stream_name(&t.stream)
-                .shard_id(shard.shard_id())
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("shard iterator")
-                .shard_iterator()
-                .map(str::to_owned);
-            while let Some(i) = it.take() {
-                let r = k
-                    .get_records()
-                    .shard_iterator(&i)
-                    .limit(10_000)
-                    .send()
-                    .await
-                    .expect("get records");
-                for rec in r.records() {
-                    out.push(StreamRecord {
-                        shard_id: shard.shard_id().to_owned(),
-                        partition_key: rec.partition_key().unwrap_or_default().to_owned(),
-                        data: rec.data().as_ref().to_vec(),
-                    });
-                }
-                if r.records().is_empty() {
-                    break;
-                }
-                it = r.next_shard_iterator().map(str::to_owned);
-            }
-        }
+        reader
+            .read_to_end(|shard, rec| {
+                out.push(StreamRecord {
+                    shard_id: shard.to_owned(),
+                    partition_key: rec.partition_key().unwrap_or_default().to_owned(),
+                    data: rec.data().as_ref().to_vec(),
+                });
+                true
+            })
+            .await
+            .expect("read stream");
         out
     }
 }

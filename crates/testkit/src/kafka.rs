@@ -199,13 +199,7 @@ impl Kafka {
 
 /// A header's value as text.
 pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
-    use rdkafka::message::Headers;
-    m.headers()?
-        .iter()
-        .filter(|h| h.key == key)
-        .filter_map(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .last()
+    kd_pipeline::replay::header_text(m, key)
 }
 
 impl Kafka {

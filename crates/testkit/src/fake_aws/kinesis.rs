@@ -1,0 +1,285 @@
+//! The fake's Kinesis: streams and shards, partition keys to shards by MD5, the
+//! per-shard capacity, faults, and the JSON 1.1 answers.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::{FakeRecord, Fault, Inner, Shard, Stream};
+
+/// `n` shards splitting the 128-bit hash-key space evenly, as CreateStream does.
+pub(super) fn even_shards(n: u32) -> Vec<Shard> {
+    let n = n.max(1) as u128;
+    let step = u128::MAX / n;
+    (0..n)
+        .map(|i| Shard {
+            id: format!("shardId-{i:012}"),
+            start: i * step,
+            end: if i == n - 1 {
+                u128::MAX
+            } else {
+                (i + 1) * step - 1
+            },
+            window: VecDeque::new(),
+        })
+        .collect()
+}
+
+fn stream_not_found(name: &str) -> Response {
+    json_error(
+        400,
+        "ResourceNotFoundException",
+        &format!("Stream {name} under account not found."),
+    )
+}
+
+fn stream_name(req: &Value) -> String {
+    req["StreamName"].as_str().unwrap_or_default().to_owned()
+}
+
+fn hash_key(partition_key: &str) -> u128 {
+    u128::from_be_bytes(md5::compute(partition_key.as_bytes()).0)
+}
+
+/// What a fault does to one write.
+enum Effect {
+    None,
+    Fail(Response),
+    Delay(Duration),
+    Partial(u32),
+}
+
+fn fault_effect(stream: &mut Stream) -> Effect {
+    let now = Instant::now();
+    stream
+        .faults
+        .retain(|f| f.remaining.is_none_or(|n| n > 0) && f.until.is_none_or(|u| now < u));
+    let Some(f) = stream.faults.first_mut() else {
+        return Effect::None;
+    };
+    f.seen += 1;
+    if let Some(n) = f.remaining.as_mut() {
+        *n -= 1;
+    }
+    match &f.fault {
+        // Deterministic share: the first `percent` of every hundred writes.
+        Fault::Throttle { percent } => {
+            if (f.seen - 1) % 100 < *percent as u64 {
+                Effect::Fail(throttled())
+            } else {
+                Effect::None
+            }
+        }
+        Fault::Error { status, code } => {
+            Effect::Fail(json_error(*status, code, "injected failure"))
+        }
+        Fault::Latency(d) => Effect::Delay(*d),
+        Fault::PartialFailure { percent } => Effect::Partial(*percent),
+    }
+}
+
+fn throttled() -> Response {
+    json_error(
+        400,
+        "ProvisionedThroughputExceededException",
+        "Rate exceeded for shard in stream under account.",
+    )
+}
+
+/// Takes a record into a shard, or says why not.
+fn accept(stream: &mut Stream, partition_key: &str, bytes: usize) -> Result<String, &'static str> {
+    let h = hash_key(partition_key);
+    let capacity = stream.capacity;
+    let shard = stream
+        .shards
+        .iter_mut()
+        .find(|s| s.start <= h && h <= s.end)
+        .ok_or("no shard")?;
+    if let Some((max_records, max_bytes)) = capacity {
+        let now = Instant::now();
+        while shard
+            .window
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            shard.window.pop_front();
+        }
+        let used: usize = shard.window.iter().map(|(_, b)| b).sum();
+        if shard.window.len() >= max_records || used + bytes > max_bytes {
+            return Err("throttled");
+        }
+        shard.window.push_back((now, bytes));
+    }
+    Ok(shard.id.clone())
+}
+
+pub(super) async fn put(
+    inner: &Mutex<Inner>,
+    operation: &str,
+    req: &Value,
+    access_key: &str,
+) -> Response {
+    let name = stream_name(req);
+    let effect = {
+        let mut guard = inner.lock().unwrap();
+        let role_denied = guard
+            .issued
+            .get(access_key)
+            .is_some_and(|c| guard.denied_roles.contains(&c.role));
+        let Some(stream) = guard.streams.get_mut(&name) else {
+            return stream_not_found(&name);
+        };
+        if stream.denied || role_denied {
+            return json_error(
+                400,
+                "AccessDeniedException",
+                &format!("User is not authorized to perform: kinesis:{operation} on resource stream/{name}"),
+            );
+        }
+        fault_effect(stream)
+    };
+    let partial = match effect {
+        Effect::Fail(r) => return r,
+        Effect::Delay(d) => {
+            tokio::time::sleep(d).await;
+            0
+        }
+        Effect::Partial(p) => p,
+        Effect::None => 0,
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut guard = inner.lock().unwrap();
+    let inner = &mut *guard;
+    let Some(stream) = inner.streams.get_mut(&name) else {
+        return stream_not_found(&name);
+    };
+    let entries: Vec<&Value> = if operation == "PutRecord" {
+        vec![req]
+    } else {
+        req["Records"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default()
+    };
+    let mut results = Vec::new();
+    let mut failed = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let key = e["PartitionKey"].as_str().unwrap_or_default().to_owned();
+        let Ok(data) = b64.decode(e["Data"].as_str().unwrap_or_default()) else {
+            return json_error(400, "ValidationException", "Data is not base64");
+        };
+        let outcome = if (i as u32 % 100) < partial {
+            Err("throttled")
+        } else {
+            accept(stream, &key, data.len() + key.len())
+        };
+        match outcome {
+            Ok(shard_id) => {
+                inner.records.push(FakeRecord {
+                    stream: name.clone(),
+                    shard_id: shard_id.clone(),
+                    partition_key: key,
+                    data,
+                    at: Instant::now(),
+                    access_key: access_key.to_owned(),
+                });
+                let seq = format!("{:056}", inner.records.len());
+                results.push(json!({"ShardId": shard_id, "SequenceNumber": seq}));
+            }
+            Err(_) if operation == "PutRecord" => {
+                inner.throttled.push(Instant::now());
+                return throttled();
+            }
+            Err(_) => {
+                inner.throttled.push(Instant::now());
+                failed += 1;
+                results.push(
+                    json!({"ErrorCode": "ProvisionedThroughputExceededException",
+                    "ErrorMessage": "Rate exceeded for shard in stream under account."}),
+                );
+            }
+        }
+    }
+    let body = if operation == "PutRecord" {
+        results.pop().unwrap_or(Value::Null)
+    } else {
+        json!({"FailedRecordCount": failed, "Records": results})
+    };
+    json_ok(body)
+}
+
+pub(super) fn list_shards(inner: &Mutex<Inner>, req: &Value) -> Response {
+    let inner = inner.lock().unwrap();
+    let name = stream_name(req);
+    let Some(stream) = inner.streams.get(&name) else {
+        return stream_not_found(&name);
+    };
+    let shards: Vec<Value> = stream
+        .shards
+        .iter()
+        .map(|s| {
+            json!({"ShardId": s.id,
+                "HashKeyRange": {"StartingHashKey": s.start.to_string(), "EndingHashKey": s.end.to_string()},
+                "SequenceNumberRange": {"StartingSequenceNumber": "0"}})
+        })
+        .collect();
+    json_ok(json!({"Shards": shards}))
+}
+
+pub(super) fn describe(inner: &Mutex<Inner>, req: &Value) -> Response {
+    let inner = inner.lock().unwrap();
+    let name = stream_name(req);
+    let Some(stream) = inner.streams.get(&name) else {
+        return stream_not_found(&name);
+    };
+    json_ok(json!({"StreamDescriptionSummary": {
+        "StreamName": name, "StreamARN": format!("arn:aws:kinesis:us-east-1:000000000000:stream/{name}"),
+        "StreamStatus": "ACTIVE", "RetentionPeriodHours": 24, "StreamCreationTimestamp": 0,
+        "EnhancedMonitoring": [], "OpenShardCount": stream.shards.len()}}))
+}
+
+pub(super) fn json_ok(body: Value) -> Response {
+    (
+        [("content-type", "application/x-amz-json-1.1")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+pub(super) fn json_error(status: u16, code: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        [("content-type", "application/x-amz-json-1.1")],
+        json!({"__type": code, "message": message}).to_string(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_split_the_hash_key_space() {
+        let mut s = Stream {
+            shards: even_shards(4),
+            ..Stream::default()
+        };
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..200 {
+            seen.insert(accept(&mut s, &format!("user-{k}"), 10).unwrap());
+        }
+        assert_eq!(seen.len(), 4, "keys spread over every shard");
+        s.capacity = Some((1000, 1024 * 1024));
+        let key = "hot";
+        let ok = (0..1100)
+            .filter(|_| accept(&mut s, key, 10).is_ok())
+            .count();
+        assert_eq!(ok, 1000, "one shard takes 1,000 records a second");
+    }
+}

@@ -1,0 +1,175 @@
+//! The checks every key gets once the file and the environment are read: each
+//! failure names the key and says what it must be.
+
+use super::{Config, ConfigError};
+
+impl Config {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            return Err(ConfigError::new(
+                "kafka.bootstrap_servers",
+                "must not be empty",
+            ));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(ConfigError::new("kafka.group_id", "must not be empty"));
+        }
+        if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::new(
+                "kafka.topics",
+                "must list at least one topic, none empty",
+            ));
+        }
+        if k.dead_letter_topic.trim().is_empty() {
+            return Err(ConfigError::new(
+                "kafka.dead_letter_topic",
+                "must not be empty",
+            ));
+        }
+        if k.topics.contains(&k.dead_letter_topic) {
+            return Err(ConfigError::new(
+                "kafka.dead_letter_topic",
+                "must not be one of kafka.topics (dead letters would be read again)",
+            ));
+        }
+        if k.source_id_header.trim().is_empty() {
+            return Err(ConfigError::new(
+                "kafka.source_id_header",
+                "must not be empty",
+            ));
+        }
+        match (&self.tenants.file, &self.tenants.topic) {
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "tenants.file",
+                    "is required (a JSON array of tenant settings), unless tenants.topic is set",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "tenants.topic",
+                    "set either tenants.file or tenants.topic, not both",
+                ))
+            }
+            (None, Some(t)) if t.trim().is_empty() => {
+                return Err(ConfigError::new("tenants.topic", "must not be empty"))
+            }
+            _ => {}
+        }
+        if self.tenants.poll_interval_ms == 0 {
+            return Err(ConfigError::new(
+                "tenants.poll_interval_ms",
+                "must be at least 1",
+            ));
+        }
+        if let Some(url) = &self.aws.endpoint_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+                return Err(ConfigError::new(
+                    "aws.endpoint_url",
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if self.aws.role_session_name.len() < 2
+            || self.aws.role_session_name.len() > 64
+            || !self
+                .aws
+                .role_session_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"=,.@-_".contains(&b))
+        {
+            return Err(ConfigError::new(
+                "aws.role_session_name",
+                "must be 2-64 of a-z A-Z 0-9 = , . @ - _",
+            ));
+        }
+        if !(900..=43_200).contains(&self.aws.session_duration_secs) {
+            return Err(ConfigError::new(
+                "aws.session_duration_secs",
+                "must be from 900 to 43200 (STS limits)",
+            ));
+        }
+        if self.aws.api_timeout_ms == 0 || self.aws.connect_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "aws.api_timeout_ms",
+                "timeouts must be at least 1 ms",
+            ));
+        }
+        if !(self.aws.capacity_fraction > 0.0 && self.aws.capacity_fraction <= 1.0) {
+            return Err(ConfigError::new(
+                "aws.capacity_fraction",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        if self.aws.max_concurrent_requests == 0 {
+            return Err(ConfigError::new(
+                "aws.max_concurrent_requests",
+                "must be at least 1",
+            ));
+        }
+        if self.aws.put_records_linger_ms > 5_000 {
+            return Err(ConfigError::new(
+                "aws.put_records_linger_ms",
+                "must be at most 5000 (records wait this long before their call)",
+            ));
+        }
+        if self.aws.max_concurrent_assume_role == 0 {
+            return Err(ConfigError::new(
+                "aws.max_concurrent_assume_role",
+                "must be at least 1",
+            ));
+        }
+        if self.aws.max_cached_credentials == 0 {
+            return Err(ConfigError::new(
+                "aws.max_cached_credentials",
+                "must be at least 1",
+            ));
+        }
+        self.listen()?;
+        let d = &self.delivery;
+        if d.max_in_flight == 0 {
+            return Err(ConfigError::new(
+                "delivery.max_in_flight",
+                "must be at least 1",
+            ));
+        }
+        if d.max_in_flight_bytes < 1024 * 1024 {
+            return Err(ConfigError::new(
+                "delivery.max_in_flight_bytes",
+                "must be at least 1048576 (1 MiB)",
+            ));
+        }
+        if !(d.tenant_share > 0.0 && d.tenant_share <= 1.0) {
+            return Err(ConfigError::new(
+                "delivery.tenant_share",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        if d.commit_interval_ms == 0 {
+            return Err(ConfigError::new(
+                "delivery.commit_interval_ms",
+                "must be at least 1",
+            ));
+        }
+        if d.initial_backoff_ms == 0 || d.max_backoff_ms < d.initial_backoff_ms {
+            return Err(ConfigError::new(
+                "delivery.max_backoff_ms",
+                "backoffs must satisfy 0 < initial_backoff_ms <= max_backoff_ms",
+            ));
+        }
+        if self.metrics.source_labels.len() > 1000 {
+            return Err(ConfigError::new(
+                "metrics.source_labels",
+                "lists more than 1000 sources; label only the ones you watch",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::new(
+                "log.format",
+                "must be \"text\" or \"json\"",
+            ));
+        }
+        Ok(())
+    }
+}
