@@ -166,8 +166,9 @@ pub struct DeliveryConfig {
     /// Retryable failures are retried until this long after the event was produced (its
     /// Kafka timestamp), then dead-lettered `retries_exhausted`.
     pub retry_window_secs: u64,
-    /// ...but each worker that reads an event retries it at least this long (at most the
-    /// window), so a backlog older than the window is not dead-lettered at once.
+    /// ...but each worker that reads an event retries it at least this long from its
+    /// first failure (at most the window), so a backlog older than the window is not
+    /// dead-lettered at once.
     pub min_retry_secs: u64,
     /// Permanent failures are retried this long (IAM propagation), then dead-lettered
     /// `destination_rejected`.
@@ -386,6 +387,10 @@ listen = "0.0.0.0:9464"
                 "tenants.file",
             ),
             (SPEC_EXAMPLE.replace("[http]", "[http"), "config file"),
+            (
+                format!("{SPEC_EXAMPLE}\n[delivery]\nretry_window_secs = 99999999999"),
+                "delivery.retry_window_secs",
+            ),
             (
                 SPEC_EXAMPLE.replace("[aws]", "[aws]\nput_records_linger_ms = 60000"),
                 "aws.put_records_linger_ms",

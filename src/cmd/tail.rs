@@ -101,6 +101,9 @@ async fn target(args: &Args) -> Result<Target, CliError> {
             };
             CliError::Usage(format!("{flag}: {error}"))
         }
+        kd_tenants::SettingsError::Invalid { message, .. } if message.starts_with("secretId") => {
+            CliError::Usage(format!("--external-id: {message}"))
+        }
         other => CliError::Usage(other.to_string()),
     })?;
     Ok(Target {

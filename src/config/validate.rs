@@ -152,6 +152,21 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        // Kafka keeps records for days, not months: longer windows would only outlive the
+        // records they are about (and overflow the clock's arithmetic at the extreme).
+        const THIRTY_DAYS: u64 = 30 * 24 * 3600;
+        for (key, secs) in [
+            ("delivery.retry_window_secs", d.retry_window_secs),
+            ("delivery.min_retry_secs", d.min_retry_secs),
+            (
+                "delivery.permanent_error_window_secs",
+                d.permanent_error_window_secs,
+            ),
+        ] {
+            if secs > THIRTY_DAYS {
+                return Err(ConfigError::new(key, "must be at most 2592000 (30 days)"));
+            }
+        }
         if d.initial_backoff_ms == 0 || d.max_backoff_ms < d.initial_backoff_ms {
             return Err(ConfigError::new(
                 "delivery.max_backoff_ms",

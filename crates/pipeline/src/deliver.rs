@@ -75,11 +75,8 @@ impl<W: RecordWriter> Retrying<W> {
     /// rebalance nor a restart starts it again.
     pub async fn write(&self, job: &Job) -> Outcome {
         let started = Instant::now();
-        let give_up_at = self
-            .retry
-            .give_up_at(produced_at(&job.msg), SystemTime::now(), started);
         let attempts = retrying_panics(&self.retry, &job.ticket.cancel, || {
-            self.attempts(job, started, give_up_at)
+            self.attempts(job, started)
         });
         match attempts.await {
             Ok(outcome) => outcome,
@@ -96,9 +93,12 @@ impl<W: RecordWriter> Retrying<W> {
         }
     }
 
-    async fn attempts(&self, job: &Job, started: Instant, give_up_at: Instant) -> Outcome {
+    async fn attempts(&self, job: &Job, started: Instant) -> Outcome {
         let data = job.msg.payload().unwrap_or_default();
+        let produced = produced_at(&job.msg);
         let mut permanent_since: Option<Instant> = None;
+        // Set at the first retryable failure: `min_retry` counts from there.
+        let mut give_up_at: Option<Instant> = None;
         let mut attempt = 0u32;
         let cancel = &job.ticket.cancel;
         let mut tenant = job.tenant.clone();
@@ -138,15 +138,21 @@ impl<W: RecordWriter> Retrying<W> {
                 }
                 ErrorClass::Retryable | ErrorClass::ExpiredCredentials => {
                     permanent_since = None;
-                    (now >= give_up_at).then(|| {
-                        let age = produced_at(&job.msg)
-                            .and_then(|p| SystemTime::now().duration_since(p).ok())
-                            .unwrap_or_else(|| now - started);
-                        let message = format!(
-                            "still failing {}s after the event was produced ({}s of retries by this worker); last error {err}",
-                            age.as_secs(),
-                            (now - started).as_secs()
-                        );
+                    let at = *give_up_at.get_or_insert_with(|| {
+                        self.retry.give_up_at(produced, SystemTime::now(), now)
+                    });
+                    (now >= at).then(|| {
+                        let tried = (now - started).as_secs();
+                        let age = produced.and_then(|p| SystemTime::now().duration_since(p).ok());
+                        let message = match age {
+                            Some(age) => format!(
+                                "still failing {}s after the event was produced ({tried}s of retries by this worker); last error {err}",
+                                age.as_secs()
+                            ),
+                            None => format!(
+                                "still failing after {tried}s of retries (the record has no usable timestamp); last error {err}"
+                            ),
+                        };
                         (Reason::RetriesExhausted, message)
                     })
                 }

@@ -145,32 +145,45 @@ const CONSUMER_ONLY: &[&str] = &[
     "statistics.interval.ms",
 ];
 
-/// A `[kafka.librdkafka]` property librdkafka rejects.
+/// A `[kafka.librdkafka]` property librdkafka rejects. librdkafka's error is not kept as
+/// a source: it carries the property's value, which may be a password.
 #[derive(Debug, thiserror::Error)]
 #[error("{reason}")]
 pub struct InvalidKafkaSetting {
     /// The property's name (empty when librdkafka does not say which).
     pub key: String,
-    /// librdkafka's one-line description of what is wrong.
+    /// librdkafka's one-line description of what is wrong (without the value for
+    /// properties that hold secrets).
     pub reason: String,
-    #[source]
-    pub source: Box<KafkaError>,
+}
+
+/// Whether a librdkafka property holds a secret (its value is never shown).
+fn is_secret_property(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "token",
+        "key.pem",
+        "sasl.jaas",
+        "private",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
 }
 
 /// Checks the `[kafka.librdkafka]` settings without connecting anywhere: the first
 /// property librdkafka rejects, with its reason.
 pub fn validate_kafka(k: &KafkaSettings) -> Result<(), InvalidKafkaSetting> {
     for config in [consumer_config(k), producer_config(k)] {
-        if let Err(source) = config.create_native_config() {
-            let (key, reason) = match &source {
-                KafkaError::ClientConfig(_, desc, key, _) => (key.clone(), desc.clone()),
+        if let Err(e) = config.create_native_config() {
+            let (key, reason) = match e {
+                KafkaError::ClientConfig(_, _, key, _) if is_secret_property(&key) => {
+                    (key, "invalid value (not shown: it is a secret)".to_owned())
+                }
+                KafkaError::ClientConfig(_, desc, key, _) => (key, desc),
                 other => (String::new(), other.to_string()),
             };
-            return Err(InvalidKafkaSetting {
-                key,
-                reason,
-                source: Box::new(source),
-            });
+            return Err(InvalidKafkaSetting { key, reason });
         }
     }
     Ok(())
@@ -268,6 +281,7 @@ mod tests {
         let e = validate_kafka(&k).unwrap_err();
         assert_eq!(e.key, "fetch.wait.max.ms");
         assert!(e.reason.contains("Invalid value"), "{}", e.reason);
-        assert!(std::error::Error::source(&e).is_some(), "the cause is kept");
+        assert!(is_secret_property("sasl.password") && is_secret_property("ssl.key.password"));
+        assert!(!is_secret_property("fetch.wait.max.ms"));
     }
 }

@@ -14,9 +14,10 @@ pub struct RetryPolicy {
     /// the event was produced (its Kafka timestamp), then the event is dead-lettered
     /// `retries_exhausted`.
     pub retry_window: Duration,
-    /// The least time a worker retries an event it reads, even when the event is already
-    /// older than `retry_window` (a backlog after an outage, a partition taken over from
-    /// another worker): a backlog is not dead-lettered at its first throttle.
+    /// The least time a worker retries an event from its first failure, even when the
+    /// event is already older than `retry_window` (a backlog after an outage, a partition
+    /// taken over from another worker): a backlog is not dead-lettered at its first
+    /// throttle.
     pub min_retry: Duration,
     /// Permanent failures (access denied, no such stream) are retried this long, since
     /// IAM changes take a while to propagate, then dead-lettered `destination_rejected`.
@@ -37,7 +38,7 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// When retryable failures of an event produced at `produced` (its Kafka record
-    /// timestamp) stop being retried, for a worker that starts trying it at `start`
+    /// timestamp) stop being retried, for a worker whose first attempt failed at `start`
     /// (wall-clock `now`): `retry_window` after it was produced, so that neither a
     /// rebalance nor a restart starts its window again, but no sooner than
     /// `min_retry` (at most the window) after `start`. An event without a timestamp, or
@@ -52,7 +53,12 @@ impl RetryPolicy {
             .and_then(|p| now.duration_since(p).ok())
             .unwrap_or_default();
         let left = self.retry_window.saturating_sub(age);
-        start + left.max(self.min_retry.min(self.retry_window))
+        let wait = left.max(self.min_retry.min(self.retry_window));
+        // Windows are bounded by the configuration; a far future stands in for one
+        // past what the clock can count.
+        start
+            .checked_add(wait)
+            .unwrap_or_else(|| start + Duration::from_secs(30 * 24 * 3600))
     }
 
     /// Exponential backoff with full jitter: a uniform draw from zero to

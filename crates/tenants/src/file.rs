@@ -138,10 +138,14 @@ pub async fn watch_file(
                     })
                     .await
                 };
-                let Ok((parsed, bytes)) = parsed else {
-                    tracing::error!("tenants file parser failed");
-                    tokio::time::sleep(interval).await;
-                    continue;
+                let (parsed, bytes) = match parsed {
+                    Ok(done) => done,
+                    Err(e) => {
+                        kd_telemetry::metrics().tenant_settings_errors.inc();
+                        tracing::error!(path = %path.display(), error = %e, "tenants file parser failed; keeping the last good settings");
+                        tokio::time::sleep(interval).await;
+                        continue;
+                    }
                 };
                 match parsed {
                     Ok(snapshot) => install(&store, &path, snapshot),

@@ -73,7 +73,7 @@ async fn a_refused_assume_role_is_remembered_for_the_failure_ttl_only() {
             "Condition": {"StringEquals": {"sts:ExternalId": "someone-else"}}}]}),
     );
     let settings = CredentialSettings {
-        failure_ttl: Duration::from_millis(300),
+        failure_ttl: Duration::from_secs(2),
         ..CredentialSettings::default()
     };
     let cache = cache(&fake, settings);
@@ -83,7 +83,7 @@ async fn a_refused_assume_role_is_remembered_for_the_failure_ttl_only() {
     let again = cache.session(&t).await.unwrap_err();
     assert_eq!(again.code, first.code);
     assert_eq!(calls(&fake), 1, "the failure was remembered");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     cache.session(&t).await.unwrap_err();
     assert_eq!(calls(&fake), 2, "and asked again after failure_ttl");
 }
@@ -102,10 +102,10 @@ async fn invalidate_makes_the_next_lookup_assume_the_role_again() {
 #[tokio::test]
 async fn sessions_are_replaced_before_their_credentials_expire() {
     let fake = FakeAws::start().await;
-    // Credentials that live 4 s (3 to 4 s as STS's expiry is in whole seconds),
+    // Credentials that live 6 s (5 to 6 s as STS's expiry is in whole seconds),
     // replaced 1 s (the margin) and up to half a margin more before they expire: from
-    // 1.5 to 3 s after they were assumed.
-    fake.set_credential_lifetime(Duration::from_secs(4));
+    // 3.5 to 5 s after they were assumed.
+    fake.set_credential_lifetime(Duration::from_secs(6));
     let settings = CredentialSettings {
         refresh_margin: Duration::from_secs(1),
         ..CredentialSettings::default()
@@ -116,7 +116,7 @@ async fn sessions_are_replaced_before_their_credentials_expire() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     cache.session(&t).await.unwrap();
     assert_eq!(calls(&fake), 1, "still fresh");
-    tokio::time::sleep(Duration::from_millis(2700)).await;
+    tokio::time::sleep(Duration::from_millis(4700)).await;
     cache.session(&t).await.unwrap();
     assert_eq!(calls(&fake), 2, "replaced ahead of expiry");
 }
