@@ -574,12 +574,7 @@ async fn sigterm_and_sigkill_mid_stream_lose_nothing() {
     send_batch(300, &mut sent).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     worker.sigterm();
-    let status = worker.wait_exit(Duration::from_secs(40));
-    assert!(
-        status.success(),
-        "SIGTERM exits 0: {status}\n{}",
-        worker.logs()
-    );
+    worker.assert_exits_cleanly(Duration::from_secs(40));
     assert!(worker.logs().contains("stopped"));
     assert_commits_cover_only_written(&env, &cfg.group_id, &t, &sent).await;
 

@@ -6,39 +6,22 @@ use super::{Config, ConfigError};
 impl Config {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let k = &self.kafka;
-        if k.bootstrap_servers.trim().is_empty() {
-            return Err(ConfigError::new(
-                "kafka.bootstrap_servers",
-                "must not be empty",
-            ));
-        }
-        if k.group_id.trim().is_empty() {
-            return Err(ConfigError::new("kafka.group_id", "must not be empty"));
-        }
+        required("kafka.bootstrap_servers", &k.bootstrap_servers)?;
+        required("kafka.group_id", &k.group_id)?;
         if k.topics.is_empty() || k.topics.iter().any(|t| t.trim().is_empty()) {
             return Err(ConfigError::new(
                 "kafka.topics",
                 "must list at least one topic, none empty",
             ));
         }
-        if k.dead_letter_topic.trim().is_empty() {
-            return Err(ConfigError::new(
-                "kafka.dead_letter_topic",
-                "must not be empty",
-            ));
-        }
+        required("kafka.dead_letter_topic", &k.dead_letter_topic)?;
         if k.topics.contains(&k.dead_letter_topic) {
             return Err(ConfigError::new(
                 "kafka.dead_letter_topic",
                 "must not be one of kafka.topics (dead letters would be read again)",
             ));
         }
-        if k.source_id_header.trim().is_empty() {
-            return Err(ConfigError::new(
-                "kafka.source_id_header",
-                "must not be empty",
-            ));
-        }
+        required("kafka.source_id_header", &k.source_id_header)?;
         match (&self.tenants.file, &self.tenants.topic) {
             (None, None) => {
                 return Err(ConfigError::new(
@@ -57,12 +40,7 @@ impl Config {
             }
             _ => {}
         }
-        if self.tenants.poll_interval_ms == 0 {
-            return Err(ConfigError::new(
-                "tenants.poll_interval_ms",
-                "must be at least 1",
-            ));
-        }
+        at_least_one("tenants.poll_interval_ms", self.tenants.poll_interval_ms)?;
         if let Some(url) = &self.aws.endpoint_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
                 return Err(ConfigError::new(
@@ -102,38 +80,27 @@ impl Config {
                 "must be more than 0 and at most 1",
             ));
         }
-        if self.aws.max_concurrent_requests == 0 {
-            return Err(ConfigError::new(
-                "aws.max_concurrent_requests",
-                "must be at least 1",
-            ));
-        }
+        at_least_one(
+            "aws.max_concurrent_requests",
+            self.aws.max_concurrent_requests,
+        )?;
         if self.aws.put_records_linger_ms > 5_000 {
             return Err(ConfigError::new(
                 "aws.put_records_linger_ms",
                 "must be at most 5000 (records wait this long before their call)",
             ));
         }
-        if self.aws.max_concurrent_assume_role == 0 {
-            return Err(ConfigError::new(
-                "aws.max_concurrent_assume_role",
-                "must be at least 1",
-            ));
-        }
-        if self.aws.max_cached_credentials == 0 {
-            return Err(ConfigError::new(
-                "aws.max_cached_credentials",
-                "must be at least 1",
-            ));
-        }
+        at_least_one(
+            "aws.max_concurrent_assume_role",
+            self.aws.max_concurrent_assume_role,
+        )?;
+        at_least_one(
+            "aws.max_cached_credentials",
+            self.aws.max_cached_credentials,
+        )?;
         self.listen()?;
         let d = &self.delivery;
-        if d.max_in_flight == 0 {
-            return Err(ConfigError::new(
-                "delivery.max_in_flight",
-                "must be at least 1",
-            ));
-        }
+        at_least_one("delivery.max_in_flight", d.max_in_flight)?;
         if d.max_in_flight_bytes < 1024 * 1024 {
             return Err(ConfigError::new(
                 "delivery.max_in_flight_bytes",
@@ -146,12 +113,7 @@ impl Config {
                 "must be more than 0 and at most 1",
             ));
         }
-        if d.commit_interval_ms == 0 {
-            return Err(ConfigError::new(
-                "delivery.commit_interval_ms",
-                "must be at least 1",
-            ));
-        }
+        at_least_one("delivery.commit_interval_ms", d.commit_interval_ms)?;
         // Kafka keeps records for days, not months: longer windows would only outlive the
         // records they are about (and overflow the clock's arithmetic at the extreme).
         const THIRTY_DAYS: u64 = 30 * 24 * 3600;
@@ -185,6 +147,24 @@ impl Config {
                 "must be \"text\" or \"json\"",
             ));
         }
+        Ok(())
+    }
+}
+
+/// A key whose value must not be empty (or only white space).
+fn required(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        Err(ConfigError::new(key, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A count or duration that must be at least 1.
+fn at_least_one<N: PartialEq + Default>(key: &str, value: N) -> Result<(), ConfigError> {
+    if value == N::default() {
+        Err(ConfigError::new(key, "must be at least 1"))
+    } else {
         Ok(())
     }
 }

@@ -259,7 +259,12 @@ impl Worker {
     /// SIGTERM, then asserts a clean exit (code 0) within 30 s.
     pub fn stop(&mut self) {
         self.sigterm();
-        let status = self.wait_exit(Duration::from_secs(30));
+        self.assert_exits_cleanly(Duration::from_secs(30));
+    }
+
+    /// Asserts the process exits with code 0 within `timeout` (after a SIGTERM).
+    pub fn assert_exits_cleanly(&mut self, timeout: Duration) {
+        let status = self.wait_exit(timeout);
         assert!(
             status.success(),
             "worker exited with {status}:\n{}",
