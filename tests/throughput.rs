@@ -1,61 +1,330 @@
-//! Throughput figures (a benchmark, not a pass/fail test: `#[ignore]`d, run by
-//! `scripts/bench.sh`). One tenant, 20,000 events of 1,000 users into a 64-shard stream
-//! of the AWS fake (so shard capacity is not what limits), each call answered after
-//! 25 ms as a real Kinesis endpoint would: `PutRecord` against `PutRecords` batches.
-//! Only delivery is asserted; the figures are printed.
+//! The throughput benchmark: figures, not pass/fail (`#[ignore]`d by `cargo test`; run
+//! by `scripts/bench.sh`, which prints the table it writes).
+//!
+//! Each scenario gets a fresh broker and AWS fake. Its events are produced first, with
+//! the `produce` command (librdkafka's ordinary batching); then a bare rdkafka consumer
+//! reads the same topic from the same broker (the ceiling: what one pod could read at
+//! most), then the worker (release build, its defaults but for the write mode) drains
+//! it. Reported: events/s from the first to the last write, that as a share of the
+//! ceiling, the worker's CPU time per event (from /proc/<pid>/stat), its peak RSS, and
+//! the p50/p99 delivery latency (an event's `timestamp` to its write; events wait in the
+//! backlog, so this is mostly queueing). With `../shared/peers/vector` present, Vector
+//! 0.58 reads the same single-tenant topic into its own stream on the same fake.
 
 mod common;
 use common::bin;
-use std::time::Duration;
 
-use kd_testkit::env::{wait_metric, FakeEnv as Env};
-use kd_testkit::{Fault, Worker};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
 
-const EVENTS: usize = 20_000;
+use kd_testkit::env::{wait_metric, FakeEnv as Env, TOPIC};
+use kd_testkit::{FakeRecord, Fault, Tenant, Worker};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
 
-async fn one_tenant(batched: bool) {
-    let env = Env::start().await;
-    let mut t = env.tenant("src_x", "x", 64);
-    t.use_put_records = batched;
-    env.fake.fail_for(
-        "x",
-        Fault::Latency(Duration::from_millis(25)),
-        Duration::from_secs(600),
-    );
-    let cfg = env.config(&[&t]);
-    cfg.write();
-    let events: Vec<(String, String, usize)> = (0..EVENTS / 1000)
-        .flat_map(|seq| (0..1000).map(move |u| ("src_x".to_owned(), format!("u{u}"), seq)))
+/// Events per scenario (`BENCH_EVENTS` to change).
+fn events() -> u32 {
+    std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    PutRecord,
+    PutRecords,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::PutRecord => "PutRecord",
+            Mode::PutRecords => "PutRecords",
+        }
+    }
+}
+
+struct Row {
+    scenario: String,
+    who: &'static str,
+    events: usize,
+    rate: f64,
+    ceiling: f64,
+    cpu_us: f64,
+    rss_mib: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Row {
+    fn print_header() {
+        println!(
+            "| scenario | writer | events | events/s | % of ceiling (bare consumer, events/s) | CPU µs/event | peak RSS MiB | latency p50 / p99 |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+    }
+
+    fn print(&self) {
+        println!(
+            "| {} | {} | {} | {:.0} | {:.0}% ({:.0}) | {:.1} | {} | {:.0} ms / {:.0} ms |",
+            self.scenario,
+            self.who,
+            self.events,
+            self.rate,
+            100.0 * self.rate / self.ceiling,
+            self.ceiling,
+            self.cpu_us,
+            self.rss_mib,
+            self.p50_ms,
+            self.p99_ms
+        );
+    }
+}
+
+/// Reads `count` records of the input topic from the start with a bare consumer (the
+/// worker's librdkafka defaults, nothing done per record): records/s from the first to
+/// the last.
+fn bare_consumer_rate(bootstrap: &str, count: usize) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("bench-ceiling-{}", kd_testkit::free_port()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("bare consumer");
+    consumer.subscribe(&[TOPIC]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut n, mut first, mut last) = (0usize, None, Instant::now());
+    while n < count && Instant::now() < deadline {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            n += 1;
+            last = Instant::now();
+            first.get_or_insert(last);
+        }
+    }
+    assert_eq!(n, count, "the bare consumer read every record");
+    n as f64 / (last - first.unwrap_or(last)).as_secs_f64()
+}
+
+/// Records/s from the first write to the last, and delivery latency percentiles (ms)
+/// from each event's `timestamp` (set when it was produced) to its write.
+fn write_figures(records: &[FakeRecord]) -> (f64, f64, f64) {
+    let first = records.iter().map(|r| r.at).min().expect("records");
+    let last = records.iter().map(|r| r.at).max().expect("records");
+    let rate = records.len() as f64 / (last - first).as_secs_f64().max(1e-3);
+    let mut latencies: Vec<f64> = records
+        .iter()
+        .filter_map(|r| {
+            let ts = r.json()["timestamp"].as_str()?.to_owned();
+            let produced = aws_smithy_types::DateTime::from_str(
+                &ts,
+                aws_smithy_types::date_time::Format::DateTime,
+            )
+            .ok()?;
+            let produced = SystemTime::try_from(produced).ok()?;
+            Some(r.at_wall.duration_since(produced).ok()?.as_secs_f64() * 1000.0)
+        })
         .collect();
-    env.send_all(&events).await;
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    (rate, at(0.50), at(0.99))
+}
+
+/// A scenario's input: `tenants` tenants (streams of 64 shards, answered after `sink`)
+/// of `users` users each, the events produced, and the ceiling measured.
+struct Input {
+    env: Env,
+    tenants: Vec<Tenant>,
+    ceiling: f64,
+}
+
+async fn input(tenants: usize, users: u32, mode: Mode, sink: Duration) -> Input {
+    let env = Env::start().await;
+    let tenants: Vec<Tenant> = (0..tenants)
+        .map(|i| {
+            let mut t = env.tenant(&format!("src_{i}"), &format!("s{i}"), 64);
+            t.use_put_records = mode == Mode::PutRecords;
+            if !sink.is_zero() {
+                env.fake
+                    .fail_for(&t.stream, Fault::Latency(sink), Duration::from_secs(3600));
+            }
+            t
+        })
+        .collect();
+    let sources: Vec<&str> = tenants.iter().map(|t| t.source_id.as_str()).collect();
+    env.produce(bin(), &sources.join(","), events(), users, &[]);
+    let ceiling = bare_consumer_rate(&env.tansu.bootstrap(), events() as usize);
+    Input {
+        env,
+        tenants,
+        ceiling,
+    }
+}
+
+async fn worker_row(scenario: &str, input: &Input) -> Row {
+    let refs: Vec<&Tenant> = input.tenants.iter().collect();
+    let cfg = input.env.config(&refs);
+    cfg.write();
     let mut worker = Worker::start_ready(bin(), &cfg);
+    let cpu_before = worker.cpu_seconds();
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
-        EVENTS as f64,
-        Duration::from_secs(300),
+        events() as f64,
+        Duration::from_secs(900),
     )
     .await;
-    let records = env.fake.records_of("x");
-    assert_eq!(records.len(), EVENTS);
-    let first = records.iter().map(|r| r.at).min().unwrap();
-    let last = records.iter().map(|r| r.at).max().unwrap();
-    let took = (last - first).as_secs_f64();
-    let calls = env
-        .fake
-        .requests(if batched { "PutRecords" } else { "PutRecord" });
-    println!(
-        "{:<11} {EVENTS} records in {took:.2} s: {:>6.0} records/s, {calls} calls, peak RSS {} MiB",
-        if batched { "PutRecords" } else { "PutRecord" },
-        EVENTS as f64 / took,
-        worker.peak_rss_bytes() / (1024 * 1024),
-    );
+    let cpu = worker.cpu_seconds() - cpu_before;
+    let records = input.env.fake.records();
+    let (rate, p50_ms, p99_ms) = write_figures(&records);
+    let row = Row {
+        scenario: scenario.to_owned(),
+        who: "kinesis-destination",
+        events: records.len(),
+        rate,
+        ceiling: input.ceiling,
+        cpu_us: cpu * 1e6 / records.len() as f64,
+        rss_mib: worker.peak_rss_bytes() / (1024 * 1024),
+        p50_ms,
+        p99_ms,
+    };
     worker.stop();
+    row
+}
+
+fn vector_binary() -> Option<PathBuf> {
+    let path = std::env::var("KD_BENCH_VECTOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/vector"));
+    path.exists().then_some(path)
+}
+
+/// Vector reading the same topic (its own consumer group) into its own stream of the
+/// same fake, with credentials the fake issued (its STS client ignores `endpoint`).
+async fn vector_row(vector: &Path, scenario: &str, input: &Input, sink: Duration) -> Row {
+    let env = &input.env;
+    env.fake.create_stream("theirs", 64);
+    if !sink.is_zero() {
+        env.fake
+            .fail_for("theirs", Fault::Latency(sink), Duration::from_secs(3600));
+    }
+    let (key, secret, token) = env
+        .fake
+        .issue_credentials("arn:aws:iam::111111111111:role/vector");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = format!(
+        r#"data_dir = "{data}"
+[sources.k]
+type = "kafka"
+bootstrap_servers = "{bootstrap}"
+group_id = "vector-bench"
+topics = ["{TOPIC}"]
+auto_offset_reset = "earliest"
+decoding.codec = "json"
+[sinks.kin]
+type = "aws_kinesis_streams"
+inputs = ["k"]
+stream_name = "theirs"
+region = "us-east-1"
+endpoint = "{endpoint}"
+encoding.codec = "json"
+partition_key_field = "userId"
+auth.access_key_id = "{key}"
+auth.secret_access_key = "{secret}"
+auth.session_token = "{token}"
+"#,
+        data = dir.path().display(),
+        bootstrap = env.tansu.bootstrap(),
+        endpoint = env.fake.endpoint(),
+    );
+    let config_path = dir.path().join("vector.toml");
+    std::fs::write(&config_path, config).expect("vector config");
+    let log = std::fs::File::create(dir.path().join("vector.log")).expect("log");
+    let mut child: Child = Command::new(vector)
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("vector starts");
+    let pid = child.id();
+    let want = events() as usize;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while env.fake.records_of("theirs").len() < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cpu = kd_testkit::cpu_seconds_of(pid);
+    let rss = kd_testkit::peak_rss_of(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    let records = env.fake.records_of("theirs");
+    assert!(
+        records.len() >= want,
+        "vector wrote {} of {want}: {}",
+        records.len(),
+        std::fs::read_to_string(dir.path().join("vector.log")).unwrap_or_default()
+    );
+    let (rate, p50_ms, p99_ms) = write_figures(&records);
+    Row {
+        scenario: scenario.to_owned(),
+        who: "Vector 0.58",
+        events: records.len(),
+        rate,
+        ceiling: input.ceiling,
+        // Vector's CPU from its start (it starts reading at once).
+        cpu_us: cpu * 1e6 / records.len() as f64,
+        rss_mib: rss / (1024 * 1024),
+        p50_ms,
+        p99_ms,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run by scripts/bench.sh"]
-async fn throughput_of_one_tenant_put_record_and_put_records() {
-    one_tenant(false).await;
-    one_tenant(true).await;
+async fn throughput_table() {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || name.contains(only.as_str());
+    let mut rows = Vec::new();
+    for sink_ms in [0u64, 20] {
+        let sink = Duration::from_millis(sink_ms);
+        for mode in [Mode::PutRecord, Mode::PutRecords] {
+            let name = format!("20 tenants × 100 users, {}, {sink_ms} ms sink", mode.name());
+            if !wanted(&name) {
+                continue;
+            }
+            let input = input(20, 100, mode, sink).await;
+            let row = worker_row(&name, &input).await;
+            row.print();
+            rows.push(row);
+        }
+        let name = format!("1 tenant × 2,000 users, PutRecords, {sink_ms} ms sink");
+        if !wanted(&name) {
+            continue;
+        }
+        let input = input(1, 2000, Mode::PutRecords, sink).await;
+        let row = worker_row(&name, &input).await;
+        row.print();
+        rows.push(row);
+        if let Some(vector) = vector_binary() {
+            let row = vector_row(&vector, &name, &input, sink).await;
+            row.print();
+            rows.push(row);
+        }
+    }
+    println!();
+    println!("## throughput ({} events per scenario)", events());
+    Row::print_header();
+    for row in &rows {
+        row.print();
+    }
 }

@@ -46,6 +46,8 @@ pub struct FakeRecord {
     pub partition_key: String,
     pub data: Vec<u8>,
     pub at: Instant,
+    /// The same moment by the wall clock (to compare with event timestamps).
+    pub at_wall: SystemTime,
     /// The access key that signed the write (tells workers apart).
     pub access_key: String,
 }
@@ -214,6 +216,25 @@ impl FakeAws {
     /// it. Roles without one trust everybody, as moto does.
     pub fn set_trust_policy(&self, role: &str, policy: Value) {
         self.lock().trust.insert(role.into(), policy);
+    }
+
+    /// Credentials for `role` valid for an hour, as AssumeRole would hand out: (access
+    /// key ID, secret, session token). For peers whose STS client cannot be pointed here.
+    pub fn issue_credentials(&self, role: &str) -> (String, String, String) {
+        let mut inner = self.lock();
+        let access_key = format!("ASIAPEER{:012}", inner.issued.len());
+        inner.issued.insert(
+            access_key.clone(),
+            Issued {
+                role: role.into(),
+                expires: SystemTime::now() + Duration::from_secs(3600),
+            },
+        );
+        (
+            access_key,
+            "peer-secret".into(),
+            "peer-session-token".into(),
+        )
     }
 
     /// Lifetime of the credentials AssumeRole hands out (default one hour).

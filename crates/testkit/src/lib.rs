@@ -28,7 +28,9 @@ pub use kafka::{Kafka, Produced, Record};
 pub use proxy::{AssumeRoleCall, RecordingProxy};
 pub use services::{free_port, Moto, Tansu};
 pub use tcp_proxy::TcpProxy;
-pub use worker::{metric_value, ownership, produce, Worker, WorkerConfig};
+pub use worker::{
+    cpu_seconds_of, metric_value, ownership, peak_rss_of, produce, Worker, WorkerConfig,
+};
 
 use std::time::{Duration, Instant};
 

@@ -186,6 +186,7 @@ pub(super) async fn put(
                     partition_key: key,
                     data,
                     at: Instant::now(),
+                    at_wall: std::time::SystemTime::now(),
                     access_key: access_key.to_owned(),
                 });
                 let seq = format!("{:056}", inner.records.len());
