@@ -185,6 +185,16 @@ async fn worker_row(scenario: &str, input: &Input) -> Row {
     )
     .await;
     let cpu = worker.cpu_seconds() - cpu_before;
+    let m = worker.metrics();
+    let value = |name: &str| kd_testkit::metric_value(&m, name);
+    eprintln!(
+        "{scenario}: {} PutRecords calls of {:.1} records on average, {} pauses, {} fairness skips",
+        value("kinesis_destination_put_records_batch_records_count"),
+        value("kinesis_destination_put_records_batch_records_sum")
+            / value("kinesis_destination_put_records_batch_records_count").max(1.0),
+        worker.logs().matches("\"backpressure\"").count() + worker.logs().matches(" backpressure").count(),
+        value("kinesis_destination_fairness_skips_total"),
+    );
     let records = input.env.fake.records();
     let (rate, p50_ms, p99_ms) = write_figures(&records);
     let row = Row {

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kd_event::PartitionKey;
 use kd_tenants::{SourceId, TenantStore};
@@ -23,6 +23,9 @@ use crate::lanes::Lanes;
 use crate::log_limit::LogLimit;
 use crate::offsets::{Admission, OffsetTracker};
 use crate::route::{route, SourceIdFrom};
+
+/// How long the loop may hold off reading before it pauses every partition instead.
+const LONG_HOLD: Duration = Duration::from_secs(5);
 
 /// One user's lane: events of one tenant with one partition key, written in order.
 pub(crate) type Lane = (SourceId, PartitionKey);
@@ -49,29 +52,43 @@ where
 {
     /// Reads and dispatches events until `shutdown` is cancelled.
     pub async fn run(&self, shutdown: &CancellationToken) {
-        // The tick resumes drained partitions, and also keeps calling into librdkafka
-        // while every partition is paused: it must be polled within
-        // max.poll.interval.ms or it leaves the group.
+        // The tick resumes drained partitions and reads skipped events again (also
+        // woken early when a paused partition drains, see `OffsetTracker::drained`).
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
+        // Since when no event is taken from the consumer because the totals are at their
+        // budget (see `FlowControl::hold`).
+        let mut holding_since: Option<Instant> = None;
         loop {
+            let hold = self.flow.hold(&self.tracker, holding_since.is_some());
+            if hold != holding_since.is_some() {
+                holding_since = hold.then(Instant::now);
+                self.tracker.set_holding(hold);
+            }
+            // librdkafka must be polled within max.poll.interval.ms or it leaves the
+            // group: a long hold pauses every partition instead, and reads (nothing).
+            let long_hold = holding_since.is_some_and(|s| s.elapsed() >= LONG_HOLD);
             let msg = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {
                     self.flow.reread_drained(&*self.consumer, &self.tracker);
-                    self.flow.pause_and_resume(&*self.consumer, &self.tracker);
+                    self.flow.pause_and_resume(&*self.consumer, &self.tracker, long_hold);
                     ticks += 1;
                     if ticks.is_multiple_of(10) {
                         self.tracker.publish_oldest_in_flight();
                     }
                     continue;
                 }
-                m = self.consumer.recv() => m,
+                m = self.consumer.recv(), if !hold || long_hold => m,
+                _ = self.tracker.drained() => {
+                    self.flow.pause_and_resume(&*self.consumer, &self.tracker, long_hold);
+                    continue;
+                }
             };
             match msg {
-                Ok(m) => self.dispatch(m.detach()),
+                Ok(m) => self.dispatch(m.detach(), long_hold),
                 Err(e) => {
                     // An undecodable batch or a partition the broker will not serve
                     // repeats at every fetch.
@@ -84,7 +101,7 @@ where
 
     /// Routes one event and hands it on, unless the tracker says it is not to be
     /// handled (skipped for fairness, already handled, or of a partition not ours).
-    fn dispatch(&self, msg: rdkafka::message::OwnedMessage) {
+    fn dispatch(&self, msg: rdkafka::message::OwnedMessage, long_hold: bool) {
         let routed = route(&msg, &self.tenants.snapshot(), &self.source_id_from);
         let source = routed.as_ref().ok().map(|r| r.tenant.source_id.shared());
         let bytes = msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len);
@@ -111,7 +128,7 @@ where
             .flow
             .reached(&self.tracker, msg.topic(), msg.partition())
         {
-            self.flow.pause_and_resume(&*self.consumer, &self.tracker);
+            self.flow.pause_and_resume(&*self.consumer, &self.tracker, long_hold);
         }
         match routed {
             Ok(routed) => {

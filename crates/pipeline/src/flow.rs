@@ -1,6 +1,7 @@
 //! Flow control (backpressure): a partition with too many events or bytes in flight is
-//! paused, and resumed once enough have drained; all of them when the totals are too
-//! high. With fairness, a contended partition skips the events of tenants at their
+//! paused, and resumed as soon as enough have drained; when the totals are too high, the
+//! consume loop holds off reading (pausing every partition only if that lasts). With
+//! fairness, a contended partition skips the events of tenants at their
 //! share and reads them again once those drain.
 //!
 //! Decides from the offset tracker's counts and acts on the consumer (pause, resume,
@@ -18,7 +19,7 @@ use crate::offsets::{Budget, Fairness, FlowInput, Held, OffsetTracker};
 pub(crate) struct FlowControl {
     /// Held in flight in one partition at which it is paused.
     per_partition: Budget,
-    /// Held in flight over all partitions at which every partition is paused.
+    /// Held in flight over all partitions at which reading holds.
     total: Budget,
     pub(crate) fairness: Option<Fairness>,
 }
@@ -63,14 +64,28 @@ impl FlowControl {
         }
     }
 
-    /// Whether the partition just read from (or the totals) reached its budget, so that
+    /// Whether the partition just read from reached its budget, so that
     /// [`pause_and_resume`](Self::pause_and_resume) should run now rather than at the
     /// next tick.
     pub(crate) fn reached(&self, tracker: &OffsetTracker, topic: &str, partition: i32) -> bool {
         tracker
             .held_in(topic, partition)
             .is_some_and(|held| self.per_partition.reached_by(held))
-            || self.total.reached_by(tracker.held())
+    }
+
+    /// Whether to stop taking events from the consumer for now: the totals (all
+    /// partitions) reached their budget, and, once holding, until they drained to three
+    /// quarters of it. Holding is not pausing: librdkafka drops what it fetched for a
+    /// partition when it is paused and fetches it again on resume, while held records
+    /// simply wait in its queue. Holding too long would miss librdkafka's
+    /// `max.poll.interval.ms`, so a long hold pauses instead (see `pause_and_resume`).
+    pub(crate) fn hold(&self, tracker: &OffsetTracker, holding: bool) -> bool {
+        let held = tracker.held();
+        if holding {
+            held.events > self.total.events / 4 * 3 || held.bytes > self.total.bytes / 4 * 3
+        } else {
+            self.total.reached_by(held)
+        }
     }
 
     /// Reads partitions again from their first skipped offset once the tenants skipped
@@ -106,11 +121,14 @@ impl FlowControl {
         }
     }
 
-    /// Pauses and resumes partitions as their in-flight counts say.
+    /// Pauses and resumes partitions as their in-flight counts say; with `long_hold`
+    /// (the totals have been at their budget for a while), all of them while the totals
+    /// are high.
     pub(crate) fn pause_and_resume<C: Consumer<X>, X: ConsumerContext>(
         &self,
         consumer: &C,
         tracker: &OffsetTracker,
+        long_hold: bool,
     ) {
         let max_ahead = self.fairness.map_or(usize::MAX, |f| f.max_handled_ahead);
         let (pause, resume) = tracker.pause_decisions(|f: &FlowInput| {
@@ -131,12 +149,13 @@ impl FlowControl {
                 // flap between paused and fetching on every event.
                 f.in_flight > self.per_partition.events / 2
                     || f.bytes > self.per_partition.bytes / 2
-                    || f.total > self.total.events / 4 * 3
-                    || f.total_bytes > self.total.bytes / 4 * 3
+                    || (long_hold
+                        && (f.total > self.total.events / 4 * 3
+                            || f.total_bytes > self.total.bytes / 4 * 3))
                     || too_far_ahead
             } else {
                 self.per_partition.reached_by(partition)
-                    || self.total.reached_by(total)
+                    || (long_hold && self.total.reached_by(total))
                     || too_far_ahead
             }
         });

@@ -167,6 +167,11 @@ pub struct OffsetTracker {
     inner: Mutex<Inner>,
     /// Parent of every partition's token: cancelled at shutdown.
     cancel: CancellationToken,
+    /// Told when an event of a paused partition is done, or any event while the consume
+    /// loop holds off reading (see [`set_holding`](Self::set_holding)): the loop may then
+    /// take events again without waiting for its next tick.
+    drained: tokio::sync::Notify,
+    holding: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -184,6 +189,8 @@ impl OffsetTracker {
         OffsetTracker {
             inner: Mutex::default(),
             cancel,
+            drained: tokio::sync::Notify::new(),
+            holding: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -371,6 +378,7 @@ impl OffsetTracker {
         if state.epoch != ticket.epoch {
             return;
         }
+        let wake = state.paused || self.holding.load(std::sync::atomic::Ordering::Relaxed);
         // The bytes are those recorded when the offset was admitted, whichever ticket
         // of it finishes first.
         if let Some((_, bytes)) = state.pending.remove(&ticket.offset) {
@@ -388,6 +396,23 @@ impl OffsetTracker {
             inner.pending_bytes -= bytes;
         }
         inner.publish();
+        drop(inner);
+        if wake {
+            self.drained.notify_one();
+        }
+    }
+
+    /// Whether the consume loop holds off reading (the totals are at their budget): every
+    /// event done then wakes it (see [`drained`](Self::drained)).
+    pub fn set_holding(&self, holding: bool) {
+        self.holding
+            .store(holding, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Resolves once an event of a paused partition, or any event while holding, is done
+    /// (at once if one was done since the last call).
+    pub async fn drained(&self) {
+        self.drained.notified().await;
     }
 
     /// Offsets to commit now (Kafka's convention: the next offset to read), for the

@@ -42,10 +42,11 @@ use crate::shutdown::Shutdown;
 pub struct WorkerSettings {
     pub kafka: KafkaSettings,
     /// Most events read but not yet written or dead-lettered, over all partitions: past
-    /// it every partition is paused until a quarter has drained.
+    /// it no event is read until a quarter has drained (every partition is paused if
+    /// that takes more than a few seconds).
     pub max_in_flight: usize,
-    /// The same in bytes (keys and values): past it every partition is paused until a
-    /// quarter has drained, so large records cannot exhaust memory below the event cap.
+    /// The same in bytes (keys and values), so large records cannot exhaust memory below
+    /// the event cap.
     pub max_in_flight_bytes: usize,
     /// Most events in flight from one partition: past it that partition is paused until
     /// half has drained (with fairness, tenants at their share are skipped there first,
