@@ -192,7 +192,8 @@ async fn worker_row(scenario: &str, input: &Input) -> Row {
         value("kinesis_destination_put_records_batch_records_count"),
         value("kinesis_destination_put_records_batch_records_sum")
             / value("kinesis_destination_put_records_batch_records_count").max(1.0),
-        worker.logs().matches("\"backpressure\"").count() + worker.logs().matches(" backpressure").count(),
+        worker.logs().matches("\"backpressure\"").count()
+            + worker.logs().matches(" backpressure").count(),
         value("kinesis_destination_fairness_skips_total"),
     );
     let records = input.env.fake.records();

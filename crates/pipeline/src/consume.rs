@@ -128,7 +128,8 @@ where
             .flow
             .reached(&self.tracker, msg.topic(), msg.partition())
         {
-            self.flow.pause_and_resume(&*self.consumer, &self.tracker, long_hold);
+            self.flow
+                .pause_and_resume(&*self.consumer, &self.tracker, long_hold);
         }
         match routed {
             Ok(routed) => {
