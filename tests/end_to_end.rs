@@ -189,6 +189,24 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
         kd_testkit::metric_value(&m, "kinesis_destination_events_delivered_total"),
         total
     );
+    // Every written event's latency from its record timestamp, each under a minute here.
+    assert_eq!(
+        kd_testkit::metric_value(&m, "kinesis_destination_delivery_latency_seconds_count"),
+        total
+    );
+    let latency_sum =
+        kd_testkit::metric_value(&m, "kinesis_destination_delivery_latency_seconds_sum");
+    assert!(
+        latency_sum > 0.0 && latency_sum < 60.0 * total,
+        "latency sum {latency_sum}"
+    );
+    assert_eq!(
+        kd_testkit::metric_value(
+            &m,
+            "kinesis_destination_delivery_latency_seconds_bucket{le=\"60\"}"
+        ),
+        total
+    );
     assert_eq!(
         kd_testkit::metric_value(&m, "kinesis_destination_assume_role_total{outcome=\"ok\"}"),
         3.0

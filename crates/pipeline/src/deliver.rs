@@ -216,6 +216,11 @@ impl Deliverer {
             Outcome::Written => {
                 let m = kd_telemetry::metrics();
                 m.events_delivered.inc();
+                if let Some(age) =
+                    produced_at(&job.msg).and_then(|p| SystemTime::now().duration_since(p).ok())
+                {
+                    m.delivery_latency.observe(age.as_secs_f64());
+                }
                 if let Some(source) = kd_telemetry::source_label(job.tenant.source_id.as_str()) {
                     m.source_delivered.with_label_values(&[source]).inc();
                 }

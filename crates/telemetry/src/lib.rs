@@ -27,6 +27,7 @@ pub struct Metrics {
     pub events_delivered: IntCounter,
     pub events_dead_lettered: IntCounterVec,
     pub put_duration: HistogramVec,
+    pub delivery_latency: Histogram,
     pub put_errors: IntCounterVec,
     pub retries: IntCounter,
     pub write_panics: IntCounter,
@@ -88,6 +89,16 @@ impl Metrics {
             events_received: counter!("events_received_total", "Events read from Kafka."),
             events_delivered: counter!("events_delivered_total", "Events written to their tenant's Kinesis stream."),
             events_dead_lettered: counter!("events_dead_lettered_total", "Events produced to the dead-letter topic, by reason.", &["reason"]),
+            delivery_latency: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    name("delivery_latency_seconds"),
+                    "From an event's Kafka record timestamp to its acknowledged write: what lag and retries cost."
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 900.0, 3600.0, 14400.0
+                ])
+            )?),
             put_duration: reg!(HistogramVec::new(
                 HistogramOpts::new(
                     name("put_duration_seconds"),
