@@ -331,7 +331,7 @@ async fn crash_loop_loses_nothing_and_keeps_first_delivery_order() {
     let t = env.tenant("src_crash", "crash", 4);
     // A second tenant writes with PutRecords batches.
     let mut batched = env.tenant("src_crash_b", "crash-batched", 2);
-    batched.use_put_records = true;
+    batched.use_put_records = Some(true);
     // Both streams refuse 30% of their writes as throttled, all along.
     for stream in ["crash", "crash-batched"] {
         env.fake.fail_for(
@@ -426,7 +426,7 @@ async fn workers_joining_and_leaving_share_partitions_without_loss() {
     let t = env.tenant("src_group", "group", 4);
     // A second tenant writes with PutRecords batches through the same rebalances.
     let mut batched = env.tenant("src_group_b", "group-batched", 2);
-    batched.use_put_records = true;
+    batched.use_put_records = Some(true);
     // Tansu's group coordinator keeps rebalancing a group of several members whose
     // session timeout is shorter than about 6 s, so this test keeps the default.
     // It also answers a JoinGroup without waiting for the other members to join again,
@@ -688,7 +688,7 @@ async fn kafka_outage_is_waited_out_without_loss() {
 async fn put_records_partial_failures_are_retried_record_by_record_in_order() {
     let env = Env::start().await;
     let mut t = env.tenant("src_batched", "batched", 4);
-    t.use_put_records = true;
+    t.use_put_records = Some(true);
     let cfg = env
         .config(&[&t])
         .set("delivery", "initial_backoff_ms = 20")
@@ -851,6 +851,75 @@ async fn retries_follow_settings_changes_without_restart() {
         Duration::from_secs(30),
     )
     .await;
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.stop();
+}
+
+/// `usePutRecords` left to its default (`auto`): batches where the role allows
+/// `kinesis:PutRecords`, record by record with `PutRecord` where its policy grants only
+/// that, without losing or reordering anything at the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_write_mode_batches_unless_the_role_refuses_put_records() {
+    let env = Env::start().await;
+    let mut narrow = env.tenant("src_narrow", "narrow", 2);
+    narrow.use_put_records = None;
+    let mut wide = kd_testkit::Tenant::new("src_wide", "333333333333", "us-east-1", "wide");
+    env.fake.create_stream("wide", 2);
+    wide.use_put_records = None;
+    env.fake
+        .deny_role_operation(&narrow.role_arn(), "PutRecords", true);
+    let cfg = env
+        .config(&[&narrow, &wide])
+        .set("delivery", "initial_backoff_ms = 20")
+        .set("delivery", "max_backoff_ms = 200");
+    cfg.write();
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    let events: Vec<(String, String, usize)> = (0..10)
+        .flat_map(|seq| {
+            (0..20).flat_map(move |u| {
+                [
+                    ("src_narrow".to_owned(), format!("n{u}"), seq),
+                    ("src_wide".to_owned(), format!("w{u}"), seq),
+                ]
+            })
+        })
+        .collect();
+    let (sent_narrow, sent_wide): (Vec<Sent>, Vec<Sent>) = env
+        .send_all(&events)
+        .await
+        .into_iter()
+        .partition(|s| s.id.starts_with("src_narrow/"));
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        events.len() as f64,
+        Duration::from_secs(60),
+    )
+    .await;
+    let narrow_records = env.fake.records_of("narrow");
+    let wide_records = env.fake.records_of("wide");
+    assert_all_delivered_in_order(&sent_narrow, &narrow_records);
+    assert_all_delivered_in_order(&sent_wide, &wide_records);
+    assert!(
+        narrow_records.iter().all(|r| r.operation == "PutRecord"),
+        "the refusing role's records went one by one"
+    );
+    assert!(
+        wide_records.iter().all(|r| r.operation == "PutRecords"),
+        "the other role's records were batched"
+    );
+    assert_eq!(
+        worker.logs().matches("refuses kinesis:PutRecords").count(),
+        1,
+        "said once: {}",
+        worker.logs()
+    );
+    assert_eq!(
+        worker.metric(
+            "kinesis_destination_events_dead_lettered_total{reason=\"destination_rejected\"}"
+        ),
+        0.0
+    );
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.stop();
 }

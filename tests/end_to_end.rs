@@ -286,7 +286,11 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     assert!(ok.status.success(), "{out}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("PASS ")).count(),
-        3,
+        4,
+        "{out}"
+    );
+    assert!(
+        out.contains("PASS write mode: PutRecord, record by record (usePutRecords false)"),
         "{out}"
     );
     assert!(!out.contains("s3cr3t-b"), "{out}");
@@ -755,7 +759,7 @@ async fn put_records_batches_deliver_byte_for_byte_in_order() {
     let env = Env::start().await;
     let mut t = Tenant::new("src_batch", "111111111111", "us-east-1", "batched");
     t.shards = 2;
-    t.use_put_records = true;
+    t.use_put_records = Some(true);
     env.streams.create(&t).await;
     let cfg = env.config();
     cfg.write_tenants(&[t.settings()]);

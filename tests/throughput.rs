@@ -153,7 +153,12 @@ async fn input(tenants: usize, users: u32, mode: Mode, sink: Duration) -> Input 
     let tenants: Vec<Tenant> = (0..tenants)
         .map(|i| {
             let mut t = env.tenant(&format!("src_{i}"), &format!("s{i}"), 64);
-            t.use_put_records = mode == Mode::PutRecords;
+            // Batches on the worker's default (`auto`); record by record as a tenant
+            // whose role allows nothing else asks for it.
+            t.use_put_records = match mode {
+                Mode::PutRecords => None,
+                Mode::PutRecord => Some(false),
+            };
             if !sink.is_zero() {
                 env.fake
                     .fail_for(&t.stream, Fault::Latency(sink), Duration::from_secs(3600));

@@ -43,6 +43,15 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
                     }
                 ),
             );
+            report(
+                true,
+                "write mode",
+                match t.write_mode {
+                    kd_tenants::WriteMode::Auto => "PutRecords batches (usePutRecords auto: record by record with PutRecord, for an hour at a time, if the role refuses kinesis:PutRecords)",
+                    kd_tenants::WriteMode::PutRecords => "PutRecords batches (usePutRecords true: the role must allow kinesis:PutRecords)",
+                    kd_tenants::WriteMode::PutRecord => "PutRecord, record by record (usePutRecords false)",
+                },
+            );
             t.clone()
         }
         Some(TenantEntry::Invalid { reason }) => {

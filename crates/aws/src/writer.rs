@@ -1,13 +1,14 @@
 //! One record per event into the tenant's stream, within the stream's capacity: with
 //! `PutRecord`, or gathered into `PutRecords` calls for tenants that turned it on.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
 use kd_event::PartitionKey;
-use kd_tenants::{Region, StreamName, TenantSettings};
+use kd_tenants::{Region, RoleArn, StreamName, TenantSettings, WriteMode};
 use tokio::sync::oneshot;
 
 use crate::batch::Batches;
@@ -38,7 +39,17 @@ pub struct KinesisWriter {
     batches: Arc<Batches<Destination, Pending>>,
     /// How long a `PutRecords` batch stays open for more records.
     linger: Duration,
+    /// Destinations whose role refused `PutRecords` (tenants in `auto` mode), and until
+    /// when they are written with `PutRecord` instead.
+    put_records_refused: Arc<Mutex<HashMap<RefusedKey, tokio::time::Instant>>>,
 }
+
+/// How long a role that refused `PutRecords` is written with `PutRecord` before
+/// `PutRecords` is tried again (its policy may have been extended meanwhile).
+pub const PUT_RECORDS_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A role writing to a stream: what a `PutRecords` refusal is remembered for.
+type RefusedKey = (RoleArn, Region, StreamName);
 
 /// Where a batch goes: records share a call only with the same credentials, region and
 /// stream.
@@ -73,6 +84,63 @@ impl KinesisWriter {
             requests: Arc::new(requests),
             batches: Arc::default(),
             linger,
+            put_records_refused: Arc::default(),
+        }
+    }
+
+    /// Whether a record of `bytes` for `tenant` goes into a `PutRecords` batch. A record
+    /// over 1 MiB (streams with a raised maximum record size) goes on its own with
+    /// `PutRecord`, which every tenant's role allows: `PutRecords` documents 1 MiB per
+    /// record.
+    pub fn batches(&self, tenant: &TenantSettings, bytes: usize) -> bool {
+        bytes <= BATCHED_RECORD_MAX_BYTES
+            && match tenant.write_mode {
+                WriteMode::PutRecord => false,
+                WriteMode::PutRecords => true,
+                WriteMode::Auto => !self.refuses_put_records(tenant),
+            }
+    }
+
+    /// Whether `tenant`'s role refused `PutRecords` on its stream within the last hour.
+    pub fn refuses_put_records(&self, tenant: &TenantSettings) -> bool {
+        let key = (
+            tenant.role.clone(),
+            tenant.region.clone(),
+            tenant.stream.clone(),
+        );
+        let mut refused = self
+            .put_records_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match refused.get(&key) {
+            Some(until) if *until > tokio::time::Instant::now() => true,
+            Some(_) => {
+                refused.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers that `tenant`'s role refused `PutRecords`: its records go by
+    /// `PutRecord` for [`PUT_RECORDS_RETRY_AFTER`].
+    fn remember_put_records_refused(&self, tenant: &TenantSettings) {
+        let key = (
+            tenant.role.clone(),
+            tenant.region.clone(),
+            tenant.stream.clone(),
+        );
+        let mut refused = self
+            .put_records_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        // Bounded by the roles that refuse: drop the lapsed ones when it grows.
+        if refused.len() >= 100_000 {
+            refused.retain(|_, until| *until > now);
+        }
+        if refused.insert(key, now + PUT_RECORDS_RETRY_AFTER).is_none() {
+            tracing::warn!(source_id = %tenant.source_id, role = %tenant.role, stream = %tenant.stream, "the role refuses kinesis:PutRecords; writing with PutRecord for an hour");
         }
     }
 
@@ -91,7 +159,7 @@ impl KinesisWriter {
         self.limits
             .acquire(tenant, key.as_str(), bytes, Some(&client))
             .await;
-        if goes_in_batch(tenant, bytes) {
+        if self.batches(tenant, bytes) {
             return self.put_batched(tenant, session, key, data, bytes).await;
         }
         // Held only for the call itself, never across backoff or rate-limit waits.
@@ -232,6 +300,11 @@ impl KinesisWriter {
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(&tenant).await;
                 }
+                // The role may allow PutRecord only: the records' next attempts use it
+                // (each lane retries its own record first, so nothing is reordered).
+                if err.code == "AccessDeniedException" && tenant.write_mode == WriteMode::Auto {
+                    self.remember_put_records_refused(&tenant);
+                }
                 for p in batch {
                     self.on_refused(&p.tenant, p.key.as_str(), &err);
                     let _ = p.done.send(Err(err.clone()));
@@ -292,29 +365,62 @@ fn context(operation: &str, tenant: &TenantSettings) -> String {
     )
 }
 
-/// Whether a record of `bytes` goes into a `PutRecords` batch. A record over 1 MiB
-/// (streams with a raised maximum record size) goes on its own with `PutRecord`, which
-/// every tenant's role allows: `PutRecords` documents 1 MiB per record.
-fn goes_in_batch(tenant: &TenantSettings, bytes: usize) -> bool {
-    tenant.use_put_records && bytes <= BATCHED_RECORD_MAX_BYTES
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tenant(use_put_records: bool) -> TenantSettings {
+    fn tenant(use_put_records: serde_json::Value) -> TenantSettings {
         let mut v = serde_json::json!({"sourceId": "s", "stream": "st", "region": "us-east-1",
             "roleAddress": "arn:aws:iam::123456789012:role/r", "maxRecordSizeKiB": 4096});
-        v["usePutRecords"] = use_put_records.into();
+        v["usePutRecords"] = use_put_records;
         kd_tenants::parse_tenant(&v).unwrap()
+    }
+
+    fn writer() -> KinesisWriter {
+        let base = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        KinesisWriter::new(
+            CredentialCache::new(base, crate::CredentialSettings::default()),
+            RateLimits::default(),
+            RequestBudget::new(8, 1.0),
+            Duration::from_millis(10),
+        )
     }
 
     #[test]
     fn records_up_to_1_mib_of_batching_tenants_are_batched() {
-        assert!(goes_in_batch(&tenant(true), 1024 * 1024));
-        assert!(!goes_in_batch(&tenant(true), 1024 * 1024 + 1));
-        assert!(!goes_in_batch(&tenant(false), 10));
+        let w = writer();
+        let (auto, on, off) = (
+            tenant(serde_json::Value::Null),
+            tenant(true.into()),
+            tenant(false.into()),
+        );
+        assert_eq!(auto.write_mode, WriteMode::Auto, "auto by default");
+        assert_eq!(tenant("auto".into()).write_mode, WriteMode::Auto);
+        assert!(w.batches(&auto, 1024 * 1024));
+        assert!(w.batches(&on, 1024 * 1024));
+        assert!(!w.batches(&on, 1024 * 1024 + 1));
+        assert!(!w.batches(&off, 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_role_that_refused_put_records_is_written_record_by_record_for_an_hour() {
+        let w = writer();
+        let (auto, on) = (tenant(serde_json::Value::Null), tenant(true.into()));
+        w.remember_put_records_refused(&auto);
+        assert!(!w.batches(&auto, 10));
+        assert!(
+            w.batches(&on, 10),
+            "true forces PutRecords whatever was refused"
+        );
+        tokio::time::advance(PUT_RECORDS_RETRY_AFTER - Duration::from_secs(1)).await;
+        assert!(!w.batches(&auto, 10));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            w.batches(&auto, 10),
+            "PutRecords is tried again after an hour"
+        );
     }
 
     fn written(seq: &str) -> PutRecordsResultEntry {

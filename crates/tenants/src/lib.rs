@@ -18,7 +18,7 @@ mod topic;
 pub use file::{load_file, load_file_into, watch_file, FileError};
 pub use model::{
     parse_tenant, FieldError, Region, RoleArn, Secret, SettingsError, SourceId, StreamName,
-    TenantSettings, DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,
+    TenantSettings, WriteMode, DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,
 };
 pub use topic::{apply_record, follow_topic, TopicError, TopicSettings};
 

@@ -34,6 +34,18 @@ impl fmt::Display for SourceId {
     }
 }
 
+/// How a tenant's records are written (`usePutRecords`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WriteMode {
+    /// `PutRecords` batches, falling back to `PutRecord` for a role and stream whose
+    /// policy refuses `kinesis:PutRecords` (tried again an hour later). The default.
+    Auto,
+    /// `PutRecords` batches only (`true`).
+    PutRecords,
+    /// One `PutRecord` per event (`false`): for roles that allow nothing else.
+    PutRecord,
+}
+
 /// Why one setting's value is not valid (the message follows the setting's name).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FieldError {
@@ -241,9 +253,8 @@ pub struct TenantSettings {
     /// The stream's shard count (capacity hint); 1 when not given.
     pub shards: u32,
     pub use_message_id: bool,
-    /// Write with `PutRecords` batches instead of one `PutRecord` per event (the role
-    /// must then also allow `kinesis:PutRecords`).
-    pub use_put_records: bool,
+    /// `PutRecords` batches or one `PutRecord` per event (`usePutRecords`).
+    pub write_mode: WriteMode,
     /// Largest record Kinesis accepts for this stream, in bytes (data plus partition key).
     pub max_record_bytes: usize,
 }
@@ -365,7 +376,17 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         Some(_) => Err(invalid(format!("{name} must be true or false"))),
     };
     let use_message_id = flag("useMessageId", &raw.use_message_id)?;
-    let use_put_records = flag("usePutRecords", &raw.use_put_records)?;
+    let write_mode = match &raw.use_put_records {
+        None | Some(Value::Null) => WriteMode::Auto,
+        Some(Value::Bool(true)) => WriteMode::PutRecords,
+        Some(Value::Bool(false)) => WriteMode::PutRecord,
+        Some(Value::String(s)) if s == "auto" => WriteMode::Auto,
+        Some(_) => {
+            return Err(invalid(
+                "usePutRecords must be true, false or \"auto\"".into(),
+            ))
+        }
+    };
     let max_kib = match &raw.max_record_size_kib {
         None | Some(Value::Null) => DEFAULT_MAX_RECORD_KIB,
         Some(v) => match v.as_u64() {
@@ -385,7 +406,7 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         secret_id,
         shards,
         use_message_id,
-        use_put_records,
+        write_mode,
         max_record_bytes: max_kib as usize * 1024,
     })
 }

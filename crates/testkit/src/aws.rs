@@ -14,8 +14,9 @@ pub struct Tenant {
     pub shards: u32,
     pub secret_id: Option<String>,
     pub max_record_kib: Option<u32>,
-    /// Write with `PutRecords` batches.
-    pub use_put_records: bool,
+    /// `usePutRecords`: `Some(true)` batches, `Some(false)` (the tests' default) writes
+    /// record by record, `None` leaves the worker's default (`auto`).
+    pub use_put_records: Option<bool>,
 }
 
 impl Tenant {
@@ -28,7 +29,7 @@ impl Tenant {
             shards: 1,
             secret_id: None,
             max_record_kib: None,
-            use_put_records: false,
+            use_put_records: Some(false),
         }
     }
 
@@ -50,8 +51,8 @@ impl Tenant {
         if let Some(k) = self.max_record_kib {
             v["maxRecordSizeKiB"] = json!(k);
         }
-        if self.use_put_records {
-            v["usePutRecords"] = json!(true);
+        if let Some(batch) = self.use_put_records {
+            v["usePutRecords"] = json!(batch);
         }
         v
     }

@@ -48,6 +48,8 @@ pub struct FakeRecord {
     pub at: Instant,
     /// The same moment by the wall clock (to compare with event timestamps).
     pub at_wall: SystemTime,
+    /// `PutRecord` or `PutRecords`.
+    pub operation: String,
     /// The access key that signed the write (tells workers apart).
     pub access_key: String,
 }
@@ -114,6 +116,9 @@ struct Inner {
     credential_lifetime: Option<Duration>,
     /// Roles whose credentials may not write to any stream.
     denied_roles: Vec<String>,
+    /// (role, operation) pairs answered AccessDeniedException, as an IAM policy that
+    /// grants the role the other operation only.
+    denied_operations: Vec<(String, String)>,
     throttled: Vec<Instant>,
     requests: HashMap<String, u64>,
     /// STS refuses the caller's own credentials (as for a revoked access key).
@@ -194,6 +199,17 @@ impl FakeAws {
     /// Answers AccessDeniedException to writes signed with `role`'s credentials.
     pub fn deny_role_writes(&self, role: &str) {
         self.lock().denied_roles.push(role.into());
+    }
+
+    /// Answers AccessDeniedException to `operation` (`PutRecords`) signed with `role`'s
+    /// credentials, or no longer (`denied` false): a policy without that action.
+    pub fn deny_role_operation(&self, role: &str, operation: &str, denied: bool) {
+        let mut inner = self.lock();
+        let entry = (role.to_owned(), operation.to_owned());
+        inner.denied_operations.retain(|e| *e != entry);
+        if denied {
+            inner.denied_operations.push(entry);
+        }
     }
 
     /// Makes STS take `latency` to answer each AssumeRole.

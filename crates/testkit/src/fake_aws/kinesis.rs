@@ -127,10 +127,13 @@ pub(super) async fn put(
     let name = stream_name(req);
     let effect = {
         let mut guard = inner.lock().unwrap();
-        let role_denied = guard
-            .issued
-            .get(access_key)
-            .is_some_and(|c| guard.denied_roles.contains(&c.role));
+        let role_denied = guard.issued.get(access_key).is_some_and(|c| {
+            guard.denied_roles.contains(&c.role)
+                || guard
+                    .denied_operations
+                    .iter()
+                    .any(|(role, op)| *role == c.role && op == operation)
+        });
         let Some(stream) = guard.streams.get_mut(&name) else {
             return stream_not_found(&name);
         };
@@ -187,6 +190,7 @@ pub(super) async fn put(
                     data,
                     at: Instant::now(),
                     at_wall: std::time::SystemTime::now(),
+                    operation: operation.to_owned(),
                     access_key: access_key.to_owned(),
                 });
                 let seq = format!("{:056}", inner.records.len());
