@@ -128,7 +128,7 @@ impl Default for AwsConfig {
             api_timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             max_concurrent_requests: 256,
-            put_records_linger_ms: 10,
+            put_records_linger_ms: 2,
             capacity_fraction: 1.0,
         }
     }

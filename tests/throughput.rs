@@ -192,11 +192,14 @@ async fn worker_row(scenario: &str, input: &Input) -> Row {
     let cpu = worker.cpu_seconds() - cpu_before;
     let m = worker.metrics();
     let value = |name: &str| kd_testkit::metric_value(&m, name);
+    let calls = value("kinesis_destination_put_duration_seconds_count{outcome=\"ok\"}");
     eprintln!(
-        "{scenario}: {} PutRecords calls of {:.1} records on average, {} pauses, {} fairness skips",
+        "{scenario}: {} PutRecords calls of {:.1} records on average, {calls} calls taking {:.1} ms on average, {:.1} s waiting for rate limits, {} pauses, {} fairness skips",
         value("kinesis_destination_put_records_batch_records_count"),
         value("kinesis_destination_put_records_batch_records_sum")
             / value("kinesis_destination_put_records_batch_records_count").max(1.0),
+        1000.0 * value("kinesis_destination_put_duration_seconds_sum{outcome=\"ok\"}") / calls.max(1.0),
+        value("kinesis_destination_rate_limit_wait_seconds_total"),
         worker.logs().matches("\"backpressure\"").count()
             + worker.logs().matches(" backpressure").count(),
         value("kinesis_destination_fairness_skips_total"),
