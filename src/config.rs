@@ -157,7 +157,8 @@ pub struct DeliveryConfig {
     /// Most events in flight from one partition; past it the partition is paused.
     pub max_in_flight_per_partition: usize,
     /// Most bytes (keys and values) of the events in flight (all partitions); one
-    /// partition may hold the share `max_in_flight_per_partition / max_in_flight` of it.
+    /// partition may hold the share `max_in_flight_per_partition / max_in_flight` of it,
+    /// at most a tenth.
     pub max_in_flight_bytes: usize,
     /// Share of a full partition's in-flight budget one tenant may hold (0 to 1;
     /// 1 = off).

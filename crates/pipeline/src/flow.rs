@@ -14,6 +14,12 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::offsets::{Budget, Fairness, FlowInput, Held, OffsetTracker};
 
+/// Most of the byte budget one partition may hold. Large records fill the byte budget
+/// long before the event budget: a partition's byte share must stay small enough that a
+/// down tenant's large records reach it (and fairness lets the others past them) well
+/// before they fill the total, which would stop every partition.
+pub(crate) const PARTITION_BYTES_SHARE: f64 = 0.1;
+
 /// Backpressure: pause a partition with too many events or bytes in flight (or all of
 /// them when the totals are too high), resume it once enough have drained.
 pub(crate) struct FlowControl {
@@ -26,7 +32,8 @@ pub(crate) struct FlowControl {
 
 impl FlowControl {
     /// A partition may hold the same share of the byte budget as of the event budget
-    /// (`total_bytes × per_partition / total`). With fairness (`tenant_share` below 1),
+    /// (`total_bytes × per_partition / total`), but at most a tenth of it
+    /// ([`PARTITION_BYTES_SHARE`]). With fairness (`tenant_share` below 1),
     /// a partition is contended once its budget is used up; tenants at their share are
     /// skipped there from then on, and the others may add up to one share more before
     /// the partition pauses.
@@ -44,7 +51,8 @@ impl FlowControl {
         let partition_share = (per_partition as f64 / total.events as f64).min(1.0);
         let budget = Budget {
             events: per_partition,
-            bytes: ((total.bytes as f64 * partition_share) as usize).max(1),
+            bytes: ((total.bytes as f64 * partition_share.min(PARTITION_BYTES_SHARE)) as usize)
+                .max(1),
         };
         let fairness = (tenant_share < 1.0).then(|| Fairness {
             contended_at: budget,
@@ -222,8 +230,12 @@ mod tests {
                 bytes: partition
             }
         );
-        // A partition budget above the total gets the whole byte budget, not more.
-        let wide = FlowControl::new(30_000, 20_000, 256 * MIB, 1.0);
-        assert_eq!(wide.per_partition.bytes, 256 * MIB);
+        // A partition's event budget at half the total (the default) still gets only a
+        // tenth of the bytes: large records meet fairness before they fill the total.
+        let wide = FlowControl::new(10_000, 20_000, 256 * MIB, 1.0);
+        assert_eq!(wide.per_partition.events, 10_000);
+        assert_eq!(wide.per_partition.bytes, 256 * MIB / 10);
+        let small = FlowControl::new(1_000, 20_000, 256 * MIB, 1.0);
+        assert_eq!(small.per_partition.bytes, 256 * MIB / 20);
     }
 }
