@@ -206,6 +206,34 @@ async fn worker_row(scenario: &str, input: &Input) -> Row {
     );
     let records = input.env.fake.records();
     let (rate, p50_ms, p99_ms) = write_figures(&records);
+    // How long one user's consecutive records are apart at the sink (per-user order
+    // allows one in flight): the lanes' cycle.
+    let mut by_lane: std::collections::HashMap<(String, String), Vec<Instant>> = Default::default();
+    for r in &records {
+        by_lane
+            .entry((r.stream.clone(), r.partition_key.clone()))
+            .or_default()
+            .push(r.at);
+    }
+    let mut gaps: Vec<f64> = by_lane
+        .values_mut()
+        .flat_map(|times| {
+            times.sort();
+            times
+                .windows(2)
+                .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    if !gaps.is_empty() {
+        eprintln!(
+            "{scenario}: {} lanes, gap between a user's records p50 {:.1} ms, p90 {:.1} ms",
+            by_lane.len(),
+            gaps[gaps.len() / 2],
+            gaps[gaps.len() * 9 / 10]
+        );
+    }
     let row = Row {
         scenario: scenario.to_owned(),
         who: "kinesis-destination",

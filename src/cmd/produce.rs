@@ -104,14 +104,18 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let mut pending = Vec::with_capacity(1024);
     let mut sent = 0u64;
     for n in 0..args.count {
-        let source = &args.sources[(n % args.sources.len() as u64) as usize];
+        let sources = args.sources.len() as u64;
+        let source = &args.sources[(n % sources) as usize];
+        // Each source's events are a sample stream of their own (its `i`th event): with
+        // the overall count, round-robin sources would each meet only some of the users.
+        let i = n / sources;
         let with_project = matches!(args.source_in, SourceIn::ProjectId | SourceIn::Both);
         let now = aws_smithy_types::DateTime::from(SystemTime::now())
             .fmt(Format::DateTime)
             .unwrap_or_default();
-        let value = sample_event(source, n, args.users, with_project, args.pad, &now).to_string();
+        let value = sample_event(source, i, args.users, with_project, args.pad, &now).to_string();
         let mut record: FutureRecord<'_, str, str> = FutureRecord::to(&args.topic).payload(&value);
-        let key = format!("{source}:{}", sample_user(n, args.users));
+        let key = format!("{source}:{}", sample_user(i, args.users));
         record = record.key(&key);
         if matches!(args.source_in, SourceIn::Header | SourceIn::Both) {
             record = record.headers(OwnedHeaders::new().insert(Header {
