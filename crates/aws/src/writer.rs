@@ -51,6 +51,14 @@ pub const PUT_RECORDS_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// A role writing to a stream: what a `PutRecords` refusal is remembered for.
 type RefusedKey = (RoleArn, Region, StreamName);
 
+fn refused_key(tenant: &TenantSettings) -> RefusedKey {
+    (
+        tenant.role.clone(),
+        tenant.region.clone(),
+        tenant.stream.clone(),
+    )
+}
+
 /// Where a batch goes: records share a call only with the same credentials, region and
 /// stream.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -103,15 +111,12 @@ impl KinesisWriter {
 
     /// Whether `tenant`'s role refused `PutRecords` on its stream within the last hour.
     pub fn refuses_put_records(&self, tenant: &TenantSettings) -> bool {
-        let key = (
-            tenant.role.clone(),
-            tenant.region.clone(),
-            tenant.stream.clone(),
-        );
-        let mut refused = self
-            .put_records_refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut refused = self.refused();
+        // The common case, on every batched record: no role has refused.
+        if refused.is_empty() {
+            return false;
+        }
+        let key = refused_key(tenant);
         match refused.get(&key) {
             Some(until) if *until > tokio::time::Instant::now() => true,
             Some(_) => {
@@ -122,18 +127,17 @@ impl KinesisWriter {
         }
     }
 
+    fn refused(&self) -> std::sync::MutexGuard<'_, HashMap<RefusedKey, tokio::time::Instant>> {
+        self.put_records_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Remembers that `tenant`'s role refused `PutRecords`: its records go by
     /// `PutRecord` for [`PUT_RECORDS_RETRY_AFTER`].
     fn remember_put_records_refused(&self, tenant: &TenantSettings) {
-        let key = (
-            tenant.role.clone(),
-            tenant.region.clone(),
-            tenant.stream.clone(),
-        );
-        let mut refused = self
-            .put_records_refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let key = refused_key(tenant);
+        let mut refused = self.refused();
         let now = tokio::time::Instant::now();
         // Bounded by the roles that refuse: drop the lapsed ones when it grows.
         if refused.len() >= 100_000 {
