@@ -41,7 +41,7 @@ pub struct KinesisWriter {
     linger: Duration,
     /// Destinations whose role refused `PutRecords` (tenants in `auto` mode), and until
     /// when they are written with `PutRecord` instead.
-    put_records_refused: Arc<Mutex<HashMap<RefusedKey, tokio::time::Instant>>>,
+    put_records_refused: Arc<Refusals>,
 }
 
 /// How long a role that refused `PutRecords` is written with `PutRecord` before
@@ -50,6 +50,29 @@ pub const PUT_RECORDS_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// A role writing to a stream: what a `PutRecords` refusal is remembered for.
 type RefusedKey = (RoleArn, Region, StreamName);
+
+/// The remembered refusals, with their count readable without the lock: every batched
+/// record asks, and almost always none is remembered.
+#[derive(Default)]
+struct Refusals {
+    until: Mutex<HashMap<RefusedKey, tokio::time::Instant>>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+impl Refusals {
+    /// Runs `f` on the map under its lock, and keeps the count in step.
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<RefusedKey, tokio::time::Instant>) -> T) -> T {
+        let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        let out = f(&mut until);
+        self.len
+            .store(until.len(), std::sync::atomic::Ordering::Relaxed);
+        out
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len.load(std::sync::atomic::Ordering::Relaxed) == 0
+    }
+}
 
 fn refused_key(tenant: &TenantSettings) -> RefusedKey {
     (
@@ -111,39 +134,36 @@ impl KinesisWriter {
 
     /// Whether `tenant`'s role refused `PutRecords` on its stream within the last hour.
     pub fn refuses_put_records(&self, tenant: &TenantSettings) -> bool {
-        let mut refused = self.refused();
         // The common case, on every batched record: no role has refused.
-        if refused.is_empty() {
+        if self.put_records_refused.is_empty() {
             return false;
         }
         let key = refused_key(tenant);
-        match refused.get(&key) {
-            Some(until) if *until > tokio::time::Instant::now() => true,
-            Some(_) => {
-                refused.remove(&key);
-                false
-            }
-            None => false,
-        }
-    }
-
-    fn refused(&self) -> std::sync::MutexGuard<'_, HashMap<RefusedKey, tokio::time::Instant>> {
+        let now = tokio::time::Instant::now();
         self.put_records_refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .with(|refused| match refused.get(&key) {
+                Some(until) if *until > now => true,
+                Some(_) => {
+                    refused.remove(&key);
+                    false
+                }
+                None => false,
+            })
     }
 
     /// Remembers that `tenant`'s role refused `PutRecords`: its records go by
     /// `PutRecord` for [`PUT_RECORDS_RETRY_AFTER`].
     fn remember_put_records_refused(&self, tenant: &TenantSettings) {
         let key = refused_key(tenant);
-        let mut refused = self.refused();
         let now = tokio::time::Instant::now();
-        // Bounded by the roles that refuse: drop the lapsed ones when it grows.
-        if refused.len() >= 100_000 {
-            refused.retain(|_, until| *until > now);
-        }
-        if refused.insert(key, now + PUT_RECORDS_RETRY_AFTER).is_none() {
+        let new = self.put_records_refused.with(|refused| {
+            // Bounded by the roles that refuse: drop the lapsed ones when it grows.
+            if refused.len() >= 100_000 {
+                refused.retain(|_, until| *until > now);
+            }
+            refused.insert(key, now + PUT_RECORDS_RETRY_AFTER).is_none()
+        });
+        if new {
             tracing::warn!(source_id = %tenant.source_id, role = %tenant.role, stream = %tenant.stream, "the role refuses kinesis:PutRecords; writing with PutRecord for an hour");
         }
     }

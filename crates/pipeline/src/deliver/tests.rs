@@ -139,6 +139,13 @@ fn tracker() -> OffsetTracker {
     t
 }
 
+/// Writes `job` and says how long (in paused time) it took.
+async fn timed(r: &Retrying<Arc<Scripted>>, job: &Job) -> (Outcome, Duration) {
+    let start = Instant::now();
+    let outcome = r.write(job).await;
+    (outcome, start.elapsed())
+}
+
 fn reason(outcome: &Outcome) -> Option<Reason> {
     match outcome {
         Outcome::DeadLetter(dl) => Some(dl.reason),
@@ -150,9 +157,7 @@ fn reason(outcome: &Outcome) -> Option<Reason> {
 async fn retryable_failures_are_retried_until_the_window_after_production_runs_out() {
     let t = tenant("s");
     let (r, writer) = retrying(throttled, store(&[t.clone()]));
-    let start = Instant::now();
-    let outcome = r.write(&job(&tracker(), t, Duration::ZERO)).await;
-    let took = start.elapsed();
+    let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::ZERO)).await;
     assert_eq!(
         reason(&outcome),
         Some(Reason::RetriesExhausted),
@@ -176,11 +181,7 @@ async fn retryable_failures_are_retried_until_the_window_after_production_runs_o
 async fn an_event_taken_over_late_in_its_window_gets_only_what_is_left() {
     let t = tenant("s");
     let (r, _) = retrying(throttled, store(&[t.clone()]));
-    let start = Instant::now();
-    let outcome = r
-        .write(&job(&tracker(), t, Duration::from_secs(3000)))
-        .await;
-    let took = start.elapsed();
+    let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::from_secs(3000))).await;
     assert_eq!(reason(&outcome), Some(Reason::RetriesExhausted));
     assert!(
         took >= Duration::from_secs(599) && took <= Duration::from_secs(630),
@@ -192,11 +193,7 @@ async fn an_event_taken_over_late_in_its_window_gets_only_what_is_left() {
 async fn a_backlog_older_than_the_window_is_still_retried_for_the_least_time() {
     let t = tenant("s");
     let (r, _) = retrying(throttled, store(&[t.clone()]));
-    let start = Instant::now();
-    let outcome = r
-        .write(&job(&tracker(), t, Duration::from_secs(5 * 3600)))
-        .await;
-    let took = start.elapsed();
+    let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::from_secs(5 * 3600))).await;
     assert_eq!(reason(&outcome), Some(Reason::RetriesExhausted));
     let Outcome::DeadLetter(dl) = &outcome else {
         unreachable!()
@@ -219,9 +216,7 @@ async fn permanent_failures_are_confirmed_for_their_own_window_then_rejected() {
         |_| Err(error(ErrorClass::Permanent, "AccessDeniedException")),
         store(&[t.clone()]),
     );
-    let start = Instant::now();
-    let outcome = r.write(&job(&tracker(), t, Duration::ZERO)).await;
-    let took = start.elapsed();
+    let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::ZERO)).await;
     assert_eq!(reason(&outcome), Some(Reason::DestinationRejected));
     assert!(
         took >= PERMANENT && took <= PERMANENT + Duration::from_secs(30),
@@ -309,11 +304,7 @@ async fn the_least_time_counts_from_the_first_failure_not_from_a_long_first_wait
     // The first write of a backlog event waits 10 minutes (for stream capacity, say)
     // before it is throttled: it still gets its 5 minutes of retries after that.
     Arc::get_mut(&mut r.writer).unwrap().first_takes = Duration::from_secs(600);
-    let start = Instant::now();
-    let outcome = r
-        .write(&job(&tracker(), t, Duration::from_secs(5 * 3600)))
-        .await;
-    let took = start.elapsed();
+    let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::from_secs(5 * 3600))).await;
     assert_eq!(reason(&outcome), Some(Reason::RetriesExhausted));
     assert!(
         took >= Duration::from_secs(900) && took <= Duration::from_secs(930),
