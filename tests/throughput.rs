@@ -39,6 +39,18 @@ fn events() -> u32 {
 /// leave the stream's capacity well above what one pod reads.
 const SINGLE_TENANT_SHARDS: u32 = 256;
 
+/// Tenants of the many-tenants scenario (`BENCH_TENANTS` to change): every pod sees
+/// every active tenant, and keeps a session and a stream limiter for each.
+fn many_tenants() -> usize {
+    std::env::var("BENCH_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+
+/// Events each tenant of the many-tenants scenario sends.
+const MANY_TENANTS_EVENTS: u32 = 3;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     PutRecord,
@@ -153,6 +165,8 @@ fn write_figures(records: &[FakeRecord]) -> (f64, f64, f64) {
 struct Input {
     env: Env,
     tenants: Vec<Tenant>,
+    /// Events produced.
+    events: u32,
     ceiling: f64,
 }
 
@@ -180,6 +194,69 @@ async fn input(tenants: usize, users: u32, shards: u32, mode: Mode, sink: Durati
     Input {
         env,
         tenants,
+        events: events(),
+        ceiling,
+    }
+}
+
+/// `tenants` tenants (one-shard streams, batching on the default) sending `per_tenant`
+/// events each, tenant after tenant in turns (every tenant active at once, as a pod
+/// sees them), produced by librdkafka with its default batching.
+fn many_tenants_input(env: Env, tenants: usize, per_tenant: u32) -> Input {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let tenants: Vec<Tenant> = (0..tenants)
+        .map(|i| {
+            let mut t = env.tenant(&format!("t{i}"), &format!("st{i}"), 1);
+            t.use_put_records = None;
+            t
+        })
+        .collect();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", env.tansu.bootstrap())
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    let now = "2026-01-01T00:00:00Z";
+    let started = Instant::now();
+    for round in 0..per_tenant {
+        for t in &tenants {
+            let user = format!("{}-user-{round}", t.source_id);
+            let value = serde_json::json!({"type": "track", "event": "Bench", "userId": user,
+                "messageId": format!("{}/{round}", t.source_id), "timestamp": now,
+                "properties": {"round": round}})
+            .to_string();
+            let key = format!("{}:{user}", t.source_id);
+            let mut record = BaseRecord::to(TOPIC).payload(&value).key(&key).headers(
+                OwnedHeaders::new().insert(Header {
+                    key: "source_id",
+                    value: Some(t.source_id.as_str()),
+                }),
+            );
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        record = r;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+            producer.poll(Duration::ZERO);
+        }
+    }
+    producer.flush(Duration::from_secs(120)).expect("flush");
+    let events = tenants.len() as u32 * per_tenant;
+    eprintln!(
+        "sent {events} events of {} tenants in {:.2}s",
+        tenants.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let ceiling = bare_consumer_rate(&env.tansu.bootstrap(), events as usize);
+    Input {
+        env,
+        tenants,
+        events,
         ceiling,
     }
 }
@@ -193,12 +270,18 @@ async fn worker_row(scenario: &str, input: &Input) -> Row {
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
-        events() as f64,
+        input.events as f64,
         Duration::from_secs(900),
     )
     .await;
     let cpu = worker.cpu_seconds() - cpu_before;
     let m = worker.metrics();
+    eprintln!(
+        "{scenario}: {} tenants, {} AssumeRole calls, {} ListShards calls",
+        input.tenants.len(),
+        input.env.fake.requests("AssumeRole"),
+        input.env.fake.requests("ListShards"),
+    );
     let value = |name: &str| kd_testkit::metric_value(&m, name);
     let calls = value("kinesis_destination_put_duration_seconds_count{outcome=\"ok\"}");
     eprintln!(
@@ -391,8 +474,23 @@ async fn throughput_table() {
             rows.push(row);
         }
     }
+    let tenants = many_tenants();
+    let name = format!(
+        "{} tenants × {MANY_TENANTS_EVENTS} events, PutRecords, 0 ms sink",
+        tenants
+    );
+    if wanted(&name) {
+        let input = many_tenants_input(Env::start().await, tenants, MANY_TENANTS_EVENTS);
+        let row = worker_row(&name, &input).await;
+        row.print();
+        rows.push(row);
+    }
     println!();
-    println!("## throughput ({} events per scenario)", events());
+    println!(
+        "## throughput ({} events per scenario; {} in the many-tenants one)",
+        events(),
+        tenants as u32 * MANY_TENANTS_EVENTS
+    );
     Row::print_header();
     for row in &rows {
         row.print();

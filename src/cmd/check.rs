@@ -90,7 +90,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let client = session.kinesis(&tenant.region);
+    let client = cache.kinesis(&session, &tenant.region);
     let described = client
         .describe_stream_summary()
         .stream_name(tenant.stream.as_str())

@@ -99,7 +99,8 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         RateLimits::new(aws.capacity_fraction),
         RequestBudget::new(aws.max_concurrent_requests, config.delivery.tenant_share),
         Duration::from_millis(aws.put_records_linger_ms),
-    );
+    )
+    .map_err(CliError::Failed)?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signals(shutdown.clone()));

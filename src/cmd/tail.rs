@@ -118,11 +118,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let base = super::aws_base(t.endpoint_url.clone()).await;
     let client = if t.assume {
         let cache = kd_aws::CredentialCache::new(base, kd_aws::CredentialSettings::default());
-        cache
+        let session = cache
             .session(&t.tenant)
             .await
-            .map_err(|e| CliError::Failed(e.to_string()))?
-            .kinesis(&t.tenant.region)
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+        cache.kinesis(&session, &t.tenant.region)
     } else {
         let conf = aws_sdk_kinesis::config::Builder::from(&base)
             .region(aws_config::Region::new(t.tenant.region.as_str().to_owned()))

@@ -56,13 +56,14 @@ struct Key {
     external_id: Arc<str>,
 }
 
-/// One assumed-role session and the Kinesis clients built on it (one per region).
+/// One assumed-role session: its credentials and when to stop using them. Nothing more
+/// is kept per session (a cached session is a few hundred bytes): writes sign with the
+/// credentials through the one shared [`KinesisApi`](crate::api::KinesisApi), and the
+/// rare SDK calls build a client when they need one ([`CredentialCache::kinesis`]).
 pub struct Session {
     credentials: Credentials,
     /// When the cache must stop handing this session out.
     refresh_at: Instant,
-    clients: Mutex<HashMap<Region, aws_sdk_kinesis::Client>>,
-    base: SdkConfig,
 }
 
 impl std::fmt::Debug for Session {
@@ -73,16 +74,9 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// A Kinesis client for `region`, signing with this session's credentials. Clients
-    /// share the base config's HTTP connection pool.
-    pub fn kinesis(&self, region: &Region) -> aws_sdk_kinesis::Client {
-        per_region(&self.clients, region, |r| {
-            let conf = aws_sdk_kinesis::config::Builder::from(&self.base)
-                .region(r)
-                .credentials_provider(self.credentials.clone())
-                .build();
-            aws_sdk_kinesis::Client::from_conf(conf)
-        })
+    /// The credentials to sign this session's requests with.
+    pub(crate) fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 }
 
@@ -250,6 +244,22 @@ impl CredentialCache {
         refused
     }
 
+    /// An SDK Kinesis client for `region` signing with `session`'s credentials, for the
+    /// calls made now and then (listing shards, `check`, `tail`); built on each call
+    /// and sharing the base config's connection pool.
+    pub fn kinesis(&self, session: &Session, region: &Region) -> aws_sdk_kinesis::Client {
+        let conf = aws_sdk_kinesis::config::Builder::from(&self.base)
+            .region(aws_config::Region::new(region.as_str().to_owned()))
+            .credentials_provider(session.credentials.clone())
+            .build();
+        aws_sdk_kinesis::Client::from_conf(conf)
+    }
+
+    /// The worker's own AWS configuration (endpoint, timeouts, identity).
+    pub fn base(&self) -> &SdkConfig {
+        &self.base
+    }
+
     fn sts(&self, region: &Region) -> aws_sdk_sts::Client {
         per_region(&self.sts_clients, region, |r| {
             let conf = aws_sdk_sts::config::Builder::from(&self.base)
@@ -330,8 +340,6 @@ impl CredentialCache {
                 "AssumeRole",
             ),
             refresh_at,
-            clients: Mutex::default(),
-            base: self.base.clone(),
         }))
     }
 }

@@ -183,6 +183,21 @@ impl AwsError {
         }
     }
 
+    /// Builds the error of a failed call; `context` (what was asked of whom) is only
+    /// formatted now, not on every call.
+    pub fn new(
+        context: &(dyn Fn() -> String + Sync),
+        failure: Failure<'_>,
+        code: &str,
+        message: &str,
+    ) -> Self {
+        AwsError {
+            class: classify(failure),
+            code: code.to_owned(),
+            message: one_line(&format!("{}: {message}", context())),
+        }
+    }
+
     /// Builds the error of a request that could not be built (an input AWS would never
     /// accept): final.
     pub fn construction(context: &str, err: &dyn std::error::Error) -> Self {
@@ -219,7 +234,7 @@ impl HttpStatus for aws_sdk_kinesis::config::http::HttpResponse {
     }
 }
 
-fn chain(err: Option<&dyn std::error::Error>) -> String {
+pub(crate) fn chain(err: Option<&dyn std::error::Error>) -> String {
     let mut parts = Vec::new();
     let mut cur = err;
     while let Some(e) = cur {

@@ -10,10 +10,15 @@
 //!   `PutRecord`, or gathered into `PutRecords` calls ([`batch`]) where a tenant asks.
 //! - [`errors`]: the one place that decides which AWS failures are worth retrying.
 //!
-//! All clients share one HTTP connection pool (they are built from one `SdkConfig`), and
-//! the SDK's own retries are off: the pipeline retries with its own policy so that order,
-//! metrics and the retry window stay in one place.
+//! - [`api`]: the `PutRecord` and `PutRecords` calls themselves, signed per call with
+//!   the tenant's credentials over one connection pool (no SDK client per tenant).
+//!
+//! The SDK clients (STS, and Kinesis for listing shards) share one HTTP connection pool
+//! (they are built from one `SdkConfig`), and the SDK's own retries are off: the
+//! pipeline retries with its own policy so that order, metrics and the retry window stay
+//! in one place.
 
+pub mod api;
 pub mod batch;
 pub mod credentials;
 pub mod errors;

@@ -21,6 +21,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kd_tenants::TenantSettings;
 use moka::sync::Cache;
 
+use crate::credentials::{CredentialCache, Session};
+
 /// Per-shard write capacity of Kinesis Data Streams.
 pub const RECORDS_PER_SHARD_PER_SEC: u32 = 1_000;
 pub const BYTES_PER_SHARD_PER_SEC: u32 = 1024 * 1024;
@@ -269,19 +271,20 @@ impl RateLimits {
     }
 
     /// Waits until the shard of `partition_key` (or the stream, while its shards are
-    /// unknown) has room for a record of `bytes` bytes. With a `client`, the stream's
-    /// shards are listed in the background when due.
+    /// unknown) has room for a record of `bytes` bytes. With a `session` (and the cache
+    /// that makes clients for it), the stream's shards are listed in the background
+    /// when due.
     pub async fn acquire(
         &self,
         tenant: &TenantSettings,
         partition_key: &str,
         bytes: usize,
-        client: Option<&aws_sdk_kinesis::Client>,
+        session: Option<(&CredentialCache, &Session)>,
     ) {
         let limiter = self.limiter(tenant);
         let started = Instant::now();
-        if let Some(client) = client {
-            self.list_shards_if_due(&limiter, tenant, client);
+        if let Some(session) = session {
+            self.list_shards_if_due(&limiter, tenant, session);
             // The first writes wait (briefly) for the shard map rather than spend the
             // stream-wide budget, which could overrun one shard.
             let listed = limiter.listed.notified();
@@ -327,7 +330,7 @@ impl RateLimits {
         &self,
         limiter: &Arc<StreamLimiter>,
         tenant: &TenantSettings,
-        client: &aws_sdk_kinesis::Client,
+        (cache, session): (&CredentialCache, &Session),
     ) {
         let due = match &**limiter.shards.load() {
             ShardMap::Denied => false,
@@ -345,7 +348,7 @@ impl RateLimits {
         }
         let (limiter, client, stream, fraction) = (
             limiter.clone(),
-            client.clone(),
+            cache.kinesis(session, &tenant.region),
             tenant.stream.as_str().to_owned(),
             self.fraction,
         );

@@ -5,12 +5,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, PutRecordsResultEntry};
 use kd_event::PartitionKey;
 use kd_tenants::{Region, RoleArn, StreamName, TenantSettings, WriteMode};
 use tokio::sync::oneshot;
 
+use crate::api::{Entry, KinesisApi, RecordResult};
 use crate::batch::Batches;
 use crate::credentials::{CredentialCache, Session};
 use crate::errors::{AwsError, ErrorClass};
@@ -31,6 +30,7 @@ pub struct Written {
 #[derive(Clone)]
 pub struct KinesisWriter {
     credentials: CredentialCache,
+    api: KinesisApi,
     limits: RateLimits,
     /// Caps the requests on the wire at once: every one holds a pooled connection and
     /// its buffers, so thousands of busy lanes would otherwise mean thousands of
@@ -103,20 +103,23 @@ struct Pending {
 }
 
 impl KinesisWriter {
+    /// Fails only when the system's TLS root certificates cannot be loaded, or the
+    /// configured endpoint is not a URL.
     pub fn new(
         credentials: CredentialCache,
         limits: RateLimits,
         requests: RequestBudget,
         linger: Duration,
-    ) -> Self {
-        KinesisWriter {
+    ) -> Result<Self, String> {
+        Ok(KinesisWriter {
+            api: KinesisApi::new(credentials.base())?,
             credentials,
             limits,
             requests: Arc::new(requests),
             batches: Arc::default(),
             linger,
             put_records_refused: Arc::default(),
-        }
+        })
     }
 
     /// Whether a record of `bytes` for `tenant` goes into a `PutRecords` batch. A record
@@ -178,10 +181,14 @@ impl KinesisWriter {
         data: &[u8],
     ) -> Result<Written, AwsError> {
         let session = self.credentials.session(tenant).await?;
-        let client = session.kinesis(&tenant.region);
         let bytes = data.len() + key.as_str().len();
         self.limits
-            .acquire(tenant, key.as_str(), bytes, Some(&client))
+            .acquire(
+                tenant,
+                key.as_str(),
+                bytes,
+                Some((&self.credentials, &session)),
+            )
             .await;
         if self.batches(tenant, bytes) {
             return self.put_batched(tenant, session, key, data, bytes).await;
@@ -189,28 +196,30 @@ impl KinesisWriter {
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
-        let result = client
-            .put_record()
-            .stream_name(tenant.stream.as_str())
-            .partition_key(key.as_str())
-            .data(Blob::new(data))
-            .send()
+        let result = self
+            .api
+            .put_record(
+                session.credentials(),
+                &tenant.region,
+                tenant.stream.as_str(),
+                Entry {
+                    key: key.as_str(),
+                    data,
+                },
+                &|| context("PutRecord", tenant),
+            )
             .await;
         let elapsed = started.elapsed().as_secs_f64();
         let m = kd_telemetry::metrics();
         match result {
-            Ok(out) => {
+            Ok(written) => {
                 m.put_duration.with_label_values(&["ok"]).observe(elapsed);
-                Ok(Written {
-                    shard_id: out.shard_id().to_owned(),
-                    sequence_number: out.sequence_number().to_owned(),
-                })
+                Ok(written)
             }
-            Err(e) => {
+            Err(err) => {
                 m.put_duration
                     .with_label_values(&["error"])
                     .observe(elapsed);
-                let err = AwsError::from_sdk(&context("PutRecord", tenant), &e);
                 self.on_refused(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(tenant).await;
@@ -273,42 +282,35 @@ impl KinesisWriter {
         batch.retain(|p| !p.done.is_closed());
         let Some(first) = batch.first() else { return };
         let tenant = first.tenant.clone();
-        let client = first.session.kinesis(&tenant.region);
-        let ctx = context("PutRecords", &tenant);
+        let session = first.session.clone();
+        let ctx = || context("PutRecords", &tenant);
         let m = kd_telemetry::metrics();
         m.put_records_batch_records.observe(batch.len() as f64);
-        let entries: Result<Vec<_>, _> = batch
-            .iter_mut()
-            .map(|p| {
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::new(std::mem::take(&mut p.data)))
-                    .partition_key(p.key.as_str())
-                    .build()
-            })
-            .collect();
-        let entries = match entries {
-            Ok(e) => e,
-            Err(e) => {
-                let err = AwsError::construction(&ctx, &e);
-                for p in batch {
-                    let _ = p.done.send(Err(err.clone()));
-                }
-                return;
-            }
-        };
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
-        let result = client
-            .put_records()
-            .stream_name(tenant.stream.as_str())
-            .set_records(Some(entries))
-            .send()
+        let entries: Vec<Entry<'_>> = batch
+            .iter()
+            .map(|p| Entry {
+                key: p.key.as_str(),
+                data: &p.data,
+            })
+            .collect();
+        let result = self
+            .api
+            .put_records(
+                session.credentials(),
+                &tenant.region,
+                tenant.stream.as_str(),
+                &entries,
+                &ctx,
+            )
             .await;
+        drop(entries);
         let elapsed = started.elapsed().as_secs_f64();
         match result {
-            Ok(out) => {
+            Ok(results) => {
                 m.put_duration.with_label_values(&["ok"]).observe(elapsed);
-                let outcomes = record_outcomes(out.records(), batch.len(), &ctx);
+                let outcomes = record_outcomes(&results, batch.len(), &ctx());
                 for (p, outcome) in batch.into_iter().zip(outcomes) {
                     if let Err(err) = &outcome {
                         self.on_refused(&p.tenant, p.key.as_str(), err);
@@ -316,11 +318,10 @@ impl KinesisWriter {
                     let _ = p.done.send(outcome);
                 }
             }
-            Err(e) => {
+            Err(err) => {
                 m.put_duration
                     .with_label_values(&["error"])
                     .observe(elapsed);
-                let err = AwsError::from_sdk(&ctx, &e);
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(&tenant).await;
                 }
@@ -360,17 +361,17 @@ impl KinesisWriter {
 /// with its own error (the call itself succeeded), or, when the answer lists fewer
 /// results than `sent` records, unknown (`InternalFailure`, retried).
 fn record_outcomes(
-    results: &[PutRecordsResultEntry],
+    results: &[RecordResult],
     sent: usize,
     ctx: &str,
 ) -> Vec<Result<Written, AwsError>> {
     (0..sent)
         .map(|i| match results.get(i) {
-            Some(r) => match r.error_code() {
-                Some(code) => Err(AwsError::from_record(ctx, code, r.error_message())),
+            Some(r) => match &r.error_code {
+                Some(code) => Err(AwsError::from_record(ctx, code, r.error_message.as_deref())),
                 None => Ok(Written {
-                    shard_id: r.shard_id().unwrap_or_default().to_owned(),
-                    sequence_number: r.sequence_number().unwrap_or_default().to_owned(),
+                    shard_id: r.shard_id.clone().unwrap_or_default(),
+                    sequence_number: r.sequence_number.clone().unwrap_or_default(),
                 }),
             },
             None => Err(AwsError::from_record(
@@ -410,6 +411,7 @@ mod tests {
             RequestBudget::new(8, 1.0),
             Duration::from_millis(10),
         )
+        .unwrap()
     }
 
     #[test]
@@ -447,18 +449,22 @@ mod tests {
         );
     }
 
-    fn written(seq: &str) -> PutRecordsResultEntry {
-        PutRecordsResultEntry::builder()
-            .shard_id("shardId-000000000001")
-            .sequence_number(seq)
-            .build()
+    fn written(seq: &str) -> RecordResult {
+        RecordResult {
+            shard_id: Some("shardId-000000000001".into()),
+            sequence_number: Some(seq.into()),
+            error_code: None,
+            error_message: None,
+        }
     }
 
-    fn refused(code: &str) -> PutRecordsResultEntry {
-        PutRecordsResultEntry::builder()
-            .error_code(code)
-            .error_message("Rate exceeded for shard")
-            .build()
+    fn refused(code: &str) -> RecordResult {
+        RecordResult {
+            shard_id: None,
+            sequence_number: None,
+            error_code: Some(code.into()),
+            error_message: Some("Rate exceeded for shard".into()),
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   `sts:ExternalId`, a string or a list) and denies a wrong external ID;
 //! - issues credentials with an expiry and refuses expired or unknown ones
 //!   (`ExpiredTokenException`, `UnrecognizedClientException`), identifying the caller
-//!   by the access key in the SigV4 `Authorization` header;
+//!   by the access key in the SigV4 `Authorization` header, and checks the signature
+//!   itself with the secret it issued (`InvalidSignatureException`);
 //! - maps each partition key to a shard by the MD5 of the key into the shards'
 //!   hash-key ranges, and can enforce each shard's 1,000 records/s and 1 MiB/s.
 //!
@@ -22,13 +23,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Method, Uri};
 use axum::response::Response;
 use serde_json::Value;
 
 use crate::proxy::AssumeRoleCall;
 
 mod kinesis;
+mod sigv4;
 mod sts;
 
 use kinesis::{describe, even_shards, json_error, list_shards, put};
@@ -104,6 +106,8 @@ struct Stream {
 struct Issued {
     role: String,
     expires: SystemTime,
+    secret: String,
+    token: String,
 }
 
 #[derive(Default)]
@@ -244,6 +248,8 @@ impl FakeAws {
             Issued {
                 role: role.into(),
                 expires: SystemTime::now() + Duration::from_secs(3600),
+                secret: "peer-secret".into(),
+                token: "peer-session-token".into(),
             },
         );
         (
@@ -340,6 +346,8 @@ impl Drop for FakeAws {
 
 async fn handle(
     State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -383,7 +391,9 @@ async fn handle(
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return json_error(400, "SerializationException", "body is not JSON");
     };
-    if let Some(refused) = authenticate(&inner, &access_key) {
+    if let Some(refused) = authenticate(&inner, &access_key, |secret, token| {
+        sigv4::verify(&method, &uri, &headers, &body, secret, token)
+    }) {
         return refused;
     }
     match operation.as_str() {
@@ -398,8 +408,13 @@ async fn handle(
     }
 }
 
-/// The refusal for credentials the fake did not issue or that have expired.
-fn authenticate(inner: &Mutex<Inner>, access_key: &str) -> Option<Response> {
+/// The refusal for credentials the fake did not issue or that have expired, or a
+/// request whose signature `verify` (given the key's secret and token) refuses.
+fn authenticate(
+    inner: &Mutex<Inner>,
+    access_key: &str,
+    verify: impl FnOnce(&str, &str) -> Result<(), String>,
+) -> Option<Response> {
     let inner = inner.lock().unwrap();
     match inner.issued.get(access_key) {
         None => Some(json_error(
@@ -412,6 +427,8 @@ fn authenticate(inner: &Mutex<Inner>, access_key: &str) -> Option<Response> {
             "ExpiredTokenException",
             "The security token included in the request is expired",
         )),
-        Some(_) => None,
+        Some(c) => verify(&c.secret, &c.token)
+            .err()
+            .map(|why| json_error(400, "InvalidSignatureException", &why)),
     }
 }

@@ -106,6 +106,8 @@ pub(super) fn sts(inner: &Mutex<Inner>, body: &[u8]) -> Response {
         Issued {
             role: role.clone(),
             expires,
+            secret: format!("fake-secret-{n}"),
+            token: format!("fake-token-{n}"),
         },
     );
     let expires = aws_smithy_types::DateTime::from(expires)

@@ -1,0 +1,385 @@
+//! The two Kinesis calls made for every event, `PutRecord` and `PutRecords`, sent without
+//! the SDK: a JSON body written directly, signed with SigV4 using the tenant's session
+//! credentials, over one pooled HTTP client shared by every tenant and region.
+//!
+//! Through the SDK each call ran its whole per-request machinery (interceptors, runtime
+//! components, endpoint rules) and each cached session needed a Kinesis client of its
+//! own (~5 KiB each, hundreds of MiB with 100,000 tenants). Calls made now and then
+//! (ListShards, DescribeStreamSummary, STS) still go through the SDK.
+//!
+//! Owns the wire format only: which failures are retried is [`crate::errors`]'s call.
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::SdkConfig;
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kd_tenants::Region;
+use serde::Deserialize;
+
+use crate::errors::{AwsError, Failure};
+use crate::writer::Written;
+
+const TARGET_PREFIX: &str = "Kinesis_20131202.";
+const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
+
+/// Where Kinesis is reached.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    /// One endpoint for every region (LocalStack, a test fake, a VPC endpoint).
+    Fixed { uri: http::Uri, host: String },
+    /// AWS's own: `kinesis[-fips].<region>.amazonaws.com` (or `.api.aws`, dual-stack).
+    Regional { fips: bool, dual_stack: bool },
+}
+
+/// One record of a `PutRecords` call.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub key: &'a str,
+    pub data: &'a [u8],
+}
+
+/// A record's result in a `PutRecords` answer: written, or refused with its own code.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RecordResult {
+    pub shard_id: Option<String>,
+    pub sequence_number: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PutRecordOutput {
+    shard_id: String,
+    sequence_number: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PutRecordsOutput {
+    #[serde(default)]
+    records: Vec<RecordResult>,
+}
+
+/// The Kinesis data plane for every tenant: one connection pool, credentials per call.
+#[derive(Clone)]
+pub struct KinesisApi {
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    endpoint: Endpoint,
+    /// Time allowed for one call, from sending to the whole answer.
+    attempt_timeout: Duration,
+}
+
+impl std::fmt::Debug for KinesisApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KinesisApi")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KinesisApi {
+    /// A client for the endpoint and timeouts of the worker's AWS configuration (its
+    /// `endpoint_url`, FIPS and dual-stack choices, connect and attempt timeouts).
+    pub fn new(base: &SdkConfig) -> Result<Self, String> {
+        let endpoint = match base.endpoint_url() {
+            Some(url) => {
+                let uri: http::Uri = url
+                    .parse()
+                    .map_err(|e| format!("aws.endpoint_url {url:?} is not a URL: {e}"))?;
+                let host = uri
+                    .authority()
+                    .ok_or_else(|| format!("aws.endpoint_url {url:?} has no host"))?
+                    .to_string();
+                Endpoint::Fixed { uri, host }
+            }
+            None => Endpoint::Regional {
+                fips: base.use_fips().unwrap_or(false),
+                dual_stack: base.use_dual_stack().unwrap_or(false),
+            },
+        };
+        let timeouts = base.timeout_config();
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(
+            timeouts
+                .and_then(|t| t.connect_timeout())
+                .or(Some(Duration::from_secs(3))),
+        );
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(provider)
+            .map_err(|e| format!("cannot load the system's TLS root certificates: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(https);
+        Ok(KinesisApi {
+            http,
+            endpoint,
+            attempt_timeout: timeouts
+                .and_then(|t| t.operation_attempt_timeout())
+                .unwrap_or(Duration::from_secs(10)),
+        })
+    }
+
+    /// One `PutRecord`: where the record landed, or the call's error.
+    pub async fn put_record(
+        &self,
+        credentials: &Credentials,
+        region: &Region,
+        stream: &str,
+        entry: Entry<'_>,
+        context: &(dyn Fn() -> String + Sync),
+    ) -> Result<Written, AwsError> {
+        let body = put_record_body(stream, entry);
+        let answer = self
+            .call(credentials, region, "PutRecord", body, context)
+            .await?;
+        let out: PutRecordOutput = serde_json::from_slice(&answer).map_err(|e| {
+            AwsError::new(
+                context,
+                Failure::Malformed,
+                "ResponseError",
+                &format!("unreadable PutRecord answer: {e}"),
+            )
+        })?;
+        Ok(Written {
+            shard_id: out.shard_id,
+            sequence_number: out.sequence_number,
+        })
+    }
+
+    /// One `PutRecords`: each record's result in the order sent (the answer may list
+    /// fewer; the caller decides what that means), or the call's error.
+    pub async fn put_records(
+        &self,
+        credentials: &Credentials,
+        region: &Region,
+        stream: &str,
+        entries: &[Entry<'_>],
+        context: &(dyn Fn() -> String + Sync),
+    ) -> Result<Vec<RecordResult>, AwsError> {
+        let body = put_records_body(stream, entries);
+        let answer = self
+            .call(credentials, region, "PutRecords", body, context)
+            .await?;
+        let out: PutRecordsOutput = serde_json::from_slice(&answer).map_err(|e| {
+            AwsError::new(
+                context,
+                Failure::Malformed,
+                "ResponseError",
+                &format!("unreadable PutRecords answer: {e}"),
+            )
+        })?;
+        Ok(out.records)
+    }
+
+    /// Signs and sends one call; the answer's body when it is a success.
+    async fn call(
+        &self,
+        credentials: &Credentials,
+        region: &Region,
+        operation: &str,
+        body: Vec<u8>,
+        context: &(dyn Fn() -> String + Sync),
+    ) -> Result<Bytes, AwsError> {
+        let (uri, host) = self.endpoint(region.as_str());
+        let target = format!("{TARGET_PREFIX}{operation}");
+        let construction = |e: &dyn std::error::Error| AwsError::construction(&context(), e);
+        let identity: Identity = credentials.clone().into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(region.as_str())
+            .name("kinesis")
+            .time(SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|e| construction(&e))?
+            .into();
+        let headers = [
+            ("content-type", CONTENT_TYPE),
+            ("host", host.as_str()),
+            ("x-amz-target", target.as_str()),
+        ];
+        let signable = SignableRequest::new(
+            "POST",
+            uri.to_string(),
+            headers.iter().copied(),
+            SignableBody::Bytes(&body),
+        )
+        .map_err(|e| construction(&e))?;
+        let (instructions, _signature) = sign(signable, &params)
+            .map_err(|e| construction(&e))?
+            .into_parts();
+        let mut request = http::Request::post(uri);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let mut request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| construction(&e))?;
+        instructions.apply_to_request_http1x(&mut request);
+
+        let exchange = async {
+            let response = self.http.request(request).await?;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, body))
+        };
+        let (parts, body) = match tokio::time::timeout(self.attempt_timeout, exchange).await {
+            Err(_) => {
+                return Err(AwsError::new(
+                    context,
+                    Failure::Timeout,
+                    "Timeout",
+                    "no response in time",
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(AwsError::new(
+                    context,
+                    Failure::Network,
+                    "NetworkError",
+                    &crate::errors::chain(Some(e.as_ref())),
+                ))
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        if parts.status.is_success() {
+            return Ok(body);
+        }
+        let status = parts.status.as_u16();
+        let (code, message) = error_of(&parts.headers, &body);
+        Err(AwsError::new(
+            context,
+            Failure::Service {
+                code: code.as_deref(),
+                status,
+            },
+            &code.clone().unwrap_or_else(|| format!("HTTP_{status}")),
+            &message.unwrap_or_else(|| format!("HTTP {status}")),
+        ))
+    }
+
+    fn endpoint(&self, region: &str) -> (http::Uri, String) {
+        match &self.endpoint {
+            Endpoint::Fixed { uri, host } => (uri.clone(), host.clone()),
+            Endpoint::Regional { fips, dual_stack } => {
+                let host = regional_host(region, *fips, *dual_stack);
+                let uri = format!("https://{host}/").parse().unwrap_or_else(|_| {
+                    http::Uri::from_static("https://kinesis.us-east-1.amazonaws.com/")
+                });
+                (uri, host)
+            }
+        }
+    }
+}
+
+/// AWS's Kinesis host for `region`: the `aws`, `aws-cn` and `aws-us-gov` partitions.
+fn regional_host(region: &str, fips: bool, dual_stack: bool) -> String {
+    let service = if fips { "kinesis-fips" } else { "kinesis" };
+    let china = region.starts_with("cn-");
+    let domain = match (china, dual_stack) {
+        (false, false) => "amazonaws.com",
+        (false, true) => "api.aws",
+        (true, false) => "amazonaws.com.cn",
+        (true, true) => "api.amazonwebservices.com.cn",
+    };
+    format!("{service}.{region}.{domain}")
+}
+
+/// The JSON body of a `PutRecord` call.
+fn put_record_body(stream: &str, entry: Entry<'_>) -> Vec<u8> {
+    let mut body =
+        Vec::with_capacity(64 + stream.len() + entry.key.len() + entry.data.len().div_ceil(3) * 4);
+    body.extend_from_slice(b"{\"StreamName\":");
+    push_json_str(&mut body, stream);
+    body.push(b',');
+    push_entry_fields(&mut body, entry);
+    body.push(b'}');
+    body
+}
+
+/// The JSON body of a `PutRecords` call.
+fn put_records_body(stream: &str, entries: &[Entry<'_>]) -> Vec<u8> {
+    let size: usize = entries
+        .iter()
+        .map(|e| 40 + e.key.len() + e.data.len().div_ceil(3) * 4)
+        .sum();
+    let mut body = Vec::with_capacity(64 + stream.len() + size);
+    body.extend_from_slice(b"{\"StreamName\":");
+    push_json_str(&mut body, stream);
+    body.extend_from_slice(b",\"Records\":[");
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.push(b'{');
+        push_entry_fields(&mut body, *entry);
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+/// Appends `"PartitionKey":…,"Data":…` for one record (the data base64-encoded).
+fn push_entry_fields(body: &mut Vec<u8>, entry: Entry<'_>) {
+    body.extend_from_slice(b"\"PartitionKey\":");
+    push_json_str(body, entry.key);
+    body.extend_from_slice(b",\"Data\":\"");
+    let start = body.len();
+    body.resize(start + entry.data.len().div_ceil(3) * 4, 0);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(entry.data, &mut body[start..])
+        .unwrap_or(0);
+    body.truncate(start + written);
+    body.push(b'"');
+}
+
+/// Appends `s` as a JSON string.
+fn push_json_str(body: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *body, s);
+}
+
+/// The error code and message of a failed call: the code from `x-amzn-ErrorType` or the
+/// body's `__type` (either may carry a namespace before `#` or a URL after `:`).
+fn error_of(headers: &http::HeaderMap, body: &[u8]) -> (Option<String>, Option<String>) {
+    #[derive(Deserialize, Default)]
+    struct ErrorBody {
+        #[serde(rename = "__type")]
+        kind: Option<String>,
+        #[serde(alias = "Message", alias = "errorMessage")]
+        message: Option<String>,
+    }
+    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let code = headers
+        .get("x-amzn-errortype")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(parsed.kind)
+        .map(|raw| {
+            let raw = raw.split(':').next().unwrap_or_default();
+            raw.rsplit('#').next().unwrap_or_default().trim().to_owned()
+        })
+        .filter(|c| !c.is_empty());
+    (code, parsed.message)
+}
+
+#[cfg(test)]
+mod tests;
