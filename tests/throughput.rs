@@ -217,7 +217,9 @@ fn many_tenants_input(env: Env, tenants: usize, per_tenant: u32) -> Input {
         .set("acks", "all")
         .create()
         .expect("producer");
-    let now = "2026-01-01T00:00:00Z";
+    let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now())
+        .fmt(aws_smithy_types::date_time::Format::DateTime)
+        .unwrap_or_default();
     let started = Instant::now();
     for round in 0..per_tenant {
         for t in &tenants {

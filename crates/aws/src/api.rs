@@ -1,11 +1,12 @@
-//! The two Kinesis calls made for every event, `PutRecord` and `PutRecords`, sent without
-//! the SDK: a JSON body written directly, signed with SigV4 using the tenant's session
+//! The Kinesis calls made for every event, `PutRecord` and `PutRecords`, and for every
+//! stream, `ListShards`, sent without the SDK: a JSON body written directly, signed with SigV4 using the tenant's session
 //! credentials, over one pooled HTTP client shared by every tenant and region.
 //!
 //! Through the SDK each call ran its whole per-request machinery (interceptors, runtime
 //! components, endpoint rules) and each cached session needed a Kinesis client of its
-//! own (~5 KiB each, hundreds of MiB with 100,000 tenants). Calls made now and then
-//! (ListShards, DescribeStreamSummary, STS) still go through the SDK.
+//! own (~5 KiB each, hundreds of MiB with 100,000 tenants); building an SDK client for a
+//! stream's ListShards even loaded the system's root certificates each time. Calls made
+//! now and then (`check`, `tail`, STS) still go through the SDK.
 //!
 //! Owns the wire format only: which failures are retried is [`crate::errors`]'s call.
 
@@ -70,6 +71,49 @@ struct PutRecordOutput {
 struct PutRecordsOutput {
     #[serde(default)]
     records: Vec<RecordResult>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListShardsOutput {
+    #[serde(default)]
+    shards: Vec<ShardOutput>,
+    next_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ShardOutput {
+    hash_key_range: HashKeyRange,
+    sequence_number_range: Option<SequenceNumberRange>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HashKeyRange {
+    starting_hash_key: String,
+    ending_hash_key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SequenceNumberRange {
+    ending_sequence_number: Option<String>,
+}
+
+impl ShardOutput {
+    /// The hash-key range of a shard still open for writes (`None` for a closed one).
+    fn open_range(&self) -> Option<(u128, u128)> {
+        let open = self
+            .sequence_number_range
+            .as_ref()
+            .is_none_or(|r| r.ending_sequence_number.is_none());
+        let range = (
+            self.hash_key_range.starting_hash_key.parse().ok()?,
+            self.hash_key_range.ending_hash_key.parse().ok()?,
+        );
+        open.then_some(range)
+    }
 }
 
 /// The Kinesis data plane for every tenant: one connection pool, credentials per call.
@@ -187,6 +231,43 @@ impl KinesisApi {
             )
         })?;
         Ok(out.records)
+    }
+
+    /// The hash-key ranges of `stream`'s shards open for writes, following ListShards'
+    /// pages (for per-shard rate limits: listed once per stream and then every few
+    /// minutes, so for 100,000 tenants as often as their writes would be).
+    pub async fn open_shard_ranges(
+        &self,
+        credentials: &Credentials,
+        region: &Region,
+        stream: &str,
+        context: &(dyn Fn() -> String + Sync),
+    ) -> Result<Vec<(u128, u128)>, AwsError> {
+        let mut ranges = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            // A page after the first names only its token, not the stream.
+            let body = match &next {
+                Some(token) => serde_json::json!({ "NextToken": token }),
+                None => serde_json::json!({ "StreamName": stream }),
+            };
+            let body = serde_json::to_vec(&body).unwrap_or_default();
+            let answer =
+                Box::pin(self.call(credentials, region, "ListShards", body, context)).await?;
+            let page: ListShardsOutput = serde_json::from_slice(&answer).map_err(|e| {
+                AwsError::new(
+                    context,
+                    Failure::Malformed,
+                    "ResponseError",
+                    &format!("unreadable ListShards answer: {e}"),
+                )
+            })?;
+            ranges.extend(page.shards.iter().filter_map(ShardOutput::open_range));
+            match page.next_token {
+                Some(token) => next = Some(token),
+                None => return Ok(ranges),
+            }
+        }
     }
 
     /// Signs and sends one call; the answer's body when it is a success.

@@ -169,6 +169,19 @@ impl CredentialCache {
             m.credential_cache_hits.inc();
             return Err(e);
         }
+        // Boxed: the miss path is a large future, which would otherwise sit in every
+        // event's task, cached session or not.
+        Box::pin(self.assume_and_cache(key, tenant)).await
+    }
+
+    /// Assumes the role (once for concurrent lookups of one key) and caches the session,
+    /// or remembers the failure.
+    async fn assume_and_cache(
+        &self,
+        key: Key,
+        tenant: &TenantSettings,
+    ) -> Result<Arc<Session>, AwsError> {
+        let m = kd_telemetry::metrics();
         // Concurrent lookups of one key share a single AssumeRole: only the caller whose
         // future runs it counts a miss; the others were served by the cache.
         let assumed_here = AtomicBool::new(false);
@@ -274,15 +287,19 @@ impl CredentialCache {
         // The permit is held for the call only; the semaphore is never closed.
         let _permit = self.assume_permits.acquire().await.ok();
         let started = Instant::now();
-        let out = self
-            .sts(&tenant.region)
-            .assume_role()
-            .role_arn(tenant.role.as_str())
-            .external_id(tenant.external_id())
-            .role_session_name(&self.settings.role_session_name)
-            .duration_seconds(self.settings.session_duration.as_secs() as i32)
-            .send()
-            .await;
+        // The SDK's call is a ~13 KiB future: boxed, it is allocated only once the
+        // permit is held, not by every tenant waiting for one (a cold start of 100,000
+        // tenants has them all waiting at once).
+        let out = Box::pin(
+            self.sts(&tenant.region)
+                .assume_role()
+                .role_arn(tenant.role.as_str())
+                .external_id(tenant.external_id())
+                .role_session_name(&self.settings.role_session_name)
+                .duration_seconds(self.settings.session_duration.as_secs() as i32)
+                .send(),
+        )
+        .await;
         let out = match out {
             Ok(out) => out,
             Err(e) => {
@@ -291,7 +308,7 @@ impl CredentialCache {
                     &e,
                 );
                 m.assume_role.with_label_values(&[outcome(&err)]).inc();
-                if is_worker_identity_error(&err) && self.identity_refused().await {
+                if is_worker_identity_error(&err) && Box::pin(self.identity_refused()).await {
                     tracing::error!(error = %err, "STS refuses the worker's own AWS credentials; no tenant can be served until they are fixed");
                     self.identity(Some(format!(
                         "the worker's own AWS credentials are refused by STS ({}); check the credential chain (IRSA, Pod Identity, environment)",

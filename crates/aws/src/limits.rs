@@ -21,7 +21,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kd_tenants::TenantSettings;
 use moka::sync::Cache;
 
-use crate::credentials::{CredentialCache, Session};
+use crate::api::KinesisApi;
+use crate::credentials::Session;
 
 /// Per-shard write capacity of Kinesis Data Streams.
 pub const RECORDS_PER_SHARD_PER_SEC: u32 = 1_000;
@@ -271,15 +272,14 @@ impl RateLimits {
     }
 
     /// Waits until the shard of `partition_key` (or the stream, while its shards are
-    /// unknown) has room for a record of `bytes` bytes. With a `session` (and the cache
-    /// that makes clients for it), the stream's shards are listed in the background
-    /// when due.
+    /// unknown) has room for a record of `bytes` bytes. With a `session` (and the API to
+    /// call with it), the stream's shards are listed in the background when due.
     pub async fn acquire(
         &self,
         tenant: &TenantSettings,
         partition_key: &str,
         bytes: usize,
-        session: Option<(&CredentialCache, &Session)>,
+        session: Option<(&KinesisApi, &Session)>,
     ) {
         let limiter = self.limiter(tenant);
         let started = Instant::now();
@@ -330,7 +330,7 @@ impl RateLimits {
         &self,
         limiter: &Arc<StreamLimiter>,
         tenant: &TenantSettings,
-        (cache, session): (&CredentialCache, &Session),
+        (api, session): (&KinesisApi, &Session),
     ) {
         let due = match &**limiter.shards.load() {
             ShardMap::Denied => false,
@@ -346,20 +346,19 @@ impl RateLimits {
         if !due || limiter.listing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (limiter, client, stream, fraction) = (
+        let (limiter, api, credentials, region, stream, fraction) = (
             limiter.clone(),
-            cache.kinesis(session, &tenant.region),
+            api.clone(),
+            session.credentials().clone(),
+            tenant.region.clone(),
             tenant.stream.as_str().to_owned(),
             self.fraction,
         );
         tokio::spawn(async move {
-            let result = crate::shards::list_shards(&client, &stream).await;
-            let ranges = result.map(|shards| {
-                shards
-                    .iter()
-                    .filter_map(crate::shards::open_range)
-                    .collect::<Vec<_>>()
-            });
+            let context = || format!("ListShards {stream}");
+            let ranges = api
+                .open_shard_ranges(&credentials, &region, &stream, &context)
+                .await;
             match ranges {
                 Ok(ranges) if !ranges.is_empty() => {
                     tracing::debug!(%stream, shards = ranges.len(), "per-shard rate limits");

@@ -1,5 +1,6 @@
-//! A stream's shards: the one ListShards pager (for per-shard rate limits and for
-//! `tail`), and a reader that takes a stream's records shard by shard (for `tail`).
+//! A stream's shards for `tail`: listing them through the SDK, and a reader that takes a
+//! stream's records shard by shard. (The worker lists shards for its rate limits with
+//! [`KinesisApi::open_shard_ranges`](crate::api::KinesisApi::open_shard_ranges).)
 
 use aws_sdk_kinesis::types::{Record, Shard, ShardIteratorType};
 
@@ -28,19 +29,6 @@ pub async fn list_shards(
             return Ok(shards);
         }
     }
-}
-
-/// The hash-key range of a shard still open for writes (`None` for a closed one).
-pub fn open_range(shard: &Shard) -> Option<(u128, u128)> {
-    let open = shard
-        .sequence_number_range()
-        .is_none_or(|r| r.ending_sequence_number().is_none());
-    let h = shard.hash_key_range()?;
-    let range = (
-        h.starting_hash_key().parse::<u128>().ok()?,
-        h.ending_hash_key().parse::<u128>().ok()?,
-    );
-    open.then_some(range)
 }
 
 /// Where a [`StreamReader`] starts in every shard.
@@ -120,42 +108,5 @@ impl StreamReader {
             }
         }
         Ok(any_open)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use aws_sdk_kinesis::types::{HashKeyRange, SequenceNumberRange};
-
-    fn shard(start: &str, end: &str, closed: bool) -> Shard {
-        let mut seq = SequenceNumberRange::builder().starting_sequence_number("1");
-        if closed {
-            seq = seq.ending_sequence_number("9");
-        }
-        Shard::builder()
-            .shard_id("shardId-000000000000")
-            .hash_key_range(
-                HashKeyRange::builder()
-                    .starting_hash_key(start)
-                    .ending_hash_key(end)
-                    .build()
-                    .unwrap(),
-            )
-            .sequence_number_range(seq.build().unwrap())
-            .build()
-            .unwrap()
-    }
-
-    #[test]
-    fn only_open_shards_have_a_range_for_writes() {
-        let max = u128::MAX.to_string();
-        assert_eq!(open_range(&shard("0", &max, false)), Some((0, u128::MAX)));
-        assert_eq!(
-            open_range(&shard("0", &max, true)),
-            None,
-            "closed by a reshard"
-        );
-        assert_eq!(open_range(&shard("x", &max, false)), None, "not a number");
     }
 }

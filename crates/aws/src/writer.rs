@@ -183,12 +183,7 @@ impl KinesisWriter {
         let session = self.credentials.session(tenant).await?;
         let bytes = data.len() + key.as_str().len();
         self.limits
-            .acquire(
-                tenant,
-                key.as_str(),
-                bytes,
-                Some((&self.credentials, &session)),
-            )
+            .acquire(tenant, key.as_str(), bytes, Some((&self.api, &session)))
             .await;
         if self.batches(tenant, bytes) {
             return self.put_batched(tenant, session, key, data, bytes).await;
@@ -259,10 +254,12 @@ impl KinesisWriter {
         }
         if let Some(id) = added.opened {
             let writer = self.clone();
+            // The sending future is boxed once the batch is taken: a lingering batch
+            // (one per destination, so up to one per event with many tenants) waits small.
             tokio::spawn(async move {
                 tokio::time::sleep(writer.linger).await;
                 if let Some(batch) = writer.batches.take(&destination, id) {
-                    writer.send_batch(batch).await;
+                    Box::pin(writer.send_batch(batch)).await;
                 }
             });
         }
@@ -496,5 +493,20 @@ mod tests {
             assert_eq!(e.code, "InternalFailure");
             assert_eq!(e.class, ErrorClass::Retryable);
         }
+    }
+
+    /// Every event waiting for its write holds this future in its lane's task: with
+    /// 20,000 in flight, each KiB is 20 MiB. The SDK's STS call inside (~13 KiB) is
+    /// boxed and only allocated while a role is being assumed.
+    #[test]
+    fn a_write_waiting_in_its_lane_holds_a_small_future() {
+        let w = writer();
+        let t = Arc::new(tenant(serde_json::Value::Null));
+        let key = PartitionKey::new("k").unwrap();
+        let write = w.put_record(&t, &key, b"x");
+        let size = std::mem::size_of_val(&write);
+        assert!(size <= 4096, "{size} bytes");
+        let session = w.credentials.session(&t);
+        assert!(std::mem::size_of_val(&session) <= 1024);
     }
 }

@@ -227,11 +227,9 @@ impl Deliverer {
                 self.tracker.done(&job.ticket);
             }
             Outcome::DeadLetter(dl) => {
-                if self
-                    .dead_letters
-                    .send(&job.msg, &dl, &job.ticket.cancel)
-                    .await
-                {
+                // Boxed: the dead-letter producer's future is large and rarely needed, and
+                // every event's lane task would otherwise carry it.
+                if Box::pin(self.dead_letters.send(&job.msg, &dl, &job.ticket.cancel)).await {
                     self.tracker.done(&job.ticket);
                 }
             }

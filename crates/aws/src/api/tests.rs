@@ -88,3 +88,175 @@ fn regional_hosts_follow_the_partition() {
         "kinesis.us-east-1.api.aws"
     );
 }
+
+#[test]
+fn only_open_shards_have_a_range_for_writes() {
+    let page: ListShardsOutput = serde_json::from_value(serde_json::json!({
+        "Shards": [
+            {"ShardId": "shardId-000000000000",
+             "HashKeyRange": {"StartingHashKey": "0", "EndingHashKey": u128::MAX.to_string()},
+             "SequenceNumberRange": {"StartingSequenceNumber": "1"}},
+            {"ShardId": "shardId-000000000001",
+             "HashKeyRange": {"StartingHashKey": "0", "EndingHashKey": "5"},
+             "SequenceNumberRange": {"StartingSequenceNumber": "1", "EndingSequenceNumber": "9"}},
+            {"ShardId": "shardId-000000000002",
+             "HashKeyRange": {"StartingHashKey": "x", "EndingHashKey": "5"}}
+        ],
+        "NextToken": "page-2"
+    }))
+    .unwrap();
+    let ranges: Vec<_> = page
+        .shards
+        .iter()
+        .filter_map(ShardOutput::open_range)
+        .collect();
+    // The second was closed by a reshard; the third's range is not a number.
+    assert_eq!(ranges, [(0, u128::MAX)]);
+    assert_eq!(page.next_token.as_deref(), Some("page-2"));
+}
+
+/// The API pointed at a fresh fake, and credentials the fake issued.
+async fn against_fake() -> (kd_testkit::FakeAws, KinesisApi, Credentials) {
+    let fake = kd_testkit::FakeAws::start().await;
+    let base = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .endpoint_url(fake.endpoint())
+        .build();
+    let api = KinesisApi::new(&base).unwrap();
+    let (key, secret, token) = fake.issue_credentials("arn:aws:iam::111111111111:role/r");
+    let credentials = Credentials::new(key, secret, Some(token), None, "test");
+    (fake, api, credentials)
+}
+
+#[tokio::test]
+async fn shards_are_listed_over_every_page() {
+    let (fake, api, credentials) = against_fake().await;
+    // The fake answers 100 shards a page.
+    fake.create_stream("wide", 250);
+    let region = Region::parse("us-east-1").unwrap();
+    let mut ranges = api
+        .open_shard_ranges(&credentials, &region, "wide", &|| "ListShards wide".into())
+        .await
+        .unwrap();
+    ranges.sort();
+    assert_eq!(ranges.len(), 250);
+    assert_eq!(ranges[0].0, 0);
+    assert_eq!(ranges[249].1, u128::MAX);
+    assert!(
+        ranges.windows(2).all(|w| w[1].0 == w[0].1 + 1),
+        "the ranges cover the whole hash-key space without gaps"
+    );
+    assert_eq!(fake.requests("ListShards"), 3);
+}
+
+#[tokio::test]
+async fn writes_land_as_sent_and_refusals_carry_the_services_code() {
+    let (fake, api, credentials) = against_fake().await;
+    fake.create_stream("st", 4);
+    let region = Region::parse("us-east-1").unwrap();
+    let ctx = || "PutRecord to stream st".to_owned();
+    let data = br#"{"type":"track","n":"\u00e9"}"#;
+    let written = api
+        .put_record(
+            &credentials,
+            &region,
+            "st",
+            Entry {
+                key: "user-1",
+                data,
+            },
+            &ctx,
+        )
+        .await
+        .unwrap();
+    assert!(written.shard_id.starts_with("shardId-"), "{written:?}");
+    let entries = [
+        Entry {
+            key: "a",
+            data: b"first",
+        },
+        Entry {
+            key: "b",
+            data: b"",
+        },
+        Entry {
+            key: "c",
+            data: &[0, 255, 10],
+        },
+    ];
+    let results = api
+        .put_records(&credentials, &region, "st", &entries, &ctx)
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3);
+    assert!(
+        results.iter().all(|r| r.error_code.is_none()),
+        "{results:?}"
+    );
+    let records = fake.records_of("st");
+    let got: Vec<(&str, &[u8])> = records
+        .iter()
+        .map(|r| (r.partition_key.as_str(), r.data.as_slice()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("user-1", &data[..]),
+            ("a", b"first"),
+            ("b", b""),
+            ("c", &[0, 255, 10]),
+        ]
+    );
+
+    let missing = api
+        .put_record(&credentials, &region, "nope", entries[0], &ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, "ResourceNotFoundException", "{missing}");
+    assert_eq!(missing.class, crate::ErrorClass::Permanent);
+    assert!(
+        missing.message.starts_with("PutRecord to stream st: "),
+        "{missing}"
+    );
+
+    // A wrong secret signs wrongly: the fake checks signatures as AWS does.
+    let forged = Credentials::new(
+        credentials.access_key_id(),
+        "not-the-secret",
+        credentials.session_token().map(str::to_owned),
+        None,
+        "test",
+    );
+    let refused = api
+        .put_record(&forged, &region, "st", entries[0], &ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, "InvalidSignatureException", "{refused}");
+    assert_eq!(fake.records_of("st").len(), 4);
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_a_retryable_network_error() {
+    let port = kd_testkit::free_port();
+    let base = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .endpoint_url(format!("http://127.0.0.1:{port}"))
+        .build();
+    let api = KinesisApi::new(&base).unwrap();
+    let credentials = Credentials::new("a", "b", None, None, "test");
+    let err = api
+        .put_record(
+            &credentials,
+            &Region::parse("us-east-1").unwrap(),
+            "st",
+            Entry {
+                key: "k",
+                data: b"x",
+            },
+            &|| "PutRecord to stream st".into(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "NetworkError", "{err}");
+    assert_eq!(err.class, crate::ErrorClass::Retryable);
+}

@@ -218,22 +218,52 @@ pub(super) async fn put(
     json_ok(body)
 }
 
+/// Shards per ListShards page. AWS answers at most `MaxResults` (1,000 by default) and
+/// may answer fewer; a small page makes every multi-page stream of the tests page.
+const LIST_SHARDS_PAGE: usize = 100;
+
 pub(super) fn list_shards(inner: &Mutex<Inner>, req: &Value) -> Response {
     let inner = inner.lock().unwrap();
-    let name = stream_name(req);
+    // A later page names only its token (`<stream>/<first shard>`), as AWS requires.
+    let (name, from) = match req.get("NextToken").and_then(Value::as_str) {
+        Some(token) => {
+            if req.get("StreamName").is_some() {
+                return json_error(
+                    400,
+                    "InvalidArgumentException",
+                    "NextToken and StreamName cannot be provided together.",
+                );
+            }
+            match token
+                .rsplit_once('/')
+                .and_then(|(n, f)| Some((n.to_owned(), f.parse().ok()?)))
+            {
+                Some(parsed) => parsed,
+                None => return json_error(400, "InvalidArgumentException", "invalid NextToken"),
+            }
+        }
+        None => (stream_name(req), 0usize),
+    };
     let Some(stream) = inner.streams.get(&name) else {
         return stream_not_found(&name);
     };
     let shards: Vec<Value> = stream
         .shards
         .iter()
+        .skip(from)
+        .take(LIST_SHARDS_PAGE)
         .map(|s| {
             json!({"ShardId": s.id,
                 "HashKeyRange": {"StartingHashKey": s.start.to_string(), "EndingHashKey": s.end.to_string()},
                 "SequenceNumberRange": {"StartingSequenceNumber": "0"}})
         })
         .collect();
-    json_ok(json!({"Shards": shards}))
+    let next = from + LIST_SHARDS_PAGE;
+    if next < stream.shards.len() {
+        json_ok(json!({"Shards": shards, "NextToken": format!("{name}/{next}")}))
+    } else {
+        json_ok(json!({"Shards": shards}))
+    }
 }
 
 pub(super) fn describe(inner: &Mutex<Inner>, req: &Value) -> Response {
