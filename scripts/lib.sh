@@ -76,6 +76,16 @@ ensure_moto() {
   python3 -m pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 }
 
+# AWS's KPL deaggregation module, to check aggregated records as a consumer reads them.
+KPL_AGG_VERSION=1.2.3
+ensure_kpl_deaggregator() {
+  if python3 -c "import aws_kinesis_agg.deaggregator, importlib.metadata as m, sys; sys.exit(m.version('aws_kinesis_agg') != '$KPL_AGG_VERSION')" 2>/dev/null; then
+    return
+  fi
+  log "installing aws_kinesis_agg==$KPL_AGG_VERSION"
+  python3 -m pip install --quiet --disable-pip-version-check "aws_kinesis_agg==$KPL_AGG_VERSION"
+}
+
 # Debian's docker-compose, only to validate docker-compose.yml (no Docker engine here).
 ensure_compose() {
   command -v docker-compose >/dev/null && return

@@ -9,6 +9,7 @@ source scripts/lib.sh
 ensure_build_deps
 ensure_tansu
 ensure_moto
+ensure_kpl_deaggregator
 ensure_compose
 
 log "cargo test"

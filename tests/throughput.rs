@@ -199,6 +199,25 @@ async fn input(tenants: usize, users: u32, shards: u32, mode: Mode, sink: Durati
     }
 }
 
+/// One tenant with one user on a one-shard stream answered after `sink`, `events` events,
+/// with KPL aggregation on or off.
+async fn hot_user_input(aggregate: bool, events: u32, sink: Duration) -> Input {
+    let env = Env::start().await;
+    let mut t = env.tenant("src_hot", "hot", 1);
+    t.use_put_records = None;
+    t.aggregate = aggregate;
+    env.fake
+        .fail_for(&t.stream, Fault::Latency(sink), Duration::from_secs(3600));
+    env.produce(bin(), "src_hot", events, 1, &[]);
+    let ceiling = bare_consumer_rate(&env.tansu.bootstrap(), events as usize);
+    Input {
+        env,
+        tenants: vec![t],
+        events,
+        ceiling,
+    }
+}
+
 /// `tenants` tenants (one-shard streams, batching on the default) sending `per_tenant`
 /// events each, tenant after tenant in turns (every tenant active at once, as a pod
 /// sees them), produced by librdkafka with its default batching.
@@ -299,6 +318,8 @@ async fn worker_row(scenario: &str, input: &Input) -> Row {
     );
     let records = input.env.fake.records();
     let (rate, p50_ms, p99_ms) = write_figures(&records);
+    // Aggregated records hold several events each: the rate counts events.
+    let rate = rate * input.events as f64 / records.len().max(1) as f64;
     // How long one user's consecutive records are apart at the sink (per-user order
     // allows one in flight): the lanes' cycle.
     let mut by_lane: std::collections::HashMap<(String, String), Vec<Instant>> = Default::default();
@@ -343,10 +364,10 @@ async fn worker_row(scenario: &str, input: &Input) -> Row {
     let row = Row {
         scenario: scenario.to_owned(),
         who: "kinesis-destination",
-        events: records.len(),
+        events: input.events as usize,
         rate,
         ceiling: input.ceiling,
-        cpu_us: cpu * 1e6 / records.len() as f64,
+        cpu_us: cpu * 1e6 / input.events as f64,
         rss_mib: worker.peak_rss_bytes() / (1024 * 1024),
         p50_ms,
         p99_ms,
@@ -476,6 +497,23 @@ async fn throughput_table() {
             rows.push(row);
         }
     }
+    for (aggregate, events) in [(true, 20_000), (false, 1_000)] {
+        let name = format!(
+            "1 tenant × 1 user, 1 shard, 20 ms sink, {}",
+            if aggregate {
+                "aggregated"
+            } else {
+                "not aggregated"
+            }
+        );
+        if !wanted(&name) {
+            continue;
+        }
+        let input = hot_user_input(aggregate, events, Duration::from_millis(20)).await;
+        let row = worker_row(&name, &input).await;
+        row.print();
+        rows.push(row);
+    }
     let tenants = many_tenants();
     let name = format!(
         "{} tenants × {MANY_TENANTS_EVENTS} events, PutRecords, 0 ms sink",
@@ -489,7 +527,7 @@ async fn throughput_table() {
     }
     println!();
     println!(
-        "## throughput ({} events per scenario; {} in the many-tenants one)",
+        "## throughput ({} events per scenario; {} in the many-tenants one; 20,000 and 1,000 for one user)",
         events(),
         tenants as u32 * MANY_TENANTS_EVENTS
     );

@@ -18,6 +18,7 @@
 //! pipeline retries with its own policy so that order, metrics and the retry window stay
 //! in one place.
 
+pub mod aggregate;
 pub mod api;
 pub mod batch;
 pub mod credentials;

@@ -30,7 +30,7 @@ const LONG_HOLD: Duration = Duration::from_secs(5);
 /// One user's lane: events of one tenant with one partition key, written in order.
 pub(crate) type Lane = (SourceId, PartitionKey);
 
-pub(crate) struct ConsumeLoop<F> {
+pub(crate) struct ConsumeLoop<F, G> {
     pub consumer: Arc<StreamConsumer<WorkerContext>>,
     pub tracker: Arc<OffsetTracker>,
     /// Looked up for every event.
@@ -38,16 +38,17 @@ pub(crate) struct ConsumeLoop<F> {
     pub source_id_from: SourceIdFrom,
     pub flow: FlowControl,
     /// Where routed events go, one lane per user.
-    pub lanes: Arc<Lanes<Lane, Job, F>>,
+    pub lanes: Arc<Lanes<Lane, Job, F, G>>,
     /// Where events that cannot be routed go.
     pub dead_letters: DeadLetters,
     /// Limits fetch-error lines to one a minute per kind.
     pub errors: Arc<LogLimit>,
 }
 
-impl<F, Fut> ConsumeLoop<F>
+impl<F, G, Fut> ConsumeLoop<F, G>
 where
-    F: Fn(Job) -> Fut + Send + Sync + 'static,
+    F: Fn(Vec<Job>) -> Fut + Send + Sync + 'static,
+    G: Fn(&[Job], &Job) -> bool + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     /// Reads and dispatches events until `shutdown` is cancelled.

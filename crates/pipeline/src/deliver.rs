@@ -74,9 +74,38 @@ impl<W: RecordWriter> Retrying<W> {
     /// for the event, across panics too, counted from when it was produced: neither a
     /// rebalance nor a restart starts it again.
     pub async fn write(&self, job: &Job) -> Outcome {
+        let data = job.msg.payload().unwrap_or_default();
+        self.write_record(job, data, produced_at(&job.msg)).await
+    }
+
+    /// Writes a group of one user's consecutive events (one lane, one partition) as one
+    /// aggregated record: all of them written, or all dead-lettered or cancelled
+    /// together. Its retry window runs from the oldest event's production.
+    pub async fn write_group(&self, jobs: &[Job]) -> Outcome {
+        let Some(first) = jobs.first() else {
+            return Outcome::Written;
+        };
+        let payloads: Vec<&[u8]> = jobs
+            .iter()
+            .map(|j| j.msg.payload().unwrap_or_default())
+            .collect();
+        let data = kd_aws::aggregate::aggregate(first.key.as_str(), &payloads);
+        let produced = jobs.iter().filter_map(|j| produced_at(&j.msg)).min();
+        let outcome = self.write_record(first, &data, produced).await;
+        if matches!(outcome, Outcome::Written) {
+            let m = kd_telemetry::metrics();
+            m.aggregated_user_records.inc_by(jobs.len() as u64);
+            m.aggregated_kinesis_records.inc();
+        }
+        outcome
+    }
+
+    /// Writes `data` for `job` (its tenant, key, partition) until written, dead-lettered
+    /// or cancelled.
+    async fn write_record(&self, job: &Job, data: &[u8], produced: Option<SystemTime>) -> Outcome {
         let started = Instant::now();
         let attempts = retrying_panics(&self.retry, &job.ticket.cancel, || {
-            self.attempts(job, started)
+            self.attempts(job, data, produced, started)
         });
         match attempts.await {
             Ok(outcome) => outcome,
@@ -93,9 +122,13 @@ impl<W: RecordWriter> Retrying<W> {
         }
     }
 
-    async fn attempts(&self, job: &Job, started: Instant) -> Outcome {
-        let data = job.msg.payload().unwrap_or_default();
-        let produced = produced_at(&job.msg);
+    async fn attempts(
+        &self,
+        job: &Job,
+        data: &[u8],
+        produced: Option<SystemTime>,
+        started: Instant,
+    ) -> Outcome {
         let mut permanent_since: Option<Instant> = None;
         // Set at the first retryable failure: `min_retry` counts from there.
         let mut give_up_at: Option<Instant> = None;
@@ -211,32 +244,72 @@ pub(crate) struct Deliverer {
 }
 
 impl Deliverer {
-    pub async fn deliver(&self, job: Job) {
-        match self.retrying.write(&job).await {
+    /// Delivers a lane's group: one event, or several of one user written as one
+    /// aggregated record.
+    pub async fn deliver(&self, mut jobs: Vec<Job>) {
+        let outcome = match jobs.len() {
+            0 => return,
+            1 => self.retrying.write(&jobs[0]).await,
+            _ => Box::pin(self.retrying.write_group(&jobs)).await,
+        };
+        match outcome {
             Outcome::Written => {
                 let m = kd_telemetry::metrics();
-                m.events_delivered.inc();
-                if let Some(age) =
-                    produced_at(&job.msg).and_then(|p| SystemTime::now().duration_since(p).ok())
-                {
-                    m.delivery_latency.observe(age.as_secs_f64());
+                for job in &jobs {
+                    m.events_delivered.inc();
+                    if let Some(age) =
+                        produced_at(&job.msg).and_then(|p| SystemTime::now().duration_since(p).ok())
+                    {
+                        m.delivery_latency.observe(age.as_secs_f64());
+                    }
+                    if let Some(source) = kd_telemetry::source_label(job.tenant.source_id.as_str())
+                    {
+                        m.source_delivered.with_label_values(&[source]).inc();
+                    }
+                    self.tracker.done(&job.ticket);
                 }
-                if let Some(source) = kd_telemetry::source_label(job.tenant.source_id.as_str()) {
-                    m.source_delivered.with_label_values(&[source]).inc();
-                }
-                self.tracker.done(&job.ticket);
             }
             Outcome::DeadLetter(dl) => {
-                // Boxed: the dead-letter producer's future is large and rarely needed, and
-                // every event's lane task would otherwise carry it.
-                if Box::pin(self.dead_letters.send(&job.msg, &dl, &job.ticket.cancel)).await {
-                    self.tracker.done(&job.ticket);
+                // In order: a dead letter that cannot be written leaves the rest of the
+                // group unacknowledged too (the partition's next reader has them all).
+                for job in jobs.drain(..) {
+                    // Boxed: the dead-letter producer's future is large and rarely
+                    // needed, and every event's lane task would otherwise carry it.
+                    if Box::pin(self.dead_letters.send(&job.msg, &dl, &job.ticket.cancel)).await {
+                        self.tracker.done(&job.ticket);
+                    } else {
+                        break;
+                    }
                 }
             }
             // Not acknowledged, so it is read again by the partition's next reader.
             Outcome::Cancelled => {}
         }
     }
+}
+
+/// Whether `next` may join `group` (consecutive events of one lane) in one aggregated
+/// record: its tenant aggregates, it was read from the same partition in the same
+/// assignment (one cancellation covers them all), and the aggregate stays within the
+/// stream's record size (data and partition key) and the group within `max_records`.
+pub(crate) fn joins_aggregate(group: &[Job], next: &Job, max_records: usize) -> bool {
+    let Some(first) = group.first() else {
+        return false;
+    };
+    if !first.tenant.aggregate
+        || group.len() >= max_records
+        || !first.ticket.same_assignment(&next.ticket)
+    {
+        return false;
+    }
+    let key = first.key.as_str();
+    let data: usize = group
+        .iter()
+        .chain([next])
+        .map(|j| j.msg.payload().map_or(0, <[u8]>::len))
+        .sum();
+    data + kd_aws::aggregate::max_overhead(key, group.len() + 1) + key.len()
+        <= first.tenant.max_record_bytes
 }
 
 /// When the event was produced, from its Kafka record's timestamp (create or log-append

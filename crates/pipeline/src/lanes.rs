@@ -4,29 +4,36 @@
 //! were read from Kafka, with at most one write in flight. Each busy lane is one task;
 //! a lane that empties ends its task and disappears, so idle users cost nothing. A slow
 //! or failing tenant only holds up its own lanes.
+//!
+//! A lane may hand several of its waiting jobs to one run (a group), in order, when
+//! `joins` says the next may join the group taken so far: that is how one user's
+//! consecutive events become one aggregated Kinesis record.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-/// Runs jobs through per-key FIFO lanes with `run`.
-pub struct Lanes<K, J, F> {
+/// Runs jobs through per-key FIFO lanes with `run`, in groups that `joins` allows.
+pub struct Lanes<K, J, F, G> {
     queues: Mutex<HashMap<K, VecDeque<J>>>,
     run: F,
+    joins: G,
 }
 
-impl<K, J, F, Fut> Lanes<K, J, F>
+impl<K, J, F, G, Fut> Lanes<K, J, F, G>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     J: Send + 'static,
-    F: Fn(J) -> Fut + Send + Sync + 'static,
+    F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+    G: Fn(&[J], &J) -> bool + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    pub fn new(run: F) -> Arc<Self> {
+    pub fn new(run: F, joins: G) -> Arc<Self> {
         Arc::new(Lanes {
             queues: Mutex::new(HashMap::new()),
             run,
+            joins,
         })
     }
 
@@ -47,17 +54,22 @@ where
         loop {
             // The key stays in the map while its job runs (even with an empty queue), so
             // a concurrent push queues behind it instead of starting a second task.
-            let job = {
+            let group = {
                 let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                match queues.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(job) => job,
-                    None => {
-                        queues.remove(&key);
-                        return;
-                    }
+                let Some(queue) = queues.get_mut(&key) else {
+                    return;
+                };
+                let Some(first) = queue.pop_front() else {
+                    queues.remove(&key);
+                    return;
+                };
+                let mut group = vec![first];
+                while queue.front().is_some_and(|next| (self.joins)(&group, next)) {
+                    group.extend(queue.pop_front());
                 }
+                group
             };
-            (self.run)(job).await;
+            (self.run)(group).await;
         }
     }
 
@@ -76,13 +88,18 @@ mod tests {
     async fn keeps_order_within_a_key_and_runs_keys_concurrently() {
         let log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
-        let lanes = Lanes::new(move |(key, n, delay): (u32, u32, u64)| {
-            let log = log2.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                log.lock().unwrap().push((key, n));
-            }
-        });
+        let lanes = Lanes::new(
+            move |group: Vec<(u32, u32, u64)>| {
+                let log = log2.clone();
+                async move {
+                    for (key, n, delay) in group {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        log.lock().unwrap().push((key, n));
+                    }
+                }
+            },
+            |_: &[(u32, u32, u64)], _: &(u32, u32, u64)| false,
+        );
         // Key 1 is slow; key 2 must not wait for it.
         for n in 0..5 {
             lanes.push(1, (1, n, 20));
@@ -112,5 +129,37 @@ mod tests {
             "fast lane finished before the slow one: {log:?}"
         );
         assert_eq!(lanes.active(), 0, "idle lanes are dropped");
+    }
+
+    #[tokio::test]
+    async fn waiting_jobs_join_a_group_in_order_while_allowed() {
+        let groups = Arc::new(Mutex::new(Vec::new()));
+        let seen = groups.clone();
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let lanes = Lanes::new(
+            move |group: Vec<u32>| {
+                let seen = seen.clone();
+                let mut gate = gate.clone();
+                async move {
+                    seen.lock().unwrap().push(group);
+                    let _ = gate.wait_for(|open| *open).await;
+                }
+            },
+            // Groups of at most three; 10 never joins one.
+            |group: &[u32], next: &u32| group.len() < 3 && *next != 10,
+        );
+        // All queue before the lane's task first runs (a current-thread runtime).
+        for n in [1, 2, 3, 4, 5, 10, 11] {
+            lanes.push("user", n);
+        }
+        release.send(true).unwrap();
+        for _ in 0..100 {
+            if lanes.active() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let groups = groups.lock().unwrap().clone();
+        assert_eq!(groups, vec![vec![1, 2, 3], vec![4, 5], vec![10, 11]]);
     }
 }

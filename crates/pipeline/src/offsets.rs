@@ -51,6 +51,14 @@ pub struct Ticket {
     source: Option<Arc<str>>,
 }
 
+impl Ticket {
+    /// Whether both were read from the same partition in the same assignment (so one
+    /// revocation cancels both).
+    pub fn same_assignment(&self, other: &Ticket) -> bool {
+        self.partition == other.partition && self.epoch == other.epoch && self.topic == other.topic
+    }
+}
+
 #[derive(Debug)]
 struct PartitionState {
     epoch: u64,

@@ -82,6 +82,9 @@ pub enum WorkerError {
 
 /// Runs the worker until `shutdown` is cancelled, then drains, commits and leaves the
 /// group (see "Shutdown" in the README).
+/// Most events of one user in one aggregated record: a failed write retries them all.
+const MAX_AGGREGATED_EVENTS: usize = 1000;
+
 pub async fn run(
     settings: WorkerSettings,
     tenants: Arc<TenantStore>,
@@ -144,10 +147,15 @@ pub async fn run(
             settings.max_in_flight_bytes,
             settings.tenant_share,
         ),
-        lanes: Lanes::new(move |job: Job| {
-            let deliverer = deliverer.clone();
-            async move { deliverer.deliver(job).await }
-        }),
+        lanes: Lanes::new(
+            move |jobs: Vec<Job>| {
+                let deliverer = deliverer.clone();
+                async move { deliverer.deliver(jobs).await }
+            },
+            |group: &[Job], next: &Job| {
+                crate::deliver::joins_aggregate(group, next, MAX_AGGREGATED_EVENTS)
+            },
+        ),
         dead_letters,
         errors,
     };

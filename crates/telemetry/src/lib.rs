@@ -25,6 +25,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub events_received: IntCounter,
     pub events_delivered: IntCounter,
+    pub aggregated_user_records: IntCounter,
+    pub aggregated_kinesis_records: IntCounter,
     pub events_dead_lettered: IntCounterVec,
     pub put_duration: HistogramVec,
     pub delivery_latency: Histogram,
@@ -88,6 +90,8 @@ impl Metrics {
         Ok(Metrics {
             events_received: counter!("events_received_total", "Events read from Kafka."),
             events_delivered: counter!("events_delivered_total", "Events written to their tenant's Kinesis stream."),
+            aggregated_user_records: counter!("aggregated_user_records_total", "Events written inside KPL aggregated records (tenants with aggregate)."),
+            aggregated_kinesis_records: counter!("aggregated_kinesis_records_total", "KPL aggregated Kinesis records written (each holds several events)."),
             events_dead_lettered: counter!("events_dead_lettered_total", "Events produced to the dead-letter topic, by reason.", &["reason"]),
             delivery_latency: reg!(Histogram::with_opts(
                 HistogramOpts::new(

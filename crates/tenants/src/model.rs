@@ -257,6 +257,10 @@ pub struct TenantSettings {
     pub write_mode: WriteMode,
     /// Largest record Kinesis accepts for this stream, in bytes (data plus partition key).
     pub max_record_bytes: usize,
+    /// Consecutive events of one user waiting in its lane are written as one Kinesis
+    /// record in the KPL aggregated format (`aggregate`); the tenant's consumers must
+    /// de-aggregate (KCL does; Lambda needs AWS's deaggregation module).
+    pub aggregate: bool,
 }
 
 impl TenantSettings {
@@ -310,6 +314,7 @@ struct RawSettings {
     shards: Option<Value>,
     use_message_id: Option<Value>,
     use_put_records: Option<Value>,
+    aggregate: Option<Value>,
     #[serde(rename = "maxRecordSizeKiB")]
     max_record_size_kib: Option<Value>,
 }
@@ -376,6 +381,7 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         Some(_) => Err(invalid(format!("{name} must be true or false"))),
     };
     let use_message_id = flag("useMessageId", &raw.use_message_id)?;
+    let aggregate = flag("aggregate", &raw.aggregate)?;
     let write_mode = match &raw.use_put_records {
         None | Some(Value::Null) => WriteMode::Auto,
         Some(Value::Bool(true)) => WriteMode::PutRecords,
@@ -408,6 +414,7 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         use_message_id,
         write_mode,
         max_record_bytes: max_kib as usize * 1024,
+        aggregate,
     })
 }
 
@@ -462,6 +469,7 @@ mod tests {
             ("shards", json!(0), "shards"),
             ("useMessageId", json!("yes"), "useMessageId"),
             ("usePutRecords", json!(1), "usePutRecords"),
+            ("aggregate", json!("yes"), "aggregate"),
             ("maxRecordSizeKiB", json!(20000), "maxRecordSizeKiB"),
             ("secretId", json!(42), "secretId"),
         ];

@@ -17,6 +17,8 @@ pub struct Tenant {
     /// `usePutRecords`: `Some(true)` batches, `Some(false)` (the tests' default) writes
     /// record by record, `None` leaves the worker's default (`auto`).
     pub use_put_records: Option<bool>,
+    /// `aggregate`: one user's waiting events as one KPL aggregated record.
+    pub aggregate: bool,
 }
 
 impl Tenant {
@@ -30,6 +32,7 @@ impl Tenant {
             secret_id: None,
             max_record_kib: None,
             use_put_records: Some(false),
+            aggregate: false,
         }
     }
 
@@ -53,6 +56,9 @@ impl Tenant {
         }
         if let Some(batch) = self.use_put_records {
             v["usePutRecords"] = json!(batch);
+        }
+        if self.aggregate {
+            v["aggregate"] = json!(true);
         }
         v
     }
