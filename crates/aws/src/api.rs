@@ -135,9 +135,16 @@ impl std::fmt::Debug for KinesisApi {
 
 impl KinesisApi {
     /// A client for the endpoint and timeouts of the worker's AWS configuration (its
-    /// `endpoint_url`, FIPS and dual-stack choices, connect and attempt timeouts).
+    /// `endpoint_url` or `AWS_ENDPOINT_URL_KINESIS`, FIPS and dual-stack choices,
+    /// connect and attempt timeouts). Endpoints set per service in an AWS profile's
+    /// `services` section are not read: set the variable or `aws.endpoint_url`.
     pub fn new(base: &SdkConfig) -> Result<Self, String> {
-        let endpoint = match base.endpoint_url() {
+        // The Kinesis-specific endpoint variable first, as the SDK reads it (a VPC
+        // endpoint for Kinesis only), then the one for every service.
+        let kinesis_url = std::env::var("AWS_ENDPOINT_URL_KINESIS")
+            .ok()
+            .filter(|u| !u.is_empty());
+        let endpoint = match kinesis_url.as_deref().or(base.endpoint_url()) {
             Some(url) => {
                 let uri: http::Uri = url
                     .parse()
@@ -169,8 +176,12 @@ impl KinesisApi {
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
+        // The timer lets idle connections be closed in the background; without it the
+        // idle timeout is only checked when a connection is taken again.
         let http = Client::builder(TokioExecutor::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(512)
             .build(https);
         Ok(KinesisApi {
             http,

@@ -289,14 +289,19 @@ impl Deliverer {
 }
 
 /// Whether `next` may join `group` (consecutive events of one lane) in one aggregated
-/// record: its tenant aggregates, it was read from the same partition in the same
-/// assignment (one cancellation covers them all), and the aggregate stays within the
-/// stream's record size (data and partition key) and the group within `max_records`.
+/// record: its tenant aggregates, with the very settings the group was routed with (a
+/// reload that turns aggregation off applies to the next event), it was read from the
+/// same partition in the same assignment (one cancellation covers them all), and the
+/// aggregate stays within the stream's record size (data and partition key) and at most
+/// 1 MiB, which every stream accepts (a refused aggregate would take all its events to
+/// the dead letters), and the group within `max_records`.
 pub(crate) fn joins_aggregate(group: &[Job], next: &Job, max_records: usize) -> bool {
+    const ANY_STREAM_ACCEPTS: usize = 1024 * 1024;
     let Some(first) = group.first() else {
         return false;
     };
     if !first.tenant.aggregate
+        || !Arc::ptr_eq(&first.tenant, &next.tenant)
         || group.len() >= max_records
         || !first.ticket.same_assignment(&next.ticket)
     {
@@ -309,7 +314,7 @@ pub(crate) fn joins_aggregate(group: &[Job], next: &Job, max_records: usize) -> 
         .map(|j| j.msg.payload().map_or(0, <[u8]>::len))
         .sum();
     data + kd_aws::aggregate::max_overhead(key, group.len() + 1) + key.len()
-        <= first.tenant.max_record_bytes
+        <= first.tenant.max_record_bytes.min(ANY_STREAM_ACCEPTS)
 }
 
 /// When the event was produced, from its Kafka record's timestamp (create or log-append

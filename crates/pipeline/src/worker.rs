@@ -80,11 +80,11 @@ pub enum WorkerError {
     MissingTopic(#[from] MissingTopic),
 }
 
-/// Runs the worker until `shutdown` is cancelled, then drains, commits and leaves the
-/// group (see "Shutdown" in the README).
 /// Most events of one user in one aggregated record: a failed write retries them all.
 const MAX_AGGREGATED_EVENTS: usize = 1000;
 
+/// Runs the worker until `shutdown` is cancelled, then drains, commits and leaves the
+/// group (see "Shutdown" in the README).
 pub async fn run(
     settings: WorkerSettings,
     tenants: Arc<TenantStore>,

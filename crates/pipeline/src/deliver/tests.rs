@@ -333,3 +333,94 @@ async fn an_event_without_a_timestamp_says_so_when_it_gives_up() {
     };
     assert!(dl.error.contains("no usable timestamp"), "{}", dl.error);
 }
+
+fn aggregating(max_kib: u32) -> Arc<TenantSettings> {
+    Arc::new(
+        kd_tenants::parse_tenant(&json!({
+            "sourceId": "src_a",
+            "roleAddress": "arn:aws:iam::111111111111:role/kinesis",
+            "region": "us-east-1",
+            "stream": "s",
+            "aggregate": true,
+            "maxRecordSizeKiB": max_kib,
+        }))
+        .unwrap(),
+    )
+}
+
+/// A job of `tenant` at `offset` of partition `partition`, with `bytes` of payload.
+fn sized_job(
+    tracker: &OffsetTracker,
+    tenant: &Arc<TenantSettings>,
+    partition: i32,
+    offset: i64,
+    bytes: usize,
+) -> Job {
+    let msg = OwnedMessage::new(
+        Some(vec![b'x'; bytes]),
+        Some(b"u1".to_vec()),
+        "events".into(),
+        Timestamp::NotAvailable,
+        partition,
+        offset,
+        None,
+    );
+    Job {
+        msg,
+        ticket: tracker.read("events", partition, offset).unwrap(),
+        tenant: tenant.clone(),
+        key: PartitionKey::new("u1").unwrap(),
+    }
+}
+
+#[test]
+fn events_join_an_aggregate_only_of_the_same_settings_partition_and_size() {
+    let tracker = OffsetTracker::new(CancellationToken::new());
+    tracker.assign([("events", 0), ("events", 1)]);
+    let t = aggregating(1024);
+    let group = vec![sized_job(&tracker, &t, 0, 1, 100)];
+    assert!(joins_aggregate(
+        &group,
+        &sized_job(&tracker, &t, 0, 2, 100),
+        10
+    ));
+    assert!(
+        !joins_aggregate(&group, &sized_job(&tracker, &t, 0, 2, 100), 1),
+        "the group is full"
+    );
+    assert!(
+        !joins_aggregate(&group, &sized_job(&tracker, &t, 1, 2, 100), 10),
+        "another partition"
+    );
+    let reloaded = aggregating(1024);
+    assert!(
+        !joins_aggregate(&group, &sized_job(&tracker, &reloaded, 0, 2, 100), 10),
+        "settings reloaded since the group's first event"
+    );
+    let plain = tenant("s");
+    let group_plain = vec![sized_job(&tracker, &plain, 0, 3, 100)];
+    assert!(!joins_aggregate(
+        &group_plain,
+        &sized_job(&tracker, &plain, 0, 4, 100),
+        10
+    ));
+    // Size: within the stream's record size, and never over 1 MiB.
+    let small = aggregating(1);
+    let g = vec![sized_job(&tracker, &small, 0, 5, 400)];
+    assert!(joins_aggregate(
+        &g,
+        &sized_job(&tracker, &small, 0, 6, 400),
+        10
+    ));
+    assert!(!joins_aggregate(
+        &g,
+        &sized_job(&tracker, &small, 0, 6, 700),
+        10
+    ));
+    let big = aggregating(10240);
+    let g = vec![sized_job(&tracker, &big, 0, 7, 600 * 1024)];
+    assert!(
+        !joins_aggregate(&g, &sized_job(&tracker, &big, 0, 8, 600 * 1024), 10),
+        "1.2 MiB: over what every stream accepts"
+    );
+}

@@ -82,6 +82,21 @@ pub(super) fn verify(
     let time = header("x-amz-date")
         .and_then(amz_date)
         .ok_or("missing or malformed X-Amz-Date")?;
+    // AWS refuses a signature more than 5 minutes away from its clock, and one scoped
+    // to another service.
+    let skew = match time.duration_since(SystemTime::now()) {
+        Ok(ahead) => ahead,
+        Err(behind) => behind.duration(),
+    };
+    if skew > Duration::from_secs(300) {
+        return Err("Signature expired: the request time is more than 5 minutes away".into());
+    }
+    if auth.service != "kinesis" {
+        return Err(format!(
+            "credential scope names service {:?}, not kinesis",
+            auth.service
+        ));
+    }
     if header("x-amz-security-token") != Some(token) {
         return Err("the security token does not match the access key".into());
     }
@@ -142,13 +157,17 @@ mod tests {
 
     /// A request signed as a client signs it, then as received.
     fn signed(body: &[u8]) -> (Method, Uri, HeaderMap) {
+        signed_at(body, SystemTime::now(), "kinesis")
+    }
+
+    fn signed_at(body: &[u8], time: SystemTime, service: &str) -> (Method, Uri, HeaderMap) {
         let identity: Identity =
             Credentials::new("AK", "secret", Some("token".into()), None, "test").into();
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region("eu-west-1")
-            .name("kinesis")
-            .time(SystemTime::now())
+            .name(service)
+            .time(time)
             .settings(SigningSettings::default())
             .build()
             .unwrap()
@@ -213,6 +232,17 @@ mod tests {
         let mut unsigned = headers;
         unsigned.remove("authorization");
         assert!(verify(&method, &uri, &unsigned, body, "secret", "token").is_err());
+        let old = SystemTime::now() - Duration::from_secs(600);
+        let (method, uri, stale) = signed_at(body, old, "kinesis");
+        assert!(
+            verify(&method, &uri, &stale, body, "secret", "token").is_err(),
+            "10 minutes old"
+        );
+        let (method, uri, other) = signed_at(body, SystemTime::now(), "firehose");
+        assert!(
+            verify(&method, &uri, &other, body, "secret", "token").is_err(),
+            "another service"
+        );
     }
 
     #[test]
