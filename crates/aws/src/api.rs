@@ -205,14 +205,7 @@ impl KinesisApi {
         let answer = self
             .call(credentials, region, "PutRecord", body, context)
             .await?;
-        let out: PutRecordOutput = serde_json::from_slice(&answer).map_err(|e| {
-            AwsError::new(
-                context,
-                Failure::Malformed,
-                "ResponseError",
-                &format!("unreadable PutRecord answer: {e}"),
-            )
-        })?;
+        let out: PutRecordOutput = parse_answer(&answer, "PutRecord", context)?;
         Ok(Written {
             shard_id: out.shard_id,
             sequence_number: out.sequence_number,
@@ -233,14 +226,7 @@ impl KinesisApi {
         let answer = self
             .call(credentials, region, "PutRecords", body, context)
             .await?;
-        let out: PutRecordsOutput = serde_json::from_slice(&answer).map_err(|e| {
-            AwsError::new(
-                context,
-                Failure::Malformed,
-                "ResponseError",
-                &format!("unreadable PutRecords answer: {e}"),
-            )
-        })?;
+        let out: PutRecordsOutput = parse_answer(&answer, "PutRecords", context)?;
         Ok(out.records)
     }
 
@@ -265,14 +251,7 @@ impl KinesisApi {
             let body = serde_json::to_vec(&body).unwrap_or_default();
             let answer =
                 Box::pin(self.call(credentials, region, "ListShards", body, context)).await?;
-            let page: ListShardsOutput = serde_json::from_slice(&answer).map_err(|e| {
-                AwsError::new(
-                    context,
-                    Failure::Malformed,
-                    "ResponseError",
-                    &format!("unreadable ListShards answer: {e}"),
-                )
-            })?;
+            let page: ListShardsOutput = parse_answer(&answer, "ListShards", context)?;
             ranges.extend(page.shards.iter().filter_map(ShardOutput::open_range));
             match page.next_token {
                 Some(token) => next = Some(token),
@@ -380,6 +359,22 @@ impl KinesisApi {
             }
         }
     }
+}
+
+/// A success answer's body, or a `ResponseError` (retried, as an unreadable answer is).
+fn parse_answer<T: serde::de::DeserializeOwned>(
+    answer: &[u8],
+    operation: &str,
+    context: &(dyn Fn() -> String + Sync),
+) -> Result<T, AwsError> {
+    serde_json::from_slice(answer).map_err(|e| {
+        AwsError::new(
+            context,
+            Failure::Malformed,
+            "ResponseError",
+            &format!("unreadable {operation} answer: {e}"),
+        )
+    })
 }
 
 /// AWS's Kinesis host for `region`: the `aws`, `aws-cn` and `aws-us-gov` partitions.

@@ -260,3 +260,19 @@ async fn an_unreachable_endpoint_is_a_retryable_network_error() {
     assert_eq!(err.code, "NetworkError", "{err}");
     assert_eq!(err.class, crate::ErrorClass::Retryable);
 }
+
+#[test]
+fn an_unreadable_success_answer_is_a_retryable_response_error() {
+    let err = parse_answer::<PutRecordOutput>(b"<html>proxy</html>", "PutRecord", &|| {
+        "PutRecord to stream st".into()
+    })
+    .err()
+    .unwrap();
+    assert_eq!(err.code, "ResponseError");
+    assert_eq!(err.class, crate::ErrorClass::Retryable);
+    assert!(
+        err.message
+            .starts_with("PutRecord to stream st: unreadable PutRecord answer"),
+        "{err}"
+    );
+}
