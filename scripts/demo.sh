@@ -43,6 +43,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log "starting tansu on 127.0.0.1:$KAFKA_PORT and moto on 127.0.0.1:$AWS_PORT"
+# The memory engine of the patched build ensure_tansu installs (its mid-batch fetch bug
+# fixed, see tools/tansu/memory-engine.patch and tests/broker.rs).
 tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
   --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
   --storage-engine memory://tansu/ >"$DEMO/tansu.log" 2>&1 &

@@ -23,16 +23,21 @@ use kd_testkit::{FakeRecord, Fault, Tenant, Worker};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
-/// Events per scenario (`BENCH_EVENTS` to change).
-fn events() -> u32 {
-    std::env::var("BENCH_EVENTS")
+/// The number in environment variable `name`, or `default`.
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000)
+        .unwrap_or(default)
+}
+
+/// Events per scenario (`BENCH_EVENTS` to change).
+fn events() -> u32 {
+    env_number("BENCH_EVENTS", 200_000)
 }
 
 /// Shards of the single tenant's stream. Kinesis takes at most 1,000 records/s per
-/// shard and the worker keeps to it; 2,000 users hashed over 64 shards put ~1.5× the
+/// shard and the worker keeps to it; 2,000 users hashed over 64 shards put ~1.8× the
 /// average on the busiest one, which would cap a 64-shard stream near 43,000 events/s
 /// whatever the writer (the fake does not throttle in the bench, so a writer that does
 /// not keep to shard limits would look faster than Kinesis would let it be). 256 shards
@@ -42,10 +47,7 @@ const SINGLE_TENANT_SHARDS: u32 = 256;
 /// Tenants of the many-tenants scenario (`BENCH_TENANTS` to change): every pod sees
 /// every active tenant, and keeps a session and a stream limiter for each.
 fn many_tenants() -> usize {
-    std::env::var("BENCH_TENANTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
+    env_number("BENCH_TENANTS", 100_000)
 }
 
 /// Events each tenant of the many-tenants scenario sends.

@@ -10,6 +10,7 @@
 //!
 //! Owns the wire format only: which failures are retried is [`crate::errors`]'s call.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use aws_config::SdkConfig;
@@ -30,7 +31,31 @@ use serde::Deserialize;
 use crate::errors::{AwsError, Failure};
 use crate::writer::Written;
 
-const TARGET_PREFIX: &str = "Kinesis_20131202.";
+/// The calls made here: their names (in errors) and `X-Amz-Target` values.
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    PutRecord,
+    PutRecords,
+    ListShards,
+}
+
+impl Operation {
+    fn name(self) -> &'static str {
+        match self {
+            Operation::PutRecord => "PutRecord",
+            Operation::PutRecords => "PutRecords",
+            Operation::ListShards => "ListShards",
+        }
+    }
+
+    fn target(self) -> &'static str {
+        match self {
+            Operation::PutRecord => "Kinesis_20131202.PutRecord",
+            Operation::PutRecords => "Kinesis_20131202.PutRecords",
+            Operation::ListShards => "Kinesis_20131202.ListShards",
+        }
+    }
+}
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 
 /// Where Kinesis is reached.
@@ -203,9 +228,9 @@ impl KinesisApi {
     ) -> Result<Written, AwsError> {
         let body = put_record_body(stream, entry);
         let answer = self
-            .call(credentials, region, "PutRecord", body, context)
+            .call(credentials, region, Operation::PutRecord, body, context)
             .await?;
-        let out: PutRecordOutput = parse_answer(&answer, "PutRecord", context)?;
+        let out: PutRecordOutput = parse_answer(&answer, Operation::PutRecord, context)?;
         Ok(Written {
             shard_id: out.shard_id,
             sequence_number: out.sequence_number,
@@ -224,9 +249,9 @@ impl KinesisApi {
     ) -> Result<Vec<RecordResult>, AwsError> {
         let body = put_records_body(stream, entries);
         let answer = self
-            .call(credentials, region, "PutRecords", body, context)
+            .call(credentials, region, Operation::PutRecords, body, context)
             .await?;
-        let out: PutRecordsOutput = parse_answer(&answer, "PutRecords", context)?;
+        let out: PutRecordsOutput = parse_answer(&answer, Operation::PutRecords, context)?;
         Ok(out.records)
     }
 
@@ -250,8 +275,9 @@ impl KinesisApi {
             };
             let body = serde_json::to_vec(&body).unwrap_or_default();
             let answer =
-                Box::pin(self.call(credentials, region, "ListShards", body, context)).await?;
-            let page: ListShardsOutput = parse_answer(&answer, "ListShards", context)?;
+                Box::pin(self.call(credentials, region, Operation::ListShards, body, context))
+                    .await?;
+            let page: ListShardsOutput = parse_answer(&answer, Operation::ListShards, context)?;
             ranges.extend(page.shards.iter().filter_map(ShardOutput::open_range));
             match page.next_token {
                 Some(token) => next = Some(token),
@@ -265,13 +291,14 @@ impl KinesisApi {
         &self,
         credentials: &Credentials,
         region: &Region,
-        operation: &str,
+        operation: Operation,
         body: Vec<u8>,
         context: &(dyn Fn() -> String + Sync),
     ) -> Result<Bytes, AwsError> {
-        let (uri, host) = self.endpoint(region.as_str());
-        let target = format!("{TARGET_PREFIX}{operation}");
         let construction = |e: &dyn std::error::Error| AwsError::construction(&context(), e);
+        let (uri, host) = self
+            .endpoint(region.as_str())
+            .map_err(|e| construction(&e))?;
         let identity: Identity = credentials.clone().into();
         let params = v4::SigningParams::builder()
             .identity(&identity)
@@ -284,8 +311,8 @@ impl KinesisApi {
             .into();
         let headers = [
             ("content-type", CONTENT_TYPE),
-            ("host", host.as_str()),
-            ("x-amz-target", target.as_str()),
+            ("host", host.as_ref()),
+            ("x-amz-target", operation.target()),
         ];
         let signable = SignableRequest::new(
             "POST",
@@ -347,15 +374,14 @@ impl KinesisApi {
         ))
     }
 
-    fn endpoint(&self, region: &str) -> (http::Uri, String) {
+    /// The URI and `Host` of Kinesis in `region`.
+    fn endpoint(&self, region: &str) -> Result<(http::Uri, Cow<'_, str>), http::uri::InvalidUri> {
         match &self.endpoint {
-            Endpoint::Fixed { uri, host } => (uri.clone(), host.clone()),
+            Endpoint::Fixed { uri, host } => Ok((uri.clone(), Cow::Borrowed(host.as_str()))),
             Endpoint::Regional { fips, dual_stack } => {
                 let host = regional_host(region, *fips, *dual_stack);
-                let uri = format!("https://{host}/").parse().unwrap_or_else(|_| {
-                    http::Uri::from_static("https://kinesis.us-east-1.amazonaws.com/")
-                });
-                (uri, host)
+                let uri = format!("https://{host}/").parse()?;
+                Ok((uri, Cow::Owned(host)))
             }
         }
     }
@@ -364,7 +390,7 @@ impl KinesisApi {
 /// A success answer's body, or a `ResponseError` (retried, as an unreadable answer is).
 fn parse_answer<T: serde::de::DeserializeOwned>(
     answer: &[u8],
-    operation: &str,
+    operation: Operation,
     context: &(dyn Fn() -> String + Sync),
 ) -> Result<T, AwsError> {
     serde_json::from_slice(answer).map_err(|e| {
@@ -372,7 +398,7 @@ fn parse_answer<T: serde::de::DeserializeOwned>(
             context,
             Failure::Malformed,
             "ResponseError",
-            &format!("unreadable {operation} answer: {e}"),
+            &format!("unreadable {} answer: {e}", operation.name()),
         )
     })
 }

@@ -204,17 +204,10 @@ impl KinesisWriter {
                 &|| context("PutRecord", tenant),
             )
             .await;
-        let elapsed = started.elapsed().as_secs_f64();
-        let m = kd_telemetry::metrics();
+        observe_call(started, &result);
         match result {
-            Ok(written) => {
-                m.put_duration.with_label_values(&["ok"]).observe(elapsed);
-                Ok(written)
-            }
+            Ok(written) => Ok(written),
             Err(err) => {
-                m.put_duration
-                    .with_label_values(&["error"])
-                    .observe(elapsed);
                 self.on_refused(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(tenant).await;
@@ -303,11 +296,10 @@ impl KinesisWriter {
             )
             .await;
         drop(entries);
-        let elapsed = started.elapsed().as_secs_f64();
+        observe_call(started, &result);
         match result {
             Ok(results) => {
-                m.put_duration.with_label_values(&["ok"]).observe(elapsed);
-                let outcomes = record_outcomes(&results, batch.len(), &ctx());
+                let outcomes = record_outcomes(&results, batch.len(), &ctx);
                 for (p, outcome) in batch.into_iter().zip(outcomes) {
                     if let Err(err) = &outcome {
                         self.on_refused(&p.tenant, p.key.as_str(), err);
@@ -316,9 +308,6 @@ impl KinesisWriter {
                 }
             }
             Err(err) => {
-                m.put_duration
-                    .with_label_values(&["error"])
-                    .observe(elapsed);
                 if err.class == ErrorClass::ExpiredCredentials {
                     self.credentials.invalidate(&tenant).await;
                 }
@@ -360,24 +349,37 @@ impl KinesisWriter {
 fn record_outcomes(
     results: &[RecordResult],
     sent: usize,
-    ctx: &str,
+    ctx: &dyn Fn() -> String,
 ) -> Vec<Result<Written, AwsError>> {
     (0..sent)
         .map(|i| match results.get(i) {
             Some(r) => match &r.error_code {
-                Some(code) => Err(AwsError::from_record(ctx, code, r.error_message.as_deref())),
+                Some(code) => Err(AwsError::from_record(
+                    &ctx(),
+                    code,
+                    r.error_message.as_deref(),
+                )),
                 None => Ok(Written {
                     shard_id: r.shard_id.clone().unwrap_or_default(),
                     sequence_number: r.sequence_number.clone().unwrap_or_default(),
                 }),
             },
             None => Err(AwsError::from_record(
-                ctx,
+                &ctx(),
                 "InternalFailure",
                 Some("no result for this record"),
             )),
         })
         .collect()
+}
+
+/// Observes one call's duration, labelled by its outcome.
+fn observe_call<T>(started: Instant, result: &Result<T, AwsError>) {
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    kd_telemetry::metrics()
+        .put_duration
+        .with_label_values(&[outcome])
+        .observe(started.elapsed().as_secs_f64());
 }
 
 fn context(operation: &str, tenant: &TenantSettings) -> String {
@@ -472,7 +474,7 @@ mod tests {
             written("3"),
             refused("KMSAccessDeniedException"),
         ];
-        let out = record_outcomes(&results, 4, "PutRecords to stream st");
+        let out = record_outcomes(&results, 4, &|| "PutRecords to stream st".into());
         assert_eq!(out[0].as_ref().unwrap().sequence_number, "1");
         assert_eq!(out[0].as_ref().unwrap().shard_id, "shardId-000000000001");
         let throttled = out[1].as_ref().unwrap_err();
@@ -486,7 +488,7 @@ mod tests {
 
     #[test]
     fn records_missing_from_the_answer_are_retried_not_taken_as_written() {
-        let out = record_outcomes(&[written("1")], 3, "ctx");
+        let out = record_outcomes(&[written("1")], 3, &|| "ctx".into());
         assert!(out[0].is_ok());
         for missing in &out[1..] {
             let e = missing.as_ref().unwrap_err();

@@ -263,7 +263,7 @@ async fn an_unreachable_endpoint_is_a_retryable_network_error() {
 
 #[test]
 fn an_unreadable_success_answer_is_a_retryable_response_error() {
-    let err = parse_answer::<PutRecordOutput>(b"<html>proxy</html>", "PutRecord", &|| {
+    let err = parse_answer::<PutRecordOutput>(b"<html>proxy</html>", Operation::PutRecord, &|| {
         "PutRecord to stream st".into()
     })
     .err()
