@@ -1,8 +1,14 @@
-//! Flow control (backpressure): a partition with too many events or bytes in flight is
-//! paused, and resumed as soon as enough have drained; when the totals are too high, the
-//! consume loop holds off reading (pausing every partition only if that lasts). With
-//! fairness, a contended partition skips the events of tenants at their
-//! share and reads them again once those drain.
+//! Flow control (backpressure): when the totals are too high, the consume loop holds off
+//! reading (pausing every partition only if that lasts); a partition with too many events
+//! or bytes in flight that it does not drain quickly is paused, and resumed as soon as
+//! enough have drained. With fairness, a contended partition skips the events of tenants
+//! at their share that do not drain quickly, and reads them again once those drain.
+//!
+//! "Drains quickly" (within [`DRAIN_TARGET`] at the recent rate of completions) is what
+//! keeps a busy but healthy tenant from being skipped or its partition paused: either
+//! makes librdkafka fetch the partition again (it drops what it prefetched for a paused
+//! partition; a skip seeks back), which costs a lone tenant at a 20 ms sink a third of
+//! its throughput, and helps nobody when what is held will be written within a second.
 //!
 //! Decides from the offset tracker's counts and acts on the consumer (pause, resume,
 //! seek); never touches events or commits.
@@ -20,6 +26,10 @@ use crate::offsets::{Budget, Fairness, FlowInput, Held, OffsetTracker};
 /// before they fill the total, which would stop every partition.
 pub(crate) const PARTITION_BYTES_SHARE: f64 = 0.1;
 
+/// What a partition or a tenant holds in flight "drains quickly" when the rate at which
+/// its events were recently done clears it within this.
+pub(crate) const DRAIN_TARGET: Duration = Duration::from_secs(2);
+
 /// Backpressure: pause a partition with too many events or bytes in flight (or all of
 /// them when the totals are too high), resume it once enough have drained.
 pub(crate) struct FlowControl {
@@ -34,9 +44,9 @@ impl FlowControl {
     /// A partition may hold the same share of the byte budget as of the event budget
     /// (`total_bytes × per_partition / total`), but at most a tenth of it
     /// ([`PARTITION_BYTES_SHARE`]). With fairness (`tenant_share` below 1),
-    /// a partition is contended once its budget is used up; tenants at their share are
-    /// skipped there from then on, and the others may add up to one share more before
-    /// the partition pauses.
+    /// a partition is contended once its budget is used up; tenants at their share that
+    /// do not drain quickly are skipped there from then on. A partition pauses at its
+    /// budget plus one share, if it does not drain quickly and nobody can be skipped.
     pub(crate) fn new(
         per_partition: usize,
         total: usize,
@@ -58,6 +68,7 @@ impl FlowControl {
             contended_at: budget,
             per_source: budget.share(tenant_share),
             max_handled_ahead: per_partition.saturating_mul(50),
+            drain_target: DRAIN_TARGET,
         });
         FlowControl {
             per_partition: match fairness {
@@ -72,13 +83,11 @@ impl FlowControl {
         }
     }
 
-    /// Whether the partition just read from reached its budget, so that
-    /// [`pause_and_resume`](Self::pause_and_resume) should run now rather than at the
-    /// next tick.
+    /// Whether the partition just read from reached its budget without draining it
+    /// quickly, so that [`pause_and_resume`](Self::pause_and_resume) should run now
+    /// rather than at the next tick.
     pub(crate) fn reached(&self, tracker: &OffsetTracker, topic: &str, partition: i32) -> bool {
-        tracker
-            .held_in(topic, partition)
-            .is_some_and(|held| self.per_partition.reached_by(held))
+        tracker.full_and_slow(topic, partition, self.per_partition, DRAIN_TARGET)
     }
 
     /// Whether to stop taking events from the consumer for now: the totals (all
@@ -139,34 +148,38 @@ impl FlowControl {
         long_hold: bool,
     ) {
         let max_ahead = self.fairness.map_or(usize::MAX, |f| f.max_handled_ahead);
-        let (pause, resume) = tracker.pause_decisions(|f: &FlowInput| {
-            // Skipping ahead is bounded too: the offsets handled past a skip are kept.
-            let too_far_ahead = f.skipping && f.handled_ahead >= max_ahead;
-            let (partition, total) = (
-                Held {
-                    events: f.in_flight,
-                    bytes: f.bytes,
-                },
-                Held {
-                    events: f.total,
-                    bytes: f.total_bytes,
-                },
-            );
-            if f.paused {
-                // Hysteresis: resume only well below the caps, so a partition does not
-                // flap between paused and fetching on every event.
-                f.in_flight > self.per_partition.events / 2
-                    || f.bytes > self.per_partition.bytes / 2
-                    || (long_hold
-                        && (f.total > self.total.events / 4 * 3
-                            || f.total_bytes > self.total.bytes / 4 * 3))
-                    || too_far_ahead
-            } else {
-                self.per_partition.reached_by(partition)
-                    || (long_hold && self.total.reached_by(total))
-                    || too_far_ahead
-            }
-        });
+        let (pause, resume) =
+            tracker.pause_decisions(DRAIN_TARGET, self.fairness, |f: &FlowInput| {
+                // Skipping ahead is bounded too: the offsets handled past a skip are kept.
+                let too_far_ahead = f.skipping && f.handled_ahead >= max_ahead;
+                let (partition, total) = (
+                    Held {
+                        events: f.in_flight,
+                        bytes: f.bytes,
+                    },
+                    Held {
+                        events: f.total,
+                        bytes: f.total_bytes,
+                    },
+                );
+                if f.paused {
+                    // Hysteresis: resume only well below the caps (or once it drains
+                    // quickly again), so a partition does not flap between paused and
+                    // fetching on every event.
+                    ((f.in_flight > self.per_partition.events / 2
+                        || f.bytes > self.per_partition.bytes / 2)
+                        && !f.draining
+                        && !f.skippable)
+                        || (long_hold
+                            && (f.total > self.total.events / 4 * 3
+                                || f.total_bytes > self.total.bytes / 4 * 3))
+                        || too_far_ahead
+                } else {
+                    (self.per_partition.reached_by(partition) && !f.draining && !f.skippable)
+                        || (long_hold && self.total.reached_by(total))
+                        || too_far_ahead
+                }
+            });
         for (list, paused) in [(pause, true), (resume, false)] {
             if list.is_empty() {
                 continue;

@@ -22,6 +22,7 @@ mod commits;
 mod consume;
 pub mod dead_letter;
 mod deliver;
+mod drain_rate;
 mod flow;
 pub mod kafka;
 pub mod lanes;

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::drain_rate::DrainRate;
 use crate::offset_set::OffsetSet;
 
 /// A topic and partition.
@@ -71,8 +72,10 @@ struct PartitionState {
     cancel: CancellationToken,
     /// Whether backpressure paused fetching from this partition.
     paused: bool,
-    /// Events and bytes in flight per tenant.
-    by_source: HashMap<Arc<str>, Held>,
+    /// Events and bytes in flight per tenant, and how fast each drains.
+    by_source: HashMap<Arc<str>, (Held, DrainRate)>,
+    /// How fast the partition's events in flight drain.
+    rate: DrainRate,
     /// Tenants whose events are being skipped, and the first offset skipped.
     skip: Option<Skip>,
     /// Offsets handled after a skip began: passed over when the partition is read again.
@@ -95,8 +98,58 @@ impl PartitionState {
         }
     }
 
+    /// Whether the event read first of those in flight (the lowest offset: the
+    /// oldest but for events read again after a skip) has waited `limit` or longer.
+    fn waited_longer_than(&self, limit: Duration, now: Instant) -> bool {
+        self.pending
+            .first_key_value()
+            .is_some_and(|(_, (at, _))| now.saturating_duration_since(*at) >= limit)
+    }
+
+    /// Whether `source`, over its share of this contended partition, is to be
+    /// skipped: it does not drain quickly. Until the partition's oldest event has
+    /// waited as long as draining may take, a rate says nothing yet (writing may be
+    /// starting up: credentials, connections), so meanwhile only a tenant holding the
+    /// partition's whole budget plus a share (where it would pause) is: what a tenant
+    /// holds must stay bounded while it is being judged.
+    fn stuck(&mut self, source: &Arc<str>, f: &Fairness, now: Instant) -> bool {
+        if !self.waited_longer_than(f.drain_target, now) {
+            return Budget {
+                events: f.contended_at.events + f.per_source.events,
+                bytes: f.contended_at.bytes.saturating_add(f.per_source.bytes),
+            }
+            .reached_by(self.held());
+        }
+        // A tenant alone in flight in the partition is judged by the partition's
+        // rate: its own is forgotten whenever it has nothing in flight, and a busy
+        // tenant read in bursts often has not.
+        let alone = self.by_source.len() == 1;
+        let PartitionState {
+            by_source, rate, ..
+        } = self;
+        by_source.get_mut(source).is_none_or(|(held, own)| {
+            let rate = if alone { rate } else { own };
+            !rate.drains(held.events, now, f.drain_target)
+        })
+    }
+
+    /// Whether some tenant here holds its share or more and is judged stuck: it can be
+    /// skipped, so the partition need not be paused.
+    fn has_stuck_source(&mut self, f: &Fairness, now: Instant) -> bool {
+        let over: Vec<Arc<str>> = self
+            .by_source
+            .iter()
+            .filter(|(_, (held, _))| f.per_source.reached_by(*held))
+            .map(|(source, _)| source.clone())
+            .collect();
+        over.iter().any(|source| self.stuck(source, f, now))
+    }
+
     fn held_by(&self, source: &Arc<str>) -> Held {
-        self.by_source.get(source).copied().unwrap_or_default()
+        self.by_source
+            .get(source)
+            .map(|(held, _)| *held)
+            .unwrap_or_default()
     }
 
     fn watermark(&self) -> Option<i64> {
@@ -167,6 +220,10 @@ pub struct Fairness {
     pub per_source: Budget,
     /// Most skipped-ahead offsets remembered per partition; past it the partition pauses.
     pub max_handled_ahead: usize,
+    /// A tenant whose events in flight in a partition drain within this, at the rate
+    /// they have recently been done, is not skipped there: it is busy, not stuck, and
+    /// skipping it would only make the partition be fetched again.
+    pub drain_target: Duration,
 }
 
 /// The offset state of every partition this consumer owns.
@@ -222,6 +279,7 @@ impl OffsetTracker {
                     cancel: self.cancel.child_token(),
                     paused: false,
                     by_source: HashMap::new(),
+                    rate: DrainRate::new(Instant::now()),
                     skip: None,
                     handled_ahead: OffsetSet::default(),
                     pending_bytes: 0,
@@ -271,6 +329,30 @@ impl OffsetTracker {
         source: Option<&Arc<str>>,
         fairness: Option<Fairness>,
     ) -> Admission {
+        self.admit_at(
+            topic,
+            partition,
+            offset,
+            bytes,
+            source,
+            fairness,
+            Instant::now,
+        )
+    }
+
+    /// [`admit`](Self::admit), with the time taken from `now` (asked only when a
+    /// tenant's drain rate is begun or asked for).
+    #[allow(clippy::too_many_arguments)]
+    fn admit_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        bytes: usize,
+        source: Option<&Arc<str>>,
+        fairness: Option<Fairness>,
+        now: impl Fn() -> Instant,
+    ) -> Admission {
         let mut inner = self.lock();
         let key = (Arc::<str>::from(topic), partition);
         let Some(state) = inner.partitions.get_mut(&key) else {
@@ -289,9 +371,11 @@ impl OffsetTracker {
                 .skip
                 .as_ref()
                 .is_some_and(|s| s.sources.contains(source));
-            let over = f.contended_at.reached_by(state.held())
-                && f.per_source.reached_by(state.held_by(source));
-            if skipping || over {
+            let over = || {
+                f.contended_at.reached_by(state.held())
+                    && f.per_source.reached_by(state.held_by(source))
+            };
+            if skipping || (over() && state.stuck(source, &f, now())) {
                 let skip = state.skip.get_or_insert_with(|| Skip {
                     from: offset,
                     sources: Default::default(),
@@ -308,9 +392,12 @@ impl OffsetTracker {
         }
         let inserted = !state.pending.contains_key(&offset);
         if inserted {
-            state.pending.insert(offset, (Instant::now(), bytes));
+            state.pending.insert(offset, (now(), bytes));
             if let Some(source) = source {
-                let held = state.by_source.entry(source.clone()).or_default();
+                let (held, _) = state
+                    .by_source
+                    .entry(source.clone())
+                    .or_insert_with(|| (Held::default(), DrainRate::new(now())));
                 held.events += 1;
                 held.bytes += bytes;
             }
@@ -391,8 +478,10 @@ impl OffsetTracker {
         // of it finishes first.
         if let Some((_, bytes)) = state.pending.remove(&ticket.offset) {
             state.pending_bytes -= bytes;
+            state.rate.count();
             if let Some(source) = &ticket.source {
-                if let Some(held) = state.by_source.get_mut(source) {
+                if let Some((held, rate)) = state.by_source.get_mut(source) {
+                    rate.count();
                     held.events -= 1;
                     held.bytes -= bytes;
                     if held.events == 0 {
@@ -507,28 +596,51 @@ impl OffsetTracker {
         }
     }
 
-    /// Events and bytes in flight of one partition (`None` when it is not assigned).
-    pub fn held_in(&self, topic: &str, partition: i32) -> Option<Held> {
-        let inner = self.lock();
+    /// Whether one partition holds `budget` or more in flight and does not drain it
+    /// within `drain_target` at its recent rate (`false` when it is not assigned).
+    pub fn full_and_slow(
+        &self,
+        topic: &str,
+        partition: i32,
+        budget: Budget,
+        drain_target: Duration,
+    ) -> bool {
+        let mut inner = self.lock();
         inner
             .partitions
-            .get(&(Arc::from(topic), partition))
-            .map(PartitionState::held)
+            .get_mut(&(Arc::from(topic), partition))
+            .is_some_and(|state| {
+                let (held, now) = (state.held(), Instant::now());
+                budget.reached_by(held)
+                    && state.waited_longer_than(drain_target, now)
+                    && !state.rate.drains(held.events, now, drain_target)
+            })
     }
 
     /// Decides for every partition whether it should be paused now (`decide` sees what
-    /// it holds in flight, the totals and whether it is paused) and records the
-    /// decisions. Returns the partitions whose state changes: to pause, to resume.
+    /// it holds in flight, whether that drains within `drain_target`, the totals and
+    /// whether it is paused) and records the decisions. Returns the partitions whose state changes: to pause, to resume.
     pub fn pause_decisions(
         &self,
+        drain_target: Duration,
+        fairness: Option<Fairness>,
         mut decide: impl FnMut(&FlowInput) -> bool,
     ) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
         let mut inner = self.lock();
+        let now = Instant::now();
         let total = inner.pending_total;
         let total_bytes = inner.pending_bytes;
         let (mut pause, mut resume) = (Vec::new(), Vec::new());
         for ((topic, partition), state) in inner.partitions.iter_mut() {
+            let draining = !state.waited_longer_than(drain_target, now)
+                || state.rate.drains(state.pending.len(), now, drain_target);
+            let skippable = !draining
+                && fairness.is_some_and(|f| {
+                    f.contended_at.reached_by(state.held()) && state.has_stuck_source(&f, now)
+                });
             let paused = decide(&FlowInput {
+                draining,
+                skippable,
                 in_flight: state.pending.len(),
                 bytes: state.pending_bytes,
                 paused: state.paused,
@@ -565,6 +677,11 @@ pub struct FlowInput {
     pub handled_ahead: usize,
     /// Whether some tenant's events are being skipped in this partition.
     pub skipping: bool,
+    /// Whether what the partition holds drains within the target at its recent rate.
+    pub draining: bool,
+    /// Whether a tenant here is over its share and judged stuck (its further events
+    /// will be skipped, so the partition can go on being read for the others).
+    pub skippable: bool,
 }
 
 impl Inner {
@@ -670,11 +787,13 @@ mod tests {
         for o in 0..10 {
             t.read("t", 0, o).unwrap();
         }
-        let (pause, resume) = t.pause_decisions(|f| f.in_flight >= 10);
+        let (pause, resume) =
+            t.pause_decisions(Duration::from_secs(1), None, |f| f.in_flight >= 10);
         assert_eq!((pause.len(), resume.len()), (1, 0));
-        let (pause, resume) = t.pause_decisions(|f| f.in_flight >= 10);
+        let (pause, resume) =
+            t.pause_decisions(Duration::from_secs(1), None, |f| f.in_flight >= 10);
         assert_eq!((pause.len(), resume.len()), (0, 0), "already paused");
-        let (pause, resume) = t.pause_decisions(|_| false);
+        let (pause, resume) = t.pause_decisions(Duration::from_secs(1), None, |_| false);
         assert_eq!((pause.len(), resume.len()), (0, 1));
     }
 
@@ -687,12 +806,13 @@ mod tests {
     }
 
     /// Fairness for tests: skipping from `contended_at` events in flight, for tenants
-    /// holding `per_source`.
+    /// holding `per_source`, however fast they drain.
     fn fair(contended_at: usize, per_source: usize) -> Option<Fairness> {
         Some(Fairness {
             contended_at: below(contended_at),
             per_source: below(per_source),
             max_handled_ahead: 100,
+            drain_target: Duration::ZERO,
         })
     }
 
@@ -837,6 +957,7 @@ mod tests {
             contended_at: partition,
             per_source: partition.share(0.5),
             max_handled_ahead: 100,
+            drain_target: Duration::ZERO,
         });
         let admit = |o, bytes, s: &Arc<str>| t.admit("t", 0, o, bytes, Some(s), f);
         let mut large_in_flight = Vec::new();
@@ -909,6 +1030,150 @@ mod tests {
         assert_eq!(t.in_flight(), 5);
     }
 
+    #[test]
+    fn a_busy_tenant_that_drains_quickly_is_not_skipped_a_stuck_one_is() {
+        let t = tracker();
+        let (busy, stuck): (Arc<str>, Arc<str>) = ("busy".into(), "stuck".into());
+        // Contended from 8 in flight; a tenant's share is 4; "quickly" is 1 s.
+        let f = Some(Fairness {
+            drain_target: Duration::from_secs(1),
+            ..fair(8, 4).unwrap()
+        });
+        let t0 = Instant::now();
+        let at = |ms: u64| move || t0 + Duration::from_millis(ms);
+        let admit = |o, s: &Arc<str>, ms| t.admit_at("t", 0, o, 0, Some(s), f, at(ms));
+        // The stuck tenant's four events are never done.
+        let _stuck: Vec<Ticket> = (0..4).map(|o| handle(admit(o, &stuck, 0))).collect();
+        // The busy one has 100 events done in 2 s (50 a second), one at a time.
+        let mut prev = handle(admit(4, &busy, 0));
+        for o in 5..105 {
+            let next = handle(admit(o, &busy, 20 * (o as u64 - 5)));
+            t.done(&prev);
+            prev = next;
+        }
+        let _busy: Vec<Ticket> = (105..108).map(|o| handle(admit(o, &busy, 2000))).collect();
+        assert_eq!(
+            t.in_flight(),
+            8,
+            "contended from here on, both hold their share"
+        );
+        assert!(
+            matches!(admit(108, &busy, 2000), Admission::Handle(_)),
+            "4 in flight at 50 a second drain within a second"
+        );
+        assert!(
+            matches!(admit(109, &stuck, 2000), Admission::Skip),
+            "the stuck tenant holds its share and drains nothing"
+        );
+        assert!(matches!(admit(110, &busy, 2010), Admission::Handle(_)));
+        assert_eq!(t.in_flight(), 10);
+        assert!(
+            matches!(admit(111, &busy, 2010), Admission::Handle(_)),
+            "past the cap too: the cap only bounds tenants not judged yet"
+        );
+    }
+
+    #[test]
+    fn nobody_is_skipped_before_the_oldest_event_has_waited_as_long_as_draining_may_take() {
+        let t = tracker();
+        let stuck: Arc<str> = "stuck".into();
+        let f = Some(Fairness {
+            drain_target: Duration::from_secs(1),
+            ..fair(20, 5).unwrap()
+        });
+        let t0 = Instant::now();
+        let admit = |o, ms| {
+            t.admit_at("t", 0, o, 0, Some(&stuck), f, move || {
+                t0 + Duration::from_millis(ms)
+            })
+        };
+        // Nothing was done yet, but writing may just be starting (credentials,
+        // connections): no verdict before the first event has waited a second.
+        for o in 0..20 {
+            handle(admit(o, 0));
+        }
+        assert!(matches!(admit(20, 999), Admission::Handle(_)));
+        assert!(matches!(admit(21, 1000), Admission::Skip));
+    }
+
+    #[test]
+    fn until_then_a_tenant_is_skipped_only_at_the_partitions_cap() {
+        let t = tracker();
+        let new: Arc<str> = "new".into();
+        // Budget 20, share 4: nobody is judged before 24 are in flight, where the
+        // partition would pause.
+        let f = Some(Fairness {
+            drain_target: Duration::from_secs(1),
+            ..fair(20, 4).unwrap()
+        });
+        let t0 = Instant::now();
+        for o in 0..24 {
+            handle(t.admit_at("t", 0, o, 0, Some(&new), f, || t0));
+        }
+        let later = move || t0 + Duration::from_millis(500);
+        assert!(matches!(
+            t.admit_at("t", 0, 24, 0, Some(&new), f, later),
+            Admission::Skip
+        ));
+    }
+
+    #[test]
+    fn a_full_slow_partition_with_a_stuck_tenant_over_its_share_is_skippable_not_paused() {
+        let t = tracker();
+        let (stuck, other): (Arc<str>, Arc<str>) = ("stuck".into(), "other".into());
+        // A zero target: nothing drains "quickly", everyone is judged at once.
+        let f = fair(4, 3);
+        for o in 0..2 {
+            handle(t.admit("t", 0, o, 0, Some(&other), f));
+        }
+        let skippable = |t: &OffsetTracker| {
+            let mut seen = None;
+            t.pause_decisions(Duration::ZERO, f, |i| {
+                seen = Some(i.skippable);
+                false
+            });
+            seen.unwrap()
+        };
+        for o in 2..4 {
+            handle(t.admit("t", 0, o, 0, Some(&stuck), f));
+        }
+        assert!(!skippable(&t), "nobody holds a share of 3");
+        handle(t.admit("t", 0, 4, 0, Some(&stuck), f));
+        assert!(skippable(&t), "stuck holds 3 of the 5 and drains nothing");
+        assert!(matches!(
+            t.admit("t", 0, 5, 0, Some(&stuck), f),
+            Admission::Skip
+        ));
+    }
+
+    #[test]
+    fn a_partition_drains_quickly_only_once_events_are_done_at_a_rate_that_clears_it() {
+        let t = tracker();
+        let tickets: Vec<Ticket> = (0..1010).map(|o| t.read("t", 0, o).unwrap()).collect();
+        let (budget, target) = (below(10), Duration::from_millis(100));
+        assert!(
+            !t.full_and_slow("t", 0, budget, target),
+            "nothing has waited 100 ms yet"
+        );
+        std::thread::sleep(Duration::from_millis(110));
+        assert!(
+            t.full_and_slow("t", 0, budget, target),
+            "1,010 in flight, none done"
+        );
+        for ticket in &tickets[..1000] {
+            t.done(ticket);
+        }
+        // 1,000 done in (at least) 110 ms: 10 left drain within 100 ms unless this
+        // thread was held up for 10 seconds.
+        assert!(!t.full_and_slow("t", 0, budget, target));
+        assert!(!t.full_and_slow("t", 0, below(11), target), "below budget");
+        let (pause, _) = t.pause_decisions(target, None, |f| {
+            assert!(f.draining);
+            !f.draining
+        });
+        assert!(pause.is_empty());
+    }
+
     /// Drives the tracker the way the worker does (read in order, finish events in any
     /// order, read skips again or fail to seek back, lose and regain the partition,
     /// commit) through many random runs, and checks what must
@@ -937,12 +1202,16 @@ mod tests {
                 contended_at: below(rng.random_range(2..12)),
                 per_source: below(rng.random_range(1..6)),
                 max_handled_ahead: 1000,
+                // Against a clock that moves 1.5 ms a read on average: from skipping
+                // every tenant over its share to skipping only the slow ones.
+                drain_target: Duration::from_millis(rng.random_range(0..30)),
             });
             let (partition_below, source_below) = (
                 below(f.unwrap().contended_at.events.div_ceil(2)),
                 f.unwrap().per_source,
             );
             let mut position = 0i64;
+            let (t0, mut clock) = (Instant::now(), Duration::ZERO);
             let mut in_flight: Vec<Ticket> = Vec::new();
             let mut done = std::collections::HashSet::new();
             let mut handled = std::collections::HashSet::new();
@@ -950,12 +1219,21 @@ mod tests {
             let mut committed = 0i64;
             for _step in 0..20_000 {
                 match rng.random_range(0..10) {
-                    0..=4 if position < EVENTS => {
+                    // Reading holds while the totals are at their budget (twice the
+                    // contention point here), as the consume loop does.
+                    0..=4
+                        if position < EVENTS
+                            && t.in_flight() < 2 * f.unwrap().contended_at.events =>
+                    {
                         let o = position;
                         position += 1;
                         let who = owner[o as usize];
+                        // A clock that moves on a little with each read, so that
+                        // tenants done quickly enough count as draining at times.
+                        clock += Duration::from_micros(rng.random_range(0..3000));
+                        let now = t0 + clock;
                         if let Admission::Handle(ticket) =
-                            t.admit("t", 0, o, 0, Some(&tenants[who]), f)
+                            t.admit_at("t", 0, o, 0, Some(&tenants[who]), f, move || now)
                         {
                             if handled.insert(o) {
                                 let last = handled_last.insert(who, o).unwrap_or(-1);

@@ -1,0 +1,115 @@
+//! How fast something held in flight drains: events done over a recent window, so
+//! that flow control can tell a tenant (or a partition) that is slow or down from one
+//! that merely has a lot in flight because reading is faster than writing.
+//!
+//! Counts completions only; the window is rolled when a decision asks for the rate,
+//! never on the hot path of completing an event.
+
+use std::time::{Duration, Instant};
+
+/// A rate is measured over at least this long before it is believed.
+const MIN_WINDOW: Duration = Duration::from_millis(100);
+/// A window this long is closed and a new one begun at the next decision.
+const WINDOW: Duration = Duration::from_millis(500);
+
+/// Completions counted since the current window began.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DrainRate {
+    since: Instant,
+    done: u32,
+    /// Events a second in the previous window, once one was closed.
+    last: Option<f64>,
+}
+
+impl DrainRate {
+    pub(crate) fn new(now: Instant) -> Self {
+        DrainRate {
+            since: now,
+            done: 0,
+            last: None,
+        }
+    }
+
+    /// One event done.
+    pub(crate) fn count(&mut self) {
+        self.done = self.done.saturating_add(1);
+    }
+
+    /// Whether `held` events drain within `target` at the recent rate. Too young to
+    /// tell (less than [`MIN_WINDOW`] measured) counts as not draining, so that a
+    /// tenant that has not written anything yet is treated as a slow one.
+    pub(crate) fn drains(&mut self, held: usize, now: Instant, target: Duration) -> bool {
+        if held == 0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.since);
+        let rate = if elapsed >= MIN_WINDOW {
+            let rate = f64::from(self.done) / elapsed.as_secs_f64();
+            if elapsed >= WINDOW {
+                *self = DrainRate {
+                    since: now,
+                    done: 0,
+                    last: Some(rate),
+                };
+            }
+            rate
+        } else {
+            match self.last {
+                Some(rate) => rate,
+                None => return false,
+            }
+        };
+        held as f64 <= rate * target.as_secs_f64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn nothing_held_always_drains_and_a_rate_too_young_to_tell_does_not() {
+        let t0 = Instant::now();
+        let mut r = DrainRate::new(t0);
+        assert!(r.drains(0, t0, SECOND));
+        for _ in 0..1000 {
+            r.count();
+        }
+        assert!(
+            !r.drains(1, t0 + Duration::from_millis(50), SECOND),
+            "50 ms is too short to measure"
+        );
+    }
+
+    #[test]
+    fn held_drains_when_the_recent_rate_clears_it_within_the_target() {
+        let t0 = Instant::now();
+        let mut r = DrainRate::new(t0);
+        for _ in 0..200 {
+            r.count();
+        }
+        // 200 in 200 ms: 1,000 a second.
+        let t1 = t0 + Duration::from_millis(200);
+        assert!(r.drains(1000, t1, SECOND));
+        assert!(!r.drains(1001, t1, SECOND));
+        assert!(r.drains(2000, t1, 2 * SECOND));
+    }
+
+    #[test]
+    fn a_tenant_that_stops_completing_stops_draining_within_a_window() {
+        let t0 = Instant::now();
+        let mut r = DrainRate::new(t0);
+        for _ in 0..5000 {
+            r.count();
+        }
+        // 10,000 a second in the first window, which is closed here.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(r.drains(5000, t1, SECOND));
+        // Early in the next window the last window's rate stands in.
+        assert!(r.drains(5000, t1 + Duration::from_millis(50), SECOND));
+        // Then nothing completes: the rate is measured again, and it is 0.
+        assert!(!r.drains(1, t1 + Duration::from_millis(150), SECOND));
+    }
+}
