@@ -93,6 +93,29 @@ ensure_compose() {
   apt_install docker-compose
 }
 
+# Prometheus and promtool (Debian's package), for the alert-rule tests and the test in
+# which a real Prometheus scrapes a worker. Only the binaries are used: the package's
+# own service is not needed (and does not start without systemd).
+ensure_prometheus() {
+  command -v promtool >/dev/null && command -v prometheus >/dev/null && return
+  log "installing prometheus (promtool and a server for the tests)"
+  apt_install --no-install-recommends prometheus
+}
+
+# The Kubernetes manifests' tests: kubectl (for `kubectl kustomize`; part of this
+# machine image) and kubernetes-validate (Kubernetes' OpenAPI schemas, offline, PyPI).
+KUBERNETES_VALIDATE_VERSION=1.37.0
+ensure_kubernetes_tools() {
+  if ! kubectl kustomize --help >/dev/null 2>&1; then
+    log "kubectl with kustomize is missing: installing Debian's kubernetes-client"
+    apt_install kubernetes-client
+  fi
+  if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('kubernetes-validate') != '$KUBERNETES_VALIDATE_VERSION')" 2>/dev/null; then
+    log "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    python3 -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  fi
+}
+
 # Waits until 127.0.0.1:$1 accepts connections.
 wait_port() {
   for _ in $(seq 1 200); do

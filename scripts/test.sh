@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs and builds what the tests need (Tansu, moto,
-# docker-compose), then runs every test. Tests start their own broker and emulator on
-# free ports; nothing needs to be running before.
+# docker-compose, Prometheus, kubernetes-validate), then runs every test. Tests start
+# their own broker, emulator and Prometheus on free ports; nothing needs to be running
+# before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -11,6 +12,8 @@ ensure_tansu
 ensure_moto
 ensure_kpl_deaggregator
 ensure_compose
+ensure_prometheus
+ensure_kubernetes_tools
 
 log "cargo test"
 out=$(mktemp)

@@ -21,6 +21,11 @@ pub struct Args {
     /// Configuration file (TOML).
     #[arg(long, env = "KINESIS_DESTINATION_CONFIG", value_name = "FILE")]
     config: PathBuf,
+    /// Only check the configuration (keys, values, Kafka client settings; not the
+    /// tenants file's content, nor whether services answer), print one line, and exit:
+    /// 0 when it is good, 2 naming the offending key when it is not.
+    #[arg(long)]
+    check_config: bool,
 }
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
@@ -29,6 +34,14 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     kd_pipeline::validate_kafka(&kafka).map_err(|e| {
         CliError::Usage(format!("config: kafka.librdkafka: {}: {}", e.key, e.reason))
     })?;
+    if args.check_config {
+        config.listen()?;
+        if config.tenants.file.is_none() && config.tenants.topic.is_none() {
+            return Err(CliError::Usage("config: tenants.file: is required".into()));
+        }
+        println!("config ok: {}", args.config.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     super::init_logging(&config.log.format, &config.log.level);
     kd_telemetry::set_source_labels(config.metrics.source_labels.iter().cloned());
     let tenants = Arc::new(TenantStore::new());

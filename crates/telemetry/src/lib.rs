@@ -62,6 +62,11 @@ const PREFIX: &str = "kinesis_destination_";
 impl Metrics {
     fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        // The standard process_* series (resident memory, CPU seconds, open file
+        // descriptors, start time): what dashboards and alerts expect of any process.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let name = |n: &str| format!("{PREFIX}{n}");
         macro_rules! reg {
             ($m:expr) => {{
