@@ -80,6 +80,23 @@ pub enum WorkerError {
     MissingTopic(#[from] MissingTopic),
 }
 
+/// Creates, at 0, the series whose increase alerts and dashboards compute, so that the
+/// first dead letter of a reason (or the first failed commit, or denied AssumeRole)
+/// after a start counts as an increase: a series that appears at 1 shows none.
+fn initialize_series() {
+    let m = kd_telemetry::metrics();
+    for reason in crate::Reason::ALL {
+        m.events_dead_lettered.with_label_values(&[reason.as_str()]);
+    }
+    for outcome in ["ok", "error"] {
+        m.commits.with_label_values(&[outcome]);
+        m.put_duration.with_label_values(&[outcome]);
+    }
+    for outcome in ["ok", "denied", "error"] {
+        m.assume_role.with_label_values(&[outcome]);
+    }
+}
+
 /// Most events of one user in one aggregated record: a failed write retries them all.
 const MAX_AGGREGATED_EVENTS: usize = 1000;
 
@@ -92,6 +109,7 @@ pub async fn run(
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    initialize_series();
     let cancel_writes = CancellationToken::new();
     let tracker = Arc::new(OffsetTracker::new(cancel_writes.clone()));
     let errors = Arc::new(LogLimit::per_minute());

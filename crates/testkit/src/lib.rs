@@ -29,17 +29,28 @@ pub use proxy::{AssumeRoleCall, RecordingProxy};
 pub use services::{free_port, Moto, Tansu};
 pub use tcp_proxy::TcpProxy;
 pub use worker::{
-    cpu_seconds_of, metric_value, ownership, peak_rss_of, produce, Worker, WorkerConfig,
+    cpu_seconds_of, http_get, metric_value, ownership, peak_rss_of, produce, Worker, WorkerConfig,
 };
 
 use std::time::{Duration, Instant};
 
-/// Asserts that a metrics page shows no dead letter of any reason.
+/// Asserts that a metrics page shows no dead letter of any reason (every reason's
+/// series exists from the start, at 0).
 pub fn assert_nothing_dead_lettered(metrics: &str) {
-    assert!(
-        !metrics.contains("dead_lettered_total{"),
+    assert_eq!(
+        dead_lettered(metrics),
+        0.0,
         "nothing dead-lettered:\n{metrics}"
     );
+}
+
+/// Dead letters of every reason on a metrics page.
+pub fn dead_lettered(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("kinesis_destination_events_dead_lettered_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.

@@ -290,7 +290,9 @@ impl Drop for Worker {
     }
 }
 
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+/// `GET path` on `127.0.0.1:port` over HTTP/1.0: (status, body), `None` when nothing
+/// answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
