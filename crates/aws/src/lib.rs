@@ -24,6 +24,7 @@ pub mod batch;
 pub mod credentials;
 pub mod errors;
 pub mod limits;
+pub mod msk_iam;
 pub mod requests;
 pub mod shards;
 pub mod writer;
