@@ -114,6 +114,7 @@ async fn topic_provider() {
             topic: "tenant-settings".into(),
             librdkafka: Default::default(),
             flush_interval: Duration::from_millis(100),
+            auth: Default::default(),
         },
         store.clone(),
     ));

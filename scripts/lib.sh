@@ -27,6 +27,8 @@ ensure_build_deps() {
   command -v patch >/dev/null || missing+=(patch)
   pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
   [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+  # librdkafka's OIDC (sasl.oauthbearer.method=oidc) fetches tokens with libcurl.
+  pkg-config --exists libcurl 2>/dev/null || missing+=(libcurl4-openssl-dev)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing build dependencies: ${missing[*]}"
     apt_install "${missing[@]}"

@@ -460,6 +460,22 @@ fn the_dockerfile_builds_this_binary_and_runs_it_as_the_manifests_expect() {
         "USER {uid}"
     );
     assert!(text.contains("--uid 10001") && uid == 10001);
+    // The shared libraries the binary links that Debian slim does not have are
+    // installed in the runtime stage.
+    let ldd = run(Command::new("ldd").arg(bin()));
+    let runtime = &text[text.rfind("FROM ").unwrap()..];
+    for (lib, package) in [("libssl.so.3", "libssl3"), ("libcurl.so.4", "libcurl4")] {
+        if ldd.contains(lib) {
+            assert!(
+                runtime.contains(&format!(" {package} ")),
+                "the binary links {lib}: the runtime stage must install {package}"
+            );
+        }
+    }
+    assert!(
+        ldd.contains("libcurl.so.4"),
+        "librdkafka is built with libcurl (OIDC)"
+    );
     let mount = "/etc/kinesis-destination/config.toml";
     assert!(text.contains(mount), "CMD reads {mount}");
     assert!(Path::new(&repo().join(".dockerignore")).exists());

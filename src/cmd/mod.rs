@@ -81,6 +81,7 @@ pub async fn read_settings_topic(
         bootstrap_servers: config.kafka.bootstrap_servers.clone(),
         topic: topic.to_owned(),
         librdkafka: config.kafka.librdkafka.clone(),
+        auth: config.kafka.auth.clone(),
         flush_interval: Duration::from_millis(config.tenants.flush_interval_ms.max(1)),
     };
     let mut follower = tokio::spawn(kd_tenants::follow_topic(settings, tenants.clone()));
@@ -99,6 +100,49 @@ pub async fn read_settings_topic(
         }
     }
     Ok(follower)
+}
+
+/// Gives the configuration's Kafka clients the token source `kafka.aws_msk_iam` asks
+/// for: MSK IAM tokens signed from the worker's own AWS credentials (fetched once here,
+/// then kept fresh), for the cluster in `kafka.aws_msk_region` (else `AWS_REGION`).
+pub async fn with_kafka_auth(mut config: Config) -> Result<Config, CliError> {
+    if !config.kafka.aws_msk_iam {
+        return Ok(config);
+    }
+    let region = config
+        .kafka
+        .aws_msk_region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .filter(|r| !r.trim().is_empty())
+        .ok_or_else(|| {
+            CliError::Usage(
+                "config: kafka.aws_msk_region: is required with kafka.aws_msk_iam (or set AWS_REGION)"
+                    .into(),
+            )
+        })?;
+    let aws = &config.aws;
+    let base = kd_aws::base_config(&kd_aws::AwsSettings {
+        endpoint_url: aws.endpoint_url.clone(),
+        api_timeout: Duration::from_millis(aws.api_timeout_ms),
+        connect_timeout: Duration::from_millis(aws.connect_timeout_ms),
+    })
+    .await;
+    let provider = base.credentials_provider().ok_or_else(|| {
+        CliError::Usage("config: kafka.aws_msk_iam: no AWS credential chain".into())
+    })?;
+    let tokens = kd_aws::msk_iam::MskIamTokens::start(provider, region.clone())
+        .await
+        .map_err(|e| CliError::Usage(format!("config: kafka.aws_msk_iam: {e}")))?;
+    tracing::info!(%region, "Kafka clients authenticate with MSK IAM");
+    config.kafka.auth = kd_tenants::kafka_auth::KafkaAuth::oauthbearer(Arc::new(move || {
+        tokens
+            .token()
+            .map(|t| (t.token, t.expires))
+            .map_err(|e| e.to_string())
+    }));
+    Ok(config)
 }
 
 /// The tenant settings a one-shot command (check, tail) looks a tenant up in: the

@@ -33,7 +33,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
-    let config = Config::load(&args.config)?;
+    let config = super::with_kafka_auth(Config::load(&args.config)?).await?;
     let req = ReplayRequest {
         reasons: args.reasons,
         source_id: args.source_id,

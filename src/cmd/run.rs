@@ -30,8 +30,7 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let config = Config::load(&args.config)?;
-    let kafka = config.kafka.clone();
-    kd_pipeline::validate_kafka(&kafka).map_err(|e| {
+    kd_pipeline::validate_kafka(&config.kafka).map_err(|e| {
         CliError::Usage(format!("config: kafka.librdkafka: {}: {}", e.key, e.reason))
     })?;
     if args.check_config {
@@ -43,6 +42,8 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     super::init_logging(&config.log.format, &config.log.level);
+    let config = super::with_kafka_auth(config).await?;
+    let kafka = config.kafka.clone();
     kd_telemetry::set_source_labels(config.metrics.source_labels.iter().cloned());
     let tenants = Arc::new(TenantStore::new());
     let readiness = Arc::new(Readiness::default());

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use kd_telemetry::Readiness;
+use kd_tenants::kafka_auth::KafkaAuth;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
@@ -28,6 +29,8 @@ pub struct WorkerContext {
     pub(crate) readiness: Arc<Readiness>,
     /// Limits the consumer's error lines to one a minute per kind.
     pub(crate) errors: Arc<LogLimit>,
+    /// OAUTHBEARER tokens (MSK IAM), when configured.
+    pub(crate) auth: KafkaAuth,
 }
 
 /// Counts a consumer error in `consumer_errors_total` and logs it once a minute per
@@ -44,6 +47,15 @@ pub(crate) fn consumer_error(errors: &LogLimit, e: &KafkaError, reason: &str) {
 }
 
 impl ClientContext for WorkerContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        _: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        self.auth.token()
+    }
+
     /// Errors of the client as a whole (brokers down, a connection closed by the
     /// broker at every fetch).
     fn error(&self, error: KafkaError, reason: &str) {

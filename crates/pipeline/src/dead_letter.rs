@@ -206,17 +206,35 @@ pub(crate) fn code_name(e: &KafkaError) -> String {
 #[derive(Debug)]
 pub struct DeadLetterClient {
     errors: LogLimit,
+    /// OAUTHBEARER tokens (MSK IAM), when configured.
+    auth: kd_tenants::kafka_auth::KafkaAuth,
 }
 
-impl Default for DeadLetterClient {
-    fn default() -> Self {
+impl DeadLetterClient {
+    pub fn new(auth: kd_tenants::kafka_auth::KafkaAuth) -> Self {
         DeadLetterClient {
             errors: LogLimit::per_minute(),
+            auth,
         }
     }
 }
 
+impl Default for DeadLetterClient {
+    fn default() -> Self {
+        DeadLetterClient::new(Default::default())
+    }
+}
+
 impl rdkafka::ClientContext for DeadLetterClient {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        _: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        self.auth.token()
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if let Some(passed_over) = self.errors.due(&code_name(&error)) {
             tracing::warn!(error = %error, reason, errors_since_last_line = passed_over, "dead-letter producer error");

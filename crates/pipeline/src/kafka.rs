@@ -29,6 +29,14 @@ pub struct KafkaSettings {
     /// Passed to librdkafka verbatim, after our defaults (so they can override them):
     /// security, SASL, TLS, timeouts.
     pub librdkafka: BTreeMap<String, String>,
+    /// Amazon MSK IAM: SASL/OAUTHBEARER with tokens signed from the worker's own AWS
+    /// credentials (see `kd_aws::msk_iam`).
+    pub aws_msk_iam: bool,
+    /// The MSK cluster's region (by default, the worker's AWS region).
+    pub aws_msk_region: Option<String>,
+    /// The token source every client gets (set at start-up from the two above).
+    #[serde(skip)]
+    pub auth: kd_tenants::kafka_auth::KafkaAuth,
 }
 
 impl Default for KafkaSettings {
@@ -40,6 +48,9 @@ impl Default for KafkaSettings {
             dead_letter_topic: "segment-events-dlq".into(),
             source_id_header: "source_id".into(),
             librdkafka: BTreeMap::new(),
+            aws_msk_iam: false,
+            aws_msk_region: None,
+            auth: Default::default(),
         }
     }
 }
@@ -55,6 +66,8 @@ impl std::fmt::Debug for KafkaSettings {
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("source_id_header", &self.source_id_header)
             .field("librdkafka", &self.librdkafka.keys().collect::<Vec<_>>())
+            .field("aws_msk_iam", &self.aws_msk_iam)
+            .field("aws_msk_region", &self.aws_msk_region)
             .finish()
     }
 }
@@ -79,6 +92,7 @@ pub(crate) fn consumer_config(k: &KafkaSettings) -> ClientConfig {
         // writes go on (with an eager strategy every member drops all its work).
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("statistics.interval.ms", "5000");
+    k.auth.configure(&mut c, &k.librdkafka);
     for (key, value) in &k.librdkafka {
         c.set(key, value);
     }
@@ -115,6 +129,7 @@ pub(crate) fn producer_config(k: &KafkaSettings) -> ClientConfig {
         .set("acks", "all")
         .set("message.timeout.ms", "30000")
         .set("message.max.bytes", dead_letter_max_bytes(k).to_string());
+    k.auth.configure(&mut c, &k.librdkafka);
     for (key, value) in &k.librdkafka {
         // Consumer-only settings would only make the producer warn.
         if !CONSUMER_ONLY.contains(&key.as_str()) {
@@ -174,6 +189,24 @@ fn is_secret_property(key: &str) -> bool {
 /// Checks the `[kafka.librdkafka]` settings without connecting anywhere: the first
 /// property librdkafka rejects, with its reason.
 pub fn validate_kafka(k: &KafkaSettings) -> Result<(), InvalidKafkaSetting> {
+    if k.aws_msk_iam {
+        // MSK IAM is SASL/OAUTHBEARER: a setting that says otherwise cannot be meant.
+        let set = |key: &str| k.librdkafka.get(key).map(|v| v.to_ascii_lowercase());
+        if let Some(p) = set("security.protocol").filter(|p| !p.starts_with("sasl_")) {
+            return Err(InvalidKafkaSetting {
+                key: "security.protocol".into(),
+                reason: format!("{p} with kafka.aws_msk_iam, which needs SASL_SSL"),
+            });
+        }
+        for key in ["sasl.mechanism", "sasl.mechanisms"] {
+            if let Some(m) = set(key).filter(|m| m != "oauthbearer") {
+                return Err(InvalidKafkaSetting {
+                    key: key.into(),
+                    reason: format!("{m} with kafka.aws_msk_iam, which needs OAUTHBEARER"),
+                });
+            }
+        }
+    }
     for config in [consumer_config(k), producer_config(k)] {
         if let Err(e) = config.create_native_config() {
             let (key, reason) = match e {
@@ -283,5 +316,50 @@ mod tests {
         assert!(e.reason.contains("Invalid value"), "{}", e.reason);
         assert!(is_secret_property("sasl.password") && is_secret_property("ssl.key.password"));
         assert!(!is_secret_property("fetch.wait.max.ms"));
+    }
+
+    #[test]
+    fn oidc_oauthbearer_is_built_in() {
+        // librdkafka handles OIDC itself (with libcurl, which it is built with).
+        let mut k = KafkaSettings::default();
+        for (key, value) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "OAUTHBEARER"),
+            ("sasl.oauthbearer.method", "oidc"),
+            ("sasl.oauthbearer.client.id", "kinesis-destination"),
+            ("sasl.oauthbearer.client.secret", "s3cr3t"),
+            (
+                "sasl.oauthbearer.token.endpoint.url",
+                "https://idp.example.com/oauth2/token",
+            ),
+            ("sasl.oauthbearer.scope", "kafka"),
+        ] {
+            k.librdkafka.insert(key.into(), value.into());
+        }
+        if let Err(e) = validate_kafka(&k) {
+            panic!("{}: {}", e.key, e.reason);
+        }
+    }
+
+    #[test]
+    fn msk_iam_refuses_a_protocol_or_mechanism_that_is_not_its_own() {
+        let mut k = KafkaSettings {
+            aws_msk_iam: true,
+            ..Default::default()
+        };
+        assert!(validate_kafka(&k).is_ok());
+        k.librdkafka
+            .insert("security.protocol".into(), "SASL_PLAINTEXT".into());
+        assert!(
+            validate_kafka(&k).is_ok(),
+            "SASL without TLS: a test broker"
+        );
+        k.librdkafka
+            .insert("sasl.mechanism".into(), "SCRAM-SHA-512".into());
+        assert_eq!(validate_kafka(&k).unwrap_err().key, "sasl.mechanism");
+        k.librdkafka.remove("sasl.mechanism");
+        k.librdkafka
+            .insert("security.protocol".into(), "ssl".into());
+        assert_eq!(validate_kafka(&k).unwrap_err().key, "security.protocol");
     }
 }

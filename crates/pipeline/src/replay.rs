@@ -13,10 +13,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use kd_tenants::kafka_auth::AuthContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::kafka::{dead_letter_max_bytes, KafkaSettings};
@@ -134,23 +135,27 @@ pub async fn replay(
 ) -> Result<ReplayReport, ReplayError> {
     let mut base = ClientConfig::new();
     base.set("bootstrap.servers", &k.bootstrap_servers);
+    k.auth.configure(&mut base, &k.librdkafka);
     for (key, value) in &k.librdkafka {
         base.set(key, value);
     }
-    let consumer: BaseConsumer = base
+    let context = || AuthContext(k.auth.clone());
+    let consumer: BaseConsumer<AuthContext> = base
         .clone()
         .set("group.id", "kinesis-destination-replay")
         .set("enable.auto.commit", "false")
-        .create()
+        .create_with_context(context())
         .map_err(ReplayError::Config)?;
+    kd_tenants::kafka_auth::set_first_token(consumer.client(), &k.auth);
     // The cluster's security settings ([kafka.librdkafka]) apply to the producer too,
     // and it takes records as large as the dead-letter producer does.
-    let producer: FutureProducer = base
+    let producer: FutureProducer<AuthContext> = base
         .clone()
         .set("acks", "all")
         .set("message.max.bytes", dead_letter_max_bytes(k).to_string())
-        .create()
+        .create_with_context(context())
         .map_err(ReplayError::Config)?;
+    kd_tenants::kafka_auth::set_first_token(producer.client(), &k.auth);
 
     let topic = k.dead_letter_topic.as_str();
     let ends = assign_to_end(&consumer, topic, req.from_offset)?;
@@ -201,7 +206,7 @@ pub async fn replay(
 /// Assigns every partition of `topic` from `from_offset` (or its low watermark) and
 /// returns where each ends now; partitions with nothing to read are left out.
 fn assign_to_end(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<AuthContext>,
     topic: &str,
     from_offset: i64,
 ) -> Result<HashMap<i32, i64>, ReplayError> {
@@ -234,7 +239,7 @@ fn assign_to_end(
 
 /// Produces a dead letter's key, value and headers (without `dlq.*`) to `to_topic`.
 async fn produce_again(
-    producer: &FutureProducer,
+    producer: &FutureProducer<AuthContext>,
     msg: &BorrowedMessage<'_>,
     to_topic: &str,
 ) -> Result<(), ReplayError> {

@@ -12,6 +12,7 @@
 //! no lock, and a reload swaps the whole snapshot atomically.
 
 mod file;
+pub mod kafka_auth;
 mod model;
 mod topic;
 

@@ -28,6 +28,8 @@ pub struct TopicSettings {
     pub librdkafka: BTreeMap<String, String>,
     /// How long changes are gathered before they are installed.
     pub flush_interval: Duration,
+    /// OAUTHBEARER tokens (MSK IAM), as the worker's other clients have.
+    pub auth: crate::kafka_auth::KafkaAuth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +112,7 @@ pub async fn follow_topic(
         .set("group.id", "kinesis-destination-settings")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    settings.auth.configure(&mut config, &settings.librdkafka);
     for (k, v) in &settings.librdkafka {
         if !matches!(k.as_str(), "group.id" | "group.instance.id") {
             config.set(k, v);
@@ -118,7 +121,10 @@ pub async fn follow_topic(
     // The end of each partition is reported, also for one emptied by retention or
     // ending in a transaction marker (no record at `high - 1` is ever returned).
     config.set("enable.partition.eof", "true");
-    let consumer: StreamConsumer = config.create().map_err(err)?;
+    let consumer: StreamConsumer<crate::kafka_auth::AuthContext> = config
+        .create_with_context(crate::kafka_auth::AuthContext(settings.auth.clone()))
+        .map_err(err)?;
+    crate::kafka_auth::set_first_token(consumer.client(), &settings.auth);
     let topic = settings.topic.clone();
     let (partitions, ends) = {
         let consumer = &consumer;

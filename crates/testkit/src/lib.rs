@@ -18,6 +18,7 @@ pub mod env;
 mod fake_aws;
 mod kafka;
 mod proxy;
+mod sasl_broker;
 mod services;
 mod tcp_proxy;
 mod worker;
@@ -26,6 +27,7 @@ pub use aws::{StreamRecord, Streams, Tenant};
 pub use fake_aws::{FakeAws, FakeRecord, Fault, CALLER_ACCOUNT};
 pub use kafka::{Kafka, Produced, Record};
 pub use proxy::{AssumeRoleCall, RecordingProxy};
+pub use sasl_broker::SaslBroker;
 pub use services::{free_port, Moto, Tansu};
 pub use tcp_proxy::TcpProxy;
 pub use worker::{
