@@ -399,7 +399,7 @@ fn every_alert_passes_promtool_is_tested_both_ways_and_has_a_runbook() {
             "{name}: no test where it stays quiet"
         );
     }
-    assert_eq!(alerts, 9);
+    assert_eq!(alerts, 10);
 }
 
 #[test]

@@ -155,6 +155,8 @@ impl std::fmt::Debug for MskIamTokens {
 /// remaining life), and after a failure this long after.
 const REFRESH_AHEAD: Duration = Duration::from_secs(300);
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Failed fetches of the first credentials before giving up (1 + 2 + 4 + 8 s apart).
+const START_ATTEMPTS: u32 = 4;
 
 impl MskIamTokens {
     /// Fetches the credentials from `provider` once (an error here is a start-up
@@ -164,24 +166,40 @@ impl MskIamTokens {
         provider: SharedCredentialsProvider,
         region: String,
     ) -> Result<Arc<MskIamTokens>, TokenError> {
-        let first = provider
-            .provide_credentials()
-            .await
-            .map_err(|e| TokenError::NoCredentials(chain(&e)))?;
+        // A pod's credential source may not answer at its very start (the instance
+        // metadata service, EKS's Pod Identity agent): a few tries, 15 s in all.
+        let mut attempt = 0;
+        let first = loop {
+            match provider.provide_credentials().await {
+                Ok(c) => break c,
+                Err(e) if attempt < START_ATTEMPTS => {
+                    tracing::warn!(error = %chain(&e), "no AWS credentials for MSK IAM yet; trying again");
+                    tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(TokenError::NoCredentials(chain(&e))),
+            }
+        };
         let tokens = Arc::new(MskIamTokens {
             region,
             credentials: Mutex::new(Ok(first)),
         });
         let weak = Arc::downgrade(&tokens);
         tokio::spawn(async move {
+            let mut failed = false;
             loop {
-                let wait = match weak.upgrade() {
+                let mut wait = match weak.upgrade() {
                     Some(t) => t.until_refresh(SystemTime::now()),
                     None => return,
                 };
+                if failed {
+                    // Not the ever shorter halves of what is left before expiry.
+                    wait = wait.clamp(Duration::from_secs(1), RETRY_AFTER);
+                }
                 tokio::time::sleep(wait).await;
                 let fetched = provider.provide_credentials().await;
                 let Some(tokens) = weak.upgrade() else { return };
+                failed = fetched.is_err();
                 match fetched {
                     Ok(c) => *tokens.lock() = Ok(c),
                     Err(e) => {
@@ -396,6 +414,58 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(calls.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    }
+
+    /// A credential source that fails `failures` times, then answers.
+    #[derive(Debug)]
+    struct Flaky {
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        failures: usize,
+    }
+
+    impl ProvideCredentials for Flaky {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            aws_credential_types::provider::future::ProvideCredentials::ready(
+                if n < self.failures {
+                    Err(
+                        aws_credential_types::provider::error::CredentialsError::not_loaded(
+                            "the metadata service is not up yet",
+                        ),
+                    )
+                } else {
+                    Ok(Credentials::new("AKIDLATE", SECRET, None, None, "flaky"))
+                },
+            )
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_credential_source_late_at_start_is_waited_for_a_while() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let late = Flaky {
+            calls: calls.clone(),
+            failures: 3,
+        };
+        let tokens = MskIamTokens::start(SharedCredentialsProvider::new(late), "us-east-1".into())
+            .await
+            .expect("the fourth try answers");
+        assert!(tokens.token().is_ok());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+        let never = Flaky {
+            calls: Arc::default(),
+            failures: usize::MAX,
+        };
+        let err = MskIamTokens::start(SharedCredentialsProvider::new(never), "us-east-1".into())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not up yet"), "{err}");
     }
 
     #[test]

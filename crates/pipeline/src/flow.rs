@@ -87,7 +87,13 @@ impl FlowControl {
     /// quickly, so that [`pause_and_resume`](Self::pause_and_resume) should run now
     /// rather than at the next tick.
     pub(crate) fn reached(&self, tracker: &OffsetTracker, topic: &str, partition: i32) -> bool {
-        tracker.full_and_slow(topic, partition, self.per_partition, DRAIN_TARGET)
+        tracker.full_and_slow(
+            topic,
+            partition,
+            self.per_partition,
+            DRAIN_TARGET,
+            self.fairness,
+        )
     }
 
     /// Whether to stop taking events from the consumer for now: the totals (all

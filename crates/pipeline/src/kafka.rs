@@ -240,7 +240,14 @@ pub(crate) async fn check_topics<C: ConsumerContext + 'static>(
         .chain([("kafka.dead_letter_topic", k.dead_letter_topic.clone())])
         .collect();
     let log = LogLimit::per_minute();
+    let mut token_set = std::time::Instant::now();
     loop {
+        // Nothing polls the consumer yet: a wait longer than a token's life (15 min
+        // with MSK IAM) needs a new one given directly.
+        if token_set.elapsed() >= Duration::from_secs(60) {
+            kd_tenants::kafka_auth::set_token_now(consumer.client(), &k.auth);
+            token_set = std::time::Instant::now();
+        }
         let (c, w) = (consumer.clone(), wanted.clone());
         match tokio::task::spawn_blocking(move || missing_topic(&*c, &w)).await {
             Ok(Ok(None)) => return Ok(()),

@@ -146,7 +146,7 @@ pub async fn replay(
         .set("enable.auto.commit", "false")
         .create_with_context(context())
         .map_err(ReplayError::Config)?;
-    kd_tenants::kafka_auth::set_first_token(consumer.client(), &k.auth);
+    kd_tenants::kafka_auth::set_token_now(consumer.client(), &k.auth);
     // The cluster's security settings ([kafka.librdkafka]) apply to the producer too,
     // and it takes records as large as the dead-letter producer does.
     let producer: FutureProducer<AuthContext> = base
@@ -155,7 +155,7 @@ pub async fn replay(
         .set("message.max.bytes", dead_letter_max_bytes(k).to_string())
         .create_with_context(context())
         .map_err(ReplayError::Config)?;
-    kd_tenants::kafka_auth::set_first_token(producer.client(), &k.auth);
+    kd_tenants::kafka_auth::set_token_now(producer.client(), &k.auth);
 
     let topic = k.dead_letter_topic.as_str();
     let ends = assign_to_end(&consumer, topic, req.from_offset)?;

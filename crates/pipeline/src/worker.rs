@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use kd_aws::KinesisWriter;
 use kd_telemetry::Readiness;
-use kd_tenants::kafka_auth::set_first_token;
+use kd_tenants::kafka_auth::set_token_now;
 use kd_tenants::TenantStore;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -123,14 +123,14 @@ pub async fn run(
     };
     let consumer: StreamConsumer<WorkerContext> =
         consumer_config(&settings.kafka).create_with_context(context)?;
-    set_first_token(consumer.client(), &settings.kafka.auth);
+    set_token_now(consumer.client(), &settings.kafka.auth);
     let consumer = Arc::new(consumer);
     check_topics(&consumer, &settings.kafka, &shutdown).await?;
     let topics: Vec<&str> = settings.kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let producer: DeadLetterProducer = producer_config(&settings.kafka)
         .create_with_context(DeadLetterClient::new(settings.kafka.auth.clone()))?;
-    set_first_token(producer.client(), &settings.kafka.auth);
+    set_token_now(producer.client(), &settings.kafka.auth);
     let dead_letters = DeadLetters::new(
         producer.clone(),
         &settings.kafka.dead_letter_topic,

@@ -91,12 +91,13 @@ impl KafkaAuth {
     }
 }
 
-/// Gives a new client its first token at once. librdkafka asks for tokens through an
-/// event that a consumer serves only when it is polled, and does not connect before it
-/// has one: the worker asks the brokers for metadata before its consumer's first poll.
-/// Later tokens (at 80% of each one's lifetime) come through the event as usual. A
-/// failure is logged; the event asks again.
-pub fn set_first_token<C: ClientContext>(client: &Client<C>, auth: &KafkaAuth) {
+/// Gives a client a token now. librdkafka asks for tokens through an event that a
+/// consumer serves only when it is polled, and does not connect before it has one: the
+/// worker asks the brokers for metadata before its consumer's first poll (and again
+/// while they cannot be reached, longer than a token lives). Once polled, later tokens
+/// (at 80% of each one's lifetime) come through the event as usual. A failure is
+/// logged; the event asks again.
+pub fn set_token_now<C: ClientContext>(client: &Client<C>, auth: &KafkaAuth) {
     if !auth.is_oauthbearer() {
         return;
     }

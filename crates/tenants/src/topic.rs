@@ -124,7 +124,7 @@ pub async fn follow_topic(
     let consumer: StreamConsumer<crate::kafka_auth::AuthContext> = config
         .create_with_context(crate::kafka_auth::AuthContext(settings.auth.clone()))
         .map_err(err)?;
-    crate::kafka_auth::set_first_token(consumer.client(), &settings.auth);
+    crate::kafka_auth::set_token_now(consumer.client(), &settings.auth);
     let topic = settings.topic.clone();
     let (partitions, ends) = {
         let consumer = &consumer;
