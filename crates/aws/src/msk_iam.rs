@@ -353,14 +353,22 @@ mod tests {
         );
     }
 
-    /// A credential provider that hands out a new key each time, valid for `life`.
-    #[derive(Debug)]
-    struct Rotating {
+    type Answer = Result<Credentials, aws_credential_types::provider::error::CredentialsError>;
+
+    /// A credential source answering its `n`th call (from 0) with `answer(n)`, counting
+    /// the calls.
+    struct Scripted<F> {
         calls: Arc<std::sync::atomic::AtomicUsize>,
-        life: Duration,
+        answer: F,
     }
 
-    impl ProvideCredentials for Rotating {
+    impl<F> std::fmt::Debug for Scripted<F> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Scripted")
+        }
+    }
+
+    impl<F: Fn(usize) -> Answer + Send + Sync> ProvideCredentials for Scripted<F> {
         fn provide_credentials<'a>(
             &'a self,
         ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
@@ -368,27 +376,40 @@ mod tests {
             Self: 'a,
         {
             let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            aws_credential_types::provider::future::ProvideCredentials::ready(Ok(Credentials::new(
-                format!("AKID{n}"),
-                SECRET,
-                Some(format!("token-{n}")),
-                Some(SystemTime::now() + self.life),
-                "rotating",
-            )))
+            aws_credential_types::provider::future::ProvideCredentials::ready((self.answer)(n))
         }
+    }
+
+    /// `answer` as a shared provider, and its call count.
+    fn scripted(
+        answer: impl Fn(usize) -> Answer + Send + Sync + 'static,
+    ) -> (
+        SharedCredentialsProvider,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let provider = Scripted {
+            calls: calls.clone(),
+            answer,
+        };
+        (SharedCredentialsProvider::new(provider), calls)
     }
 
     #[tokio::test]
     async fn short_lived_credentials_are_renewed_before_they_expire_and_tokens_follow() {
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let provider = Rotating {
-            calls: calls.clone(),
-            life: Duration::from_secs(2),
-        };
-        let tokens =
-            MskIamTokens::start(SharedCredentialsProvider::new(provider), "us-east-1".into())
-                .await
-                .unwrap();
+        // A new key at every call, valid for two seconds.
+        let (provider, calls) = scripted(|n| {
+            Ok(Credentials::new(
+                format!("AKID{n}"),
+                SECRET,
+                Some(format!("token-{n}")),
+                Some(SystemTime::now() + Duration::from_secs(2)),
+                "rotating",
+            ))
+        });
+        let tokens = MskIamTokens::start(provider, "us-east-1".into())
+            .await
+            .unwrap();
         let first = tokens.token().unwrap();
         let credential = |t: &AuthToken| decode(&t.token).1["X-Amz-Credential"].clone();
         assert!(
@@ -417,52 +438,31 @@ mod tests {
     }
 
     /// A credential source that fails `failures` times, then answers.
-    #[derive(Debug)]
-    struct Flaky {
-        calls: Arc<std::sync::atomic::AtomicUsize>,
-        failures: usize,
-    }
-
-    impl ProvideCredentials for Flaky {
-        fn provide_credentials<'a>(
-            &'a self,
-        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
-        where
-            Self: 'a,
-        {
-            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            aws_credential_types::provider::future::ProvideCredentials::ready(
-                if n < self.failures {
-                    Err(
-                        aws_credential_types::provider::error::CredentialsError::not_loaded(
-                            "the metadata service is not up yet",
-                        ),
-                    )
-                } else {
-                    Ok(Credentials::new("AKIDLATE", SECRET, None, None, "flaky"))
-                },
-            )
+    fn late(failures: usize) -> impl Fn(usize) -> Answer + Send + Sync + 'static {
+        move |n| {
+            if n < failures {
+                Err(
+                    aws_credential_types::provider::error::CredentialsError::not_loaded(
+                        "the metadata service is not up yet",
+                    ),
+                )
+            } else {
+                Ok(Credentials::new("AKIDLATE", SECRET, None, None, "late"))
+            }
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_credential_source_late_at_start_is_waited_for_a_while() {
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let late = Flaky {
-            calls: calls.clone(),
-            failures: 3,
-        };
-        let tokens = MskIamTokens::start(SharedCredentialsProvider::new(late), "us-east-1".into())
+        let (provider, calls) = scripted(late(3));
+        let tokens = MskIamTokens::start(provider, "us-east-1".into())
             .await
             .expect("the fourth try answers");
         assert!(tokens.token().is_ok());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
 
-        let never = Flaky {
-            calls: Arc::default(),
-            failures: usize::MAX,
-        };
-        let err = MskIamTokens::start(SharedCredentialsProvider::new(never), "us-east-1".into())
+        let (never, _) = scripted(late(usize::MAX));
+        let err = MskIamTokens::start(never, "us-east-1".into())
             .await
             .unwrap_err();
         assert!(err.to_string().contains("not up yet"), "{err}");
