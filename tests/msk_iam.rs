@@ -172,3 +172,59 @@ fn msk_iam_without_a_region_is_a_config_error_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("kafka.aws_msk_region"), "{err}");
 }
+
+/// librdkafka asks again at 80% of a token's life, through the refresh event that the
+/// clients' contexts answer: a producer (whose polling thread serves events) with
+/// 3-second tokens sends a new one within seconds. (The worker's consumer is polled only
+/// once it reads, which the fake broker never lets it do; its first token is set
+/// directly, see the test above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_asked_for_again_before_they_expire() {
+    use kd_tenants::kafka_auth::{AuthContext, KafkaAuth};
+    use rdkafka::producer::{FutureProducer, Producer};
+    use std::sync::Arc;
+
+    let broker = SaslBroker::start().await;
+    // When each token was made.
+    let made: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let log = made.clone();
+    let auth = KafkaAuth::oauthbearer(Arc::new(move || {
+        let mut log = log.lock().unwrap();
+        log.push(std::time::Instant::now());
+        Ok((
+            format!("token-{}", log.len() - 1),
+            SystemTime::now() + Duration::from_secs(3),
+        ))
+    }));
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", broker.bootstrap());
+    auth.configure(&mut config, &Default::default());
+    config.set("security.protocol", "SASL_PLAINTEXT");
+    let producer: FutureProducer<AuthContext> = config
+        .create_with_context(AuthContext(auth.clone()))
+        .unwrap();
+    kd_tenants::kafka_auth::set_token_now(producer.client(), &auth);
+    let first = made.lock().unwrap()[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // A token made 2 s or more after the first: asked for because the first was
+        // at 80% of its 3-second life, not at start-up.
+        let later = made
+            .lock()
+            .unwrap()
+            .iter()
+            .position(|at| at.duration_since(first) >= Duration::from_secs(2));
+        if let Some(n) = later {
+            let name = format!("token-{n}");
+            if broker.tokens().contains(&name) {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no token asked for again and sent in 20 s: {:?}",
+            broker.tokens()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
