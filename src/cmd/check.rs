@@ -23,7 +23,7 @@ fn report(ok: bool, what: &str, detail: &str) -> bool {
 }
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
-    let config = super::with_kafka_auth(Config::load(&args.config)?).await?;
+    let config = super::with_kafka_auth(Config::load(&args.config)?, None).await?;
     let (snapshot, from) = super::tenant_settings(&config).await?;
     let tenant = match snapshot.get(&args.source_id) {
         Some(TenantEntry::Valid(t)) => {

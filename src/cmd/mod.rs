@@ -105,7 +105,12 @@ pub async fn read_settings_topic(
 /// Gives the configuration's Kafka clients the token source `kafka.aws_msk_iam` asks
 /// for: MSK IAM tokens signed from the worker's own AWS credentials (fetched once here,
 /// then kept fresh), for the cluster in `kafka.aws_msk_region` (else `AWS_REGION`).
-pub async fn with_kafka_auth(mut config: Config) -> Result<Config, CliError> {
+///
+/// With `readiness`, a token that cannot be made takes readiness away until one can.
+pub async fn with_kafka_auth(
+    mut config: Config,
+    readiness: Option<Arc<kd_telemetry::Readiness>>,
+) -> Result<Config, CliError> {
     if !config.kafka.aws_msk_iam {
         return Ok(config);
     }
@@ -136,13 +141,27 @@ pub async fn with_kafka_auth(mut config: Config) -> Result<Config, CliError> {
         .await
         .map_err(|e| CliError::Usage(format!("config: kafka.aws_msk_iam: {e}")))?;
     tracing::info!(%region, "Kafka clients authenticate with MSK IAM");
-    config.kafka.auth = kd_tenants::kafka_auth::KafkaAuth::oauthbearer(Arc::new(move || {
-        tokens
-            .token()
-            .map(|t| (t.token, t.expires))
-            .map_err(|e| e.to_string())
-    }));
+    config.kafka.auth =
+        kd_tenants::kafka_auth::KafkaAuth::oauthbearer(token_source(tokens, readiness));
     Ok(config)
+}
+
+/// Tokens from `tokens`; one that cannot be made takes `readiness` away until one can.
+fn token_source(
+    tokens: Arc<kd_aws::msk_iam::MskIamTokens>,
+    readiness: Option<Arc<kd_telemetry::Readiness>>,
+) -> kd_tenants::kafka_auth::TokenSource {
+    Arc::new(move || {
+        let token = tokens.token().map_err(|e| e.to_string());
+        if let Some(r) = &readiness {
+            let why = token
+                .as_ref()
+                .err()
+                .map(|e| format!("Kafka authentication: {e}"));
+            r.set_problem(kd_telemetry::Problem::KafkaAuth, why);
+        }
+        token.map(|t| (t.token, t.expires))
+    })
 }
 
 /// The tenant settings a one-shot command (check, tail) looks a tenant up in: the
@@ -162,5 +181,48 @@ pub async fn tenant_settings(config: &Config) -> Result<(Arc<Snapshot>, String),
             Ok((tenants.snapshot(), format!("topic {topic}")))
         }
         (None, None) => Err(CliError::Usage("config: tenants.file: is required".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_credential_types::provider::SharedCredentialsProvider;
+    use aws_credential_types::Credentials;
+    use std::time::SystemTime;
+
+    #[tokio::test]
+    async fn a_kafka_token_that_cannot_be_made_takes_readiness_away_until_one_can() {
+        let readiness = Arc::new(kd_telemetry::Readiness::default());
+        readiness.set_tenants_loaded();
+        readiness.set_joined_group();
+        assert!(readiness.is_ready());
+        let expired = Credentials::new(
+            "AKID",
+            "secret",
+            None,
+            Some(SystemTime::now() - Duration::from_secs(1)),
+            "test",
+        );
+        let tokens = kd_aws::msk_iam::MskIamTokens::start(
+            SharedCredentialsProvider::new(expired),
+            "eu-west-1".into(),
+        )
+        .await
+        .unwrap();
+        let source = token_source(tokens, Some(readiness.clone()));
+        assert!(source().is_err());
+        assert!(!readiness.is_ready(), "no token: not ready");
+
+        let valid = Credentials::new("AKID", "secret", None, None, "test");
+        let tokens = kd_aws::msk_iam::MskIamTokens::start(
+            SharedCredentialsProvider::new(valid),
+            "eu-west-1".into(),
+        )
+        .await
+        .unwrap();
+        let source = token_source(tokens, Some(readiness.clone()));
+        assert!(source().is_ok());
+        assert!(readiness.is_ready(), "a token again: ready");
     }
 }

@@ -33,7 +33,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
-    let config = super::with_kafka_auth(Config::load(&args.config)?).await?;
+    let config = super::with_kafka_auth(Config::load(&args.config)?, None).await?;
     let req = ReplayRequest {
         reasons: args.reasons,
         source_id: args.source_id,

@@ -42,11 +42,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     super::init_logging(&config.log.format, &config.log.level);
-    let config = super::with_kafka_auth(config).await?;
+    let readiness = Arc::new(Readiness::default());
+    let config = super::with_kafka_auth(config, Some(readiness.clone())).await?;
     let kafka = config.kafka.clone();
     kd_telemetry::set_source_labels(config.metrics.source_labels.iter().cloned());
     let tenants = Arc::new(TenantStore::new());
-    let readiness = Arc::new(Readiness::default());
 
     // A tenants file is read before anything starts: a bad one is a configuration error.
     let file_watch = match &config.tenants.file {

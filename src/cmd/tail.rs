@@ -63,7 +63,7 @@ async fn target(args: &Args) -> Result<Target, CliError> {
             .config
             .as_ref()
             .expect("clap requires --config with --source-id");
-        let config = super::with_kafka_auth(crate::config::Config::load(path)?).await?;
+        let config = super::with_kafka_auth(crate::config::Config::load(path)?, None).await?;
         let (snapshot, from) = super::tenant_settings(&config).await?;
         let tenant = match snapshot.get(source_id) {
             Some(kd_tenants::TenantEntry::Valid(t)) => (**t).clone(),

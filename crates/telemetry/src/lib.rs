@@ -219,6 +219,9 @@ pub enum Problem {
     DeadLetters,
     /// STS refuses the worker's own credentials.
     AwsIdentity,
+    /// No Kafka token can be made (MSK IAM: the worker's AWS credentials expired and
+    /// cannot be renewed).
+    KafkaAuth,
 }
 
 impl Readiness {
