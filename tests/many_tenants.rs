@@ -488,3 +488,39 @@ async fn a_cold_start_of_many_tenants_keeps_assume_role_calls_within_their_bound
     assert_eq!(env.fake.requests("AssumeRole"), 60);
     worker.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_down_with_more_events_than_the_whole_budget_does_not_stop_the_others() {
+    let env = Env::start().await;
+    // Its stream is down for the whole test; its 30,000 events over all three
+    // partitions are more than the worker holds in flight at most (20,000 by default),
+    // and no partition alone holds enough of them to reach its own budget.
+    let down = env.tenant("src_down", "down", 4);
+    env.fake.fail_for(
+        "down",
+        kd_testkit::Fault::Error {
+            status: 503,
+            code: "ServiceUnavailable".into(),
+        },
+        Duration::from_secs(3600),
+    );
+    let (small, small_sources) = ten_small_tenants(&env, "small");
+    let cfg = env.config(&[&down].into_iter().chain(&small).collect::<Vec<_>>());
+    cfg.write();
+    env.produce(bin(), "src_down", 30_000, 600, &["--compression", "lz4"]);
+    env.produce(bin(), &small_sources, 1_000, 10, &["--compression", "lz4"]);
+
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    wait_small_tenants_delivered(&env, "small", 1000, Duration::from_secs(60)).await;
+    let m = worker.metrics();
+    let held = metric_value(&m, "kinesis_destination_in_flight_events");
+    let skips = metric_value(&m, "kinesis_destination_fairness_skips_total");
+    eprintln!("down tenant across the budget: others delivered with {held} events in flight, {skips} of its events skipped");
+    assert!(skips > 0.0, "the down tenant's events were skipped");
+    assert!(
+        held < 30_000.0,
+        "in flight bounded by the budget plus its overdraft, the down tenant's share of it: {held}"
+    );
+    assert!(env.fake.records_of("down").is_empty());
+    worker.stop();
+}

@@ -62,7 +62,7 @@ where
         // budget (see `FlowControl::hold`).
         let mut holding_since: Option<Instant> = None;
         loop {
-            let hold = self.flow.hold(&self.tracker, holding_since.is_some());
+            let hold = self.flow.hold(&self.tracker, holding_since);
             if hold != holding_since.is_some() {
                 holding_since = hold.then(Instant::now);
                 self.tracker.set_holding(hold);

@@ -21,6 +21,12 @@ pub(crate) struct DrainRate {
     last: Option<f64>,
 }
 
+impl Default for DrainRate {
+    fn default() -> Self {
+        DrainRate::new(Instant::now())
+    }
+}
+
 impl DrainRate {
     pub(crate) fn new(now: Instant) -> Self {
         DrainRate {

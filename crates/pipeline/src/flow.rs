@@ -13,7 +13,7 @@
 //! Decides from the offset tracker's counts and acts on the consumer (pause, resume,
 //! seek); never touches events or commits.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
@@ -26,6 +26,10 @@ use crate::offsets::{Budget, Fairness, FlowInput, Held, OffsetTracker};
 /// before they fill the total, which would stop every partition.
 pub(crate) const PARTITION_BYTES_SHARE: f64 = 0.1;
 
+/// How far past the totals reading may go while stuck tenants are skipped everywhere:
+/// half the budget more (see [`FlowControl::hold`]).
+pub(crate) const OVERDRAFT: f64 = 0.5;
+
 /// What a partition or a tenant holds in flight "drains quickly" when the rate at which
 /// its events were recently done clears it within this.
 pub(crate) const DRAIN_TARGET: Duration = Duration::from_secs(2);
@@ -37,6 +41,10 @@ pub(crate) struct FlowControl {
     per_partition: Budget,
     /// Held in flight over all partitions at which reading holds.
     total: Budget,
+    /// Most held while reading on past stuck tenants (see [`hold`](Self::hold)).
+    overdraft: Budget,
+    /// When the tenants in flight were last looked through for one holding a share.
+    last_share_check: std::sync::Mutex<Option<Instant>>,
     pub(crate) fairness: Option<Fairness>,
 }
 
@@ -78,9 +86,30 @@ impl FlowControl {
                 },
                 None => budget,
             },
+            overdraft: Budget {
+                events: total.events + (total.events as f64 * OVERDRAFT) as usize,
+                bytes: total
+                    .bytes
+                    .saturating_add((total.bytes as f64 * OVERDRAFT) as usize),
+            },
             total,
             fairness,
+            last_share_check: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether a second has passed since this was last true (looking through every
+    /// tenant in flight costs a millisecond with 100,000 of them: not at every event).
+    fn checked_a_second_ago(&self) -> bool {
+        let mut last = self
+            .last_share_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
     }
 
     /// Whether the partition just read from reached its budget without draining it
@@ -102,13 +131,50 @@ impl FlowControl {
     /// partition when it is paused and fetches it again on resume, while held records
     /// simply wait in its queue. Holding too long would miss librdkafka's
     /// `max.poll.interval.ms`, so a long hold pauses instead (see `pause_and_resume`).
-    pub(crate) fn hold(&self, tracker: &OffsetTracker, holding: bool) -> bool {
+    ///
+    /// Unless what is held does not drain: after holding [`DRAIN_TARGET`] while the
+    /// totals drain no faster than that, a tenant whose stream is down fills them
+    /// (spread over partitions, none of which reaches its own budget) and holding would
+    /// stop every tenant until that one's retry window ran out. Reading then goes on
+    /// with every partition contended, so the stuck tenants' further events are
+    /// skipped everywhere and the others' are read, up to an overdraft of half the
+    /// budget ([`OVERDRAFT`]), until the totals are back under three quarters.
+    pub(crate) fn hold(&self, tracker: &OffsetTracker, holding_since: Option<Instant>) -> bool {
         let held = tracker.held();
-        if holding {
-            held.events > self.total.events / 4 * 3 || held.bytes > self.total.bytes / 4 * 3
-        } else {
-            self.total.reached_by(held)
+        let below_three_quarters =
+            held.events <= self.total.events / 4 * 3 && held.bytes <= self.total.bytes / 4 * 3;
+        if tracker.contended_everywhere() {
+            if below_three_quarters {
+                tracker.set_contended_everywhere(false);
+                return false;
+            }
+            return self.overdraft.reached_by(held);
         }
+        let at_budget = match holding_since {
+            Some(_) => !below_three_quarters,
+            None => self.total.reached_by(held),
+        };
+        if !at_budget {
+            return false;
+        }
+        // Worth it only when some tenant holds a share somewhere (fairness can skip
+        // only such a one): many tenants each waiting for credentials at a cold start
+        // are slow too, and reading on would only hold more.
+        let stuck = self.fairness.is_some_and(|f| {
+            holding_since.is_some_and(|since| since.elapsed() >= DRAIN_TARGET)
+                && tracker.totals_slow(DRAIN_TARGET)
+                && self.checked_a_second_ago()
+                && tracker.any_tenant_holds(f.per_source)
+        });
+        if stuck {
+            tracing::info!(
+                in_flight = held.events,
+                "what is in flight does not drain: reading on, skipping stuck tenants everywhere"
+            );
+            tracker.set_contended_everywhere(true);
+            return self.overdraft.reached_by(held);
+        }
+        true
     }
 
     /// Reads partitions again from their first skipped offset once the tenants skipped
@@ -212,6 +278,60 @@ mod tests {
     use super::*;
 
     const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn totals_full_of_many_small_tenants_waiting_are_held_not_read_past() {
+        // A cold start: every tenant waits for its credentials, none holds a share.
+        let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
+        let tracker = OffsetTracker::default();
+        tracker.assign([("t", 0)]);
+        for o in 0..20 {
+            let tenant: std::sync::Arc<str> = format!("tenant-{o}").into();
+            tracker.admit("t", 0, o, 0, Some(&tenant), None);
+        }
+        let a_while = Instant::now() - DRAIN_TARGET;
+        assert!(flow.hold(&tracker, Some(a_while)));
+        assert!(!tracker.contended_everywhere());
+    }
+
+    #[test]
+    fn totals_full_of_events_that_do_not_drain_are_read_past_up_to_the_overdraft() {
+        let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
+        let tracker = OffsetTracker::default();
+        tracker.assign([("t", 0)]);
+        let down: std::sync::Arc<str> = "down".into();
+        let read = |o| match tracker.admit("t", 0, o, 0, Some(&down), None) {
+            crate::offsets::Admission::Handle(ticket) => ticket,
+            other => panic!("{other:?}"),
+        };
+        let tickets: Vec<_> = (0..20).map(read).collect();
+        assert!(flow.hold(&tracker, None), "at the budget: hold");
+        let a_while = Instant::now() - DRAIN_TARGET;
+        assert!(
+            !flow.hold(&tracker, Some(a_while)),
+            "held for a while, nothing drains, a tenant holds a share: read on"
+        );
+        assert!(tracker.contended_everywhere());
+        for o in 20..29 {
+            read(o);
+        }
+        assert!(!flow.hold(&tracker, None), "29 of the overdraft's 30");
+        let last = read(29);
+        assert!(flow.hold(&tracker, None), "the overdraft is used up");
+        for ticket in tickets.iter().take(15).chain([&last]) {
+            tracker.done(ticket);
+        }
+        assert!(!flow.hold(&tracker, None), "14: under three quarters");
+        assert!(!tracker.contended_everywhere(), "back to normal");
+        let off = FlowControl::new(10, 20, 256 * MIB, 1.0);
+        for o in 30..40 {
+            read(o);
+        }
+        assert!(
+            off.hold(&tracker, Some(a_while)),
+            "without fairness nothing could be skipped: hold"
+        );
+    }
 
     #[test]
     fn a_partition_gets_the_share_of_the_byte_budget_it_has_of_the_event_budget() {

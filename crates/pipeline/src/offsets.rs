@@ -114,7 +114,11 @@ impl PartitionState {
     /// not drain quickly; but not before the partition's oldest event has waited as
     /// long as draining may take (a rate measured while writing starts up, credentials
     /// and connections, says nothing yet).
-    fn stuck(&mut self, source: &Arc<str>, f: &Fairness, now: Instant) -> bool {
+    ///
+    /// With `everywhere` (the totals are full of events that do not drain), there is no
+    /// waiting for a verdict: a tenant gone down would otherwise fill each partition
+    /// read afresh during its judging period.
+    fn stuck(&mut self, source: &Arc<str>, f: &Fairness, now: Instant, everywhere: bool) -> bool {
         let cap = Budget {
             events: f.contended_at.events + f.per_source.events,
             bytes: f.contended_at.bytes.saturating_add(f.per_source.bytes),
@@ -122,7 +126,7 @@ impl PartitionState {
         if cap.reached_by(self.held()) {
             return true;
         }
-        if !self.waited_longer_than(f.drain_target, now) {
+        if !everywhere && !self.waited_longer_than(f.drain_target, now) {
             return false;
         }
         // A tenant alone in flight in the partition is judged by the partition's
@@ -147,7 +151,7 @@ impl PartitionState {
             .filter(|(_, (held, _))| f.per_source.reached_by(*held))
             .map(|(source, _)| source.clone())
             .collect();
-        over.iter().any(|source| self.stuck(source, f, now))
+        over.iter().any(|source| self.stuck(source, f, now, false))
     }
 
     fn held_by(&self, source: &Arc<str>) -> Held {
@@ -242,6 +246,9 @@ pub struct OffsetTracker {
     /// take events again without waiting for its next tick.
     drained: tokio::sync::Notify,
     holding: std::sync::atomic::AtomicBool,
+    /// Every partition counts as contended (see
+    /// [`set_contended_everywhere`](Self::set_contended_everywhere)).
+    contended_everywhere: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +258,8 @@ struct Inner {
     pending_total: usize,
     /// Bytes of the events in flight, over all partitions.
     pending_bytes: usize,
+    /// How fast the events in flight drain, over all partitions.
+    rate: DrainRate,
 }
 
 impl OffsetTracker {
@@ -261,6 +270,7 @@ impl OffsetTracker {
             cancel,
             drained: tokio::sync::Notify::new(),
             holding: std::sync::atomic::AtomicBool::new(false),
+            contended_everywhere: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -376,11 +386,14 @@ impl OffsetTracker {
                 .skip
                 .as_ref()
                 .is_some_and(|s| s.sources.contains(source));
+            let everywhere = self
+                .contended_everywhere
+                .load(std::sync::atomic::Ordering::Relaxed);
             let over = || {
-                f.contended_at.reached_by(state.held())
+                (everywhere || f.contended_at.reached_by(state.held()))
                     && f.per_source.reached_by(state.held_by(source))
             };
-            if skipping || (over() && state.stuck(source, &f, now())) {
+            if skipping || (over() && state.stuck(source, &f, now(), everywhere)) {
                 let skip = state.skip.get_or_insert_with(|| Skip {
                     from: offset,
                     sources: Default::default(),
@@ -496,6 +509,7 @@ impl OffsetTracker {
             }
             inner.pending_total -= 1;
             inner.pending_bytes -= bytes;
+            inner.rate.count();
         }
         inner.publish();
         drop(inner);
@@ -509,6 +523,40 @@ impl OffsetTracker {
     pub fn set_holding(&self, holding: bool) {
         self.holding
             .store(holding, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Makes every partition count as contended for fairness (tenants over their
+    /// share that are stuck are skipped there), or no longer: while the totals are
+    /// full of events that do not drain, reading on past them must skip the stuck
+    /// tenants' events wherever they are, not only in partitions at their own budget.
+    pub fn set_contended_everywhere(&self, on: bool) {
+        self.contended_everywhere
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn contended_everywhere(&self) -> bool {
+        self.contended_everywhere
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether some tenant holds `share` or more in some partition: one that
+    /// fairness could skip.
+    pub fn any_tenant_holds(&self, share: Budget) -> bool {
+        let inner = self.lock();
+        inner.partitions.values().any(|state| {
+            state
+                .by_source
+                .values()
+                .any(|(held, _)| share.reached_by(*held))
+        })
+    }
+
+    /// Whether the events in flight, over all partitions, do not drain within
+    /// `target` at the rate events were recently done.
+    pub fn totals_slow(&self, target: Duration) -> bool {
+        let mut inner = self.lock();
+        let held = inner.pending_total;
+        !inner.rate.drains(held, Instant::now(), target)
     }
 
     /// Resolves once an event of a paused partition, or any event while holding, is done
@@ -1203,6 +1251,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn contended_everywhere_skips_a_stuck_tenant_over_its_share_below_the_partitions_budget() {
+        let t = tracker();
+        let down: Arc<str> = "down".into();
+        let f = Some(Fairness {
+            drain_target: Duration::from_secs(1),
+            ..fair(10, 5).unwrap()
+        });
+        let t0 = Instant::now();
+        for o in 0..6 {
+            handle(t.admit_at("t", 0, o, 0, Some(&down), f, || t0));
+        }
+        let later = move || t0 + Duration::from_secs(3);
+        assert!(
+            matches!(
+                t.admit_at("t", 0, 6, 0, Some(&down), f, later),
+                Admission::Handle(_)
+            ),
+            "7 of a budget of 10: not contended"
+        );
+        t.set_contended_everywhere(true);
+        assert!(
+            matches!(
+                t.admit_at("t", 0, 7, 0, Some(&down), f, || t0),
+                Admission::Skip
+            ),
+            "no judging period: the totals already said it does not drain"
+        );
+    }
+
+    /// Drives the tracker the way the worker does (read in order, finish events in any
+    /// order, read skips again or fail to seek back, lose and regain the partition,
+    /// commit) through many random runs, and checks what must
+    /// always hold: a commit never passes an event not done, every event is done in the
+    /// end, and each tenant's events are handled in offset order.
     #[test]
     fn random_runs_never_commit_past_an_event_not_done() {
         use rand::rngs::StdRng;
