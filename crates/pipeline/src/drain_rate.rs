@@ -41,6 +41,15 @@ impl DrainRate {
         self.done = self.done.saturating_add(1);
     }
 
+    /// Whether nothing was done for at least [`MIN_WINDOW`]: neither in the current
+    /// window (measured that long) nor in the last one closed. A tenant that is slow
+    /// but writing is not idle; one whose stream is down is.
+    pub(crate) fn idle(&self, now: Instant) -> bool {
+        self.done == 0
+            && now.saturating_duration_since(self.since) >= MIN_WINDOW
+            && self.last.is_none_or(|rate| rate == 0.0)
+    }
+
     /// Whether `held` events drain within `target` at the recent rate. Too young to
     /// tell (less than [`MIN_WINDOW`] measured) counts as not draining, so that a
     /// tenant that has not written anything yet is treated as a slow one.
@@ -101,6 +110,22 @@ mod tests {
         assert!(r.drains(1000, t1, SECOND));
         assert!(!r.drains(1001, t1, SECOND));
         assert!(r.drains(2000, t1, 2 * SECOND));
+    }
+
+    #[test]
+    fn idle_means_nothing_done_for_a_measured_while() {
+        let t0 = Instant::now();
+        let mut r = DrainRate::new(t0);
+        assert!(!r.idle(t0 + Duration::from_millis(50)), "too young to tell");
+        assert!(r.idle(t0 + Duration::from_millis(150)));
+        r.count();
+        assert!(
+            !r.idle(t0 + Duration::from_millis(150)),
+            "one done: writing"
+        );
+        // The window closes with a rate above 0: the next one is not idle at once.
+        assert!(r.drains(1, t0 + Duration::from_millis(600), SECOND));
+        assert!(!r.idle(t0 + Duration::from_millis(800)));
     }
 
     #[test]

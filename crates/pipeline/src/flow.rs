@@ -98,6 +98,13 @@ impl FlowControl {
         }
     }
 
+    /// Whether at least half of the overdraft (past the budget) is free again.
+    fn overdraft_half_free(&self, held: Held) -> bool {
+        let half = |total: usize, overdraft: usize| total + (overdraft - total) / 2;
+        held.events <= half(self.total.events, self.overdraft.events)
+            && held.bytes <= half(self.total.bytes, self.overdraft.bytes)
+    }
+
     /// Whether a second has passed since this was last true (looking through every
     /// tenant in flight costs a millisecond with 100,000 of them: not at every event).
     fn checked_a_second_ago(&self) -> bool {
@@ -148,7 +155,12 @@ impl FlowControl {
                 tracker.set_contended_everywhere(false);
                 return false;
             }
-            return self.overdraft.reached_by(held);
+            // Hysteresis: once the overdraft is used up, read again only when half of
+            // it is free, not at every event done.
+            return match holding_since {
+                Some(_) => !self.overdraft_half_free(held),
+                None => self.overdraft.reached_by(held),
+            };
         }
         let at_budget = match holding_since {
             Some(_) => !below_three_quarters,
@@ -157,14 +169,15 @@ impl FlowControl {
         if !at_budget {
             return false;
         }
-        // Worth it only when some tenant holds a share somewhere (fairness can skip
-        // only such a one): many tenants each waiting for credentials at a cold start
-        // are slow too, and reading on would only hold more.
+        // Worth it only when some tenant holds a share somewhere and writes nothing
+        // (fairness can skip only such a one): many tenants each waiting for
+        // credentials at a cold start are slow too, and so is a healthy tenant held back
+        // by its shards; reading on would only hold more, or skip it for nothing.
         let stuck = self.fairness.is_some_and(|f| {
             holding_since.is_some_and(|since| since.elapsed() >= DRAIN_TARGET)
                 && tracker.totals_slow(DRAIN_TARGET)
                 && self.checked_a_second_ago()
-                && tracker.any_tenant_holds(f.per_source)
+                && tracker.any_tenant_stuck_holding(f.per_source)
         });
         if stuck {
             tracing::info!(
@@ -295,6 +308,26 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_tenant_that_still_writes_is_held_not_read_past() {
+        // Held back by its shards, not down: some of its events are done.
+        let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
+        let tracker = OffsetTracker::default();
+        tracker.assign([("t", 0)]);
+        let busy: std::sync::Arc<str> = "busy".into();
+        let tickets: Vec<_> = (0..21)
+            .map(|o| match tracker.admit("t", 0, o, 0, Some(&busy), None) {
+                crate::offsets::Admission::Handle(ticket) => ticket,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(120));
+        tracker.done(&tickets[0]);
+        let a_while = Instant::now() - DRAIN_TARGET;
+        assert!(flow.hold(&tracker, Some(a_while)));
+        assert!(!tracker.contended_everywhere());
+    }
+
+    #[test]
     fn totals_full_of_events_that_do_not_drain_are_read_past_up_to_the_overdraft() {
         let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
         let tracker = OffsetTracker::default();
@@ -305,6 +338,8 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let tickets: Vec<_> = (0..20).map(read).collect();
+        // Nothing done for 100 ms and more: the tenant counts as writing nothing.
+        std::thread::sleep(Duration::from_millis(120));
         assert!(flow.hold(&tracker, None), "at the budget: hold");
         let a_while = Instant::now() - DRAIN_TARGET;
         assert!(
@@ -318,7 +353,20 @@ mod tests {
         assert!(!flow.hold(&tracker, None), "29 of the overdraft's 30");
         let last = read(29);
         assert!(flow.hold(&tracker, None), "the overdraft is used up");
-        for ticket in tickets.iter().take(15).chain([&last]) {
+        let since = Some(Instant::now());
+        for ticket in tickets.iter().take(4) {
+            tracker.done(ticket);
+        }
+        assert!(
+            flow.hold(&tracker, since),
+            "26: not half the overdraft free yet"
+        );
+        tracker.done(&tickets[4]);
+        assert!(
+            !flow.hold(&tracker, since),
+            "25: half of it free, read again"
+        );
+        for ticket in tickets.iter().skip(5).take(10).chain([&last]) {
             tracker.done(ticket);
         }
         assert!(!flow.hold(&tracker, None), "14: under three quarters");

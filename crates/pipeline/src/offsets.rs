@@ -126,7 +126,10 @@ impl PartitionState {
         if cap.reached_by(self.held()) {
             return true;
         }
-        if !everywhere && !self.waited_longer_than(f.drain_target, now) {
+        if everywhere {
+            return self.idle(source, now);
+        }
+        if !self.waited_longer_than(f.drain_target, now) {
             return false;
         }
         // A tenant alone in flight in the partition is judged by the partition's
@@ -139,6 +142,21 @@ impl PartitionState {
         by_source.get_mut(source).is_none_or(|(held, own)| {
             let rate = if alone { rate } else { own };
             !rate.drains(held.events, now, f.drain_target)
+        })
+    }
+
+    /// Whether `source` has events in flight here and none of them was done lately
+    /// (judged by the partition's completions when it is alone in flight, as in
+    /// [`stuck`](Self::stuck)).
+    fn idle(&self, source: &Arc<str>, now: Instant) -> bool {
+        let alone = self.by_source.len() == 1;
+        self.by_source.get(source).is_some_and(|(held, own)| {
+            held.events > 0
+                && if alone {
+                    self.rate.idle(now)
+                } else {
+                    own.idle(now)
+                }
         })
     }
 
@@ -445,10 +463,13 @@ impl OffsetTracker {
         source_below: Budget,
     ) -> Vec<(Arc<str>, i32, i64)> {
         let inner = self.lock();
+        // While every partition counts as contended, a tenant is skipped below the
+        // partition's budget too: the partition being below half of it says nothing.
+        let everywhere = self.contended_everywhere();
         let mut out = Vec::new();
         for ((topic, partition), state) in inner.partitions.iter() {
             if let Some(skip) = &state.skip {
-                let drained = !partition_below.reached_by(state.held())
+                let drained = (!everywhere && !partition_below.reached_by(state.held()))
                     || skip
                         .sources
                         .iter()
@@ -539,15 +560,17 @@ impl OffsetTracker {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether some tenant holds `share` or more in some partition: one that
-    /// fairness could skip.
-    pub fn any_tenant_holds(&self, share: Budget) -> bool {
+    /// Whether some tenant holds `share` or more in some partition and has had none
+    /// of its events there done lately: a stuck one that fairness could skip (a slow
+    /// but writing one is not).
+    pub fn any_tenant_stuck_holding(&self, share: Budget) -> bool {
         let inner = self.lock();
+        let now = Instant::now();
         inner.partitions.values().any(|state| {
             state
                 .by_source
-                .values()
-                .any(|(held, _)| share.reached_by(*held))
+                .iter()
+                .any(|(source, (held, _))| share.reached_by(*held) && state.idle(source, now))
         })
     }
 
@@ -1259,14 +1282,16 @@ mod tests {
             drain_target: Duration::from_secs(1),
             ..fair(10, 5).unwrap()
         });
+        // Read 50 ms ago, nothing done since the partition was assigned 3 s ago.
         let t0 = Instant::now();
+        let read_at = move || t0 + Duration::from_millis(2950);
+        let now = move || t0 + Duration::from_secs(3);
         for o in 0..6 {
-            handle(t.admit_at("t", 0, o, 0, Some(&down), f, || t0));
+            handle(t.admit_at("t", 0, o, 0, Some(&down), f, read_at));
         }
-        let later = move || t0 + Duration::from_secs(3);
         assert!(
             matches!(
-                t.admit_at("t", 0, 6, 0, Some(&down), f, later),
+                t.admit_at("t", 0, 6, 0, Some(&down), f, now),
                 Admission::Handle(_)
             ),
             "7 of a budget of 10: not contended"
@@ -1274,10 +1299,10 @@ mod tests {
         t.set_contended_everywhere(true);
         assert!(
             matches!(
-                t.admit_at("t", 0, 7, 0, Some(&down), f, || t0),
+                t.admit_at("t", 0, 7, 0, Some(&down), f, now),
                 Admission::Skip
             ),
-            "no judging period: the totals already said it does not drain"
+            "no judging period (its oldest event waited 50 ms): it holds its share and writes nothing"
         );
     }
 
