@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use kd_aws::msk_iam::percent_encode;
 use kd_testkit::env::{wait_metric, FakeEnv as Env, TOPIC};
 use kd_testkit::{eventually, http_get, Fault, Worker};
 use serde_json::Value;
@@ -71,7 +72,7 @@ impl Prometheus {
 
     /// An instant query: `Ok(result)` or `Err(the error)`.
     fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
-        let v = self.api(&format!("/api/v1/query?query={}", encode(promql)));
+        let v = self.api(&format!("/api/v1/query?query={}", percent_encode(promql)));
         match v["status"].as_str() {
             Some("success") => Ok(v["data"]["result"].as_array().cloned().unwrap_or_default()),
             _ => Err(format!("{promql}: {v}")),
@@ -84,18 +85,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Percent-encoding for a query parameter.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Every `expr` of the dashboard's panels, with Grafana's variables filled in as
@@ -287,7 +276,7 @@ async fn a_real_prometheus_scrapes_a_worker_fires_the_dead_letter_alert_and_answ
     // The job variable lists the worker's job.
     let jobs = prometheus.api(&format!(
         "/api/v1/label/job/values?match[]={}",
-        encode("kinesis_destination_events_received_total")
+        percent_encode("kinesis_destination_events_received_total")
     ));
     assert_eq!(jobs["data"][0], "kinesis-destination", "{jobs}");
 }

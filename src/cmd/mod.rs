@@ -191,6 +191,13 @@ mod tests {
     use aws_credential_types::Credentials;
     use std::time::SystemTime;
 
+    async fn tokens(credentials: Credentials) -> Arc<kd_aws::msk_iam::MskIamTokens> {
+        let provider = SharedCredentialsProvider::new(credentials);
+        kd_aws::msk_iam::MskIamTokens::start(provider, "eu-west-1".into())
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_kafka_token_that_cannot_be_made_takes_readiness_away_until_one_can() {
         let readiness = Arc::new(kd_telemetry::Readiness::default());
@@ -204,24 +211,12 @@ mod tests {
             Some(SystemTime::now() - Duration::from_secs(1)),
             "test",
         );
-        let tokens = kd_aws::msk_iam::MskIamTokens::start(
-            SharedCredentialsProvider::new(expired),
-            "eu-west-1".into(),
-        )
-        .await
-        .unwrap();
-        let source = token_source(tokens, Some(readiness.clone()));
+        let source = token_source(tokens(expired).await, Some(readiness.clone()));
         assert!(source().is_err());
         assert!(!readiness.is_ready(), "no token: not ready");
 
         let valid = Credentials::new("AKID", "secret", None, None, "test");
-        let tokens = kd_aws::msk_iam::MskIamTokens::start(
-            SharedCredentialsProvider::new(valid),
-            "eu-west-1".into(),
-        )
-        .await
-        .unwrap();
-        let source = token_source(tokens, Some(readiness.clone()));
+        let source = token_source(tokens(valid).await, Some(readiness.clone()));
         assert!(source().is_ok());
         assert!(readiness.is_ready(), "a token again: ready");
     }

@@ -112,20 +112,8 @@ pub fn auth_token(
     Ok(AuthToken { token, expires })
 }
 
-/// An error and its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-/// RFC 3986 percent-encoding of a query value.
-fn percent_encode(s: &str) -> String {
+/// RFC 3986 percent-encoding of a query value (every byte but the unreserved ones).
+pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -173,11 +161,11 @@ impl MskIamTokens {
             match provider.provide_credentials().await {
                 Ok(c) => break c,
                 Err(e) if attempt < START_ATTEMPTS => {
-                    tracing::warn!(error = %chain(&e), "no AWS credentials for MSK IAM yet; trying again");
+                    tracing::warn!(error = %crate::errors::chain(Some(&e)), "no AWS credentials for MSK IAM yet; trying again");
                     tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
                     attempt += 1;
                 }
-                Err(e) => return Err(TokenError::NoCredentials(chain(&e))),
+                Err(e) => return Err(TokenError::NoCredentials(crate::errors::chain(Some(&e)))),
             }
         };
         let tokens = Arc::new(MskIamTokens {
@@ -203,7 +191,7 @@ impl MskIamTokens {
                 match fetched {
                     Ok(c) => *tokens.lock() = Ok(c),
                     Err(e) => {
-                        let why = chain(&e);
+                        let why = crate::errors::chain(Some(&e));
                         tracing::warn!(error = %why, "cannot renew the AWS credentials for MSK IAM; will retry");
                         let mut held = tokens.lock();
                         // Credentials still valid are kept; an error shows only once

@@ -292,6 +292,18 @@ mod tests {
 
     const MIB: usize = 1024 * 1024;
 
+    /// An event of `source` at `offset` of partition t/0, admitted without fairness.
+    fn handled(
+        tracker: &OffsetTracker,
+        source: &std::sync::Arc<str>,
+        offset: i64,
+    ) -> crate::offsets::Ticket {
+        match tracker.admit("t", 0, offset, 0, Some(source), None) {
+            crate::offsets::Admission::Handle(ticket) => ticket,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn totals_full_of_many_small_tenants_waiting_are_held_not_read_past() {
         // A cold start: every tenant waits for its credentials, none holds a share.
@@ -314,12 +326,7 @@ mod tests {
         let tracker = OffsetTracker::default();
         tracker.assign([("t", 0)]);
         let busy: std::sync::Arc<str> = "busy".into();
-        let tickets: Vec<_> = (0..21)
-            .map(|o| match tracker.admit("t", 0, o, 0, Some(&busy), None) {
-                crate::offsets::Admission::Handle(ticket) => ticket,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let tickets: Vec<_> = (0..21).map(|o| handled(&tracker, &busy, o)).collect();
         std::thread::sleep(Duration::from_millis(120));
         tracker.done(&tickets[0]);
         let a_while = Instant::now() - DRAIN_TARGET;
@@ -333,10 +340,7 @@ mod tests {
         let tracker = OffsetTracker::default();
         tracker.assign([("t", 0)]);
         let down: std::sync::Arc<str> = "down".into();
-        let read = |o| match tracker.admit("t", 0, o, 0, Some(&down), None) {
-            crate::offsets::Admission::Handle(ticket) => ticket,
-            other => panic!("{other:?}"),
-        };
+        let read = |o| handled(&tracker, &down, o);
         let tickets: Vec<_> = (0..20).map(read).collect();
         // Nothing done for 100 ms and more: the tenant counts as writing nothing.
         std::thread::sleep(Duration::from_millis(120));

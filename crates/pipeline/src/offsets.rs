@@ -918,6 +918,14 @@ mod tests {
         })
     }
 
+    /// [`fair`], with tenants judged by how fast they drain: "quickly" is 1 s.
+    fn judged(contended_at: usize, per_source: usize) -> Option<Fairness> {
+        Some(Fairness {
+            drain_target: Duration::from_secs(1),
+            ..fair(contended_at, per_source).unwrap()
+        })
+    }
+
     fn handle(a: Admission) -> Ticket {
         match a {
             Admission::Handle(t) => t,
@@ -1137,10 +1145,7 @@ mod tests {
         let t = tracker();
         let (busy, stuck): (Arc<str>, Arc<str>) = ("busy".into(), "stuck".into());
         // Contended from 8 in flight; a tenant's share is 4; "quickly" is 1 s.
-        let f = Some(Fairness {
-            drain_target: Duration::from_secs(1),
-            ..fair(8, 4).unwrap()
-        });
+        let f = judged(8, 4);
         let t0 = Instant::now();
         let at = |ms: u64| move || t0 + Duration::from_millis(ms);
         let admit = |o, s: &Arc<str>, ms| t.admit_at("t", 0, o, 0, Some(s), f, at(ms));
@@ -1182,10 +1187,7 @@ mod tests {
     fn nobody_is_skipped_before_the_oldest_event_has_waited_as_long_as_draining_may_take() {
         let t = tracker();
         let stuck: Arc<str> = "stuck".into();
-        let f = Some(Fairness {
-            drain_target: Duration::from_secs(1),
-            ..fair(20, 5).unwrap()
-        });
+        let f = judged(20, 5);
         let t0 = Instant::now();
         let admit = |o, ms| {
             t.admit_at("t", 0, o, 0, Some(&stuck), f, move || {
@@ -1207,10 +1209,7 @@ mod tests {
         let new: Arc<str> = "new".into();
         // Budget 20, share 4: nobody is judged before 24 are in flight, where the
         // partition would pause.
-        let f = Some(Fairness {
-            drain_target: Duration::from_secs(1),
-            ..fair(20, 4).unwrap()
-        });
+        let f = judged(20, 4);
         let t0 = Instant::now();
         for o in 0..24 {
             handle(t.admit_at("t", 0, o, 0, Some(&new), f, || t0));
@@ -1278,10 +1277,7 @@ mod tests {
     fn contended_everywhere_skips_a_stuck_tenant_over_its_share_below_the_partitions_budget() {
         let t = tracker();
         let down: Arc<str> = "down".into();
-        let f = Some(Fairness {
-            drain_target: Duration::from_secs(1),
-            ..fair(10, 5).unwrap()
-        });
+        let f = judged(10, 5);
         // Read 50 ms ago, nothing done since the partition was assigned 3 s ago.
         let t0 = Instant::now();
         let read_at = move || t0 + Duration::from_millis(2950);
