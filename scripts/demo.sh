@@ -43,11 +43,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log "starting tansu on 127.0.0.1:$KAFKA_PORT and moto on 127.0.0.1:$AWS_PORT"
-# The memory engine of the patched build ensure_tansu installs (its mid-batch fetch bug
-# fixed, see tools/tansu/memory-engine.patch and tests/broker.rs).
-tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+# On SQLite, in the demo's directory (the database path is relative to the working
+# directory). Producers here may use any codec but snappy, which that engine cannot read
+# back (tests/broker.rs).
+(cd "$DEMO" && exec tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
   --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --storage-engine memory://tansu/ >"$DEMO/tansu.log" 2>&1 &
+  --storage-engine sqlite://tansu.db >tansu.log 2>&1) &
 pids+=($!)
 python3 -m moto.server -H 127.0.0.1 -p "$AWS_PORT" >"$DEMO/moto.log" 2>&1 &
 pids+=($!)

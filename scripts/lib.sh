@@ -35,11 +35,12 @@ ensure_build_deps() {
   fi
 }
 
-# Tansu 0.6.0, a Kafka-protocol broker (Rust, crates.io), with two fixes to its memory
-# storage engine (tools/tansu/memory-engine.patch: a fetch from inside a multi-record
-# batch returned the next batch; the latest offset was not the high watermark). Built
-# once into ~/.cargo/bin as `tansu` (about 10 minutes on 2 cores).
-TANSU_KD_VERSION=0.6.0+kd.1
+# Tansu 0.6.0, a Kafka-protocol broker (Rust, crates.io), with its SQLite engine and
+# fixes to tansu-storage (tools/tansu/tansu-storage.patch: fetches bounded by the
+# partition's limit and read in one query each on SQLite; the memory engine's mid-batch
+# fetch and latest offset). Built once into ~/.cargo/bin as `tansu` (about 10 minutes on
+# 2 cores).
+TANSU_KD_VERSION=0.6.0+kd.3
 
 tansu_is_patched() {
   # cargo records each installed package with its version.
@@ -55,7 +56,7 @@ PY
 ensure_tansu() {
   export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
   tansu_is_patched && command -v tansu >/dev/null && return
-  log "building tansu $TANSU_VERSION with the memory-engine fixes (about 10 minutes, once per machine)"
+  log "building tansu $TANSU_VERSION with SQLite and the fixes of tools/tansu (about 10 minutes, once per machine)"
   local tools=.tools
   mkdir -p "$tools"
   # tansu-storage's source, as cargo downloads it, patched.
@@ -64,7 +65,7 @@ ensure_tansu() {
   crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/tansu-storage-"$TANSU_VERSION".crate | head -n 1)
   rm -rf "$tools/tansu-storage-$TANSU_VERSION"
   tar -xzf "$crate" -C "$tools"
-  patch --quiet -p1 -d "$tools/tansu-storage-$TANSU_VERSION" <tools/tansu/memory-engine.patch
+  patch --quiet -p1 -d "$tools/tansu-storage-$TANSU_VERSION" <tools/tansu/tansu-storage.patch
   CARGO_TARGET_DIR="$tools/tansu-target" cargo install --quiet --locked --force \
     --path tools/tansu --root "${CARGO_HOME:-$HOME/.cargo}"
 }

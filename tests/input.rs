@@ -31,7 +31,13 @@ fn events(source: &str) -> Vec<(String, String, usize)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_codec_is_delivered_even_when_fetches_start_inside_batches() {
     for codec in ["gzip", "snappy", "lz4", "zstd"] {
-        let env = Env::start().await;
+        // Tansu's SQLite engine cannot read snappy batches back; its patched memory
+        // engine can (tests/broker.rs).
+        let env = if codec == "snappy" {
+            Env::with(Tansu::start_memory(), None).await
+        } else {
+            Env::start().await
+        };
         let stream = format!("codec-{codec}");
         let t = env.tenant("src_codec", &stream, 4);
         // A small in-flight cap pauses and resumes the partitions all the time: each

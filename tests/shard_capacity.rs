@@ -7,11 +7,13 @@ use common::bin;
 use std::time::Duration;
 
 use kd_testkit::env::{assert_all_delivered_in_order, wait_metric, FakeEnv as Env};
-use kd_testkit::Worker;
+use kd_testkit::{Tansu, Worker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
-    let env = Env::start().await;
+    // Snappy input below: Tansu's memory engine (its SQLite engine cannot read snappy
+    // batches back).
+    let env = Env::with(Tansu::start_memory(), None).await;
     let t = env.tenant("src_sharded", "sharded", 4);
     // The fake enforces Kinesis' 1,000 records/s and 1 MiB/s per shard over a sliding
     // second.
