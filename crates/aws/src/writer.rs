@@ -27,8 +27,24 @@ pub struct Written {
 }
 
 /// Writes records into tenants' streams with their assumed-role credentials.
+///
+/// A handle (one pointer): every lingering batch and every call in flight holds a clone,
+/// and the state itself is over a kilobyte.
 #[derive(Clone)]
 pub struct KinesisWriter {
+    inner: Arc<Writer>,
+}
+
+impl std::ops::Deref for KinesisWriter {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.inner
+    }
+}
+
+/// What a [`KinesisWriter`] shares.
+#[doc(hidden)]
+pub struct Writer {
     credentials: CredentialCache,
     api: KinesisApi,
     limits: RateLimits,
@@ -112,13 +128,15 @@ impl KinesisWriter {
         linger: Duration,
     ) -> Result<Self, String> {
         Ok(KinesisWriter {
-            api: KinesisApi::new(credentials.base())?,
-            credentials,
-            limits,
-            requests: Arc::new(requests),
-            batches: Arc::default(),
-            linger,
-            put_records_refused: Arc::default(),
+            inner: Arc::new(Writer {
+                api: KinesisApi::new(credentials.base())?,
+                credentials,
+                limits,
+                requests: Arc::new(requests),
+                batches: Arc::default(),
+                linger,
+                put_records_refused: Arc::default(),
+            }),
         })
     }
 
@@ -180,7 +198,8 @@ impl KinesisWriter {
         key: &PartitionKey,
         data: &[u8],
     ) -> Result<Written, AwsError> {
-        let session = self.credentials.session(tenant).await?;
+        // Boxed for the same reason: the cache's lookup is a large future.
+        let session = Box::pin(self.credentials.session(tenant)).await?;
         let bytes = data.len() + key.as_str().len();
         self.limits
             .acquire(tenant, key.as_str(), bytes, Some((&self.api, &session)))
@@ -191,26 +210,27 @@ impl KinesisWriter {
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
-        let result = self
-            .api
-            .put_record(
-                session.credentials(),
-                &tenant.region,
-                tenant.stream.as_str(),
-                Entry {
-                    key: key.as_str(),
-                    data,
-                },
-                &|| context("PutRecord", tenant),
-            )
-            .await;
+        // Boxed: the call's future is over a kilobyte, and this one would otherwise sit
+        // in every in-flight event's task, batched ones too (waiting for credentials, a
+        // rate limit or their batch).
+        let result = Box::pin(self.api.put_record(
+            session.credentials(),
+            &tenant.region,
+            tenant.stream.as_str(),
+            Entry {
+                key: key.as_str(),
+                data,
+            },
+            &|| context("PutRecord", tenant),
+        ))
+        .await;
         observe_call(started, &result);
         match result {
             Ok(written) => Ok(written),
             Err(err) => {
                 self.on_refused(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
-                    self.credentials.invalidate(tenant).await;
+                    Box::pin(self.credentials.invalidate(tenant)).await;
                 }
                 Err(err)
             }
@@ -285,16 +305,15 @@ impl KinesisWriter {
                 data: &p.data,
             })
             .collect();
-        let result = self
-            .api
-            .put_records(
-                session.credentials(),
-                &tenant.region,
-                tenant.stream.as_str(),
-                &entries,
-                &ctx,
-            )
-            .await;
+        // Boxed: batches waiting for a request permit stay small.
+        let result = Box::pin(self.api.put_records(
+            session.credentials(),
+            &tenant.region,
+            tenant.stream.as_str(),
+            &entries,
+            &ctx,
+        ))
+        .await;
         drop(entries);
         observe_call(started, &result);
         match result {
@@ -309,7 +328,7 @@ impl KinesisWriter {
             }
             Err(err) => {
                 if err.class == ErrorClass::ExpiredCredentials {
-                    self.credentials.invalidate(&tenant).await;
+                    Box::pin(self.credentials.invalidate(&tenant)).await;
                 }
                 // The role may allow PutRecord only: the records' next attempts use it
                 // (each lane retries its own record first, so nothing is reordered).
@@ -411,6 +430,34 @@ mod tests {
             Duration::from_millis(10),
         )
         .unwrap()
+    }
+
+    /// Every event in flight holds a `put_record` future in its task, and every batch a
+    /// `send_batch` future and a writer: at 20,000 events in flight a kilobyte each is
+    /// 20 MB. The large parts (the HTTP call, a credential lookup, an invalidation) are
+    /// boxed only while they run.
+    #[tokio::test]
+    async fn what_each_event_and_batch_in_flight_holds_stays_small() {
+        let w = writer();
+        assert_eq!(
+            std::mem::size_of::<KinesisWriter>(),
+            std::mem::size_of::<usize>()
+        );
+        let t = Arc::new(tenant(serde_json::Value::Null));
+        let key = PartitionKey::new("u").unwrap();
+        let data = vec![1u8; 10];
+        let put = w.put_record(&t, &key, &data);
+        assert!(
+            std::mem::size_of_val(&put) <= 768,
+            "put_record's future: {} bytes",
+            std::mem::size_of_val(&put)
+        );
+        let batch = w.clone().send_batch(Vec::new());
+        assert!(
+            std::mem::size_of_val(&batch) <= 512,
+            "send_batch's future: {} bytes",
+            std::mem::size_of_val(&batch)
+        );
     }
 
     #[test]
