@@ -15,9 +15,6 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::SdkConfig;
 use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-use aws_sigv4::sign::v4;
-use aws_smithy_runtime_api::client::identity::Identity;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -178,6 +175,11 @@ impl KinesisApi {
                     .authority()
                     .ok_or_else(|| format!("aws.endpoint_url {url:?} has no host"))?
                     .to_string();
+                if !crate::sign::is_canonical_path(uri.path()) || uri.query().is_some() {
+                    return Err(format!(
+                        "aws.endpoint_url {url:?}: its path may hold only letters, digits, `-._~` and single slashes, and no query"
+                    ));
+                }
                 Endpoint::Fixed { uri, host }
             }
             None => Endpoint::Regional {
@@ -299,39 +301,32 @@ impl KinesisApi {
         let (uri, host) = self
             .endpoint(region.as_str())
             .map_err(|e| construction(&e))?;
-        let identity: Identity = credentials.clone().into();
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(region.as_str())
-            .name("kinesis")
-            .time(SystemTime::now())
-            .settings(SigningSettings::default())
-            .build()
-            .map_err(|e| construction(&e))?
-            .into();
-        let headers = [
-            ("content-type", CONTENT_TYPE),
-            ("host", host.as_ref()),
-            ("x-amz-target", operation.target()),
-        ];
-        let signable = SignableRequest::new(
-            "POST",
-            uri.to_string(),
-            headers.iter().copied(),
-            SignableBody::Bytes(&body),
-        )
-        .map_err(|e| construction(&e))?;
-        let (instructions, _signature) = sign(signable, &params)
-            .map_err(|e| construction(&e))?
-            .into_parts();
-        let mut request = http::Request::post(uri);
-        for (name, value) in headers {
-            request = request.header(name, value);
+        let target = operation.target();
+        let signed = crate::sign::sign(
+            credentials,
+            region.as_str(),
+            "kinesis",
+            &crate::sign::Call {
+                path: uri.path(),
+                host: host.as_ref(),
+                content_type: CONTENT_TYPE,
+                target,
+                body: &body,
+            },
+            SystemTime::now(),
+        );
+        let mut request = http::Request::post(uri)
+            .header("content-type", CONTENT_TYPE)
+            .header("host", host.as_ref())
+            .header("x-amz-target", target)
+            .header("x-amz-date", signed.amz_date)
+            .header("authorization", signed.authorization);
+        if let Some(token) = credentials.session_token() {
+            request = request.header("x-amz-security-token", token);
         }
-        let mut request = request
+        let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| construction(&e))?;
-        instructions.apply_to_request_http1x(&mut request);
 
         let exchange = async {
             let response = self.http.request(request).await?;

@@ -27,6 +27,7 @@ pub mod limits;
 pub mod msk_iam;
 pub mod requests;
 pub mod shards;
+mod sign;
 pub mod writer;
 
 use std::time::Duration;

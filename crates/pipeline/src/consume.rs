@@ -65,7 +65,15 @@ where
             let hold = self.flow.hold(&self.tracker, holding_since);
             if hold != holding_since.is_some() {
                 holding_since = hold.then(Instant::now);
-                self.tracker.set_holding(hold);
+                if !hold {
+                    self.tracker.set_holding(None);
+                }
+            }
+            // At every turn while holding (each is a wake-up or a tick, not an event
+            // read): the level to read again at changes with the overdraft.
+            if hold {
+                self.tracker
+                    .set_holding(Some(self.flow.resume_at(&self.tracker)));
             }
             // librdkafka must be polled within max.poll.interval.ms or it leaves the
             // group: a long hold pauses every partition instead, and reads (nothing).

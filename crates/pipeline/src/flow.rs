@@ -100,9 +100,32 @@ impl FlowControl {
 
     /// Whether at least half of the overdraft (past the budget) is free again.
     fn overdraft_half_free(&self, held: Held) -> bool {
+        let at = self.overdraft_half();
+        held.events <= at.events && held.bytes <= at.bytes
+    }
+
+    /// The totals at which half of the overdraft is free.
+    fn overdraft_half(&self) -> Held {
         let half = |total: usize, overdraft: usize| total + (overdraft - total) / 2;
-        held.events <= half(self.total.events, self.overdraft.events)
-            && held.bytes <= half(self.total.bytes, self.overdraft.bytes)
+        Held {
+            events: half(self.total.events, self.overdraft.events),
+            bytes: half(self.total.bytes, self.overdraft.bytes),
+        }
+    }
+
+    /// While [`hold`](Self::hold) says to hold: the totals at or under which it stops
+    /// holding (three quarters of the budget; half the overdraft free while every
+    /// partition counts as contended). Other reasons to stop (a stuck tenant found) are
+    /// time-based, and the loop's tick asks again for them.
+    pub(crate) fn resume_at(&self, tracker: &OffsetTracker) -> Held {
+        if tracker.contended_everywhere() {
+            self.overdraft_half()
+        } else {
+            Held {
+                events: self.total.events / 4 * 3,
+                bytes: self.total.bytes / 4 * 3,
+            }
+        }
     }
 
     /// Whether a second has passed since this was last true (looking through every

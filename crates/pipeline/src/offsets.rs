@@ -259,11 +259,11 @@ pub struct OffsetTracker {
     inner: Mutex<Inner>,
     /// Parent of every partition's token: cancelled at shutdown.
     cancel: CancellationToken,
-    /// Told when an event of a paused partition is done, or any event while the consume
-    /// loop holds off reading (see [`set_holding`](Self::set_holding)): the loop may then
-    /// take events again without waiting for its next tick.
+    /// Told when an event of a paused partition is done, or when the totals drained to
+    /// where the consume loop, holding off reading, reads again (see
+    /// [`set_holding`](Self::set_holding)): the loop may then take events again without
+    /// waiting for its next tick.
     drained: tokio::sync::Notify,
-    holding: std::sync::atomic::AtomicBool,
     /// Every partition counts as contended (see
     /// [`set_contended_everywhere`](Self::set_contended_everywhere)).
     contended_everywhere: std::sync::atomic::AtomicBool,
@@ -278,6 +278,9 @@ struct Inner {
     pending_bytes: usize,
     /// How fast the events in flight drain, over all partitions.
     rate: DrainRate,
+    /// While the consume loop holds off reading: the totals at or under which it reads
+    /// again.
+    resume_at: Option<Held>,
 }
 
 impl OffsetTracker {
@@ -287,7 +290,6 @@ impl OffsetTracker {
             inner: Mutex::default(),
             cancel,
             drained: tokio::sync::Notify::new(),
-            holding: std::sync::atomic::AtomicBool::new(false),
             contended_everywhere: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -512,7 +514,7 @@ impl OffsetTracker {
         if state.epoch != ticket.epoch {
             return;
         }
-        let wake = state.paused || self.holding.load(std::sync::atomic::Ordering::Relaxed);
+        let paused = state.paused;
         // The bytes are those recorded when the offset was admitted, whichever ticket
         // of it finishes first.
         if let Some((_, bytes)) = state.pending.remove(&ticket.offset) {
@@ -532,18 +534,32 @@ impl OffsetTracker {
             inner.pending_bytes -= bytes;
             inner.rate.count();
         }
+        // Holding: only once the totals are where the loop reads again (waking it at
+        // every event done cost a thread wake-up per event, for nothing).
+        let resume = inner
+            .resume_at
+            .is_some_and(|at| inner.pending_total <= at.events && inner.pending_bytes <= at.bytes);
         inner.publish();
         drop(inner);
-        if wake {
+        if paused || resume {
             self.drained.notify_one();
         }
     }
 
-    /// Whether the consume loop holds off reading (the totals are at their budget): every
-    /// event done then wakes it (see [`drained`](Self::drained)).
-    pub fn set_holding(&self, holding: bool) {
-        self.holding
-            .store(holding, std::sync::atomic::Ordering::Relaxed);
+    /// Whether the consume loop holds off reading (the totals are at their budget), and
+    /// at what totals it reads again: the event done that brings them there wakes it
+    /// (see [`drained`](Self::drained)).
+    pub fn set_holding(&self, resume_at: Option<Held>) {
+        let mut inner = self.lock();
+        inner.resume_at = resume_at;
+        // Drained there already (events done since the loop looked): no event done may
+        // come to say so.
+        let there = resume_at
+            .is_some_and(|at| inner.pending_total <= at.events && inner.pending_bytes <= at.bytes);
+        drop(inner);
+        if there {
+            self.drained.notify_one();
+        }
     }
 
     /// Makes every partition count as contended for fairness (tenants over their
@@ -834,6 +850,42 @@ mod tests {
             t.to_commit(None).is_empty(),
             "unchanged watermark is not re-committed"
         );
+    }
+
+    /// Whether `drained()` has resolved (a wake-up is waiting for the loop).
+    fn woken(t: &OffsetTracker) -> bool {
+        use std::future::Future;
+        let mut drained = std::pin::pin!(t.drained());
+        let waker = std::task::Waker::noop();
+        drained
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+            .is_ready()
+    }
+
+    #[test]
+    fn while_holding_the_loop_is_woken_once_the_totals_reach_its_level_not_at_each_event() {
+        let t = tracker();
+        let tickets: Vec<_> = (0..10).map(|o| t.read("t", 0, o).unwrap()).collect();
+        t.set_holding(Some(Held {
+            events: 7,
+            bytes: usize::MAX,
+        }));
+        assert!(!woken(&t), "10 in flight, reading again at 7");
+        t.done(&tickets[0]);
+        t.done(&tickets[1]);
+        assert!(!woken(&t), "8 in flight: no wake-up");
+        t.done(&tickets[2]);
+        assert!(woken(&t), "7 in flight: woken");
+        t.set_holding(None);
+        t.done(&tickets[3]);
+        assert!(!woken(&t), "not holding: no wake-up");
+        // Drained there before the loop said where: woken at once.
+        t.set_holding(Some(Held {
+            events: 6,
+            bytes: usize::MAX,
+        }));
+        assert!(woken(&t));
     }
 
     #[test]
