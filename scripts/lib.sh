@@ -36,11 +36,11 @@ ensure_build_deps() {
 }
 
 # Tansu 0.6.0, a Kafka-protocol broker (Rust, crates.io), with its SQLite engine and
-# fixes to tansu-storage (tools/tansu/tansu-storage.patch: fetches bounded by the
-# partition's limit and read in one query each on SQLite; the memory engine's mid-batch
-# fetch and latest offset). Built once into ~/.cargo/bin as `tansu` (about 10 minutes on
+# fixes to tansu-storage (tools/tansu/tansu-storage.patch: SQLite fetches bounded and
+# their headers read in one query; the memory engine's mid-batch fetch and latest
+# offset). Built once into ~/.cargo/bin as `tansu` (about 10 minutes on
 # 2 cores).
-TANSU_KD_VERSION=0.6.0+kd.3
+TANSU_KD_VERSION=0.6.0+kd.4
 
 tansu_is_patched() {
   # cargo records each installed package with its version.
