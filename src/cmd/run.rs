@@ -51,13 +51,13 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     // A tenants file is read before anything starts: a bad one is a configuration error.
     let file_watch = match &config.tenants.file {
         Some(file) => {
-            let bytes = kd_tenants::load_file_into(file, &tenants)
+            let contents = kd_tenants::load_file_into(file, &tenants)
                 .map_err(|e| CliError::Usage(format!("config: tenants.file: {e}")))?;
             Some(kd_tenants::watch_file(
                 file.clone(),
                 tenants.clone(),
                 Duration::from_millis(config.tenants.poll_interval_ms),
-                Some(bytes),
+                Some(contents),
                 config.tenants.allow_empty,
             ))
         }

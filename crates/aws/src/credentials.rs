@@ -159,7 +159,7 @@ impl CredentialCache {
         let m = kd_telemetry::metrics();
         let key = Key {
             role: tenant.role.clone(),
-            external_id: tenant.external_id().into(),
+            external_id: tenant.external_id_shared(),
         };
         if let Some(s) = self.sessions.get(&key).await {
             m.credential_cache_hits.inc();
@@ -212,7 +212,7 @@ impl CredentialCache {
     pub async fn invalidate(&self, tenant: &TenantSettings) {
         let key = Key {
             role: tenant.role.clone(),
-            external_id: tenant.external_id().into(),
+            external_id: tenant.external_id_shared(),
         };
         self.sessions.invalidate(&key).await;
         self.failures.invalidate(&key).await;

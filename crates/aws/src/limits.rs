@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use kd_tenants::TenantSettings;
+use kd_tenants::{Region, StreamName, TenantSettings};
 use moka::sync::Cache;
 
 use crate::api::KinesisApi;
@@ -211,11 +211,12 @@ struct StreamLimiter {
     next_listing: Mutex<Instant>,
 }
 
+/// Shares the tenant's own strings: a lookup per event copies none.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct StreamKey {
     account: Arc<str>,
-    region: Arc<str>,
-    stream: Arc<str>,
+    region: Region,
+    stream: StreamName,
     shards: u32,
 }
 
@@ -250,9 +251,9 @@ impl RateLimits {
 
     fn limiter(&self, tenant: &TenantSettings) -> Arc<StreamLimiter> {
         let key = StreamKey {
-            account: tenant.role.account().into(),
-            region: tenant.region.as_str().into(),
-            stream: tenant.stream.as_str().into(),
+            account: tenant.role.account_shared(),
+            region: tenant.region.clone(),
+            stream: tenant.stream.clone(),
             shards: tenant.shards,
         };
         let shards = tenant.shards.max(1) as f64;

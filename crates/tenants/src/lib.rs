@@ -16,7 +16,7 @@ pub mod kafka_auth;
 mod model;
 mod topic;
 
-pub use file::{load_file, load_file_into, watch_file, FileError};
+pub use file::{load_file, load_file_into, watch_file, Contents, FileError};
 pub use model::{
     parse_tenant, FieldError, Region, RoleArn, Secret, SettingsError, SourceId, StreamName,
     TenantSettings, WriteMode, DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,

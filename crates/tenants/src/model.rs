@@ -109,6 +109,11 @@ impl RoleArn {
     pub fn account(&self) -> &str {
         &self.account
     }
+
+    /// The account, shared (a key that holds it without a copy per lookup).
+    pub fn account_shared(&self) -> Arc<str> {
+        self.account.clone()
+    }
 }
 
 impl fmt::Display for RoleArn {
@@ -228,6 +233,11 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The same, shared (a cache key that holds it without copying it per lookup).
+    pub fn expose_shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -270,6 +280,14 @@ impl TenantSettings {
         match &self.secret_id {
             Some(s) => s.expose(),
             None => self.source_id.as_str(),
+        }
+    }
+
+    /// [`external_id`](Self::external_id), shared: no copy per event.
+    pub fn external_id_shared(&self) -> Arc<str> {
+        match &self.secret_id {
+            Some(s) => s.expose_shared(),
+            None => self.source_id.shared(),
         }
     }
 }
