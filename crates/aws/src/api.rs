@@ -1,6 +1,7 @@
 //! The Kinesis calls made for every event, `PutRecord` and `PutRecords`, and for every
-//! stream, `ListShards`, sent without the SDK: a JSON body written directly, signed with SigV4 using the tenant's session
-//! credentials, over one pooled HTTP client shared by every tenant and region.
+//! stream, `ListShards`, sent without the SDK: a JSON body written directly, signed with
+//! SigV4 (`sign.rs`) using the tenant's session credentials, over one pooled HTTP client
+//! shared by every tenant and region.
 //!
 //! Through the SDK each call ran its whole per-request machinery (interceptors, runtime
 //! components, endpoint rules) and each cached session needed a Kinesis client of its
