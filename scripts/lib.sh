@@ -40,7 +40,7 @@ ensure_build_deps() {
 # their headers read in one query; the memory engine's mid-batch fetch and latest
 # offset). Built once into ~/.cargo/bin as `tansu` (about 10 minutes on
 # 2 cores).
-TANSU_KD_VERSION=0.6.0+kd.4
+TANSU_KD_VERSION=0.6.0+kd.5
 
 tansu_is_patched() {
   # cargo records each installed package with its version.

@@ -5,7 +5,8 @@
 //! formatting and a list of owned headers; on the `PutRecord` path that was about a sixth
 //! of the worker's CPU (7 µs a call). This one writes the same canonical request and
 //! string to sign straight into one buffer. A unit test checks it against `aws-sigv4`
-//! header for header, and the test fake verifies every call's signature with it.
+//! header for header, and the test fake verifies every call's signature with
+//! `aws-sigv4`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -598,8 +598,9 @@ impl OffsetTracker {
         !inner.rate.drains(held, Instant::now(), target)
     }
 
-    /// Resolves once an event of a paused partition, or any event while holding, is done
-    /// (at once if one was done since the last call).
+    /// Resolves once an event of a paused partition is done, or, while holding, the
+    /// totals drained to the level the loop reads again at (at once if that happened
+    /// since the last call).
     pub async fn drained(&self) {
         self.drained.notified().await;
     }

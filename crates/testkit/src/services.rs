@@ -37,7 +37,7 @@ fn kill(child: &mut Child) {
 /// inside a multi-record batch from that offset and reports the right high watermark,
 /// for every codec but snappy (it cannot read snappy batches back). Snappy input is
 /// tested on [`Tansu::start_memory`], the memory engine with 0.6.0's mid-batch fetch and
-/// high-watermark bugs fixed (`tools/tansu/memory-engine.patch`). `tests/broker.rs`
+/// high-watermark bugs fixed (`tools/tansu/tansu-storage.patch`). `tests/broker.rs`
 /// checks both.
 pub struct Tansu {
     child: Child,
@@ -73,6 +73,7 @@ impl Tansu {
         Tansu::spawn(port, advertised_port, Engine::Sqlite)
     }
 
+    /// A broker on `engine`, on `port`, advertising `advertised_port` (or `port`).
     pub fn spawn(port: u16, advertised_port: Option<u16>, engine: Engine) -> Tansu {
         let dir = tempfile::tempdir().expect("temp dir for the broker");
         let url = format!("tcp://127.0.0.1:{port}");

@@ -16,6 +16,9 @@ pub struct WorkerConfig {
     pub http_port: u16,
     /// librdkafka's session.timeout.ms: how long a killed member lingers in the group.
     pub session_timeout_ms: u32,
+    /// librdkafka's heartbeat.interval.ms (a quarter of the session timeout unless set):
+    /// how soon a member hears of a rebalance.
+    pub heartbeat_interval_ms: Option<u32>,
     /// Read tenant settings from this topic instead of tenants.json.
     pub tenants_topic: Option<String>,
     bootstrap: String,
@@ -33,6 +36,7 @@ impl WorkerConfig {
             group_id: format!("kd-test-{}", free_port()),
             http_port: free_port(),
             session_timeout_ms: 6000,
+            heartbeat_interval_ms: None,
             tenants_topic: None,
             bootstrap: bootstrap.into(),
             endpoint: endpoint.into(),
@@ -110,7 +114,9 @@ commit_interval_ms = 200
                 Some(t) => format!("topic = \"{t}\""),
                 None => "file = \"tenants.json\"".to_owned(),
             },
-            heartbeat = (self.session_timeout_ms / 4).max(100),
+            heartbeat = self
+                .heartbeat_interval_ms
+                .unwrap_or((self.session_timeout_ms / 4).max(100)),
             librdkafka = self.extra("kafka.librdkafka"),
             aws = self.extra("aws"),
             delivery = self.extra("delivery"),
