@@ -182,7 +182,6 @@ pub async fn watch_file(
                 drop(bytes);
             }
             Ok(Ok(Some((bytes, contents, now)))) => {
-                stamp = now.filter(Stamp::settled);
                 let parsed = {
                     let (path, had) = (path.clone(), store.snapshot().len());
                     tokio::task::spawn_blocking(move || {
@@ -223,6 +222,9 @@ pub async fn watch_file(
                     }
                 }
                 last = Some(contents);
+                // What the stamp describes: the contents just taken in (a parser that
+                // failed leaves both, so the file is read again).
+                stamp = now.filter(Stamp::settled);
             }
             Ok(Err(e)) => {
                 if last.is_some() {
