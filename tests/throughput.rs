@@ -1,12 +1,8 @@
 //! The throughput benchmark: figures, not pass/fail (`#[ignore]`d by `cargo test`; run
 //! by `scripts/bench.sh`, which prints the table it writes).
 //!
-//! Each scenario gets a fresh broker and AWS fake. The broker is Tansu's (patched)
-//! memory engine: on these two cores its SQLite engine serves a bare consumer about
-//! 40,000 records/s, the memory engine about 75,000, and the ceiling is to measure the
-//! worker, not the broker (both engines pass `tests/broker.rs`; `BENCH_BROKER=sqlite`
-//! runs on SQLite). Its events are produced first, with
-//! the `produce` command (librdkafka's ordinary batching); then a bare rdkafka consumer
+//! Each scenario gets a fresh broker (Tansu on SQLite, as every test) and AWS fake. Its
+//! events are produced first, with the `produce` command (librdkafka's ordinary batching); then a bare rdkafka consumer
 //! reads the same topic from the same broker (the ceiling: what one pod could read at
 //! most), then the worker (release build, its defaults but for the write mode) drains
 //! it. Reported: events/s from the first to the last write, that as a share of the
@@ -23,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use kd_testkit::env::{wait_metric, FakeEnv as Env, TOPIC};
-use kd_testkit::{FakeRecord, Fault, Tansu, Tenant, Worker};
+use kd_testkit::{FakeRecord, Fault, Tenant, Worker};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
@@ -187,17 +183,8 @@ struct Input {
     ceiling_cpu_us: f64,
 }
 
-/// A fresh broker (see the module's comment) and AWS fake.
-async fn bench_env() -> Env {
-    let tansu = match std::env::var("BENCH_BROKER").as_deref() {
-        Ok("sqlite") => Tansu::start(),
-        _ => Tansu::start_memory(),
-    };
-    Env::with(tansu, None).await
-}
-
 async fn input(tenants: usize, users: u32, shards: u32, mode: Mode, sink: Duration) -> Input {
-    let env = bench_env().await;
+    let env = Env::start().await;
     let tenants: Vec<Tenant> = (0..tenants)
         .map(|i| {
             let mut t = env.tenant(&format!("src_{i}"), &format!("s{i}"), shards);
@@ -229,7 +216,7 @@ async fn input(tenants: usize, users: u32, shards: u32, mode: Mode, sink: Durati
 /// One tenant with one user on a one-shard stream answered after `sink`, `events` events,
 /// with KPL aggregation on or off.
 async fn hot_user_input(aggregate: bool, events: u32, sink: Duration) -> Input {
-    let env = bench_env().await;
+    let env = Env::start().await;
     let mut t = env.tenant("src_hot", "hot", 1);
     t.use_put_records = None;
     t.aggregate = aggregate;
@@ -551,7 +538,7 @@ async fn throughput_table() {
         tenants
     );
     if wanted(&name) {
-        let input = many_tenants_input(bench_env().await, tenants, MANY_TENANTS_EVENTS);
+        let input = many_tenants_input(Env::start().await, tenants, MANY_TENANTS_EVENTS);
         let row = worker_row(&name, &input).await;
         row.print();
         rows.push(row);

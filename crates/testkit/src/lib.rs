@@ -28,7 +28,7 @@ pub use fake_aws::{FakeAws, FakeRecord, Fault, CALLER_ACCOUNT};
 pub use kafka::{Kafka, Produced, Record};
 pub use proxy::{AssumeRoleCall, RecordingProxy};
 pub use sasl_broker::SaslBroker;
-pub use services::{free_port, Engine, Moto, Tansu};
+pub use services::{free_port, Moto, Tansu};
 pub use tcp_proxy::TcpProxy;
 pub use worker::{
     cpu_seconds_of, http_get, metric_value, ownership, peak_rss_of, produce, Worker, WorkerConfig,

@@ -49,7 +49,7 @@ pub struct Tansu {
 
 /// Where a [`Tansu`] keeps its records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
+enum Engine {
     /// `sqlite://tansu.db` in the broker's directory.
     Sqlite,
     /// `memory://`, patched; the one that reads snappy batches back.
@@ -74,7 +74,7 @@ impl Tansu {
     }
 
     /// A broker on `engine`, on `port`, advertising `advertised_port` (or `port`).
-    pub fn spawn(port: u16, advertised_port: Option<u16>, engine: Engine) -> Tansu {
+    fn spawn(port: u16, advertised_port: Option<u16>, engine: Engine) -> Tansu {
         let dir = tempfile::tempdir().expect("temp dir for the broker");
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
