@@ -158,14 +158,15 @@ fn route_lookups(snapshot: &Snapshot) {
         }
     }
     let snap = Snapshot::new(by_id);
-    let msgs: Vec<OwnedMessage> = (0..1000)
+    let msgs: Vec<kd_pipeline::record::Record> = (0..1000)
         .map(|i| {
             let value = json!({"type": "track", "event": "Order Completed", "userId": format!("user-{i}"),
                 "messageId": format!("m-{i}"), "properties": {"revenue": 42.5, "currency": "EUR", "items": [1, 2, 3]},
                 "context": {"ip": "127.0.0.1", "library": {"name": "analytics.js", "version": "2.11.1"}}})
             .to_string();
             let headers = OwnedHeaders::new().insert(Header { key: "source_id", value: Some(ids[i].as_str()) });
-            OwnedMessage::new(Some(value.into_bytes()), None, "t".into(), Timestamp::NotAvailable, 0, i as i64, Some(headers))
+            let msg = OwnedMessage::new(Some(value.into_bytes()), None, "t".into(), Timestamp::NotAvailable, 0, i as i64, Some(headers));
+            kd_pipeline::record::Record::from_message(&msg, "t".into())
         })
         .collect();
     let n = 1_000_000;

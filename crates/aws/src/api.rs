@@ -76,8 +76,8 @@ pub struct Entry<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct RecordResult {
-    pub shard_id: Option<String>,
-    pub sequence_number: Option<String>,
+    // A written record's shard and sequence number are not read: nothing uses them,
+    // and they would be two strings per record.
     pub error_code: Option<String>,
     pub error_message: Option<String>,
 }

@@ -1,7 +1,7 @@
 //! Gathering records into `PutRecords` calls.
 //!
-//! Records for the same destination (session, region, stream) that arrive within a short
-//! linger go out in one call, up to Kinesis' limits of 500 records and 5 MiB. A batch
+//! Records for the same destination (one tenant's settings: role, region, stream) that
+//! arrive within a short linger go out in one call, up to Kinesis' limits of 500 records and 5 MiB. A batch
 //! never holds two records of one partition key: each of the pipeline's lanes (one per
 //! tenant and key) waits for its record's own outcome before it sends the next, so a
 //! refused record can be retried without overtaking or being overtaken by its key's

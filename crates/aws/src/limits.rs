@@ -22,7 +22,8 @@ use kd_tenants::{Region, StreamName, TenantSettings};
 use moka::sync::Cache;
 
 use crate::api::KinesisApi;
-use crate::credentials::Session;
+use crate::credentials::CredentialCache;
+use crate::errors::AwsError;
 
 /// Per-shard write capacity of Kinesis Data Streams.
 pub const RECORDS_PER_SHARD_PER_SEC: u32 = 1_000;
@@ -273,19 +274,20 @@ impl RateLimits {
     }
 
     /// Waits until the shard of `partition_key` (or the stream, while its shards are
-    /// unknown) has room for a record of `bytes` bytes. With a `session` (and the API to
-    /// call with it), the stream's shards are listed in the background when due.
+    /// unknown) has room for a record of `bytes` bytes. With the API and the credential
+    /// cache to call it with, the stream's shards are listed in the background when due
+    /// (as the tenant).
     pub async fn acquire(
         &self,
-        tenant: &TenantSettings,
+        tenant: &Arc<TenantSettings>,
         partition_key: &str,
         bytes: usize,
-        session: Option<(&KinesisApi, &Session)>,
+        lister: Option<(&KinesisApi, &CredentialCache)>,
     ) {
         let limiter = self.limiter(tenant);
         let started = Instant::now();
-        if let Some(session) = session {
-            self.list_shards_if_due(&limiter, tenant, session);
+        if let Some(lister) = lister {
+            self.list_shards_if_due(&limiter, tenant, lister);
             // The first writes wait (briefly) for the shard map rather than spend the
             // stream-wide budget, which could overrun one shard.
             let listed = limiter.listed.notified();
@@ -330,8 +332,8 @@ impl RateLimits {
     fn list_shards_if_due(
         &self,
         limiter: &Arc<StreamLimiter>,
-        tenant: &TenantSettings,
-        (api, session): (&KinesisApi, &Session),
+        tenant: &Arc<TenantSettings>,
+        (api, credentials): (&KinesisApi, &CredentialCache),
     ) {
         let due = match &**limiter.shards.load() {
             ShardMap::Denied => false,
@@ -347,19 +349,28 @@ impl RateLimits {
         if !due || limiter.listing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (limiter, api, credentials, region, stream, fraction) = (
+        let (limiter, api, credentials, tenant, fraction) = (
             limiter.clone(),
             api.clone(),
-            session.credentials().clone(),
-            tenant.region.clone(),
-            tenant.stream.as_str().to_owned(),
+            credentials.clone(),
+            tenant.clone(),
             self.fraction,
         );
         tokio::spawn(async move {
+            let stream = tenant.stream.as_str();
             let context = || format!("ListShards {stream}");
-            let ranges = api
-                .open_shard_ranges(&credentials, &region, &stream, &context)
-                .await;
+            let ranges = match credentials.session(&tenant).await {
+                Ok(session) => {
+                    api.open_shard_ranges(session.credentials(), &tenant.region, stream, &context)
+                        .await
+                }
+                // Not a refusal to list: the role could not be assumed (its writes
+                // meet the same error); tried again like any failed listing.
+                Err(e) => Err(AwsError {
+                    class: crate::ErrorClass::Retryable,
+                    ..e
+                }),
+            };
             match ranges {
                 Ok(ranges) if !ranges.is_empty() => {
                     tracing::debug!(%stream, shards = ranges.len(), "per-shard rate limits");
@@ -418,7 +429,7 @@ mod tests {
     #[tokio::test]
     async fn one_shard_paces_records_at_its_rate() {
         let limits = RateLimits::default();
-        let t = tenant(1);
+        let t = Arc::new(tenant(1));
         let started = Instant::now();
         for _ in 0..600 {
             limits.acquire(&t, "k", 10, None).await;
@@ -442,7 +453,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_are_limited_too() {
         let limits = RateLimits::default();
-        let t = tenant(1);
+        let t = Arc::new(tenant(1));
         let started = Instant::now();
         // 1.5 MiB through a 1 MiB/s stream.
         for _ in 0..6 {

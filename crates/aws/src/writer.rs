@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use kd_event::PartitionKey;
 use kd_tenants::{Region, RoleArn, StreamName, TenantSettings, WriteMode};
 use tokio::sync::oneshot;
 
 use crate::api::{Entry, KinesisApi, RecordResult};
 use crate::batch::Batches;
-use crate::credentials::{CredentialCache, Session};
+use crate::credentials::CredentialCache;
 use crate::errors::{AwsError, ErrorClass};
 use crate::limits::RateLimits;
 use crate::requests::RequestBudget;
@@ -98,24 +99,19 @@ fn refused_key(tenant: &TenantSettings) -> RefusedKey {
     )
 }
 
-/// Where a batch goes: records share a call only with the same credentials, region and
-/// stream.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Destination {
-    /// The session's address: it stays put while any of its records is pending (each
-    /// holds the session), and a refreshed or changed session is another destination.
-    session: usize,
-    region: Region,
-    stream: StreamName,
-}
+/// Where a batch goes: records share a call only with the same tenant settings (the
+/// same role, external ID, region and stream), identified by their address, which stays
+/// put while any of its records is pending (each holds the settings). Tenants sharing
+/// one stream batch apart; a settings reload starts new batches.
+type Destination = usize;
 
 /// A record waiting in a batch for its call.
 struct Pending {
     tenant: Arc<TenantSettings>,
-    session: Arc<Session>,
     key: PartitionKey,
-    data: Vec<u8>,
-    done: oneshot::Sender<Result<Written, AwsError>>,
+    /// Shared with the event it came from, not copied.
+    data: Bytes,
+    done: oneshot::Sender<Result<(), AwsError>>,
 }
 
 impl KinesisWriter {
@@ -196,17 +192,21 @@ impl KinesisWriter {
         &self,
         tenant: &Arc<TenantSettings>,
         key: &PartitionKey,
-        data: &[u8],
-    ) -> Result<Written, AwsError> {
+        data: &Bytes,
+    ) -> Result<(), AwsError> {
+        let bytes = data.len() + key.as_str().len();
+        if self.batches(tenant, bytes) {
+            // The batch looks the session up once for all its records.
+            self.limits
+                .acquire(tenant, key.as_str(), bytes, Some((&self.api, &self.credentials)))
+                .await;
+            return self.put_batched(tenant, key, data, bytes).await;
+        }
         // Boxed for the same reason: the cache's lookup is a large future.
         let session = Box::pin(self.credentials.session(tenant)).await?;
-        let bytes = data.len() + key.as_str().len();
         self.limits
-            .acquire(tenant, key.as_str(), bytes, Some((&self.api, &session)))
+            .acquire(tenant, key.as_str(), bytes, Some((&self.api, &self.credentials)))
             .await;
-        if self.batches(tenant, bytes) {
-            return self.put_batched(tenant, session, key, data, bytes).await;
-        }
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
@@ -226,7 +226,7 @@ impl KinesisWriter {
         .await;
         observe_call(started, &result);
         match result {
-            Ok(written) => Ok(written),
+            Ok(_) => Ok(()),
             Err(err) => {
                 self.on_refused(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
@@ -241,25 +241,19 @@ impl KinesisWriter {
     async fn put_batched(
         &self,
         tenant: &Arc<TenantSettings>,
-        session: Arc<Session>,
         key: &PartitionKey,
-        data: &[u8],
+        data: &Bytes,
         bytes: usize,
-    ) -> Result<Written, AwsError> {
-        let destination = Destination {
-            session: Arc::as_ptr(&session) as usize,
-            region: tenant.region.clone(),
-            stream: tenant.stream.clone(),
-        };
+    ) -> Result<(), AwsError> {
+        let destination: Destination = Arc::as_ptr(tenant) as usize;
         let (done, outcome) = oneshot::channel();
         let pending = Pending {
             tenant: tenant.clone(),
-            session,
             key: key.clone(),
-            data: data.to_vec(),
+            data: data.clone(),
             done,
         };
-        let added = self.batches.add(destination.clone(), bytes, pending);
+        let added = self.batches.add(destination, bytes, pending);
         // Sending happens in tasks of its own: a caller that gives up waiting (its
         // partition was revoked) must not strand the other records of its batch.
         for batch in added.ready {
@@ -292,7 +286,16 @@ impl KinesisWriter {
         batch.retain(|p| !p.done.is_closed());
         let Some(first) = batch.first() else { return };
         let tenant = first.tenant.clone();
-        let session = first.session.clone();
+        // Boxed: only a batch being sent holds the lookup.
+        let session = match Box::pin(self.credentials.session(&tenant)).await {
+            Ok(session) => session,
+            Err(err) => {
+                for p in batch {
+                    let _ = p.done.send(Err(err.clone()));
+                }
+                return;
+            }
+        };
         let ctx = || context("PutRecords", &tenant);
         let m = kd_telemetry::metrics();
         m.put_records_batch_records.observe(batch.len() as f64);
@@ -369,7 +372,7 @@ fn record_outcomes(
     results: &[RecordResult],
     sent: usize,
     ctx: &dyn Fn() -> String,
-) -> Vec<Result<Written, AwsError>> {
+) -> Vec<Result<(), AwsError>> {
     (0..sent)
         .map(|i| match results.get(i) {
             Some(r) => match &r.error_code {
@@ -378,10 +381,7 @@ fn record_outcomes(
                     code,
                     r.error_message.as_deref(),
                 )),
-                None => Ok(Written {
-                    shard_id: r.shard_id.clone().unwrap_or_default(),
-                    sequence_number: r.sequence_number.clone().unwrap_or_default(),
-                }),
+                None => Ok(()),
             },
             None => Err(AwsError::from_record(
                 &ctx(),
@@ -445,7 +445,7 @@ mod tests {
         );
         let t = Arc::new(tenant(serde_json::Value::Null));
         let key = PartitionKey::new("u").unwrap();
-        let data = vec![1u8; 10];
+        let data = Bytes::from(vec![1u8; 10]);
         let put = w.put_record(&t, &key, &data);
         assert!(
             std::mem::size_of_val(&put) <= 768,
@@ -495,10 +495,8 @@ mod tests {
         );
     }
 
-    fn written(seq: &str) -> RecordResult {
+    fn written() -> RecordResult {
         RecordResult {
-            shard_id: Some("shardId-000000000001".into()),
-            sequence_number: Some(seq.into()),
             error_code: None,
             error_message: None,
         }
@@ -506,8 +504,6 @@ mod tests {
 
     fn refused(code: &str) -> RecordResult {
         RecordResult {
-            shard_id: None,
-            sequence_number: None,
             error_code: Some(code.into()),
             error_message: Some("Rate exceeded for shard".into()),
         }
@@ -516,18 +512,17 @@ mod tests {
     #[test]
     fn each_record_of_a_put_records_answer_gets_its_own_outcome_in_order() {
         let results = [
-            written("1"),
+            written(),
             refused("ProvisionedThroughputExceededException"),
-            written("3"),
+            written(),
             refused("KMSAccessDeniedException"),
         ];
         let out = record_outcomes(&results, 4, &|| "PutRecords to stream st".into());
-        assert_eq!(out[0].as_ref().unwrap().sequence_number, "1");
-        assert_eq!(out[0].as_ref().unwrap().shard_id, "shardId-000000000001");
+        assert!(out[0].is_ok());
         let throttled = out[1].as_ref().unwrap_err();
         assert_eq!(throttled.code, "ProvisionedThroughputExceededException");
         assert_eq!(throttled.class, ErrorClass::Retryable);
-        assert_eq!(out[2].as_ref().unwrap().sequence_number, "3");
+        assert!(out[2].is_ok());
         let kms = out[3].as_ref().unwrap_err();
         assert_eq!(kms.class, ErrorClass::Permanent, "{kms}");
         assert!(kms.message.starts_with("PutRecords to stream st"), "{kms}");
@@ -535,7 +530,7 @@ mod tests {
 
     #[test]
     fn records_missing_from_the_answer_are_retried_not_taken_as_written() {
-        let out = record_outcomes(&[written("1")], 3, &|| "ctx".into());
+        let out = record_outcomes(&[written()], 3, &|| "ctx".into());
         assert!(out[0].is_ok());
         for missing in &out[1..] {
             let e = missing.as_ref().unwrap_err();
@@ -552,7 +547,8 @@ mod tests {
         let w = writer();
         let t = Arc::new(tenant(serde_json::Value::Null));
         let key = PartitionKey::new("k").unwrap();
-        let write = w.put_record(&t, &key, b"x");
+        let data = Bytes::from_static(b"x");
+        let write = w.put_record(&t, &key, &data);
         let size = std::mem::size_of_val(&write);
         assert!(size <= 4096, "{size} bytes");
         let session = w.credentials.session(&t);

@@ -22,6 +22,7 @@ use crate::flow::FlowControl;
 use crate::lanes::Lanes;
 use crate::log_limit::LogLimit;
 use crate::offsets::{Admission, OffsetTracker};
+use crate::record::Record;
 use crate::route::{route, SourceIdFrom};
 
 /// How long the loop may hold off reading before it pauses every partition instead.
@@ -32,6 +33,8 @@ pub(crate) type Lane = (SourceId, PartitionKey);
 
 pub(crate) struct ConsumeLoop<F, G> {
     pub consumer: Arc<StreamConsumer<WorkerContext>>,
+    /// The topics subscribed to: their names are shared by the records read from them.
+    pub topics: Vec<Arc<str>>,
     pub tracker: Arc<OffsetTracker>,
     /// Looked up for every event.
     pub tenants: Arc<TenantStore>,
@@ -97,7 +100,10 @@ where
                 }
             };
             match msg {
-                Ok(m) => self.dispatch(m.detach(), long_hold),
+                Ok(m) => {
+                    let topic = self.topic(m.topic());
+                    self.dispatch(Record::from_message(&m, topic), long_hold)
+                }
                 Err(e) => {
                     // An undecodable batch or a partition the broker will not serve
                     // repeats at every fetch.
@@ -108,9 +114,17 @@ where
         }
     }
 
+    /// The shared name of `topic`.
+    fn topic(&self, topic: &str) -> Arc<str> {
+        match self.topics.iter().find(|t| ***t == *topic) {
+            Some(shared) => shared.clone(),
+            None => Arc::from(topic),
+        }
+    }
+
     /// Routes one event and hands it on, unless the tracker says it is not to be
     /// handled (skipped for fairness, already handled, or of a partition not ours).
-    fn dispatch(&self, msg: rdkafka::message::OwnedMessage, long_hold: bool) {
+    fn dispatch(&self, msg: Record, long_hold: bool) {
         let routed = route(&msg, &self.tenants.snapshot(), &self.source_id_from);
         let source = routed.as_ref().ok().map(|r| r.tenant.source_id.shared());
         let bytes = msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len);

@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use kd_telemetry::Readiness;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::log_limit::LogLimit;
+use crate::record::Record;
 use crate::retry::RetryPolicy;
 
 /// Bytes a dead letter adds to the record it carries: the `dlq.*` headers (the error
@@ -102,18 +103,13 @@ impl DeadLetter {
 /// `dlq.topic`, `dlq.partition`, `dlq.offset`; for a value cut to fit,
 /// `dlq.truncated = true` and `dlq.original_size` (bytes of the original value).
 pub fn dead_letter_headers(
-    original: &OwnedMessage,
+    original: &Record,
     dl: &DeadLetter,
     truncated_from: Option<usize>,
 ) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
-    if let Some(h) = original.headers() {
-        for header in h.iter() {
-            headers = headers.insert(Header {
-                key: header.key,
-                value: header.value,
-            });
-        }
+    for (key, value) in original.headers() {
+        headers = headers.insert(Header { key, value });
     }
     let partition = original.partition().to_string();
     let offset = original.offset().to_string();
@@ -280,7 +276,7 @@ impl DeadLetters {
     /// refuses it as too large. `false` only when shutdown cancelled it.
     pub async fn send(
         &self,
-        original: &OwnedMessage,
+        original: &Record,
         dl: &DeadLetter,
         cancel: &CancellationToken,
     ) -> bool {
@@ -288,11 +284,10 @@ impl DeadLetters {
         let value = original.payload().unwrap_or_default();
         let key = original.key();
         let other_bytes = key.map_or(0, <[u8]>::len)
-            + original.headers().map_or(0, |h| {
-                h.iter()
-                    .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
-                    .sum()
-            });
+            + original
+                .headers()
+                .map(|(key, value)| key.len() + value.map_or(0, <[u8]>::len))
+                .sum::<usize>();
         let mut value_len = value.len();
         let mut attempt = 0u32;
         loop {
@@ -383,7 +378,7 @@ impl DeadLetters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::message::Timestamp;
+    use rdkafka::message::{Headers, OwnedMessage, Timestamp};
 
     #[test]
     fn dead_letter_keeps_original_headers_and_adds_where_and_why() {
@@ -399,6 +394,7 @@ mod tests {
                 value: Some("src_1"),
             })),
         );
+        let original = Record::from_message(&original, "events".into());
         let dl = DeadLetter::new(Reason::UnknownSource, "no tenant\nsrc_1");
         let headers = dead_letter_headers(&original, &dl, None);
         let got: Vec<(String, String)> = headers
@@ -436,6 +432,7 @@ mod tests {
             7,
             None,
         );
+        let original = Record::from_message(&original, "events".into());
         let dl = DeadLetter::new(Reason::RecordTooLarge, "too large");
         let headers = dead_letter_headers(&original, &dl, Some(1_100_000));
         let get = |k: &str| {

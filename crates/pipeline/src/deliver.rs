@@ -10,20 +10,21 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use kd_aws::{AwsError, ErrorClass, KinesisWriter};
 use kd_event::PartitionKey;
 use kd_tenants::{TenantEntry, TenantSettings, TenantStore};
-use rdkafka::message::{Message, OwnedMessage};
 use tokio::time::Instant;
 
 use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
 use crate::offsets::{OffsetTracker, Ticket};
 use crate::panics::{retrying_panics, GaveUp};
+use crate::record::Record;
 use crate::retry::RetryPolicy;
 
 /// One event on its way to Kinesis.
 pub(crate) struct Job {
-    pub msg: OwnedMessage,
+    pub msg: Record,
     pub ticket: Ticket,
     /// The settings the event was routed with.
     pub tenant: Arc<TenantSettings>,
@@ -36,7 +37,7 @@ pub(crate) trait RecordWriter: Send + Sync + 'static {
         &'a self,
         tenant: &'a Arc<TenantSettings>,
         key: &'a PartitionKey,
-        data: &'a [u8],
+        data: &'a Bytes,
     ) -> impl Future<Output = Result<(), AwsError>> + Send + 'a;
 }
 
@@ -45,9 +46,9 @@ impl RecordWriter for KinesisWriter {
         &self,
         tenant: &Arc<TenantSettings>,
         key: &PartitionKey,
-        data: &[u8],
+        data: &Bytes,
     ) -> Result<(), AwsError> {
-        self.put_record(tenant, key, data).await.map(|_| ())
+        self.put_record(tenant, key, data).await
     }
 }
 
@@ -74,8 +75,8 @@ impl<W: RecordWriter> Retrying<W> {
     /// for the event, across panics too, counted from when it was produced: neither a
     /// rebalance nor a restart starts it again.
     pub async fn write(&self, job: &Job) -> Outcome {
-        let data = job.msg.payload().unwrap_or_default();
-        self.write_record(job, data, produced_at(&job.msg)).await
+        let data = job.msg.payload_shared();
+        self.write_record(job, &data, produced_at(&job.msg)).await
     }
 
     /// Writes a group of one user's consecutive events (one lane, one partition) as one
@@ -89,7 +90,7 @@ impl<W: RecordWriter> Retrying<W> {
             .iter()
             .map(|j| j.msg.payload().unwrap_or_default())
             .collect();
-        let data = kd_aws::aggregate::aggregate(first.key.as_str(), &payloads);
+        let data = Bytes::from(kd_aws::aggregate::aggregate(first.key.as_str(), &payloads));
         let produced = jobs.iter().filter_map(|j| produced_at(&j.msg)).min();
         let outcome = self.write_record(first, &data, produced).await;
         if matches!(outcome, Outcome::Written) {
@@ -102,7 +103,7 @@ impl<W: RecordWriter> Retrying<W> {
 
     /// Writes `data` for `job` (its tenant, key, partition) until written, dead-lettered
     /// or cancelled.
-    async fn write_record(&self, job: &Job, data: &[u8], produced: Option<SystemTime>) -> Outcome {
+    async fn write_record(&self, job: &Job, data: &Bytes, produced: Option<SystemTime>) -> Outcome {
         let started = Instant::now();
         let attempts = retrying_panics(&self.retry, &job.ticket.cancel, || {
             self.attempts(job, data, produced, started)
@@ -125,7 +126,7 @@ impl<W: RecordWriter> Retrying<W> {
     async fn attempts(
         &self,
         job: &Job,
-        data: &[u8],
+        data: &Bytes,
         produced: Option<SystemTime>,
         started: Instant,
     ) -> Outcome {
@@ -319,7 +320,7 @@ pub(crate) fn joins_aggregate(group: &[Job], next: &Job, max_records: usize) -> 
 
 /// When the event was produced, from its Kafka record's timestamp (create or log-append
 /// time); `None` when it has none.
-fn produced_at(msg: &OwnedMessage) -> Option<SystemTime> {
+fn produced_at(msg: &Record) -> Option<SystemTime> {
     let millis = u64::try_from(msg.timestamp().to_millis()?).ok()?;
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))
 }

@@ -30,6 +30,7 @@ mod log_limit;
 mod offset_set;
 pub mod offsets;
 mod panics;
+pub mod record;
 pub mod replay;
 pub mod retry;
 pub mod route;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use kd_event::{DecodeError, EventView, PartitionKey};
 use kd_tenants::{Snapshot, TenantEntry, TenantSettings};
-use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use crate::dead_letter::{DeadLetter, Reason};
+use crate::record::Record;
 
 /// Where an event goes.
 #[derive(Debug, Clone)]
@@ -29,13 +29,11 @@ pub struct SourceIdFrom {
 }
 
 /// The source ID from the header named `header`, when present, non-empty and UTF-8.
-fn header_source_id<'a>(msg: &'a OwnedMessage, header: &str) -> Option<&'a str> {
-    let headers = msg.headers()?;
+fn header_source_id<'a>(msg: &'a Record, header: &str) -> Option<&'a str> {
     // The last occurrence wins, as with most Kafka header readers.
-    headers
-        .iter()
-        .filter(|h| h.key == header)
-        .filter_map(|h| h.value)
+    msg.headers()
+        .filter(|(name, _)| *name == header)
+        .filter_map(|(_, value)| value)
         .filter_map(|v| std::str::from_utf8(v).ok())
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -44,7 +42,7 @@ fn header_source_id<'a>(msg: &'a OwnedMessage, header: &str) -> Option<&'a str> 
 
 /// Decides where one record goes.
 pub fn route(
-    msg: &OwnedMessage,
+    msg: &Record,
     snapshot: &Snapshot,
     from: &SourceIdFrom,
 ) -> Result<Routed, DeadLetter> {
@@ -101,7 +99,7 @@ pub fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
     use std::collections::HashMap;
 
     fn snapshot() -> Snapshot {
@@ -120,14 +118,14 @@ mod tests {
         Snapshot::new(m)
     }
 
-    fn msg(value: &str, source: Option<&str>) -> OwnedMessage {
+    fn msg(value: &str, source: Option<&str>) -> Record {
         let headers = source.map(|s| {
             OwnedHeaders::new().insert(Header {
                 key: "source_id",
                 value: Some(s),
             })
         });
-        OwnedMessage::new(
+        let msg = OwnedMessage::new(
             Some(value.as_bytes().to_vec()),
             None,
             "t".into(),
@@ -135,7 +133,8 @@ mod tests {
             0,
             0,
             headers,
-        )
+        );
+        Record::from_message(&msg, "t".into())
     }
 
     fn header(header_only: bool) -> SourceIdFrom {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use rdkafka::message::Timestamp;
+use rdkafka::message::{OwnedMessage, Timestamp};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,7 @@ impl RecordWriter for Arc<Scripted> {
         &self,
         tenant: &Arc<TenantSettings>,
         _key: &PartitionKey,
-        _data: &[u8],
+        _data: &Bytes,
     ) -> Result<(), AwsError> {
         let stream = tenant.stream.as_str().to_owned();
         let first = {
@@ -126,7 +126,7 @@ fn job(tracker: &OffsetTracker, tenant: Arc<TenantSettings>, age: Duration) -> J
         None,
     );
     Job {
-        msg,
+        msg: Record::from_message(&msg, "events".into()),
         ticket: tracker.read("events", 0, 7).unwrap(),
         tenant,
         key: PartitionKey::new("u1").unwrap(),
@@ -318,7 +318,7 @@ async fn an_event_without_a_timestamp_says_so_when_it_gives_up() {
     let (r, _) = retrying(throttled, store(&[t.clone()]));
     let tracker = tracker();
     let mut job = job(&tracker, t, Duration::ZERO);
-    job.msg = OwnedMessage::new(
+    let msg = OwnedMessage::new(
         job.msg.payload().map(<[u8]>::to_vec),
         None,
         "events".into(),
@@ -327,6 +327,7 @@ async fn an_event_without_a_timestamp_says_so_when_it_gives_up() {
         7,
         None,
     );
+    job.msg = Record::from_message(&msg, "events".into());
     let outcome = r.write(&job).await;
     let Outcome::DeadLetter(dl) = outcome else {
         panic!("{outcome:?}")
@@ -366,7 +367,7 @@ fn sized_job(
         None,
     );
     Job {
-        msg,
+        msg: Record::from_message(&msg, "events".into()),
         ticket: tracker.read("events", partition, offset).unwrap(),
         tenant: tenant.clone(),
         key: PartitionKey::new("u1").unwrap(),
