@@ -290,14 +290,17 @@ impl RateLimits {
             self.list_shards_if_due(&limiter, tenant, lister);
             // The first writes wait (briefly) for the shard map rather than spend the
             // stream-wide budget, which could overrun one shard.
-            let listed = limiter.listed.notified();
-            tokio::pin!(listed);
-            // Registered before the check, so a listing that ends in between still wakes us.
-            listed.as_mut().enable();
-            if matches!(**limiter.shards.load(), ShardMap::Unknown)
-                && limiter.listing.load(Ordering::Acquire)
-            {
-                let _ = tokio::time::timeout(Duration::from_secs(2), listed).await;
+            if matches!(**limiter.shards.load(), ShardMap::Unknown) {
+                let listed = limiter.listed.notified();
+                tokio::pin!(listed);
+                // Registered before the check, so a listing that ends in between still
+                // wakes us.
+                listed.as_mut().enable();
+                if matches!(**limiter.shards.load(), ShardMap::Unknown)
+                    && limiter.listing.load(Ordering::Acquire)
+                {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), listed).await;
+                }
             }
         }
         let map = limiter.shards.load();

@@ -47,7 +47,8 @@ pub struct Ticket {
     pub offset: i64,
     epoch: u64,
     /// Cancelled when the partition is revoked or the worker shuts down.
-    pub cancel: CancellationToken,
+    /// Shared: cloning a `CancellationToken` takes its lock, and every event has one.
+    pub cancel: Arc<CancellationToken>,
     /// The tenant it counts against, for fairness.
     source: Option<Arc<str>>,
 }
@@ -69,7 +70,7 @@ struct PartitionState {
     next: Option<i64>,
     /// The last offset committed (or handed out to commit) for this assignment.
     committed: Option<i64>,
-    cancel: CancellationToken,
+    cancel: Arc<CancellationToken>,
     /// Whether backpressure paused fetching from this partition.
     paused: bool,
     /// Events and bytes in flight per tenant, and how fast each drains.
@@ -269,9 +270,21 @@ pub struct OffsetTracker {
     contended_everywhere: std::sync::atomic::AtomicBool,
 }
 
+/// A partition, to look up `Inner::partitions` with: hashes as its key does.
+#[derive(Hash)]
+struct At<'a>(&'a str, i32);
+
+impl hashbrown::Equivalent<(Arc<str>, i32)> for At<'_> {
+    fn equivalent(&self, key: &(Arc<str>, i32)) -> bool {
+        *self.0 == *key.0 && self.1 == key.1
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    partitions: HashMap<(Arc<str>, i32), PartitionState>,
+    /// Looked up by [`At`] (no copy of the topic's name per lookup), with hashbrown's
+    /// faster hasher (topics and partitions are the operator's, not the producers').
+    partitions: hashbrown::HashMap<(Arc<str>, i32), PartitionState>,
     next_epoch: u64,
     pending_total: usize,
     /// Bytes of the events in flight, over all partitions.
@@ -311,7 +324,7 @@ impl OffsetTracker {
                     pending: BTreeMap::new(),
                     next: None,
                     committed: None,
-                    cancel: self.cancel.child_token(),
+                    cancel: Arc::new(self.cancel.child_token()),
                     paused: false,
                     by_source: HashMap::new(),
                     rate: DrainRate::new(Instant::now()),
@@ -333,7 +346,7 @@ impl OffsetTracker {
     pub fn revoke<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, i32)>) {
         let mut inner = self.lock();
         for (topic, partition) in partitions {
-            if let Some(old) = inner.partitions.remove(&(Arc::from(topic), partition)) {
+            if let Some(old) = inner.partitions.remove(&At(topic, partition)) {
                 old.cancel.cancel();
                 inner.forget(&old);
                 forget_oldest_gauge(topic, partition);
@@ -389,10 +402,12 @@ impl OffsetTracker {
         now: impl Fn() -> Instant,
     ) -> Admission {
         let mut inner = self.lock();
-        let key = (Arc::<str>::from(topic), partition);
-        let Some(state) = inner.partitions.get_mut(&key) else {
+        let Some(((shared_topic, _), state)) =
+            inner.partitions.get_key_value_mut(&At(topic, partition))
+        else {
             return Admission::NotAssigned;
         };
+        let shared_topic = shared_topic.clone();
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
         if state.handled_ahead.contains(offset) {
             if state.skip.is_none() {
@@ -445,7 +460,7 @@ impl OffsetTracker {
         }
         inner.publish();
         Admission::Handle(Ticket {
-            topic: key.0,
+            topic: shared_topic,
             partition,
             offset,
             epoch,
@@ -489,7 +504,7 @@ impl OffsetTracker {
     /// handled after them, which are passed over.
     pub fn reread_from(&self, topic: &str, partition: i32, from: i64) {
         let mut inner = self.lock();
-        let Some(state) = inner.partitions.get_mut(&(Arc::from(topic), partition)) else {
+        let Some(state) = inner.partitions.get_mut(&At(topic, partition)) else {
             return;
         };
         if state.skip.as_ref().is_some_and(|skip| skip.from == from) {
@@ -507,8 +522,7 @@ impl OffsetTracker {
     /// Marks an event done (written or dead-lettered).
     pub fn done(&self, ticket: &Ticket) {
         let mut inner = self.lock();
-        let key = (ticket.topic.clone(), ticket.partition);
-        let Some(state) = inner.partitions.get_mut(&key) else {
+        let Some(state) = inner.partitions.get_mut(&At(&ticket.topic, ticket.partition)) else {
             return;
         };
         if state.epoch != ticket.epoch {
@@ -635,7 +649,7 @@ impl OffsetTracker {
     pub fn commit_failed(&self, offsets: &[(Arc<str>, i32, i64)]) {
         let mut inner = self.lock();
         for (topic, partition, offset) in offsets {
-            if let Some(state) = inner.partitions.get_mut(&(topic.clone(), *partition)) {
+            if let Some(state) = inner.partitions.get_mut(&At(topic, *partition)) {
                 if state.committed == Some(*offset) {
                     state.committed = None;
                 }
@@ -723,7 +737,7 @@ impl OffsetTracker {
         let mut inner = self.lock();
         inner
             .partitions
-            .get_mut(&(Arc::from(topic), partition))
+            .get_mut(&At(topic, partition))
             .is_some_and(|state| {
                 let held = state.held();
                 budget.reached_by(held)
