@@ -198,14 +198,24 @@ impl KinesisWriter {
         if self.batches(tenant, bytes) {
             // The batch looks the session up once for all its records.
             self.limits
-                .acquire(tenant, key.as_str(), bytes, Some((&self.api, &self.credentials)))
+                .acquire(
+                    tenant,
+                    key.as_str(),
+                    bytes,
+                    Some((&self.api, &self.credentials)),
+                )
                 .await;
             return self.put_batched(tenant, key, data, bytes).await;
         }
         // Boxed for the same reason: the cache's lookup is a large future.
         let session = Box::pin(self.credentials.session(tenant)).await?;
         self.limits
-            .acquire(tenant, key.as_str(), bytes, Some((&self.api, &self.credentials)))
+            .acquire(
+                tenant,
+                key.as_str(),
+                bytes,
+                Some((&self.api, &self.credentials)),
+            )
             .await;
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;

@@ -522,7 +522,10 @@ impl OffsetTracker {
     /// Marks an event done (written or dead-lettered).
     pub fn done(&self, ticket: &Ticket) {
         let mut inner = self.lock();
-        let Some(state) = inner.partitions.get_mut(&At(&ticket.topic, ticket.partition)) else {
+        let Some(state) = inner
+            .partitions
+            .get_mut(&At(&ticket.topic, ticket.partition))
+        else {
             return;
         };
         if state.epoch != ticket.epoch {

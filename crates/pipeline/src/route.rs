@@ -41,11 +41,7 @@ fn header_source_id<'a>(msg: &'a Record, header: &str) -> Option<&'a str> {
 }
 
 /// Decides where one record goes.
-pub fn route(
-    msg: &Record,
-    snapshot: &Snapshot,
-    from: &SourceIdFrom,
-) -> Result<Routed, DeadLetter> {
+pub fn route(msg: &Record, snapshot: &Snapshot, from: &SourceIdFrom) -> Result<Routed, DeadLetter> {
     let value = msg.payload().unwrap_or_default();
     let view = EventView::decode(value).map_err(|e| match e {
         DecodeError::InvalidJson(m) => DeadLetter::new(Reason::InvalidJson, m),
