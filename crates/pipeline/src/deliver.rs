@@ -156,7 +156,10 @@ impl<W: RecordWriter> Retrying<W> {
                 }
                 Err(dl) => return Outcome::DeadLetter(dl),
             }
+            // Biased: the write first (a write done is acknowledged even if the partition
+            // was revoked meanwhile), and no random draw per event.
             let err = tokio::select! {
+                biased;
                 r = self.writer.put(&tenant, &job.key, data) => match r {
                     Ok(()) => return Outcome::Written,
                     Err(e) => e,

@@ -724,10 +724,12 @@ impl OffsetTracker {
             budget,
             drain_target,
             fairness,
-            Instant::now(),
+            Instant::now,
         )
     }
 
+    /// [`full_and_slow`](Self::full_and_slow), with the time taken from `now` (asked
+    /// only once the partition is at its budget: this runs for every event read).
     fn full_and_slow_at(
         &self,
         topic: &str,
@@ -735,7 +737,7 @@ impl OffsetTracker {
         budget: Budget,
         drain_target: Duration,
         fairness: Option<Fairness>,
-        now: Instant,
+        now: impl Fn() -> Instant,
     ) -> bool {
         let mut inner = self.lock();
         inner
@@ -743,8 +745,11 @@ impl OffsetTracker {
             .get_mut(&At(topic, partition))
             .is_some_and(|state| {
                 let held = state.held();
-                budget.reached_by(held)
-                    && state.waited_longer_than(drain_target, now)
+                if !budget.reached_by(held) {
+                    return false;
+                }
+                let now = now();
+                state.waited_longer_than(drain_target, now)
                     && !state.rate.drains(held.events, now, drain_target)
                     && !fairness.is_some_and(|f| {
                         f.contended_at.reached_by(held) && state.has_stuck_source(&f, now)
@@ -1329,7 +1334,7 @@ mod tests {
             .map(|o| handle(t.admit_at("t", 0, o, 0, None, None, || t0)))
             .collect();
         let (budget, target) = (below(10), Duration::from_millis(100));
-        let slow = |ms| t.full_and_slow_at("t", 0, budget, target, None, at(ms));
+        let slow = |ms| t.full_and_slow_at("t", 0, budget, target, None, || at(ms));
         assert!(!slow(50), "nothing has waited 100 ms yet");
         assert!(slow(110), "1,010 in flight, none done in 110 ms");
         for ticket in &tickets[..1000] {
@@ -1338,7 +1343,7 @@ mod tests {
         // 1,000 done in 200 ms: 10 left drain within 100 ms.
         assert!(!slow(200));
         assert!(
-            !t.full_and_slow_at("t", 0, below(11), target, None, at(200)),
+            !t.full_and_slow_at("t", 0, below(11), target, None, || at(200)),
             "below budget"
         );
     }
