@@ -9,10 +9,12 @@
 pub mod sample;
 pub mod text;
 
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
+use serde::de::IgnoredAny;
 use serde::Deserialize;
-use serde_json::Value;
 
 /// Kinesis accepts partition keys of 1 to 256 Unicode characters.
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
@@ -63,9 +65,10 @@ pub enum DecodeError {
     UnsupportedType(String),
 }
 
-/// A partition key, already within Kinesis' limits (1..=256 characters).
+/// A partition key, already within Kinesis' limits (1..=256 characters). Shared: an
+/// event's key is also its lane's and its batch entry's.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PartitionKey(String);
+pub struct PartitionKey(Arc<str>);
 
 impl PartitionKey {
     /// Builds a key from a non-empty identifier, shortening it deterministically when it
@@ -77,13 +80,13 @@ impl PartitionKey {
             return None;
         }
         if id.chars().count() <= MAX_PARTITION_KEY_CHARS {
-            return Some(PartitionKey(id.to_owned()));
+            return Some(PartitionKey(Arc::from(id)));
         }
         let keep: String = id.chars().take(MAX_PARTITION_KEY_CHARS - 33).collect();
-        Some(PartitionKey(format!(
+        Some(PartitionKey(Arc::from(format!(
             "{keep}~{:x}",
             md5::compute(id.as_bytes())
-        )))
+        ))))
     }
 
     pub fn as_str(&self) -> &str {
@@ -91,7 +94,7 @@ impl PartitionKey {
     }
 
     pub fn into_string(self) -> String {
-        self.0
+        self.0.to_string()
     }
 }
 
@@ -107,45 +110,122 @@ impl fmt::Display for PartitionKey {
     }
 }
 
-/// The routing fields of one message. The original bytes stay with the caller.
+/// The routing fields of one message. The original bytes stay with the caller; the
+/// fields are borrowed from them unless they had to be unescaped.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventView {
+pub struct EventView<'a> {
     pub event_type: EventType,
-    pub user_id: Option<String>,
-    pub anonymous_id: Option<String>,
-    pub message_id: Option<String>,
-    pub project_id: Option<String>,
+    pub user_id: Option<Cow<'a, str>>,
+    pub anonymous_id: Option<Cow<'a, str>>,
+    pub message_id: Option<Cow<'a, str>>,
+    pub project_id: Option<Cow<'a, str>>,
 }
 
 /// Only the fields routing needs; serde skips everything else without building it.
 #[derive(Deserialize)]
-struct Fields {
-    #[serde(rename = "type", default)]
-    event_type: Option<Value>,
-    #[serde(rename = "userId", default)]
-    user_id: Option<Value>,
-    #[serde(rename = "anonymousId", default)]
-    anonymous_id: Option<Value>,
-    #[serde(rename = "messageId", default)]
-    message_id: Option<Value>,
-    #[serde(rename = "projectId", default)]
-    project_id: Option<Value>,
+struct Fields<'a> {
+    #[serde(rename = "type", default, borrow)]
+    event_type: Option<Field<'a>>,
+    #[serde(rename = "userId", default, borrow)]
+    user_id: Option<Field<'a>>,
+    #[serde(rename = "anonymousId", default, borrow)]
+    anonymous_id: Option<Field<'a>>,
+    #[serde(rename = "messageId", default, borrow)]
+    message_id: Option<Field<'a>>,
+    #[serde(rename = "projectId", default, borrow)]
+    project_id: Option<Field<'a>>,
+}
+
+/// One of those fields as found: a string (borrowed unless it had escapes), a number
+/// as its decimal text (as `serde_json` prints it), or anything else (null, a bool, an
+/// object, an array), which is skipped without being built.
+enum Field<'a> {
+    Text(Cow<'a, str>),
+    Number(String),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+struct FieldVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FieldVisitor {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'de>, E> {
+        Ok(Field::Text(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Field<'de>, E> {
+        Ok(Field::Text(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Field<'de>, E> {
+        Ok(Field::Text(Cow::Owned(v)))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
+        Ok(Field::Number(serde_json::Number::from(v).to_string()))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Field<'de>, E> {
+        Ok(Field::Number(serde_json::Number::from(v).to_string()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Field<'de>, E> {
+        // JSON has no NaN or infinity: a float read from it is finite.
+        Ok(serde_json::Number::from_f64(v).map_or(Field::Other, |n| Field::Number(n.to_string())))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_none<E>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Field<'de>, D::Error> {
+        d.deserialize_any(FieldVisitor)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Field<'de>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Field::Other)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Field<'de>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Field::Other)
+    }
 }
 
 /// An identifier field as the partition-key rules read it: a non-empty string, or a number as its
 /// decimal text. Anything else (null, bool, object, array, "") counts as absent.
-fn identifier(v: Option<Value>) -> Option<String> {
+fn identifier(v: Option<Field<'_>>) -> Option<Cow<'_, str>> {
     match v? {
-        Value::String(s) if !s.is_empty() => Some(s),
-        Value::Number(n) => Some(n.to_string()),
+        Field::Text(s) if !s.is_empty() => Some(s),
+        Field::Number(n) => Some(Cow::Owned(n)),
         _ => None,
     }
 }
 
-impl EventView {
+impl<'a> EventView<'a> {
     /// Reads the routing fields of a message. The whole value must be valid JSON and an
     /// object; `type` must be one of the six Segment types.
-    pub fn decode(value: &[u8]) -> Result<EventView, DecodeError> {
+    pub fn decode(value: &'a [u8]) -> Result<EventView<'a>, DecodeError> {
         let first = value.iter().find(|b| !b.is_ascii_whitespace());
         if first != Some(&b'{') {
             return Err(DecodeError::InvalidJson(match first {
@@ -156,10 +236,10 @@ impl EventView {
                 },
             }));
         }
-        let fields: Fields =
+        let fields: Fields<'a> =
             serde_json::from_slice(value).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
         let event_type = match fields.event_type {
-            Some(Value::String(s)) => EventType::parse(&s).ok_or_else(|| {
+            Some(Field::Text(s)) => EventType::parse(&s).ok_or_else(|| {
                 DecodeError::UnsupportedType(format!(
                     "type {:?} is not one of identify, track, page, screen, group, alias",
                     text::clip(&s, 64)
@@ -214,14 +294,15 @@ pub enum MissingKey {
 mod tests {
     use super::*;
 
-    fn view(json: &str) -> EventView {
+    fn view(json: &str) -> EventView<'_> {
         EventView::decode(json.as_bytes()).expect("decodes")
     }
 
     #[test]
     fn reads_all_six_types() {
         for t in EventType::ALL {
-            let v = view(&format!(r#"{{"type":"{}","userId":"u"}}"#, t.as_str()));
+            let json = format!(r#"{{"type":"{}","userId":"u"}}"#, t.as_str());
+            let v = view(&json);
             assert_eq!(v.event_type, t);
         }
     }
@@ -305,6 +386,38 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn identifiers_read_as_json_values_would_be_borrowed_where_possible() {
+        // What the identifier rules made of a `serde_json::Value` before.
+        let as_value = |json: &str| match serde_json::from_str::<serde_json::Value>(json).unwrap() {
+            serde_json::Value::String(s) if !s.is_empty() => Some(s),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        for json in [
+            r#""u-1""#,
+            r#""a\"b\u00e9""#,
+            r#""""#,
+            "12345",
+            "-7",
+            "1.5",
+            "1e21",
+            "18446744073709551615",
+            "true",
+            "null",
+            r#"{"a":[1,{"b":null}]}"#,
+            r#"[1,"x",[]]"#,
+        ] {
+            let event = format!(r#"{{"type":"identify","userId":{json},"projectId":"p"}}"#);
+            let v = view(&event);
+            assert_eq!(v.user_id.as_deref(), as_value(json).as_deref(), "{json}");
+            assert_eq!(v.project_id.as_deref(), Some("p"), "read past {json}");
+        }
+        let v = view(r#"{"type":"track","userId":"plain","anonymousId":"esc\"aped"}"#);
+        assert!(matches!(v.user_id, Some(Cow::Borrowed("plain"))), "no copy");
+        assert_eq!(v.anonymous_id.as_deref(), Some("esc\"aped"));
     }
 
     #[test]

@@ -128,7 +128,7 @@ where
         let routed = route(&msg, &self.tenants.snapshot(), &self.source_id_from);
         let source = routed.as_ref().ok().map(|r| r.tenant.source_id.shared());
         let bytes = msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len);
-        let ticket = match self.tracker.admit(
+        let (ticket, partition_held) = match self.tracker.admit(
             msg.topic(),
             msg.partition(),
             msg.offset(),
@@ -136,7 +136,7 @@ where
             source.as_ref(),
             self.flow.fairness,
         ) {
-            Admission::Handle(ticket) => ticket,
+            Admission::Handle(ticket, held) => (ticket, held),
             // Read again after a skip, or not ours: nothing to do (not even count it).
             other => {
                 if matches!(other, Admission::Skip) {
@@ -149,7 +149,7 @@ where
         kd_telemetry::metrics().events_received.inc();
         if self
             .flow
-            .reached(&self.tracker, msg.topic(), msg.partition())
+            .reached(&self.tracker, msg.topic(), msg.partition(), partition_held)
         {
             self.flow
                 .pause_and_resume(&*self.consumer, &self.tracker, long_hold);

@@ -145,7 +145,19 @@ impl FlowControl {
     /// Whether the partition just read from reached its budget without draining it
     /// quickly, so that [`pause_and_resume`](Self::pause_and_resume) should run now
     /// rather than at the next tick.
-    pub(crate) fn reached(&self, tracker: &OffsetTracker, topic: &str, partition: i32) -> bool {
+    ///
+    /// `held` is what the partition held when the event was admitted: below its budget
+    /// (almost always) the tracker is not asked.
+    pub(crate) fn reached(
+        &self,
+        tracker: &OffsetTracker,
+        topic: &str,
+        partition: i32,
+        held: Held,
+    ) -> bool {
+        if !self.per_partition.reached_by(held) {
+            return false;
+        }
         tracker.full_and_slow(
             topic,
             partition,
@@ -322,7 +334,7 @@ mod tests {
         offset: i64,
     ) -> crate::offsets::Ticket {
         match tracker.admit("t", 0, offset, 0, Some(source), None) {
-            crate::offsets::Admission::Handle(ticket) => ticket,
+            crate::offsets::Admission::Handle(ticket, _) => ticket,
             other => panic!("{other:?}"),
         }
     }

@@ -200,8 +200,9 @@ impl PartitionState {
 /// What to do with an event just read.
 #[derive(Debug)]
 pub enum Admission {
-    /// Handle it; acknowledge with the ticket.
-    Handle(Ticket),
+    /// Handle it; acknowledge with the ticket. With what its partition holds in flight
+    /// now, counting it (so the reader need not ask again under the lock).
+    Handle(Ticket, Held),
     /// Its tenant is over its share: leave it for a later read of the partition.
     Skip,
     /// Already handled before the partition was read again.
@@ -359,7 +360,7 @@ impl OffsetTracker {
     /// partition is not (or no longer) assigned to us: the event must then be ignored.
     pub fn read(&self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
         match self.admit(topic, partition, offset, 0, None, None) {
-            Admission::Handle(t) => Some(t),
+            Admission::Handle(t, _) => Some(t),
             _ => None,
         }
     }
@@ -455,18 +456,24 @@ impl OffsetTracker {
                 held.bytes += bytes;
             }
             state.pending_bytes += bytes;
+        }
+        let partition_held = state.held();
+        if inserted {
             inner.pending_total += 1;
             inner.pending_bytes += bytes;
         }
         inner.publish();
-        Admission::Handle(Ticket {
-            topic: shared_topic,
-            partition,
-            offset,
-            epoch,
-            cancel,
-            source: source.cloned(),
-        })
+        Admission::Handle(
+            Ticket {
+                topic: shared_topic,
+                partition,
+                offset,
+                epoch,
+                cancel,
+                source: source.cloned(),
+            },
+            partition_held,
+        )
     }
 
     /// Partitions where reading the skipped events again would get them handled: the
@@ -1003,7 +1010,7 @@ mod tests {
 
     fn handle(a: Admission) -> Ticket {
         match a {
-            Admission::Handle(t) => t,
+            Admission::Handle(t, _) => t,
             a => panic!("expected to handle, got {a:?}"),
         }
     }
@@ -1240,17 +1247,17 @@ mod tests {
             "contended from here on, both hold their share"
         );
         assert!(
-            matches!(admit(108, &busy, 2000), Admission::Handle(_)),
+            matches!(admit(108, &busy, 2000), Admission::Handle(..)),
             "4 in flight at 50 a second drain within a second"
         );
         assert!(
             matches!(admit(109, &stuck, 2000), Admission::Skip),
             "the stuck tenant holds its share and drains nothing"
         );
-        assert!(matches!(admit(110, &busy, 2010), Admission::Handle(_)));
+        assert!(matches!(admit(110, &busy, 2010), Admission::Handle(..)));
         assert_eq!(t.in_flight(), 10);
-        assert!(matches!(admit(111, &busy, 2010), Admission::Handle(_)));
-        assert!(matches!(admit(112, &busy, 2010), Admission::Handle(_)));
+        assert!(matches!(admit(111, &busy, 2010), Admission::Handle(..)));
+        assert!(matches!(admit(112, &busy, 2010), Admission::Handle(..)));
         assert_eq!(t.in_flight(), 12);
         assert!(
             matches!(admit(113, &busy, 2010), Admission::Skip),
@@ -1274,7 +1281,7 @@ mod tests {
         for o in 0..20 {
             handle(admit(o, 0));
         }
-        assert!(matches!(admit(20, 999), Admission::Handle(_)));
+        assert!(matches!(admit(20, 999), Admission::Handle(..)));
         assert!(matches!(admit(21, 1000), Admission::Skip));
     }
 
@@ -1363,7 +1370,7 @@ mod tests {
         assert!(
             matches!(
                 t.admit_at("t", 0, 6, 0, Some(&down), f, now),
-                Admission::Handle(_)
+                Admission::Handle(..)
             ),
             "7 of a budget of 10: not contended"
         );
@@ -1435,7 +1442,7 @@ mod tests {
                         // tenants done quickly enough count as draining at times.
                         clock += Duration::from_micros(rng.random_range(0..3000));
                         let now = t0 + clock;
-                        if let Admission::Handle(ticket) =
+                        if let Admission::Handle(ticket, _) =
                             t.admit_at("t", 0, o, 0, Some(&tenants[who]), f, move || now)
                         {
                             if handled.insert(o) {

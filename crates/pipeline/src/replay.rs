@@ -102,7 +102,7 @@ fn decide(
     if let Some(want) = &req.source_id {
         let from_value = kd_event::EventView::decode(value)
             .ok()
-            .and_then(|v| v.project_id);
+            .and_then(|v| v.project_id.map(std::borrow::Cow::into_owned));
         if header(&k.source_id_header).or(from_value).as_ref() != Some(want) {
             return Decision::Filtered;
         }
