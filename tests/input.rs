@@ -413,3 +413,66 @@ async fn large_records_of_a_down_tenant_are_bounded_in_bytes_while_others_flow()
     kd_testkit::assert_nothing_dead_lettered(&m);
     worker.sigkill();
 }
+
+/// Kafka allows any bytes in a header name, and producers in other languages send
+/// them; rdkafka's header accessor panics on a name that is not UTF-8, which read
+/// every time the record is fetched again would have crash-looped the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_carried_through_and_crashes_nothing() {
+    let env = Env::start().await;
+    let t = env.tenant("src_raw", "raw-headers", 1);
+    let cfg = env.config(&[&t]);
+    cfg.write();
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    let event = br#"{"type":"track","userId":"u-raw","messageId":"raw-1"}"#;
+    let headers: [(&[u8], Option<&[u8]>); 4] = [
+        (b"caf\xe9", Some(b"latin-1 name")),
+        (b"source_id", Some(b"src_raw")),
+        (b"\xff\xfe", None),
+        (b"empty", Some(b"")),
+    ];
+    env.kafka.send_raw(TOPIC, b"u-raw", event, &headers);
+    // Not JSON: a dead letter that keeps the headers, names made valid UTF-8.
+    env.kafka.send_raw(TOPIC, b"u-raw", b"{not json", &headers);
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        1.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    let written = env.fake.records_of("raw-headers");
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0].data, event, "the event itself, byte for byte");
+    assert_eq!(written[0].partition_key, "u-raw");
+    let dead = env.kafka.read_topic(DLQ, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "{}", worker.logs());
+    let dl = &dead[0];
+    assert_eq!(
+        Kafka::header(dl, "dlq.reason").as_deref(),
+        Some("invalid_json")
+    );
+    assert_eq!(Kafka::value(dl), b"{not json");
+    let names: Vec<(String, Option<Vec<u8>>)> =
+        rdkafka::message::Headers::iter(rdkafka::Message::headers(dl).expect("headers"))
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .take(4)
+            .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("caf\u{fffd}".to_owned(), Some(b"latin-1 name".to_vec())),
+            ("source_id".to_owned(), Some(b"src_raw".to_vec())),
+            ("\u{fffd}\u{fffd}".to_owned(), None),
+            ("empty".to_owned(), Some(Vec::new())),
+        ],
+        "the original headers in order, null and empty values kept apart"
+    );
+    assert!(
+        matches!(worker.get("/readyz"), Some((200, _))),
+        "still up and ready:\n{}",
+        worker.logs()
+    );
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.stop();
+}

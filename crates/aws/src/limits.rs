@@ -22,8 +22,7 @@ use kd_tenants::{Region, StreamName, TenantSettings};
 use moka::sync::Cache;
 
 use crate::api::KinesisApi;
-use crate::credentials::CredentialCache;
-use crate::errors::AwsError;
+use crate::credentials::Session;
 
 /// Per-shard write capacity of Kinesis Data Streams.
 pub const RECORDS_PER_SHARD_PER_SEC: u32 = 1_000;
@@ -212,6 +211,31 @@ struct StreamLimiter {
     next_listing: Mutex<Instant>,
 }
 
+impl StreamLimiter {
+    /// Whether the shards are to be listed (again): never listed and not tried lately,
+    /// or listed long enough ago; never once the listing was refused.
+    fn listing_due(&self) -> bool {
+        match &**self.shards.load() {
+            ShardMap::Denied => false,
+            ShardMap::Known { listed, .. } => listed.elapsed() >= SHARD_MAP_TTL,
+            ShardMap::Unknown => {
+                *self.next_listing.lock().unwrap_or_else(|p| p.into_inner()) <= Instant::now()
+            }
+        }
+    }
+}
+
+/// One stream's rate limits, looked up once for a write.
+pub struct StreamLimits(Arc<StreamLimiter>);
+
+impl StreamLimits {
+    /// Whether a write should bring its session, for the stream's shards to be listed
+    /// with it (see [`RateLimits::acquire_on`]): a stream not listed yet, or due again.
+    pub fn wants_session(&self) -> bool {
+        !self.0.listing.load(Ordering::Acquire) && self.0.listing_due()
+    }
+}
+
 /// Shares the tenant's own strings: a lookup per event copies none.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct StreamKey {
@@ -273,34 +297,51 @@ impl RateLimits {
         })
     }
 
+    /// The limits of `tenant`'s stream, for [`acquire_on`](Self::acquire_on).
+    pub fn stream(&self, tenant: &TenantSettings) -> StreamLimits {
+        StreamLimits(self.limiter(tenant))
+    }
+
     /// Waits until the shard of `partition_key` (or the stream, while its shards are
-    /// unknown) has room for a record of `bytes` bytes. With the API and the credential
-    /// cache to call it with, the stream's shards are listed in the background when due
-    /// (as the tenant).
+    /// unknown) has room for a record of `bytes` bytes. With a `session` (and the API to
+    /// call with it), the stream's shards are listed in the background when due.
     pub async fn acquire(
         &self,
-        tenant: &Arc<TenantSettings>,
+        tenant: &TenantSettings,
         partition_key: &str,
         bytes: usize,
-        lister: Option<(&KinesisApi, &CredentialCache)>,
+        session: Option<(&KinesisApi, &Session)>,
     ) {
-        let limiter = self.limiter(tenant);
+        let limiter = self.stream(tenant);
+        self.acquire_on(&limiter, tenant, partition_key, bytes, session)
+            .await
+    }
+
+    /// [`acquire`](Self::acquire) on the stream's limits already looked up.
+    pub async fn acquire_on(
+        &self,
+        StreamLimits(limiter): &StreamLimits,
+        tenant: &TenantSettings,
+        partition_key: &str,
+        bytes: usize,
+        session: Option<(&KinesisApi, &Session)>,
+    ) {
         let started = Instant::now();
-        if let Some(lister) = lister {
-            self.list_shards_if_due(&limiter, tenant, lister);
-            // The first writes wait (briefly) for the shard map rather than spend the
-            // stream-wide budget, which could overrun one shard.
-            if matches!(**limiter.shards.load(), ShardMap::Unknown) {
-                let listed = limiter.listed.notified();
-                tokio::pin!(listed);
-                // Registered before the check, so a listing that ends in between still
-                // wakes us.
-                listed.as_mut().enable();
-                if matches!(**limiter.shards.load(), ShardMap::Unknown)
-                    && limiter.listing.load(Ordering::Acquire)
-                {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), listed).await;
-                }
+        if let Some(session) = session {
+            self.list_shards_if_due(limiter, tenant, session);
+        }
+        // The first writes wait (briefly) for the shard map rather than spend the
+        // stream-wide budget, which could overrun one shard.
+        if matches!(**limiter.shards.load(), ShardMap::Unknown) {
+            let listed = limiter.listed.notified();
+            tokio::pin!(listed);
+            // Registered before the check, so a listing that ends in between still
+            // wakes us.
+            listed.as_mut().enable();
+            if matches!(**limiter.shards.load(), ShardMap::Unknown)
+                && limiter.listing.load(Ordering::Acquire)
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(2), listed).await;
             }
         }
         let map = limiter.shards.load();
@@ -335,45 +376,26 @@ impl RateLimits {
     fn list_shards_if_due(
         &self,
         limiter: &Arc<StreamLimiter>,
-        tenant: &Arc<TenantSettings>,
-        (api, credentials): (&KinesisApi, &CredentialCache),
+        tenant: &TenantSettings,
+        (api, session): (&KinesisApi, &Session),
     ) {
-        let due = match &**limiter.shards.load() {
-            ShardMap::Denied => false,
-            ShardMap::Known { listed, .. } => listed.elapsed() >= SHARD_MAP_TTL,
-            ShardMap::Unknown => {
-                *limiter
-                    .next_listing
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    <= Instant::now()
-            }
-        };
+        let due = limiter.listing_due();
         if !due || limiter.listing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (limiter, api, credentials, tenant, fraction) = (
+        let (limiter, api, credentials, region, stream, fraction) = (
             limiter.clone(),
             api.clone(),
-            credentials.clone(),
-            tenant.clone(),
+            session.credentials().clone(),
+            tenant.region.clone(),
+            tenant.stream.as_str().to_owned(),
             self.fraction,
         );
         tokio::spawn(async move {
-            let stream = tenant.stream.as_str();
             let context = || format!("ListShards {stream}");
-            let ranges = match credentials.session(&tenant).await {
-                Ok(session) => {
-                    api.open_shard_ranges(session.credentials(), &tenant.region, stream, &context)
-                        .await
-                }
-                // Not a refusal to list: the role could not be assumed (its writes
-                // meet the same error); tried again like any failed listing.
-                Err(e) => Err(AwsError {
-                    class: crate::ErrorClass::Retryable,
-                    ..e
-                }),
-            };
+            let ranges = api
+                .open_shard_ranges(&credentials, &region, &stream, &context)
+                .await;
             match ranges {
                 Ok(ranges) if !ranges.is_empty() => {
                     tracing::debug!(%stream, shards = ranges.len(), "per-shard rate limits");
@@ -432,7 +454,7 @@ mod tests {
     #[tokio::test]
     async fn one_shard_paces_records_at_its_rate() {
         let limits = RateLimits::default();
-        let t = Arc::new(tenant(1));
+        let t = tenant(1);
         let started = Instant::now();
         for _ in 0..600 {
             limits.acquire(&t, "k", 10, None).await;
@@ -456,7 +478,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_are_limited_too() {
         let limits = RateLimits::default();
-        let t = Arc::new(tenant(1));
+        let t = tenant(1);
         let started = Instant::now();
         // 1.5 MiB through a 1 MiB/s stream.
         for _ in 0..6 {

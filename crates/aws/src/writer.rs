@@ -99,11 +99,26 @@ fn refused_key(tenant: &TenantSettings) -> RefusedKey {
     )
 }
 
-/// Where a batch goes: records share a call only with the same tenant settings (the
-/// same role, external ID, region and stream), identified by their address, which stays
-/// put while any of its records is pending (each holds the settings). Tenants sharing
-/// one stream batch apart; a settings reload starts new batches.
-type Destination = usize;
+/// Where a batch goes: records share a call only with the very same tenant settings
+/// (one tenant's role, external ID, region and stream), compared by address. The key
+/// holds the settings, so the address cannot be reused while the batch is open. A
+/// settings reload starts new batches.
+#[derive(Clone)]
+struct Destination(Arc<TenantSettings>);
+
+impl PartialEq for Destination {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Destination {}
+
+impl std::hash::Hash for Destination {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
+    }
+}
 
 /// A record waiting in a batch for its call.
 struct Pending {
@@ -196,33 +211,34 @@ impl KinesisWriter {
     ) -> Result<(), AwsError> {
         let bytes = data.len() + key.as_str().len();
         if self.batches(tenant, bytes) {
-            // The batch looks the session up once for all its records.
+            // The batch looks the session up once for all its records when it is sent.
+            // A record looks it up here only for its stream's shards to be listed with
+            // it (a stream new to this worker, or every few minutes): a new tenant's
+            // first records wait for its role here, as record-by-record writes do.
+            let stream = self.limits.stream(tenant);
+            let session = if stream.wants_session() {
+                Some(Box::pin(self.credentials.session(tenant)).await?)
+            } else {
+                None
+            };
+            let lister = session.as_ref().map(|s| (&self.api, &**s));
             self.limits
-                .acquire(
-                    tenant,
-                    key.as_str(),
-                    bytes,
-                    Some((&self.api, &self.credentials)),
-                )
+                .acquire_on(&stream, tenant, key.as_str(), bytes, lister)
                 .await;
+            drop(session);
             return self.put_batched(tenant, key, data, bytes).await;
         }
         // Boxed for the same reason: the cache's lookup is a large future.
         let session = Box::pin(self.credentials.session(tenant)).await?;
         self.limits
-            .acquire(
-                tenant,
-                key.as_str(),
-                bytes,
-                Some((&self.api, &self.credentials)),
-            )
+            .acquire(tenant, key.as_str(), bytes, Some((&self.api, &session)))
             .await;
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
         // Boxed: the call's future is over a kilobyte, and this one would otherwise sit
-        // in every in-flight event's task, batched ones too (waiting for credentials, a
-        // rate limit or their batch).
+        // in every in-flight event's task, batched ones too (waiting for a new tenant's
+        // credentials, a rate limit or their batch).
         let result = Box::pin(self.api.put_record(
             session.credentials(),
             &tenant.region,
@@ -255,7 +271,7 @@ impl KinesisWriter {
         data: &Bytes,
         bytes: usize,
     ) -> Result<(), AwsError> {
-        let destination: Destination = Arc::as_ptr(tenant) as usize;
+        let destination = Destination(tenant.clone());
         let (done, outcome) = oneshot::channel();
         let pending = Pending {
             tenant: tenant.clone(),
@@ -263,7 +279,7 @@ impl KinesisWriter {
             data: data.clone(),
             done,
         };
-        let added = self.batches.add(destination, bytes, pending);
+        let added = self.batches.add(destination.clone(), bytes, pending);
         // Sending happens in tasks of its own: a caller that gives up waiting (its
         // partition was revoked) must not strand the other records of its batch.
         for batch in added.ready {
@@ -307,9 +323,15 @@ impl KinesisWriter {
             }
         };
         let ctx = || context("PutRecords", &tenant);
+        let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
+        // Again: assuming the role or waiting for a permit may have taken a while, and a
+        // record of a revoked partition must not land after its new reader's writes.
+        batch.retain(|p| !p.done.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         let m = kd_telemetry::metrics();
         m.put_records_batch_records.observe(batch.len() as f64);
-        let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
         let entries: Vec<Entry<'_>> = batch
             .iter()

@@ -102,7 +102,7 @@ where
             match msg {
                 Ok(m) => {
                     let topic = self.topic(m.topic());
-                    self.dispatch(Record::from_message(&m, topic), long_hold)
+                    self.dispatch(Record::from_kafka(&m, topic), long_hold)
                 }
                 Err(e) => {
                     // An undecodable batch or a partition the broker will not serve

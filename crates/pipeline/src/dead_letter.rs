@@ -108,8 +108,13 @@ pub fn dead_letter_headers(
     truncated_from: Option<usize>,
 ) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
-    for (key, value) in original.headers() {
-        headers = headers.insert(Header { key, value });
+    for (name, value) in original.headers() {
+        // rdkafka takes UTF-8 names only: a name that is not is passed on with its
+        // invalid bytes replaced (U+FFFD), the event itself untouched.
+        headers = headers.insert(Header {
+            key: &String::from_utf8_lossy(name),
+            value,
+        });
     }
     let partition = original.partition().to_string();
     let offset = original.offset().to_string();

@@ -5,11 +5,16 @@
 //! buffer (one allocation per event, where rdkafka's `OwnedMessage` makes one per
 //! field and per header through librdkafka's allocator, and copies the topic's name),
 //! and the value is shared from it, uncopied, into the `PutRecords` batch.
+//!
+//! Header names are kept as bytes: Kafka allows any bytes there, and rdkafka's own
+//! accessor panics on a name that is not UTF-8, which a producer could send.
 
+use std::ffi::CStr;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use rdkafka::message::{Headers, Message, Timestamp};
+use rdkafka::bindings as rd;
+use rdkafka::message::{BorrowedMessage, Headers, Message, Timestamp};
 
 /// One fetched record: value, key, headers, and where it was read.
 pub struct Record {
@@ -28,34 +33,90 @@ pub struct Record {
 /// Marks a header without a value (Kafka's null, not an empty value).
 const NULL: u32 = u32::MAX;
 
+/// A header name's or value's length as stored. Kafka's lengths are signed 32-bit and
+/// librdkafka refuses messages of 2 GiB or more, so every length fits below [`NULL`].
+fn length(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(NULL - 1).min(NULL - 1)
+}
+
+/// A fetched message's headers straight from librdkafka: name (bytes, up to a NUL, as
+/// librdkafka keeps names as C strings) and value (`None` for a null one).
+fn raw_headers<'a>(
+    msg: &'a BorrowedMessage<'_>,
+) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone {
+    let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `msg` is a live message; librdkafka parses its headers once and keeps
+    // them with the message, so they live as long as the borrow of `msg`.
+    let err = unsafe { rd::rd_kafka_message_headers(msg.ptr(), &mut headers) };
+    let count = if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && !headers.is_null()
+    {
+        // SAFETY: `headers` was just returned for this message and is not null.
+        unsafe { rd::rd_kafka_header_cnt(headers) }
+    } else {
+        0
+    };
+    (0..count).filter_map(move |idx| {
+        let mut name: *const std::os::raw::c_char = std::ptr::null();
+        let mut value: *const std::os::raw::c_void = std::ptr::null();
+        let mut size = 0usize;
+        // SAFETY: `idx` is below the count; the out-pointers are valid locals.
+        let err =
+            unsafe { rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size) };
+        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            return None;
+        }
+        // SAFETY: librdkafka's header names are NUL-terminated, its values `size`
+        // bytes long; both live with the message (see above).
+        let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+        let value = (!value.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) });
+        Some((name, value))
+    })
+}
+
 impl Record {
-    /// Copies `msg` out; `topic` is its topic's name, shared by the records read from it.
+    /// Copies a fetched message out; `topic` is its topic's name, shared by the records
+    /// read from it. Header names are read as bytes, whatever they hold.
+    pub fn from_kafka(msg: &BorrowedMessage<'_>, topic: Arc<str>) -> Record {
+        Record::build(msg, raw_headers(msg), topic)
+    }
+
+    /// Copies any rdkafka message out (its headers through rdkafka's accessor, which
+    /// takes UTF-8 names only: for messages made here, such as the tests').
     pub fn from_message<M: Message>(msg: &M, topic: Arc<str>) -> Record {
+        let headers: Vec<(&[u8], Option<&[u8]>)> = msg
+            .headers()
+            .into_iter()
+            .flat_map(|h| h.iter().map(|h| (h.key.as_bytes(), h.value)))
+            .collect();
+        Record::build(msg, headers.into_iter(), topic)
+    }
+
+    fn build<'a, M: Message>(
+        msg: &M,
+        headers: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+        topic: Arc<str>,
+    ) -> Record {
         let value = msg.payload();
         let key = msg.key();
-        let headers = msg.headers();
-        let header_bytes: usize = headers.map_or(0, |h| {
-            h.iter()
-                .map(|h| 8 + h.key.len() + h.value.map_or(0, <[u8]>::len))
-                .sum()
-        });
+        let header_bytes: usize = headers
+            .clone()
+            .map(|(name, value)| 8 + name.len() + value.map_or(0, <[u8]>::len))
+            .sum();
         let mut buf = BytesMut::with_capacity(
             value.map_or(0, <[u8]>::len) + key.map_or(0, <[u8]>::len) + header_bytes,
         );
         buf.put_slice(value.unwrap_or_default());
         buf.put_slice(key.unwrap_or_default());
-        if let Some(headers) = headers {
-            for h in headers.iter() {
-                // Kafka's lengths are 32-bit: a name or value cannot be longer.
-                buf.put_u32_le(h.key.len() as u32);
-                buf.put_slice(h.key.as_bytes());
-                match h.value {
-                    Some(v) => {
-                        buf.put_u32_le(v.len() as u32);
-                        buf.put_slice(v);
-                    }
-                    None => buf.put_u32_le(NULL),
+        for (name, value) in headers {
+            buf.put_u32_le(length(name.len()));
+            buf.put_slice(name);
+            match value {
+                Some(v) => {
+                    buf.put_u32_le(length(v.len()));
+                    buf.put_slice(v);
                 }
+                None => buf.put_u32_le(NULL),
             }
         }
         Record {
@@ -100,7 +161,8 @@ impl Record {
         self.timestamp
     }
 
-    /// The headers in their order: name, and value (`None` for a null one).
+    /// The headers in their order: name (bytes: Kafka does not require UTF-8), and
+    /// value (`None` for a null one).
     pub fn headers(&self) -> RecordHeaders<'_> {
         let at = self.value.unwrap_or(0) + self.key.unwrap_or(0);
         RecordHeaders {
@@ -128,12 +190,11 @@ impl<'a> RecordHeaders<'a> {
 }
 
 impl<'a> Iterator for RecordHeaders<'a> {
-    type Item = (&'a str, Option<&'a [u8]>);
+    type Item = (&'a [u8], Option<&'a [u8]>);
 
     fn next(&mut self) -> Option<Self::Item> {
         let name_len = self.length()? as usize;
-        // Written from a `&str` by `from_message`.
-        let name = std::str::from_utf8(self.take(name_len)).unwrap_or_default();
+        let name = self.take(name_len);
         let value = match self.length()? {
             NULL => None,
             n => Some(self.take(n as usize)),
@@ -195,10 +256,10 @@ mod tests {
         assert_eq!(
             headers,
             vec![
-                ("x-source-id", Some(&b"src_1"[..])),
-                ("nothing", None),
-                ("empty", Some(&b""[..])),
-                ("x-source-id", Some(&b"src_2"[..])),
+                (&b"x-source-id"[..], Some(&b"src_1"[..])),
+                (&b"nothing"[..], None),
+                (&b"empty"[..], Some(&b""[..])),
+                (&b"x-source-id"[..], Some(&b"src_2"[..])),
             ]
         );
     }

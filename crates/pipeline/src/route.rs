@@ -32,7 +32,7 @@ pub struct SourceIdFrom {
 fn header_source_id<'a>(msg: &'a Record, header: &str) -> Option<&'a str> {
     // The last occurrence wins, as with most Kafka header readers.
     msg.headers()
-        .filter(|(name, _)| *name == header)
+        .filter(|(name, _)| *name == header.as_bytes())
         .filter_map(|(_, value)| value)
         .filter_map(|v| std::str::from_utf8(v).ok())
         .map(str::trim)

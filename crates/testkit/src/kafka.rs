@@ -55,6 +55,98 @@ impl Kafka {
         }
     }
 
+    /// Produces one record whose headers are given as raw bytes, as producers in other
+    /// languages may send them (a name that is not UTF-8, say: rdkafka's Rust API only
+    /// takes UTF-8 names), and waits until it is written. Names cannot hold a NUL.
+    pub fn send_raw(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(&[u8], Option<&[u8]>)],
+    ) {
+        use rdkafka::bindings as rd;
+        use rdkafka::producer::{BaseProducer, Producer};
+        use std::ffi::CString;
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("acks", "all")
+            .create()
+            .expect("raw test producer");
+        let topic = CString::new(topic).expect("topic name");
+        let names: Vec<CString> = headers
+            .iter()
+            .map(|(name, _)| CString::new(name.to_vec()).expect("no NUL in a header name"))
+            .collect();
+        let vu = |vtype, u| rd::rd_kafka_vu_t { vtype, u };
+        use rd::rd_kafka_vtype_t as V;
+        let mut vus = vec![
+            vu(
+                V::RD_KAFKA_VTYPE_TOPIC,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    cstr: topic.as_ptr(),
+                },
+            ),
+            // librdkafka copies key and value (RD_KAFKA_MSG_F_COPY) and the headers.
+            vu(
+                V::RD_KAFKA_VTYPE_MSGFLAGS,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    i: rd::RD_KAFKA_MSG_F_COPY,
+                },
+            ),
+            vu(
+                V::RD_KAFKA_VTYPE_KEY,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                        ptr: key.as_ptr() as *mut _,
+                        size: key.len(),
+                    },
+                },
+            ),
+            vu(
+                V::RD_KAFKA_VTYPE_VALUE,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                        ptr: value.as_ptr() as *mut _,
+                        size: value.len(),
+                    },
+                },
+            ),
+        ];
+        for ((_, value), name) in headers.iter().zip(&names) {
+            let (val, size) = match value {
+                Some(v) => (v.as_ptr().cast(), v.len() as isize),
+                None => (std::ptr::null(), 0),
+            };
+            vus.push(vu(
+                V::RD_KAFKA_VTYPE_HEADER,
+                rd::rd_kafka_vu_s__bindgen_ty_1 {
+                    header: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                        name: name.as_ptr(),
+                        val,
+                        size,
+                    },
+                },
+            ));
+        }
+        // SAFETY: every pointer refers to memory alive until this call returns, and
+        // librdkafka copies what it keeps (F_COPY for key and value, and the headers).
+        let error = unsafe {
+            rd::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len())
+        };
+        if !error.is_null() {
+            // SAFETY: a non-null error from produceva is ours to read and destroy.
+            let message = unsafe { std::ffi::CStr::from_ptr(rd::rd_kafka_error_string(error)) }
+                .to_string_lossy()
+                .into_owned();
+            unsafe { rd::rd_kafka_error_destroy(error) };
+            panic!("producing a raw record: {message}");
+        }
+        producer
+            .flush(Duration::from_secs(30))
+            .expect("raw record written");
+    }
+
     /// Produces one record and waits for the broker to acknowledge it.
     pub async fn send(
         &self,
