@@ -234,8 +234,16 @@ async fn denied_tenants_are_dead_lettered_after_the_confirmation_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_credentials_are_replaced_without_losing_events() {
+    // Record by record, and in batches (the session is then looked up per batch).
+    for use_put_records in [Some(false), None] {
+        expired_credentials_are_replaced(use_put_records).await;
+    }
+}
+
+async fn expired_credentials_are_replaced(use_put_records: Option<bool>) {
     let env = Env::start().await;
-    let t = env.tenant("src_exp", "expiring", 2);
+    let mut t = env.tenant("src_exp", "expiring", 2);
+    t.use_put_records = use_put_records;
     let cfg = env.config(&[&t]).set("delivery", "max_backoff_ms = 200");
     cfg.write();
     let mut worker = Worker::start_ready(bin(), &cfg);
