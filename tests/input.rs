@@ -473,6 +473,36 @@ async fn a_header_name_that_is_not_utf8_is_carried_through_and_crashes_nothing()
         "still up and ready:\n{}",
         worker.logs()
     );
+    // `replay` reads such names too: a dead letter someone else produced with one is
+    // sent back (its name made UTF-8), not a crash.
+    let topic = TOPIC.as_bytes();
+    env.kafka.send_raw(
+        DLQ,
+        b"u-raw",
+        event,
+        &[
+            (b"caf\xe9", Some(b"x")),
+            (b"source_id", Some(b"src_raw")),
+            (b"dlq.reason", Some(b"unknown_source")),
+            (b"dlq.topic", Some(topic)),
+        ],
+    );
+    let out = std::process::Command::new(bin())
+        .args(["replay", "--reason", "unknown_source", "--config"])
+        .arg(cfg.path())
+        .output()
+        .expect("replay runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("replayed 1 of 2"), "{stderr}");
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        2.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(env.fake.records_of("raw-headers").len(), 2);
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.stop();
 }

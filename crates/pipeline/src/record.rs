@@ -161,6 +161,15 @@ impl Record {
         self.timestamp
     }
 
+    /// The last value of the header `name`, as text (invalid UTF-8 replaced).
+    pub fn header_text(&self, name: &str) -> Option<String> {
+        self.headers()
+            .filter(|(n, _)| *n == name.as_bytes())
+            .filter_map(|(_, value)| value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .last()
+    }
+
     /// The headers in their order: name (bytes: Kafka does not require UTF-8), and
     /// value (`None` for a null one).
     pub fn headers(&self) -> RecordHeaders<'_> {

@@ -11,16 +11,18 @@
 //! of the replay and it gets a whole retry window again.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kd_tenants::kafka_auth::AuthContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::kafka::{dead_letter_max_bytes, KafkaSettings};
+use crate::record::Record;
 
 /// Which dead letters to replay, and where.
 #[derive(Debug, Clone, Default)]
@@ -169,6 +171,9 @@ pub async fn replay(
             });
         };
         let msg = msg.map_err(kafka_error("reading dead letters"))?;
+        // Its headers read as bytes: rdkafka's accessor panics on a name that is not
+        // UTF-8, which anyone producing to the topic could send.
+        let msg = Record::from_kafka(&msg, Arc::from(msg.topic()));
         let end = ends.get(&msg.partition()).copied().unwrap_or(0);
         if msg.offset() + 1 >= end {
             remaining.remove(&msg.partition());
@@ -178,7 +183,7 @@ pub async fn replay(
         }
         report.seen += 1;
         let value = msg.payload().unwrap_or_default();
-        let to_topic = match decide(|name| header_text(&msg, name), value, k, req) {
+        let to_topic = match decide(|name| msg.header_text(name), value, k, req) {
             Decision::Replay(to) => to,
             Decision::Filtered => continue,
             Decision::Truncated => {
@@ -240,17 +245,16 @@ fn assign_to_end(
 /// Produces a dead letter's key, value and headers (without `dlq.*`) to `to_topic`.
 async fn produce_again(
     producer: &FutureProducer<AuthContext>,
-    msg: &BorrowedMessage<'_>,
+    msg: &Record,
     to_topic: &str,
 ) -> Result<(), ReplayError> {
     let mut headers = OwnedHeaders::new();
-    if let Some(h) = msg.headers() {
-        for h in h.iter().filter(|h| !h.key.starts_with("dlq.")) {
-            headers = headers.insert(Header {
-                key: h.key,
-                value: h.value,
-            });
-        }
+    for (name, value) in msg.headers().filter(|(name, _)| !name.starts_with(b"dlq.")) {
+        // rdkafka takes UTF-8 names only (see `dead_letter_headers`).
+        headers = headers.insert(Header {
+            key: &String::from_utf8_lossy(name),
+            value,
+        });
     }
     // No timestamp: Kafka stamps the record with the time of the replay.
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(to_topic).headers(headers);
