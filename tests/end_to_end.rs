@@ -3,7 +3,7 @@
 //! test on free ports.
 
 mod common;
-use common::bin;
+use common::{bin, replay};
 use kd_event::EventType;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -437,21 +437,8 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
     all.push(bad_settings.clone());
     cfg.write_tenants(&all);
     wait_metric(&worker, "kinesis_destination_tenants{state=\"valid\"}", 3.0).await;
-    let out = std::process::Command::new(bin())
-        .args(["replay", "--reason", "unknown_source", "--config"])
-        .arg(cfg.path())
-        .output()
-        .expect("replay runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("replayed 1 of 7"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = replay(&["--reason", "unknown_source"], &cfg.path());
+    assert!(stderr.contains("replayed 1 of 7"), "{stderr}");
     wait_metric(&worker, "kinesis_destination_events_delivered_total", 4.0).await;
     let replayed = env.streams.read(&nobody).await;
     assert_eq!(replayed.len(), 1);
@@ -487,20 +474,10 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
             ],
         )
         .await;
-    let out = std::process::Command::new(bin())
-        .args([
-            "replay",
-            "--reason",
-            "unknown_source",
-            "--from-offset",
-            "7",
-            "--config",
-        ])
-        .arg(cfg.path())
-        .output()
-        .expect("replay runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = replay(
+        &["--reason", "unknown_source", "--from-offset", "7"],
+        &cfg.path(),
+    );
     assert!(
         stderr.contains("replayed 0 of 2")
             && stderr.contains("refused 1")
@@ -513,14 +490,17 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
         .is_empty());
     // Sent where the operator says, it is replayed (and, src_nobody being set up now,
     // delivered).
-    let out = std::process::Command::new(bin())
-        .args(["replay", "--reason", "unknown_source", "--from-offset", "7"])
-        .args(["--to-topic", TOPIC, "--config"])
-        .arg(cfg.path())
-        .output()
-        .expect("replay runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = replay(
+        &[
+            "--reason",
+            "unknown_source",
+            "--from-offset",
+            "7",
+            "--to-topic",
+            TOPIC,
+        ],
+        &cfg.path(),
+    );
     assert!(stderr.contains("replayed 1 of 2"), "{stderr}");
     wait_metric(&worker, "kinesis_destination_events_delivered_total", 5.0).await;
     assert_eq!(env.streams.read(&nobody).await.len(), 2);

@@ -4,7 +4,7 @@
 //! a partition, lose an event or let memory grow without bound.
 
 mod common;
-use common::bin;
+use common::{bin, replay};
 use std::time::{Duration, Instant};
 
 use kd_testkit::env::{
@@ -487,13 +487,7 @@ async fn a_header_name_that_is_not_utf8_is_carried_through_and_crashes_nothing()
             (b"dlq.topic", Some(topic)),
         ],
     );
-    let out = std::process::Command::new(bin())
-        .args(["replay", "--reason", "unknown_source", "--config"])
-        .arg(cfg.path())
-        .output()
-        .expect("replay runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = replay(&["--reason", "unknown_source"], &cfg.path());
     assert!(stderr.contains("replayed 1 of 2"), "{stderr}");
     wait_metric(
         &worker,

@@ -107,15 +107,7 @@ pub fn dead_letter_headers(
     dl: &DeadLetter,
     truncated_from: Option<usize>,
 ) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new();
-    for (name, value) in original.headers() {
-        // rdkafka takes UTF-8 names only: a name that is not is passed on with its
-        // invalid bytes replaced (U+FFFD), the event itself untouched.
-        headers = headers.insert(Header {
-            key: &String::from_utf8_lossy(name),
-            value,
-        });
-    }
+    let mut headers = original.headers_to_produce(|_| true);
     let partition = original.partition().to_string();
     let offset = original.offset().to_string();
     for (key, value) in [

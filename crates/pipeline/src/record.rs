@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rdkafka::bindings as rd;
-use rdkafka::message::{BorrowedMessage, Headers, Message, Timestamp};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, Timestamp};
 
 /// One fetched record: value, key, headers, and where it was read.
 pub struct Record {
@@ -168,6 +168,21 @@ impl Record {
             .filter_map(|(_, value)| value)
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .last()
+    }
+
+    /// The headers to produce again (to the dead letters, or back from them), in their
+    /// order, those whose name `keep` accepts. rdkafka takes UTF-8 names only: a name
+    /// that is not is passed on with its invalid bytes replaced (U+FFFD).
+    pub fn headers_to_produce(&self, keep: impl Fn(&[u8]) -> bool) -> OwnedHeaders {
+        self.headers().filter(|(name, _)| keep(name)).fold(
+            OwnedHeaders::new(),
+            |headers, (name, value)| {
+                headers.insert(Header {
+                    key: &String::from_utf8_lossy(name),
+                    value,
+                })
+            },
+        )
     }
 
     /// The headers in their order: name (bytes: Kafka does not require UTF-8), and

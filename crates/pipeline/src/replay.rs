@@ -17,7 +17,7 @@ use std::time::Duration;
 use kd_tenants::kafka_auth::AuthContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -117,16 +117,6 @@ fn decide(
         (None, Some(from)) if k.topics.contains(&from) => Decision::Replay(from),
         (None, from) => Decision::Refused(from),
     }
-}
-
-/// A header's last value as text.
-pub fn header_text<M: Message>(msg: &M, name: &str) -> Option<String> {
-    msg.headers()?
-        .iter()
-        .filter(|h| h.key == name)
-        .filter_map(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .last()
 }
 
 /// Replays the dead letters `req` asks for; `on_refused` hears of each refused one.
@@ -248,14 +238,7 @@ async fn produce_again(
     msg: &Record,
     to_topic: &str,
 ) -> Result<(), ReplayError> {
-    let mut headers = OwnedHeaders::new();
-    for (name, value) in msg.headers().filter(|(name, _)| !name.starts_with(b"dlq.")) {
-        // rdkafka takes UTF-8 names only (see `dead_letter_headers`).
-        headers = headers.insert(Header {
-            key: &String::from_utf8_lossy(name),
-            value,
-        });
-    }
+    let headers = msg.headers_to_produce(|name| !name.starts_with(b"dlq."));
     // No timestamp: Kafka stamps the record with the time of the replay.
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(to_topic).headers(headers);
     if let Some(key) = msg.key() {

@@ -289,9 +289,9 @@ impl Kafka {
     }
 }
 
-/// A header's value as text.
+/// A header's (last) value as text.
 pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
-    kd_pipeline::replay::header_text(m, key)
+    kd_pipeline::record::Record::from_message(m, m.topic().into()).header_text(key)
 }
 
 impl Kafka {
