@@ -11,6 +11,7 @@
 //! of the full rate. `fraction` scales every budget, for a tenant whose stream is written
 //! by several pods at once.
 
+use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -236,13 +237,46 @@ impl StreamLimits {
     }
 }
 
-/// Shares the tenant's own strings: a lookup per event copies none.
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// Shares the tenant's own strings. Looked up per event through [`StreamKeyRef`],
+/// which hashes the same: a hit clones and allocates nothing.
+#[derive(Clone, PartialEq, Eq)]
 struct StreamKey {
     account: Arc<str>,
     region: Region,
     stream: StreamName,
     shards: u32,
+}
+
+impl StreamKey {
+    fn as_ref(&self) -> StreamKeyRef<'_> {
+        StreamKeyRef {
+            account: &self.account,
+            region: self.region.as_str(),
+            stream: self.stream.as_str(),
+            shards: self.shards,
+        }
+    }
+}
+
+impl Hash for StreamKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_ref().hash(state);
+    }
+}
+
+/// A [`StreamKey`] borrowed from a tenant's settings.
+#[derive(PartialEq, Eq, Hash)]
+struct StreamKeyRef<'a> {
+    account: &'a str,
+    region: &'a str,
+    stream: &'a str,
+    shards: u32,
+}
+
+impl moka::Equivalent<StreamKey> for StreamKeyRef<'_> {
+    fn equivalent(&self, key: &StreamKey) -> bool {
+        *self == key.as_ref()
+    }
 }
 
 /// The 128-bit hash Kinesis maps a partition key to a shard with.
@@ -253,7 +287,7 @@ pub fn hash_key(partition_key: &str) -> u128 {
 /// Rate limiters for every stream written to, dropped after a while unused.
 #[derive(Clone)]
 pub struct RateLimits {
-    streams: Cache<StreamKey, Arc<StreamLimiter>>,
+    streams: Cache<StreamKey, Arc<StreamLimiter>, hashbrown::DefaultHashBuilder>,
     fraction: f64,
 }
 
@@ -269,12 +303,21 @@ impl RateLimits {
         RateLimits {
             streams: Cache::builder()
                 .time_to_idle(Duration::from_secs(600))
-                .build(),
+                .build_with_hasher(hashbrown::DefaultHashBuilder::default()),
             fraction: fraction.clamp(0.001, 1.0),
         }
     }
 
     fn limiter(&self, tenant: &TenantSettings) -> Arc<StreamLimiter> {
+        let found = self.streams.get(&StreamKeyRef {
+            account: tenant.role.account(),
+            region: tenant.region.as_str(),
+            stream: tenant.stream.as_str(),
+            shards: tenant.shards,
+        });
+        if let Some(limiter) = found {
+            return limiter;
+        }
         let key = StreamKey {
             account: tenant.role.account_shared(),
             region: tenant.region.clone(),
@@ -473,6 +516,32 @@ mod tests {
         let l = limits.limiter(&tenant(4));
         assert_eq!(l.stream.full_records, 2000.0);
         assert_eq!(l.stream.full_bytes, 2.0 * BYTES_PER_SHARD_PER_SEC as f64);
+    }
+
+    #[test]
+    fn tenants_of_one_stream_share_its_limiter_and_a_borrowed_key_finds_it() {
+        let limits = RateLimits::default();
+        let first = limits.limiter(&tenant(4));
+        // The borrowed key hashes and compares as the stored one: found, not inserted.
+        let t = tenant(4);
+        let key = StreamKeyRef {
+            account: t.role.account(),
+            region: t.region.as_str(),
+            stream: t.stream.as_str(),
+            shards: 4,
+        };
+        let found = limits.streams.get(&key).expect("found by the borrowed key");
+        assert!(Arc::ptr_eq(&first, &found));
+        // Another source writing to the same stream shares it; another shard count
+        // (another plan) does not.
+        let other_source = kd_tenants::parse_tenant(&serde_json::json!({"sourceId": "other",
+            "roleAddress": "arn:aws:iam::123456789012:role/another",
+            "region": "us-east-1", "stream": "st", "shards": 4}))
+        .unwrap();
+        assert!(Arc::ptr_eq(&first, &limits.limiter(&other_source)));
+        assert!(!Arc::ptr_eq(&first, &limits.limiter(&tenant(2))));
+        limits.streams.run_pending_tasks();
+        assert_eq!(limits.streams.entry_count(), 2);
     }
 
     #[tokio::test]

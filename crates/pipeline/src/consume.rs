@@ -19,7 +19,7 @@ use crate::callbacks::{consumer_error, WorkerContext};
 use crate::dead_letter::DeadLetters;
 use crate::deliver::Job;
 use crate::flow::FlowControl;
-use crate::lanes::Lanes;
+use crate::lanes::{Group, Lanes};
 use crate::log_limit::LogLimit;
 use crate::offsets::{Admission, OffsetTracker};
 use crate::record::Record;
@@ -50,7 +50,7 @@ pub(crate) struct ConsumeLoop<F, G> {
 
 impl<F, G, Fut> ConsumeLoop<F, G>
 where
-    F: Fn(Vec<Job>) -> Fut + Send + Sync + 'static,
+    F: Fn(Group<Job>) -> Fut + Send + Sync + 'static,
     G: Fn(&[Job], &Job) -> bool + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {

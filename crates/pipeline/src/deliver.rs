@@ -17,6 +17,7 @@ use kd_tenants::{TenantEntry, TenantSettings, TenantStore};
 use tokio::time::Instant;
 
 use crate::dead_letter::{DeadLetter, DeadLetters, Reason};
+use crate::lanes::Group;
 use crate::offsets::{OffsetTracker, Ticket};
 use crate::panics::{retrying_panics, GaveUp};
 use crate::record::Record;
@@ -250,7 +251,7 @@ pub(crate) struct Deliverer {
 impl Deliverer {
     /// Delivers a lane's group: one event, or several of one user written as one
     /// aggregated record.
-    pub async fn deliver(&self, mut jobs: Vec<Job>) {
+    pub async fn deliver(&self, mut jobs: Group<Job>) {
         let outcome = match jobs.len() {
             0 => return,
             1 => self.retrying.write(&jobs[0]).await,

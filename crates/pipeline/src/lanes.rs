@@ -9,10 +9,17 @@
 //! `joins` says the next may join the group taken so far: that is how one user's
 //! consecutive events become one aggregated Kinesis record.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
+
+// foldhash, randomly seeded, rather than SipHash: a lookup per event.
+use hashbrown::HashMap;
+use smallvec::SmallVec;
+
+/// The jobs a lane runs at once: usually one, kept inline (no allocation per event).
+pub type Group<J> = SmallVec<[J; 1]>;
 
 /// Runs jobs through per-key FIFO lanes with `run`, in groups that `joins` allows.
 pub struct Lanes<K, J, F, G> {
@@ -25,7 +32,7 @@ impl<K, J, F, G, Fut> Lanes<K, J, F, G>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     J: Send + 'static,
-    F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+    F: Fn(Group<J>) -> Fut + Send + Sync + 'static,
     G: Fn(&[J], &J) -> bool + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -63,7 +70,7 @@ where
                     queues.remove(&key);
                     return;
                 };
-                let mut group = vec![first];
+                let mut group: Group<J> = SmallVec::from_buf([first]);
                 while queue.front().is_some_and(|next| (self.joins)(&group, next)) {
                     group.extend(queue.pop_front());
                 }
@@ -89,7 +96,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let log2 = log.clone();
         let lanes = Lanes::new(
-            move |group: Vec<(u32, u32, u64)>| {
+            move |group: Group<(u32, u32, u64)>| {
                 let log = log2.clone();
                 async move {
                     for (key, n, delay) in group {
@@ -137,11 +144,11 @@ mod tests {
         let seen = groups.clone();
         let (release, gate) = tokio::sync::watch::channel(false);
         let lanes = Lanes::new(
-            move |group: Vec<u32>| {
+            move |group: Group<u32>| {
                 let seen = seen.clone();
                 let mut gate = gate.clone();
                 async move {
-                    seen.lock().unwrap().push(group);
+                    seen.lock().unwrap().push(group.into_vec());
                     let _ = gate.wait_for(|open| *open).await;
                 }
             },

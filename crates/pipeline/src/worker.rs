@@ -32,7 +32,7 @@ use crate::kafka::{
     check_topics, consumer_config, dead_letter_max_bytes, producer_config, KafkaSettings,
     MissingTopic,
 };
-use crate::lanes::Lanes;
+use crate::lanes::{Group, Lanes};
 use crate::log_limit::LogLimit;
 use crate::offsets::OffsetTracker;
 use crate::retry::RetryPolicy;
@@ -177,7 +177,7 @@ pub async fn run(
             settings.tenant_share,
         ),
         lanes: Lanes::new(
-            move |jobs: Vec<Job>| {
+            move |jobs: Group<Job>| {
                 let deliverer = deliverer.clone();
                 async move { deliverer.deliver(jobs).await }
             },
