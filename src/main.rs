@@ -53,7 +53,14 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => cmd::run::run(args).await,
+            // On a worker thread of the runtime, not this one: the consume loop hands
+            // every event to a lane task, and a task spawned from outside the runtime's
+            // workers goes through its shared queue and wakes a worker each time.
+            Command::Run(args) => match tokio::spawn(cmd::run::run(args)).await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(cmd::CliError::Failed(format!("the worker stopped: {e}"))),
+            },
             Command::Check(args) => cmd::check::run(args).await,
             Command::Tail(args) => cmd::tail::run(args).await,
             Command::Policy(args) => cmd::policy::run(args),

@@ -65,6 +65,10 @@ where
         // budget (see `FlowControl::hold`).
         let mut holding_since: Option<Instant> = None;
         loop {
+            // The loop runs on one of the runtime's workers, and librdkafka's queue has
+            // an event ready for as long as a backlog lasts: give the worker back to the
+            // lane tasks it spawned every so often (tokio's cooperative budget).
+            tokio::task::consume_budget().await;
             let hold = self.flow.hold(&self.tracker, holding_since);
             if hold != holding_since.is_some() {
                 holding_since = hold.then(Instant::now);
