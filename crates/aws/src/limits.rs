@@ -107,14 +107,16 @@ impl Bucket {
         }
     }
 
-    async fn acquire(&self, bytes: usize) {
+    /// Returns when it first had to wait, if it did.
+    async fn acquire(&self, bytes: usize) -> Option<Instant> {
         self.recover();
+        let mut waited = None;
         // A token counts only if it came from the limiter in force: one granted by a
         // limiter that AIMD replaced meanwhile is taken again from the new one, or the
         // waiters of both would proceed at both paces.
         let l = loop {
             let l = self.limiters.load_full();
-            ready(&l.0, NonZeroU32::MIN).await;
+            waited = waited.or(ready(&l.0, NonZeroU32::MIN).await);
             if Arc::ptr_eq(&l, &self.limiters.load()) {
                 break l;
             }
@@ -125,8 +127,9 @@ impl Bucket {
             let n = left.min(l.2.get());
             left -= n;
             // `n` is at most the burst, so the only error (InsufficientCapacity) cannot occur.
-            ready(&l.1, NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)).await;
+            waited = waited.or(ready(&l.1, NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)).await);
         }
+        waited
     }
 
     fn set_factor(&self, state: &mut BucketState, factor: f64) {
@@ -170,17 +173,20 @@ impl Bucket {
 /// Waits until `limiter` grants `n` cells (at most its burst). Waits on tokio's timer:
 /// governor's own `until_ready` sleeps on a timer thread of its own, and waking it cost
 /// more CPU than the writes themselves at tens of thousands of records a second.
-async fn ready(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) {
+/// Returns when it began to wait, if it had to (the clock is read only then).
+async fn ready(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) -> Option<Instant> {
     use governor::clock::Clock;
+    let mut waited = None;
     loop {
         match limiter.check_n(n) {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => return waited,
             Ok(Err(not_until)) => {
+                waited = waited.or_else(|| Some(Instant::now()));
                 let wait = not_until.wait_time_from(limiter.clock().now());
                 tokio::time::sleep(wait).await;
             }
             // More than the burst: cannot happen (callers ask for at most the burst).
-            Err(_) => return,
+            Err(_) => return waited,
         }
     }
 }
@@ -369,7 +375,8 @@ impl RateLimits {
         bytes: usize,
         session: Option<(&KinesisApi, &Session)>,
     ) {
-        let started = Instant::now();
+        // When this write first had to wait (the clock is read only then).
+        let mut waited: Option<Instant> = None;
         if let Some(session) = session {
             self.list_shards_if_due(limiter, tenant, session);
         }
@@ -384,22 +391,26 @@ impl RateLimits {
             if matches!(**limiter.shards.load(), ShardMap::Unknown)
                 && limiter.listing.load(Ordering::Acquire)
             {
+                waited = Some(Instant::now());
                 let _ = tokio::time::timeout(Duration::from_secs(2), listed).await;
             }
         }
         let map = limiter.shards.load();
-        match &**map {
+        let bucket = match &**map {
             ShardMap::Known { shards, .. } => match find_shard(shards, hash_key(partition_key)) {
-                Some(shard) => shard.bucket.acquire(bytes).await,
-                None => limiter.stream.acquire(bytes).await,
+                Some(shard) => &shard.bucket,
+                None => &limiter.stream,
             },
-            _ => limiter.stream.acquire(bytes).await,
-        }
-        let waited = started.elapsed();
-        if waited > Duration::from_micros(100) {
-            kd_telemetry::metrics()
-                .rate_limit_wait_seconds
-                .inc_by(waited.as_secs_f64());
+            _ => &limiter.stream,
+        };
+        let bucket_waited = bucket.acquire(bytes).await;
+        if let Some(since) = waited.or(bucket_waited) {
+            let waited = since.elapsed();
+            if waited > Duration::from_micros(100) {
+                kd_telemetry::metrics()
+                    .rate_limit_wait_seconds
+                    .inc_by(waited.as_secs_f64());
+            }
         }
     }
 
