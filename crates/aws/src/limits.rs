@@ -173,7 +173,7 @@ impl Bucket {
 /// Waits until `limiter` grants `n` cells (at most its burst). Waits on tokio's timer:
 /// governor's own `until_ready` sleeps on a timer thread of its own, and waking it cost
 /// more CPU than the writes themselves at tens of thousands of records a second.
-/// Returns when it began to wait, if it had to (the clock is read only then).
+/// Returns when it began to wait, if it had to (`Instant::now` is read only then).
 async fn ready(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) -> Option<Instant> {
     use governor::clock::Clock;
     let mut waited = None;
@@ -255,11 +255,19 @@ struct StreamKey {
 
 impl StreamKey {
     fn as_ref(&self) -> StreamKeyRef<'_> {
+        // Destructured: a field added to the key must be added to the borrowed key too,
+        // or lookups would match another stream's limiter.
+        let StreamKey {
+            account,
+            region,
+            stream,
+            shards,
+        } = self;
         StreamKeyRef {
-            account: &self.account,
-            region: self.region.as_str(),
-            stream: self.stream.as_str(),
-            shards: self.shards,
+            account,
+            region: region.as_str(),
+            stream: stream.as_str(),
+            shards: *shards,
         }
     }
 }
@@ -375,7 +383,7 @@ impl RateLimits {
         bytes: usize,
         session: Option<(&KinesisApi, &Session)>,
     ) {
-        // When this write first had to wait (the clock is read only then).
+        // When this write first had to wait (`Instant::now` is read only then).
         let mut waited: Option<Instant> = None;
         if let Some(session) = session {
             self.list_shards_if_due(limiter, tenant, session);

@@ -4,7 +4,8 @@
 //! logged once a minute per kind.
 //!
 //! They must return quickly and may not write to Kinesis or wait for lanes: a
-//! rebalance waits for them.
+//! rebalance waits for them. They run in the consume loop's task (inside its poll), so
+//! the revoke's synchronous commit goes through `commits::blocking`.
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 
-use crate::commits::commit_offsets;
+use crate::commits::{blocking, commit_offsets};
 use crate::dead_letter::code_name;
 use crate::log_limit::LogLimit;
 use crate::offsets::OffsetTracker;
@@ -96,7 +97,7 @@ impl ConsumerContext for WorkerContext {
             self.tracker
                 .revoke(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
             tracing::info!(partitions = ?revoked, "partitions revoked");
-            commit_offsets(consumer, &self.tracker, done);
+            blocking(|| commit_offsets(consumer, &self.tracker, done));
         }
     }
 

@@ -2,8 +2,9 @@
 //! partition written or dead-lettered) go to Kafka every `commit_interval`, on revoke and
 //! at shutdown. A failed commit hands its offsets back to the tracker for the next one.
 //!
-//! Commits are synchronous librdkafka calls: callers run them on a blocking thread
-//! (or inside librdkafka's own callbacks).
+//! Commits are synchronous librdkafka calls: callers run them on a blocking thread, or,
+//! on a revoke, inside librdkafka's rebalance callback, which runs in the consume loop's
+//! task and so through [`blocking`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +53,18 @@ pub(crate) fn commit_offsets<C: Consumer<X>, X: ConsumerContext>(
             tracker.commit_failed(&offsets);
             tracing::warn!(error = %e, "offset commit failed; will retry");
         }
+    }
+}
+
+/// Runs a librdkafka call that may block (a synchronous commit, a seek) from a task: on
+/// the multi-threaded runtime the worker's other tasks (the lane task it would run next
+/// among them) move to another worker meanwhile. Elsewhere (a blocking thread, a
+/// single-threaded test runtime) it just runs it.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -238,12 +238,15 @@ impl FlowControl {
             bytes: f.contended_at.bytes.div_ceil(2),
         };
         for (topic, partition, from) in tracker.skips_to_reread(half, f.per_source) {
-            match consumer.seek(
-                &topic,
-                partition,
-                Offset::Offset(from),
-                Duration::from_secs(1),
-            ) {
+            let seek = || {
+                consumer.seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(from),
+                    Duration::from_secs(1),
+                )
+            };
+            match crate::commits::blocking(seek) {
                 Ok(()) => {
                     tracker.reread_from(&topic, partition, from);
                     kd_telemetry::metrics().fairness_rereads.inc();

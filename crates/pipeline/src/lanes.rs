@@ -9,13 +9,11 @@
 //! `joins` says the next may join the group taken so far: that is how one user's
 //! consecutive events become one aggregated Kinesis record.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-// foldhash, randomly seeded, rather than SipHash: a lookup per event.
-use hashbrown::HashMap;
 use smallvec::SmallVec;
 
 /// The jobs a lane runs at once: usually one, kept inline (no allocation per event).
