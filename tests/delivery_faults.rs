@@ -281,6 +281,21 @@ async fn expired_credentials_are_replaced(use_put_records: Option<bool>) {
         ) >= 1.0
     );
     kd_testkit::assert_nothing_dead_lettered(&m);
+    // The mode under test was the one used (auto batches: the fake's role allows it).
+    let (put_record, put_records) = (
+        env.fake.requests("PutRecord"),
+        env.fake.requests("PutRecords"),
+    );
+    match use_put_records {
+        Some(false) => assert!(
+            put_record > 0 && put_records == 0,
+            "{put_record} / {put_records}"
+        ),
+        _ => assert!(
+            put_records > 0 && put_record == 0,
+            "{put_record} / {put_records}"
+        ),
+    }
     worker.stop();
 }
 

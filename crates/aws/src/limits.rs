@@ -287,6 +287,17 @@ struct StreamKeyRef<'a> {
     shards: u32,
 }
 
+impl<'a> StreamKeyRef<'a> {
+    fn of(tenant: &'a TenantSettings) -> Self {
+        StreamKeyRef {
+            account: tenant.role.account(),
+            region: tenant.region.as_str(),
+            stream: tenant.stream.as_str(),
+            shards: tenant.shards,
+        }
+    }
+}
+
 impl moka::Equivalent<StreamKey> for StreamKeyRef<'_> {
     fn equivalent(&self, key: &StreamKey) -> bool {
         *self == key.as_ref()
@@ -323,12 +334,7 @@ impl RateLimits {
     }
 
     fn limiter(&self, tenant: &TenantSettings) -> Arc<StreamLimiter> {
-        let found = self.streams.get(&StreamKeyRef {
-            account: tenant.role.account(),
-            region: tenant.region.as_str(),
-            stream: tenant.stream.as_str(),
-            shards: tenant.shards,
-        });
+        let found = self.streams.get(&StreamKeyRef::of(tenant));
         if let Some(limiter) = found {
             return limiter;
         }
@@ -542,14 +548,10 @@ mod tests {
         let limits = RateLimits::default();
         let first = limits.limiter(&tenant(4));
         // The borrowed key hashes and compares as the stored one: found, not inserted.
-        let t = tenant(4);
-        let key = StreamKeyRef {
-            account: t.role.account(),
-            region: t.region.as_str(),
-            stream: t.stream.as_str(),
-            shards: 4,
-        };
-        let found = limits.streams.get(&key).expect("found by the borrowed key");
+        let found = limits
+            .streams
+            .get(&StreamKeyRef::of(&tenant(4)))
+            .expect("found by the borrowed key");
         assert!(Arc::ptr_eq(&first, &found));
         // Another source writing to the same stream shares it; another shard count
         // (another plan) does not.

@@ -33,8 +33,9 @@ pub(crate) type Lane = (SourceId, PartitionKey);
 
 pub(crate) struct ConsumeLoop<F, G> {
     pub consumer: Arc<StreamConsumer<WorkerContext>>,
-    /// The topics subscribed to: their names are shared by the records read from them.
-    pub topics: Vec<Arc<str>>,
+    /// The names of the topics read from (those subscribed to, and any a pattern
+    /// subscription brings, once seen): shared by the records read from them.
+    pub topics: std::sync::Mutex<Vec<Arc<str>>>,
     pub tracker: Arc<OffsetTracker>,
     /// Looked up for every event.
     pub tenants: Arc<TenantStore>,
@@ -120,9 +121,14 @@ where
 
     /// The shared name of `topic`.
     fn topic(&self, topic: &str) -> Arc<str> {
-        match self.topics.iter().find(|t| ***t == *topic) {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        match topics.iter().find(|t| ***t == *topic) {
             Some(shared) => shared.clone(),
-            None => Arc::from(topic),
+            None => {
+                let shared: Arc<str> = Arc::from(topic);
+                topics.push(shared.clone());
+                shared
+            }
         }
     }
 

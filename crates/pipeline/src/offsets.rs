@@ -736,7 +736,7 @@ impl OffsetTracker {
     }
 
     /// [`full_and_slow`](Self::full_and_slow), with the time taken from `now` (asked
-    /// only once the partition is at its budget: this runs for every event read).
+    /// only once the partition is at its budget).
     fn full_and_slow_at(
         &self,
         topic: &str,

@@ -158,12 +158,14 @@ pub async fn run(
     tracing::info!(topics = ?settings.kafka.topics, group = %settings.kafka.group_id, "consuming");
     let consume = ConsumeLoop {
         consumer: consumer.clone(),
-        topics: settings
-            .kafka
-            .topics
-            .iter()
-            .map(|t| Arc::from(t.as_str()))
-            .collect(),
+        topics: std::sync::Mutex::new(
+            settings
+                .kafka
+                .topics
+                .iter()
+                .map(|t| Arc::from(t.as_str()))
+                .collect(),
+        ),
         tracker: tracker.clone(),
         tenants,
         source_id_from: SourceIdFrom {
