@@ -959,3 +959,99 @@ async fn auto_write_mode_batches_unless_the_role_refuses_put_records() {
     env.wait_committed_to_end(&cfg.group_id).await;
     worker.stop();
 }
+
+/// AWS's clock 15 minutes ahead of the worker's, then 15 minutes behind (AWS refuses a
+/// signature more than 5 minutes off): the worker learns AWS's time from the answers'
+/// `Date`, signs again at once, and delivers everything; nothing is dead-lettered even
+/// with a short window for permanent errors. Then answers without `Date` while the
+/// clock is off: readiness says why, and comes back with the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_aws_clock_is_learned_and_nothing_is_dead_lettered() {
+    let env = Env::start().await;
+    let t = env.tenant("src_skew", "skew", 2);
+    let cfg = env
+        .config(&[&t])
+        .set("delivery", "permanent_error_window_secs = 30")
+        .set("delivery", "initial_backoff_ms = 50")
+        .set("delivery", "max_backoff_ms = 500");
+    cfg.write();
+    env.fake.set_clock_offset(900);
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    let batch = |from: usize, to: usize| -> Vec<(String, String, usize)> {
+        (from..to)
+            .flat_map(|seq| (0..3).map(move |u| ("src_skew".to_owned(), format!("u{u}"), seq)))
+            .collect()
+    };
+    let mut sent = env.send_all(&batch(0, 15)).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        45.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    let skew = worker.metric("kinesis_destination_clock_skew_seconds");
+    assert!((skew - 900.0).abs() < 3.0, "gauge {skew}");
+    // AssumeRole (signed by the SDK) was refused once and sent again at once; what
+    // Kinesis calls followed were signed in AWS's time. A skew refusal from STS is not
+    // the worker's identity being refused: the worker stays ready.
+    let refused_ahead = env.fake.skew_refusals();
+    assert!((1..=2).contains(&refused_ahead), "{refused_ahead} refusals");
+    let (status, body) = worker.get("/readyz").unwrap_or_default();
+    assert_eq!(status, 200, "{body}");
+
+    env.fake.set_clock_offset(-900);
+    sent.extend(env.send_all(&batch(15, 30)).await);
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        90.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    let skew = worker.metric("kinesis_destination_clock_skew_seconds");
+    assert!((skew + 900.0).abs() < 3.0, "gauge {skew}");
+    // Nothing tells the worker before a write is refused; then it is corrected at once.
+    let refused_behind = env.fake.skew_refusals() - refused_ahead;
+    assert!(
+        (1..=4).contains(&refused_behind),
+        "{refused_behind} refusals"
+    );
+    assert_all_delivered_in_order(&sent, &env.fake.records_of("skew"));
+
+    // Nothing to correct by: refused calls are retried, readiness says why.
+    env.fake.omit_date(true);
+    env.fake.set_clock_offset(1800);
+    sent.extend(env.send_all(&batch(30, 32)).await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (status, body) = worker.get("/readyz").unwrap_or_default();
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "still ready: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(body.contains("clock"), "{body}");
+    env.fake.omit_date(false);
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        96.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    worker.wait_ready(Duration::from_secs(10));
+    assert_all_delivered_in_order(&sent, &env.fake.records_of("skew"));
+    let m = worker.metrics();
+    kd_testkit::assert_nothing_dead_lettered(&m);
+    assert!(
+        metric_value(
+            &m,
+            "kinesis_destination_put_errors_total{error=\"InvalidSignatureException\"}"
+        ) > 0.0,
+        "the uncorrectable refusals are counted: {m}"
+    );
+    env.wait_committed_to_end(&cfg.group_id).await;
+    worker.stop();
+}

@@ -126,6 +126,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     } else {
         let conf = aws_sdk_kinesis::config::Builder::from(&base)
             .region(aws_config::Region::new(t.tenant.region.as_str().to_owned()))
+            .interceptor(kd_aws::sdk_calls::SdkCalls::new(Default::default()))
             .build();
         aws_sdk_kinesis::Client::from_conf(conf)
     };

@@ -12,7 +12,8 @@
 //! Owns the wire format only: which failures are retried is [`crate::errors`]'s call.
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use aws_config::SdkConfig;
 use aws_credential_types::Credentials;
@@ -26,6 +27,7 @@ use hyper_util::rt::TokioExecutor;
 use kd_tenants::Region;
 use serde::Deserialize;
 
+use crate::clock::Clock;
 use crate::errors::{AwsError, Failure};
 use crate::writer::Written;
 
@@ -55,6 +57,13 @@ impl Operation {
     }
 }
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
+
+/// What every request says it comes from (AWS support and CloudTrail's `userAgent`).
+pub const USER_AGENT: &str = concat!("kinesis-destination/", env!("CARGO_PKG_VERSION"));
+
+/// Most bytes of an answer read: the largest real one, a `ListShards` page of 10,000
+/// shards, is about 2.5 MB; a proxy or a broken endpoint sending more is cut off.
+const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 
 /// Where Kinesis is reached.
 #[derive(Debug, Clone)]
@@ -146,6 +155,8 @@ pub struct KinesisApi {
     endpoint: Endpoint,
     /// Time allowed for one call, from sending to the whole answer.
     attempt_timeout: Duration,
+    /// AWS's time, to sign with.
+    clock: Arc<Clock>,
 }
 
 impl std::fmt::Debug for KinesisApi {
@@ -161,7 +172,7 @@ impl KinesisApi {
     /// `endpoint_url` or `AWS_ENDPOINT_URL_KINESIS`, FIPS and dual-stack choices,
     /// connect and attempt timeouts). Endpoints set per service in an AWS profile's
     /// `services` section are not read: set the variable or `aws.endpoint_url`.
-    pub fn new(base: &SdkConfig) -> Result<Self, String> {
+    pub fn new(base: &SdkConfig, clock: Arc<Clock>) -> Result<Self, String> {
         // The Kinesis-specific endpoint variable first, as the SDK reads it (a VPC
         // endpoint for Kinesis only), then the one for every service.
         let kinesis_url = std::env::var("AWS_ENDPOINT_URL_KINESIS")
@@ -214,10 +225,17 @@ impl KinesisApi {
         Ok(KinesisApi {
             http,
             endpoint,
+            clock,
             attempt_timeout: timeouts
                 .and_then(|t| t.operation_attempt_timeout())
                 .unwrap_or(Duration::from_secs(10)),
         })
+    }
+
+    /// The clock calls are signed by.
+    #[cfg(test)]
+    pub(crate) fn clock(&self) -> &Arc<Clock> {
+        &self.clock
     }
 
     /// One `PutRecord`: where the record landed, or the call's error.
@@ -289,7 +307,9 @@ impl KinesisApi {
         }
     }
 
-    /// Signs and sends one call; the answer's body when it is a success.
+    /// Signs and sends one call; the answer's body when it is a success. A refusal of
+    /// the request's time is sent again at once, signed with the clock corrected by the
+    /// refusal's `Date` ([`crate::clock`]).
     async fn call(
         &self,
         credentials: &Credentials,
@@ -303,71 +323,106 @@ impl KinesisApi {
             .endpoint(region.as_str())
             .map_err(|e| construction(&e))?;
         let target = operation.target();
-        let signed = crate::sign::sign(
-            credentials,
-            region.as_str(),
-            "kinesis",
-            &crate::sign::Call {
-                path: uri.path(),
-                host: host.as_ref(),
-                content_type: CONTENT_TYPE,
-                target,
-                body: &body,
-            },
-            SystemTime::now(),
-        );
-        let mut request = http::Request::post(uri)
-            .header("content-type", CONTENT_TYPE)
-            .header("host", host.as_ref())
-            .header("x-amz-target", target)
-            .header("x-amz-date", signed.amz_date)
-            .header("authorization", signed.authorization);
-        if let Some(token) = credentials.session_token() {
-            request = request.header("x-amz-security-token", token);
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| construction(&e))?;
+        let body = Bytes::from(body);
+        let mut corrected = false;
+        loop {
+            let signed = crate::sign::sign(
+                credentials,
+                region.as_str(),
+                "kinesis",
+                &crate::sign::Call {
+                    path: uri.path(),
+                    host: host.as_ref(),
+                    content_type: CONTENT_TYPE,
+                    target,
+                    body: &body,
+                },
+                self.clock.now(),
+            );
+            let mut request = http::Request::post(uri.clone())
+                .header("content-type", CONTENT_TYPE)
+                .header("host", host.as_ref())
+                .header("user-agent", USER_AGENT)
+                .header("x-amz-target", target)
+                .header("x-amz-date", signed.amz_date)
+                .header("authorization", signed.authorization);
+            if let Some(token) = credentials.session_token() {
+                request = request.header("x-amz-security-token", token);
+            }
+            let request = request
+                .body(Full::new(body.clone()))
+                .map_err(|e| construction(&e))?;
 
+            let (parts, answer) = self.exchange(request, context).await?;
+            let date = parts.headers.get(http::header::DATE).map(|v| v.as_bytes());
+            if parts.status.is_success() {
+                self.clock.observe(date, false);
+                self.clock.succeeded();
+                return Ok(answer);
+            }
+            let status = parts.status.as_u16();
+            let (code, message) = error_of(&parts.headers, &answer);
+            let skewed = crate::clock::is_skew_refusal(code.as_deref(), message.as_deref());
+            let failure = if skewed {
+                // Corrected once and sent again; a second refusal is retried later.
+                if self.clock.observe(date, true) && !corrected {
+                    corrected = true;
+                    continue;
+                }
+                Failure::ClockSkew
+            } else {
+                self.clock.observe(date, false);
+                Failure::Service {
+                    code: code.as_deref(),
+                    status,
+                }
+            };
+            return Err(AwsError::new(
+                context,
+                failure,
+                &code.clone().unwrap_or_else(|| format!("HTTP_{status}")),
+                &message.unwrap_or_else(|| format!("HTTP {status}")),
+            ));
+        }
+    }
+
+    /// Sends `request` and reads the answer, at most [`MAX_ANSWER_BYTES`] of it, within
+    /// the attempt timeout.
+    async fn exchange(
+        &self,
+        request: http::Request<Full<Bytes>>,
+        context: &(dyn Fn() -> String + Sync),
+    ) -> Result<(http::response::Parts, Bytes), AwsError> {
         let exchange = async {
             let response = self.http.request(request).await?;
             let (parts, body) = response.into_parts();
-            let body = body.collect().await?.to_bytes();
+            let body = http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
+                .collect()
+                .await?
+                .to_bytes();
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, body))
         };
-        let (parts, body) = match tokio::time::timeout(self.attempt_timeout, exchange).await {
-            Err(_) => {
-                return Err(AwsError::new(
-                    context,
-                    Failure::Timeout,
-                    "Timeout",
-                    "no response in time",
-                ))
-            }
-            Ok(Err(e)) => {
-                return Err(AwsError::new(
-                    context,
-                    Failure::Network,
-                    "NetworkError",
-                    &crate::errors::chain(Some(e.as_ref())),
-                ))
-            }
-            Ok(Ok(answer)) => answer,
-        };
-        if parts.status.is_success() {
-            return Ok(body);
+        match tokio::time::timeout(self.attempt_timeout, exchange).await {
+            Err(_) => Err(AwsError::new(
+                context,
+                Failure::Timeout,
+                "Timeout",
+                "no response in time",
+            )),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(AwsError::new(
+                context,
+                Failure::Malformed,
+                "ResponseError",
+                &format!("answer longer than {MAX_ANSWER_BYTES} bytes"),
+            )),
+            Ok(Err(e)) => Err(AwsError::new(
+                context,
+                Failure::Network,
+                "NetworkError",
+                &crate::errors::chain(Some(e.as_ref())),
+            )),
+            Ok(Ok(answer)) => Ok(answer),
         }
-        let status = parts.status.as_u16();
-        let (code, message) = error_of(&parts.headers, &body);
-        Err(AwsError::new(
-            context,
-            Failure::Service {
-                code: code.as_deref(),
-                status,
-            },
-            &code.clone().unwrap_or_else(|| format!("HTTP_{status}")),
-            &message.unwrap_or_else(|| format!("HTTP {status}")),
-        ))
     }
 
     /// The URI and `Host` of Kinesis in `region`.

@@ -100,9 +100,11 @@ const WORKER_IDENTITY_CODES: &[&str] = &[
     "MissingAuthenticationToken",
 ];
 
-/// Whether an AssumeRole failure is the worker's identity's fault.
+/// Whether an AssumeRole failure is the worker's identity's fault. A refusal of the
+/// request's time (STS says `SignatureDoesNotMatch` "Signature expired") is the clock's.
 pub fn is_worker_identity_error(err: &AwsError) -> bool {
     WORKER_IDENTITY_CODES.contains(&err.code.as_str())
+        && !crate::clock::is_skew_refusal(Some(&err.code), Some(&err.message))
 }
 
 /// The per-(role, external ID) session cache.
@@ -118,11 +120,14 @@ pub struct CredentialCache {
     assume_permits: Arc<tokio::sync::Semaphore>,
     /// When STS was last asked about the worker's own identity, and its answer.
     identity_checked: Arc<Mutex<Option<(Instant, bool)>>>,
+    /// AWS's time, learned from its answers: what credentials' lifetimes are counted in.
+    clock: Arc<crate::clock::Clock>,
 }
 
 impl CredentialCache {
     /// Takes readiness away while STS refuses the worker's own credentials.
     pub fn with_readiness(mut self, readiness: Arc<kd_telemetry::Readiness>) -> Self {
+        self.clock.set_readiness(readiness.clone());
         self.readiness = Some(readiness);
         self
     }
@@ -151,6 +156,7 @@ impl CredentialCache {
             settings,
             readiness: None,
             identity_checked: Arc::default(),
+            clock: Arc::default(),
         }
     }
 
@@ -241,6 +247,7 @@ impl CredentialCache {
             .unwrap_or_else(|| "us-east-1".into());
         let conf = aws_sdk_sts::config::Builder::from(&self.base)
             .region(aws_config::Region::new(region))
+            .interceptor(self.sdk_calls())
             .build();
         let refused = match aws_sdk_sts::Client::from_conf(conf)
             .get_caller_identity()
@@ -264,8 +271,19 @@ impl CredentialCache {
         let conf = aws_sdk_kinesis::config::Builder::from(&self.base)
             .region(aws_config::Region::new(region.as_str().to_owned()))
             .credentials_provider(session.credentials.clone())
+            .interceptor(self.sdk_calls())
             .build();
         aws_sdk_kinesis::Client::from_conf(conf)
+    }
+
+    /// What every SDK client of the worker's adds to its calls.
+    fn sdk_calls(&self) -> crate::sdk_calls::SdkCalls {
+        crate::sdk_calls::SdkCalls::new(self.clock.clone())
+    }
+
+    /// AWS's time as the worker knows it (shared with the calls that sign with it).
+    pub fn clock(&self) -> &Arc<crate::clock::Clock> {
+        &self.clock
     }
 
     /// The worker's own AWS configuration (endpoint, timeouts, identity).
@@ -277,6 +295,7 @@ impl CredentialCache {
         per_region(&self.sts_clients, region, |r| {
             let conf = aws_sdk_sts::config::Builder::from(&self.base)
                 .region(r)
+                .interceptor(self.sdk_calls())
                 .build();
             aws_sdk_sts::Client::from_conf(conf)
         })
@@ -290,23 +309,31 @@ impl CredentialCache {
         // The SDK's call is a ~13 KiB future: boxed, it is allocated only once the
         // permit is held, not by every tenant waiting for one (a cold start of 100,000
         // tenants has them all waiting at once).
-        let out = Box::pin(
-            self.sts(&tenant.region)
-                .assume_role()
-                .role_arn(tenant.role.as_str())
-                .external_id(tenant.external_id())
-                .role_session_name(&self.settings.role_session_name)
-                .duration_seconds(self.settings.session_duration.as_secs() as i32)
-                .send(),
-        )
-        .await;
+        let call = || {
+            Box::pin(
+                self.sts(&tenant.region)
+                    .assume_role()
+                    .role_arn(tenant.role.as_str())
+                    .external_id(tenant.external_id())
+                    .role_session_name(&self.settings.role_session_name)
+                    .duration_seconds(self.settings.session_duration.as_secs() as i32)
+                    .send(),
+            )
+        };
+        let context = || format!("AssumeRole {} for source {}", tenant.role, tenant.source_id);
+        let mut out = call().await.map_err(|e| AwsError::from_sdk(&context(), &e));
+        if out
+            .as_ref()
+            .is_err_and(|e| crate::clock::is_skew_refusal(Some(&e.code), Some(&e.message)))
+        {
+            // The SDK has learned AWS's time from the refusal's `Date` (aws-runtime's
+            // service_clock_skew, kept per client) but, with its retries off, does not
+            // send again: signed again at once rather than after the failure's TTL.
+            out = call().await.map_err(|e| AwsError::from_sdk(&context(), &e));
+        }
         let out = match out {
             Ok(out) => out,
-            Err(e) => {
-                let err = AwsError::from_sdk(
-                    &format!("AssumeRole {} for source {}", tenant.role, tenant.source_id),
-                    &e,
-                );
+            Err(err) => {
                 m.assume_role.with_label_values(&[outcome(&err)]).inc();
                 if is_worker_identity_error(&err) && Box::pin(self.identity_refused()).await {
                     tracing::error!(error = %err, "STS refuses the worker's own AWS credentials; no tenant can be served until they are fixed");
@@ -329,9 +356,11 @@ impl CredentialCache {
             });
         };
         let expires = SystemTime::try_from(*c.expiration())
-            .unwrap_or_else(|_| SystemTime::now() + self.settings.session_duration);
+            .unwrap_or_else(|_| self.clock.now() + self.settings.session_duration);
+        // The expiry is in STS's time: counted from AWS's time, not the machine's, or a
+        // clock behind AWS's would keep credentials past their end.
         let lifetime = expires
-            .duration_since(SystemTime::now())
+            .duration_since(self.clock.now())
             .unwrap_or(Duration::ZERO);
         let refresh_at = Instant::now()
             + refresh_after(

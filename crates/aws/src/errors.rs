@@ -17,6 +17,10 @@ pub enum Failure<'a> {
     Malformed,
     /// The request could not be built: a bug or an input AWS would never accept.
     Construction,
+    /// The service refused the request's time (signed more than 5 minutes from its
+    /// clock) and the corrected clock did not help yet: the machine's clock is at fault,
+    /// never the tenant's, so it is retried, never dead-lettered as rejected.
+    ClockSkew,
 }
 
 /// What to do about a failure.
@@ -106,7 +110,9 @@ pub fn classify(failure: Failure<'_>) -> ErrorClass {
                 _ => ErrorClass::Retryable,
             }
         }
-        Failure::Timeout | Failure::Network | Failure::Malformed => ErrorClass::Retryable,
+        Failure::Timeout | Failure::Network | Failure::Malformed | Failure::ClockSkew => {
+            ErrorClass::Retryable
+        }
         Failure::Construction => ErrorClass::Permanent,
     }
 }
@@ -143,13 +149,17 @@ impl AwsError {
             SdkError::ServiceError(se) => {
                 let status = se.raw().status_code();
                 let code = se.err().code();
-                let message = se
-                    .err()
-                    .message()
+                let raw_message = se.err().message();
+                let message = raw_message
                     .map(str::to_owned)
                     .unwrap_or_else(|| format!("HTTP {status}"));
+                let failure = if crate::clock::is_skew_refusal(code, raw_message) {
+                    Failure::ClockSkew
+                } else {
+                    Failure::Service { code, status }
+                };
                 (
-                    Failure::Service { code, status },
+                    failure,
                     code.map(str::to_owned)
                         .unwrap_or_else(|| format!("HTTP_{status}")),
                     message,

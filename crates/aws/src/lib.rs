@@ -21,11 +21,13 @@
 pub mod aggregate;
 pub mod api;
 pub mod batch;
+pub mod clock;
 pub mod credentials;
 pub mod errors;
 pub mod limits;
 pub mod msk_iam;
 pub mod requests;
+pub mod sdk_calls;
 pub mod shards;
 mod sign;
 pub mod writer;

@@ -140,7 +140,7 @@ impl KinesisWriter {
     ) -> Result<Self, String> {
         Ok(KinesisWriter {
             inner: Arc::new(Writer {
-                api: KinesisApi::new(credentials.base())?,
+                api: KinesisApi::new(credentials.base(), credentials.clock().clone())?,
                 credentials,
                 limits,
                 requests: Arc::new(requests),

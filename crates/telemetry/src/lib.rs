@@ -37,6 +37,7 @@ pub struct Metrics {
     pub credential_cache_hits: IntCounter,
     pub credential_cache_misses: IntCounter,
     pub rate_limit_wait_seconds: prometheus::Counter,
+    pub clock_skew_seconds: prometheus::Gauge,
     pub in_flight_events: IntGauge,
     pub in_flight_bytes: IntGauge,
     pub oldest_in_flight_seconds: GaugeVec,
@@ -127,6 +128,10 @@ impl Metrics {
             rate_limit_wait_seconds: reg!(prometheus::Counter::new(
                 name("rate_limit_wait_seconds_total"),
                 "Time writes waited for stream capacity."
+            )?),
+            clock_skew_seconds: reg!(prometheus::Gauge::new(
+                name("clock_skew_seconds"),
+                "AWS's clock minus this machine's, as learned from AWS's answers; requests are signed in AWS's time."
             )?),
             in_flight_events: gauge!("in_flight_events", "Events read but not yet written or dead-lettered."),
             in_flight_bytes: gauge!("in_flight_bytes", "Bytes (keys and values) of the events read but not yet written or dead-lettered."),
@@ -222,6 +227,8 @@ pub enum Problem {
     /// No Kafka token can be made (MSK IAM: the worker's AWS credentials expired and
     /// cannot be renewed).
     KafkaAuth,
+    /// AWS refuses the worker's clock and its answers give nothing to correct it by.
+    ClockSkew,
 }
 
 impl Readiness {

@@ -132,6 +132,23 @@ struct Inner {
     /// AssumeRole calls being answered now, and the most there ever were at once.
     sts_in_flight: usize,
     sts_max_in_flight: usize,
+    /// The fake's clock minus the machine's, in seconds (AWS's clock and the worker's
+    /// may differ: the fake's moves, as libfaketime does not mix with librdkafka).
+    clock_offset_secs: i64,
+    /// Answers carry no `Date` header (a proxy that strips it).
+    omit_date: bool,
+}
+
+impl Inner {
+    /// The fake's time: what signatures, credential expiry and `Date` are judged by.
+    fn now(&self) -> SystemTime {
+        let d = Duration::from_secs(self.clock_offset_secs.unsigned_abs());
+        if self.clock_offset_secs >= 0 {
+            SystemTime::now() + d
+        } else {
+            SystemTime::now() - d
+        }
+    }
 }
 
 pub struct FakeAws {
@@ -149,9 +166,26 @@ impl FakeAws {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = axum::Router::new()
             .fallback(handle)
+            .layer(axum::middleware::map_response_with_state(
+                inner.clone(),
+                stamp_date,
+            ))
             .with_state(inner.clone());
+        // Served by hyper itself: axum's server adds a `Date` of the machine's clock,
+        // and the fake's answers carry the fake's (or none).
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .auto_date_header(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
         });
         FakeAws { port, inner, task }
     }
@@ -243,11 +277,12 @@ impl FakeAws {
     pub fn issue_credentials(&self, role: &str) -> (String, String, String) {
         let mut inner = self.lock();
         let access_key = format!("ASIAPEER{:012}", inner.issued.len());
+        let expires = inner.now() + Duration::from_secs(3600);
         inner.issued.insert(
             access_key.clone(),
             Issued {
                 role: role.into(),
-                expires: SystemTime::now() + Duration::from_secs(3600),
+                expires,
                 secret: "peer-secret".into(),
                 token: "peer-session-token".into(),
             },
@@ -259,6 +294,24 @@ impl FakeAws {
         )
     }
 
+    /// Sets the fake's clock `secs` seconds ahead of the machine's (behind when
+    /// negative). AWS refuses a request signed more than 5 minutes from its time
+    /// ("Signature expired" / "Signature not yet current"), states its time in every
+    /// answer's `Date`, and issues credentials expiring by its clock.
+    pub fn set_clock_offset(&self, secs: i64) {
+        self.lock().clock_offset_secs = secs;
+    }
+
+    /// Leaves the `Date` header out of every answer (or puts it back).
+    pub fn omit_date(&self, omit: bool) {
+        self.lock().omit_date = omit;
+    }
+
+    /// Requests refused because their signature's time was too far from the fake's.
+    pub fn skew_refusals(&self) -> u64 {
+        self.requests("skew-refused")
+    }
+
     /// Lifetime of the credentials AssumeRole hands out (default one hour).
     pub fn set_credential_lifetime(&self, lifetime: Duration) {
         self.lock().credential_lifetime = Some(lifetime);
@@ -266,8 +319,9 @@ impl FakeAws {
 
     /// Makes every credential issued so far expired, as if they had run out.
     pub fn expire_all_credentials(&self) {
-        let past = SystemTime::now() - Duration::from_secs(1);
-        for c in self.lock().issued.values_mut() {
+        let mut inner = self.lock();
+        let past = inner.now() - Duration::from_secs(1);
+        for c in inner.issued.values_mut() {
             c.expires = past;
         }
     }
@@ -378,7 +432,22 @@ async fn handle(
             i.sts_latency
         };
         tokio::time::sleep(latency).await;
-        inner.lock().unwrap().sts_in_flight -= 1;
+        let now = {
+            let mut i = inner.lock().unwrap();
+            i.sts_in_flight -= 1;
+            i.now()
+        };
+        // Signatures are not checked (the worker's own identity is whatever the test's
+        // environment holds), their time is, as STS does.
+        if let Err(sigv4::Refusal::Skewed(why)) = sigv4::within_five_minutes(&headers, now) {
+            *inner
+                .lock()
+                .unwrap()
+                .requests
+                .entry("skew-refused".into())
+                .or_insert(0) += 1;
+            return sts::sts_error(403, "SignatureDoesNotMatch", &why);
+        }
         return sts(&inner, &body);
     }
     inner
@@ -391,8 +460,8 @@ async fn handle(
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return json_error(400, "SerializationException", "body is not JSON");
     };
-    if let Some(refused) = authenticate(&inner, &access_key, |secret, token| {
-        sigv4::verify(&method, &uri, &headers, &body, secret, token)
+    if let Some(refused) = authenticate(&inner, &access_key, |secret, token, now| {
+        sigv4::verify(&method, &uri, &headers, &body, secret, token, now)
     }) {
         return refused;
     }
@@ -413,22 +482,49 @@ async fn handle(
 fn authenticate(
     inner: &Mutex<Inner>,
     access_key: &str,
-    verify: impl FnOnce(&str, &str) -> Result<(), String>,
+    verify: impl FnOnce(&str, &str, SystemTime) -> Result<(), sigv4::Refusal>,
 ) -> Option<Response> {
-    let inner = inner.lock().unwrap();
-    match inner.issued.get(access_key) {
+    let mut inner = inner.lock().unwrap();
+    let now = inner.now();
+    let refusal = match inner.issued.get(access_key) {
         None => Some(json_error(
             400,
             "UnrecognizedClientException",
             "The security token included in the request is invalid.",
         )),
-        Some(c) if c.expires <= SystemTime::now() => Some(json_error(
+        Some(c) if c.expires <= now => Some(json_error(
             400,
             "ExpiredTokenException",
             "The security token included in the request is expired",
         )),
-        Some(c) => verify(&c.secret, &c.token)
-            .err()
-            .map(|why| json_error(400, "InvalidSignatureException", &why)),
+        Some(c) => match verify(&c.secret, &c.token, now) {
+            Ok(()) => None,
+            Err(sigv4::Refusal::Skewed(why)) => {
+                *inner.requests.entry("skew-refused".into()).or_insert(0) += 1;
+                Some(json_error(400, "InvalidSignatureException", &why))
+            }
+            Err(sigv4::Refusal::Invalid(why)) => {
+                Some(json_error(400, "InvalidSignatureException", &why))
+            }
+        },
+    };
+    refusal
+}
+
+/// Puts the fake's time in every answer's `Date` (AWS's answers carry it, and the SDKs
+/// correct their clocks by it), unless told to leave it out.
+async fn stamp_date(State(inner): State<Arc<Mutex<Inner>>>, mut response: Response) -> Response {
+    let (omit, now) = {
+        let inner = inner.lock().unwrap();
+        (inner.omit_date, inner.now())
+    };
+    if !omit {
+        let date = aws_smithy_types::DateTime::from(now)
+            .fmt(aws_smithy_types::date_time::Format::HttpDate)
+            .unwrap_or_default();
+        if let Ok(v) = date.parse() {
+            response.headers_mut().insert(axum::http::header::DATE, v);
+        }
     }
+    response
 }

@@ -122,7 +122,7 @@ async fn against_fake() -> (kd_testkit::FakeAws, KinesisApi, Credentials) {
         .behavior_version(aws_config::BehaviorVersion::latest())
         .endpoint_url(fake.endpoint())
         .build();
-    let api = KinesisApi::new(&base).unwrap();
+    let api = KinesisApi::new(&base, Default::default()).unwrap();
     let (key, secret, token) = fake.issue_credentials("arn:aws:iam::111111111111:role/r");
     let credentials = Credentials::new(key, secret, Some(token), None, "test");
     (fake, api, credentials)
@@ -242,7 +242,7 @@ async fn an_unreachable_endpoint_is_a_retryable_network_error() {
         .behavior_version(aws_config::BehaviorVersion::latest())
         .endpoint_url(format!("http://127.0.0.1:{port}"))
         .build();
-    let api = KinesisApi::new(&base).unwrap();
+    let api = KinesisApi::new(&base, Default::default()).unwrap();
     let credentials = Credentials::new("a", "b", None, None, "test");
     let err = api
         .put_record(
@@ -274,5 +274,102 @@ fn an_unreadable_success_answer_is_a_retryable_response_error() {
         err.message
             .starts_with("PutRecord to stream st: unreadable PutRecord answer"),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_clock_more_than_five_minutes_off_is_corrected_by_the_answers_date() {
+    let (fake, api, credentials) = against_fake().await;
+    fake.create_stream("st", 1);
+    let region = Region::parse("us-east-1").unwrap();
+    let entry = Entry {
+        key: "k",
+        data: b"x",
+    };
+    let ctx = || "PutRecord to stream st".to_owned();
+    // Each step moves AWS's clock away from what was learned last; the last one repeats.
+    for (offset, refusals) in [(900i64, 1), (-900, 1), (0, 1), (0, 0)] {
+        fake.set_clock_offset(offset);
+        let refused = fake.skew_refusals();
+        api.put_record(&credentials, &region, "st", entry, &ctx)
+            .await
+            .unwrap_or_else(|e| panic!("offset {offset}: {e}"));
+        let learned = api.clock().offset_secs();
+        assert!((learned - offset as f64).abs() < 3.0, "{offset}: {learned}");
+        // Refused once and signed again at once, or not refused where the clock was right.
+        assert_eq!(fake.skew_refusals() - refused, refusals, "offset {offset}");
+    }
+    // Without a Date there is nothing to correct by: a retryable error, not a
+    // rejection, and readiness says why until a call goes through.
+    let readiness = Arc::new(kd_telemetry::Readiness::default());
+    readiness.set_tenants_loaded();
+    readiness.set_joined_group();
+    api.clock().set_readiness(readiness.clone());
+    fake.omit_date(true);
+    fake.set_clock_offset(1800);
+    let err = api
+        .put_record(&credentials, &region, "st", entry, &ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "InvalidSignatureException", "{err}");
+    assert_eq!(err.class, crate::ErrorClass::Retryable, "{err}");
+    assert!(err.message.contains("Signature expired"), "{err}");
+    assert!(!readiness.is_ready());
+    fake.omit_date(false);
+    api.put_record(&credentials, &region, "st", entry, &ctx)
+        .await
+        .unwrap();
+    assert!(readiness.is_ready());
+    assert_eq!(fake.records_of("st").len(), 5);
+}
+
+#[tokio::test]
+async fn requests_name_the_product_and_answers_are_read_within_a_bound() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An endpoint that records the request head and answers 200 with an endless body.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let head = Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = head.clone();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = conn.read(&mut buf).await.unwrap();
+        *seen.lock().unwrap() = String::from_utf8_lossy(&buf[..n]).into_owned();
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
+        while conn.write_all(chunk.as_bytes()).await.is_ok() {}
+    });
+    let base = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .endpoint_url(format!("http://127.0.0.1:{port}"))
+        .build();
+    let api = KinesisApi::new(&base, Default::default()).unwrap();
+    let credentials = Credentials::new("a", "b", None, None, "test");
+    let err = api
+        .put_record(
+            &credentials,
+            &Region::parse("us-east-1").unwrap(),
+            "st",
+            Entry {
+                key: "k",
+                data: b"x",
+            },
+            &|| "PutRecord to stream st".into(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "ResponseError", "{err}");
+    assert!(err.message.contains("longer than"), "{err}");
+    assert_eq!(err.class, crate::ErrorClass::Retryable);
+    let head = head.lock().unwrap().to_ascii_lowercase();
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        head.contains(&format!(
+            "\r\nuser-agent: kinesis-destination/{version}\r\n"
+        )),
+        "{head}"
     );
 }

@@ -65,8 +65,72 @@ fn amz_date(s: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
 }
 
-/// Whether the request carries a valid signature by `secret` (and `token`). `Err` says
-/// what is wrong, as AWS's message would.
+/// Why a signature is refused, in AWS's words.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// Its time is more than 5 minutes from the service's.
+    Skewed(String),
+    /// Anything else: wrong secret, token, headers, scope.
+    Invalid(String),
+}
+
+impl From<&str> for Refusal {
+    fn from(why: &str) -> Self {
+        Refusal::Invalid(why.to_owned())
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(why: String) -> Self {
+        Refusal::Invalid(why)
+    }
+}
+
+/// `YYYYMMDDTHHMMSSZ` of a time.
+fn amz_date_of(t: SystemTime) -> String {
+    aws_smithy_types::DateTime::from(t)
+        .fmt(aws_smithy_types::date_time::Format::DateTime)
+        .map(|s| s.chars().filter(|c| !matches!(c, '-' | ':')).collect())
+        .unwrap_or_default()
+}
+
+/// The request's `X-Amz-Date`, if it is within 5 minutes of the service's time `now`.
+/// AWS refuses a signature further away ("the request must reach AWS within five minutes
+/// of the time stamp in the request":
+/// https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_sigv-signing-elements.html)
+/// with these messages (STS under the code `SignatureDoesNotMatch`, Kinesis under
+/// `InvalidSignatureException`).
+pub(super) fn within_five_minutes(
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Result<SystemTime, Refusal> {
+    let time = headers
+        .get("x-amz-date")
+        .and_then(|v| v.to_str().ok())
+        .and_then(amz_date)
+        .ok_or("missing or malformed X-Amz-Date")?;
+    let window = Duration::from_secs(300);
+    if time + window < now {
+        return Err(Refusal::Skewed(format!(
+            "Signature expired: {} is now earlier than {} ({} - 5 min.)",
+            amz_date_of(time),
+            amz_date_of(now - window),
+            amz_date_of(now)
+        )));
+    }
+    if time > now + window {
+        return Err(Refusal::Skewed(format!(
+            "Signature not yet current: {} is still later than {} ({} + 5 min.)",
+            amz_date_of(time),
+            amz_date_of(now + window),
+            amz_date_of(now)
+        )));
+    }
+    Ok(time)
+}
+
+/// Whether the request carries a valid signature by `secret` (and `token`), judged at
+/// the service's time `now`. `Err` says what is wrong, as AWS's message would.
 pub(super) fn verify(
     method: &Method,
     uri: &Uri,
@@ -74,28 +138,19 @@ pub(super) fn verify(
     body: &[u8],
     secret: &str,
     token: &str,
-) -> Result<(), String> {
+    now: SystemTime,
+) -> Result<(), Refusal> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let auth = header("authorization")
         .and_then(parse)
         .ok_or("missing or malformed Authorization header")?;
-    let time = header("x-amz-date")
-        .and_then(amz_date)
-        .ok_or("missing or malformed X-Amz-Date")?;
-    // AWS refuses a signature more than 5 minutes away from its clock, and one scoped
-    // to another service.
-    let skew = match time.duration_since(SystemTime::now()) {
-        Ok(ahead) => ahead,
-        Err(behind) => behind.duration(),
-    };
-    if skew > Duration::from_secs(300) {
-        return Err("Signature expired: the request time is more than 5 minutes away".into());
-    }
+    let time = within_five_minutes(headers, now)?;
     if auth.service != "kinesis" {
         return Err(format!(
             "credential scope names service {:?}, not kinesis",
             auth.service
-        ));
+        )
+        .into());
     }
     if header("x-amz-security-token") != Some(token) {
         return Err("the security token does not match the access key".into());
@@ -132,7 +187,7 @@ pub(super) fn verify(
         .time(time)
         .settings(SigningSettings::default())
         .build()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Refusal::Invalid(e.to_string()))?
         .into();
     let request = SignableRequest::new(
         method.as_str(),
@@ -142,12 +197,14 @@ pub(super) fn verify(
     )
     .map_err(|e| e.to_string())?;
     let (_, expected) = sign(request, &params)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Refusal::Invalid(e.to_string()))?
         .into_parts();
     if expected == auth.signature {
         Ok(())
     } else {
-        Err("The request signature we calculated does not match the signature you provided.".into())
+        Err(Refusal::Invalid(
+            "The request signature we calculated does not match the signature you provided.".into(),
+        ))
     }
 }
 
@@ -200,27 +257,80 @@ mod tests {
         let body = br#"{"StreamName":"s"}"#;
         let (method, uri, headers) = signed(body);
         assert_eq!(
-            verify(&method, &uri, &headers, body, "secret", "token"),
+            verify(
+                &method,
+                &uri,
+                &headers,
+                body,
+                "secret",
+                "token",
+                SystemTime::now()
+            ),
             Ok(())
         );
         assert!(
-            verify(&method, &uri, &headers, b"{}", "secret", "token").is_err(),
+            verify(
+                &method,
+                &uri,
+                &headers,
+                b"{}",
+                "secret",
+                "token",
+                SystemTime::now()
+            )
+            .is_err(),
             "body changed"
         );
         assert!(
-            verify(&method, &uri, &headers, body, "other", "token").is_err(),
+            verify(
+                &method,
+                &uri,
+                &headers,
+                body,
+                "other",
+                "token",
+                SystemTime::now()
+            )
+            .is_err(),
             "wrong secret"
         );
         assert!(
-            verify(&method, &uri, &headers, body, "secret", "other").is_err(),
+            verify(
+                &method,
+                &uri,
+                &headers,
+                body,
+                "secret",
+                "other",
+                SystemTime::now()
+            )
+            .is_err(),
             "wrong token"
         );
         let other_path: Uri = "/x".parse().unwrap();
-        assert!(verify(&method, &other_path, &headers, body, "secret", "token").is_err());
+        assert!(verify(
+            &method,
+            &other_path,
+            &headers,
+            body,
+            "secret",
+            "token",
+            SystemTime::now()
+        )
+        .is_err());
         let mut moved = headers.clone();
         moved.insert("host", "127.0.0.1:4567".parse().unwrap());
         assert!(
-            verify(&method, &uri, &moved, body, "secret", "token").is_err(),
+            verify(
+                &method,
+                &uri,
+                &moved,
+                body,
+                "secret",
+                "token",
+                SystemTime::now()
+            )
+            .is_err(),
             "host changed"
         );
         let mut retargeted = headers.clone();
@@ -228,19 +338,60 @@ mod tests {
             "x-amz-target",
             "Kinesis_20131202.PutRecords".parse().unwrap(),
         );
-        assert!(verify(&method, &uri, &retargeted, body, "secret", "token").is_err());
+        assert!(verify(
+            &method,
+            &uri,
+            &retargeted,
+            body,
+            "secret",
+            "token",
+            SystemTime::now()
+        )
+        .is_err());
         let mut unsigned = headers;
         unsigned.remove("authorization");
-        assert!(verify(&method, &uri, &unsigned, body, "secret", "token").is_err());
+        assert!(verify(
+            &method,
+            &uri,
+            &unsigned,
+            body,
+            "secret",
+            "token",
+            SystemTime::now()
+        )
+        .is_err());
         let old = SystemTime::now() - Duration::from_secs(600);
         let (method, uri, stale) = signed_at(body, old, "kinesis");
         assert!(
-            verify(&method, &uri, &stale, body, "secret", "token").is_err(),
+            matches!(
+                verify(&method, &uri, &stale, body, "secret", "token", SystemTime::now()),
+                Err(Refusal::Skewed(m)) if m.starts_with("Signature expired: ")
+            ),
             "10 minutes old"
         );
+        // The same request at a service whose clock is 10 minutes behind is on time.
+        assert_eq!(
+            verify(&method, &uri, &stale, body, "secret", "token", old),
+            Ok(())
+        );
+        let ahead = SystemTime::now() + Duration::from_secs(600);
+        let (method, uri, early) = signed_at(body, ahead, "kinesis");
+        assert!(matches!(
+            verify(&method, &uri, &early, body, "secret", "token", SystemTime::now()),
+            Err(Refusal::Skewed(m)) if m.starts_with("Signature not yet current: ")
+        ));
         let (method, uri, other) = signed_at(body, SystemTime::now(), "firehose");
         assert!(
-            verify(&method, &uri, &other, body, "secret", "token").is_err(),
+            verify(
+                &method,
+                &uri,
+                &other,
+                body,
+                "secret",
+                "token",
+                SystemTime::now()
+            )
+            .is_err(),
             "another service"
         );
     }

@@ -2,7 +2,7 @@
 //! issued with an expiry, GetCallerIdentity; XML answers (query protocol).
 
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -99,7 +99,7 @@ pub(super) fn sts(inner: &Mutex<Inner>, body: &[u8]) -> Response {
     let lifetime = inner
         .credential_lifetime
         .unwrap_or(Duration::from_secs(3600));
-    let expires = SystemTime::now() + lifetime;
+    let expires = inner.now() + lifetime;
     let access_key = format!("ASIAFAKE{n:012}");
     inner.issued.insert(
         access_key.clone(),
@@ -133,7 +133,7 @@ pub(super) fn sts(inner: &Mutex<Inner>, body: &[u8]) -> Response {
     ([("content-type", "text/xml")], xml).into_response()
 }
 
-fn sts_error(status: u16, code: &str, message: &str) -> Response {
+pub(super) fn sts_error(status: u16, code: &str, message: &str) -> Response {
     let xml = format!(
         r#"<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
   <Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>
