@@ -192,6 +192,8 @@ async fn credential_memory() {
         endpoint_url: Some(fake.endpoint()),
         api_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(3),
+        use_fips: false,
+        use_dual_stack: false,
     })
     .await;
     let cache = CredentialCache::new(base, CredentialSettings::default());

@@ -90,6 +90,13 @@ impl Default for TenantsConfig {
 pub struct AwsConfig {
     /// One endpoint for STS and Kinesis (LocalStack, moto); unset for AWS itself.
     pub endpoint_url: Option<String>,
+    /// AWS's FIPS endpoints (`kinesis-fips...`, `sts-fips...`).
+    pub use_fips: bool,
+    /// AWS's dual-stack (IPv4 and IPv6) endpoints (`...api.aws`).
+    pub use_dualstack: bool,
+    /// The worker's own role for tenants without `roleAddress` whose stream's resource
+    /// policy grants it access: assumed with the tenant's source ID as a session tag.
+    pub resource_policy_role: Option<String>,
     pub role_session_name: String,
     /// Lifetime asked of AssumeRole (900 to 43200 seconds; the role's maximum applies).
     pub session_duration_secs: u64,
@@ -119,6 +126,9 @@ impl Default for AwsConfig {
     fn default() -> Self {
         AwsConfig {
             endpoint_url: None,
+            use_fips: false,
+            use_dualstack: false,
+            resource_policy_role: None,
             role_session_name: "kinesis-destination".into(),
             session_duration_secs: 3600,
             credential_refresh_margin_secs: 300,
@@ -402,6 +412,14 @@ listen = "0.0.0.0:9464"
             (
                 format!("{SPEC_EXAMPLE}\n[delivery]\ntenant_share = 0\n"),
                 "delivery.tenant_share",
+            ),
+            (
+                SPEC_EXAMPLE.replace("[aws]", "[aws]\nresource_policy_role = \"writer\""),
+                "aws.resource_policy_role",
+            ),
+            (
+                SPEC_EXAMPLE.replace("[aws]", "[aws]\nuse_fips = \"yes\""),
+                "aws.use_fips",
             ),
             (
                 format!("{SPEC_EXAMPLE}\n[delivery]\nmax_in_flight_bytes = 1000\n"),

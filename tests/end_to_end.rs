@@ -286,7 +286,7 @@ async fn delivers_every_event_to_its_own_tenants_stream() {
     assert!(ok.status.success(), "{out}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("PASS ")).count(),
-        4,
+        5,
         "{out}"
     );
     assert!(

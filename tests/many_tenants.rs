@@ -105,7 +105,7 @@ async fn settings_topic_changes_apply_without_restart_and_workers_converge() {
     assert!(check.status.success(), "{out}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("PASS ")).count(),
-        4,
+        5,
         "{out}"
     );
     let tail = command(&["tail", "--source-id", "src_nobody"]);

@@ -61,11 +61,13 @@ pub fn init_logging(format: &str, level: &str) {
 }
 
 /// The worker's AWS configuration for one-shot commands (tail, check).
-pub async fn aws_base(endpoint_url: Option<String>) -> aws_config::SdkConfig {
+pub async fn aws_base(aws: &crate::config::AwsConfig) -> aws_config::SdkConfig {
     kd_aws::base_config(&kd_aws::AwsSettings {
-        endpoint_url,
+        endpoint_url: aws.endpoint_url.clone(),
         api_timeout: std::time::Duration::from_secs(10),
         connect_timeout: std::time::Duration::from_secs(3),
+        use_fips: aws.use_fips,
+        use_dual_stack: aws.use_dualstack,
     })
     .await
 }
@@ -132,6 +134,8 @@ pub async fn with_kafka_auth(
         endpoint_url: aws.endpoint_url.clone(),
         api_timeout: Duration::from_millis(aws.api_timeout_ms),
         connect_timeout: Duration::from_millis(aws.connect_timeout_ms),
+        use_fips: aws.use_fips,
+        use_dual_stack: aws.use_dualstack,
     })
     .await;
     let provider = base.credentials_provider().ok_or_else(|| {

@@ -94,6 +94,8 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         endpoint_url: aws.endpoint_url.clone(),
         api_timeout: Duration::from_millis(aws.api_timeout_ms),
         connect_timeout: Duration::from_millis(aws.connect_timeout_ms),
+        use_fips: aws.use_fips,
+        use_dual_stack: aws.use_dualstack,
     })
     .await;
     let credentials = CredentialCache::new(
@@ -105,6 +107,10 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             failure_ttl: Duration::from_secs(aws.assume_role_failure_ttl_secs),
             max_entries: aws.max_cached_credentials,
             max_concurrent_assume_role: aws.max_concurrent_assume_role,
+            resource_policy_role: aws
+                .resource_policy_role
+                .as_deref()
+                .and_then(|r| kd_tenants::RoleArn::parse(r).ok()),
         },
     )
     .with_readiness(readiness.clone());

@@ -22,8 +22,11 @@ pub enum Format {
 #[derive(clap::Args)]
 pub struct Args {
     /// Stream to read.
-    #[arg(long, required_unless_present = "source_id")]
+    #[arg(long, required_unless_present_any = ["source_id", "stream_arn"])]
     stream: Option<String>,
+    /// Stream to read, by ARN (instead of --stream and --region).
+    #[arg(long, conflicts_with_all = ["stream", "source_id"])]
+    stream_arn: Option<String>,
     /// Region of the stream.
     #[arg(long, default_value = "us-east-1")]
     region: String,
@@ -54,7 +57,9 @@ pub struct Args {
 struct Target {
     tenant: kd_tenants::TenantSettings,
     assume: bool,
-    endpoint_url: Option<String>,
+    /// The endpoint, FIPS and dual-stack choices, and the writer role for a tenant
+    /// without one.
+    aws: crate::config::AwsConfig,
 }
 
 async fn target(args: &Args) -> Result<Target, CliError> {
@@ -76,10 +81,12 @@ async fn target(args: &Args) -> Result<Target, CliError> {
                 )))
             }
         };
+        let mut aws = config.aws.clone();
+        aws.endpoint_url = args.endpoint_url.clone().or(aws.endpoint_url);
         return Ok(Target {
             tenant,
             assume: true,
-            endpoint_url: args.endpoint_url.clone().or(config.aws.endpoint_url),
+            aws,
         });
     }
     let stream = args.stream.clone().unwrap_or_default();
@@ -87,8 +94,12 @@ async fn target(args: &Args) -> Result<Target, CliError> {
         .role_arn
         .clone()
         .unwrap_or_else(|| "arn:aws:iam::000000000000:role/none".into());
-    let mut settings =
-        json!({"sourceId": "tail", "roleAddress": role, "region": args.region, "stream": stream});
+    let mut settings = match &args.stream_arn {
+        Some(arn) => json!({"sourceId": "tail", "roleAddress": role, "streamArn": arn}),
+        None => {
+            json!({"sourceId": "tail", "roleAddress": role, "region": args.region, "stream": stream})
+        }
+    };
     if let Some(x) = &args.external_id {
         settings["secretId"] = json!(x);
     }
@@ -97,6 +108,7 @@ async fn target(args: &Args) -> Result<Target, CliError> {
             let flag = match field {
                 "roleAddress" => "--role-arn",
                 "region" => "--region",
+                "streamArn" => "--stream-arn",
                 _ => "--stream",
             };
             CliError::Usage(format!("{flag}: {error}"))
@@ -109,15 +121,26 @@ async fn target(args: &Args) -> Result<Target, CliError> {
     Ok(Target {
         tenant,
         assume: args.role_arn.is_some(),
-        endpoint_url: args.endpoint_url.clone(),
+        aws: crate::config::AwsConfig {
+            endpoint_url: args.endpoint_url.clone(),
+            ..Default::default()
+        },
     })
 }
 
 pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let t = target(&args).await?;
-    let base = super::aws_base(t.endpoint_url.clone()).await;
+    let base = super::aws_base(&t.aws).await;
     let client = if t.assume {
-        let cache = kd_aws::CredentialCache::new(base, kd_aws::CredentialSettings::default());
+        let settings = kd_aws::CredentialSettings {
+            resource_policy_role: t
+                .aws
+                .resource_policy_role
+                .as_deref()
+                .and_then(|r| kd_tenants::RoleArn::parse(r).ok()),
+            ..Default::default()
+        };
+        let cache = kd_aws::CredentialCache::new(base, settings);
         let session = cache
             .session(&t.tenant)
             .await
@@ -130,8 +153,9 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             .build();
         aws_sdk_kinesis::Client::from_conf(conf)
     };
-    let stream = t.tenant.stream.as_str();
-    let fail = |e: kd_aws::AwsError| CliError::Failed(format!("stream {stream}: {e}"));
+    let stream = kd_aws::api::StreamId::of(&t.tenant);
+    let label = stream.label();
+    let fail = |e: kd_aws::AwsError| CliError::Failed(format!("stream {label}: {e}"));
     let start = if args.latest {
         StartAt::Latest
     } else {

@@ -49,6 +49,10 @@ impl Config {
                 ));
             }
         }
+        if let Some(role) = &self.aws.resource_policy_role {
+            kd_tenants::RoleArn::parse(role)
+                .map_err(|e| ConfigError::new("aws.resource_policy_role", e.to_string()))?;
+        }
         if self.aws.role_session_name.len() < 2
             || self.aws.role_session_name.len() > 64
             || !self

@@ -1,5 +1,5 @@
 //! The Kinesis calls made for every event, `PutRecord` and `PutRecords`, and for every
-//! stream, `ListShards`, sent without the SDK: a JSON body written directly, signed with
+//! stream, `ListShards` and `DescribeStreamSummary`, sent without the SDK: a JSON body written directly, signed with
 //! SigV4 (`sign.rs`) using the tenant's session credentials, over one pooled HTTP client
 //! shared by every tenant and region.
 //!
@@ -37,6 +37,7 @@ enum Operation {
     PutRecord,
     PutRecords,
     ListShards,
+    DescribeStreamSummary,
 }
 
 impl Operation {
@@ -45,6 +46,7 @@ impl Operation {
             Operation::PutRecord => "PutRecord",
             Operation::PutRecords => "PutRecords",
             Operation::ListShards => "ListShards",
+            Operation::DescribeStreamSummary => "DescribeStreamSummary",
         }
     }
 
@@ -53,6 +55,53 @@ impl Operation {
             Operation::PutRecord => "Kinesis_20131202.PutRecord",
             Operation::PutRecords => "Kinesis_20131202.PutRecords",
             Operation::ListShards => "Kinesis_20131202.ListShards",
+            Operation::DescribeStreamSummary => "Kinesis_20131202.DescribeStreamSummary",
+        }
+    }
+
+    /// Writes go to the data plane, the rest to the control plane: with a stream ARN
+    /// the SDK's endpoint rules give them different hosts.
+    fn is_data(self) -> bool {
+        matches!(self, Operation::PutRecord | Operation::PutRecords)
+    }
+}
+
+/// How a call names its stream: by name, or by ARN (`StreamARN`, which AWS recommends
+/// and cross-account access by resource policy requires).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamId<'a> {
+    Name(&'a str),
+    Arn(&'a kd_tenants::StreamArn),
+}
+
+impl<'a> StreamId<'a> {
+    /// How `tenant`'s settings name their stream.
+    pub fn of(tenant: &'a kd_tenants::TenantSettings) -> Self {
+        match &tenant.stream_arn {
+            Some(arn) => StreamId::Arn(arn),
+            None => StreamId::Name(tenant.stream.as_str()),
+        }
+    }
+
+    /// Appends `"StreamName":"…"` or `"StreamARN":"…"`.
+    fn push_field(self, body: &mut Vec<u8>) {
+        let (field, value): (&[u8], &str) = match self {
+            StreamId::Name(name) => (b"\"StreamName\":", name),
+            StreamId::Arn(arn) => (b"\"StreamARN\":", arn.as_str()),
+        };
+        body.extend_from_slice(field);
+        push_json_str(body, value);
+    }
+
+    fn len(self) -> usize {
+        self.label().len()
+    }
+
+    /// How the stream is named in messages: its ARN when given, else its name.
+    pub fn label(self) -> &'a str {
+        match self {
+            StreamId::Name(name) => name,
+            StreamId::Arn(arn) => arn.as_str(),
         }
     }
 }
@@ -60,6 +109,10 @@ const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 
 /// What every request says it comes from (AWS support and CloudTrail's `userAgent`).
 pub const USER_AGENT: &str = concat!("kinesis-destination/", env!("CARGO_PKG_VERSION"));
+
+/// Most ListShards pages read for one stream (AWS answers up to 1,000 shards a page;
+/// a stream has at most a few thousand open): a token that never ends is cut off.
+pub const MAX_LIST_SHARDS_PAGES: usize = 100;
 
 /// Most bytes of an answer read: the largest real one, a `ListShards` page of 10,000
 /// shards, is about 2.5 MB; a proxy or a broken endpoint sending more is cut off.
@@ -70,8 +123,48 @@ const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 enum Endpoint {
     /// One endpoint for every region (LocalStack, a test fake, a VPC endpoint).
     Fixed { uri: http::Uri, host: String },
-    /// AWS's own: `kinesis[-fips].<region>.amazonaws.com` (or `.api.aws`, dual-stack).
-    Regional { fips: bool, dual_stack: bool },
+    /// AWS's own, as the SDK's endpoint rules make them: every partition, FIPS and
+    /// dual-stack, and for a call naming a stream ARN the account's own host
+    /// (`ACCOUNT.data-kinesis.REGION...`, `ACCOUNT.control-kinesis...`).
+    Resolved(Arc<Resolved>),
+}
+
+#[derive(Debug)]
+struct Resolved {
+    fips: bool,
+    dual_stack: bool,
+    rules: aws_sdk_kinesis::config::endpoint::DefaultResolver,
+    /// Hosts already resolved, by (region, account of the stream ARN, data plane).
+    hosts: std::sync::Mutex<std::collections::HashMap<HostKey, (http::Uri, Arc<str>)>>,
+}
+
+type HostKey = (Region, Option<Arc<str>>, bool);
+
+/// Most hosts remembered (accounts times regions); past it the memory starts again.
+const MAX_HOSTS: usize = 100_000;
+
+/// The shape of a stream, as `DescribeStreamSummary` gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// `ON_DEMAND` (AWS adds and merges shards itself) rather than `PROVISIONED`.
+    pub on_demand: bool,
+    pub open_shards: u32,
+    /// `MaxRecordSizeInKiB` in bytes: 1 MiB unless the stream's owner raised it (up to
+    /// 10 MiB); absent from older answers, which means 1 MiB.
+    pub max_record_bytes: usize,
+}
+
+/// One shard open for writes: its number (`shardId-000000000004` is 4) and hash-key range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OpenShard {
+    pub start: u128,
+    pub end: u128,
+    pub number: u64,
+}
+
+/// The number at the end of a shard ID (`shardId-000000000004`).
+pub fn shard_number(id: &str) -> Option<u64> {
+    id.rsplit('-').next()?.parse().ok()
 }
 
 /// One record of a `PutRecords` call.
@@ -85,10 +178,32 @@ pub struct Entry<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct RecordResult {
-    // A written record's shard and sequence number are not read: nothing uses them,
-    // and they would be two strings per record.
+    // A written record's sequence number is not read (nothing uses it), and its shard ID
+    // only as a number: no string per record.
     pub error_code: Option<String>,
     pub error_message: Option<String>,
+    /// The shard the record went to, by number: tells a shard map that missed a
+    /// reshard.
+    #[serde(default, rename = "ShardId", deserialize_with = "shard_number_of")]
+    pub shard: Option<u64>,
+}
+
+/// Reads a shard ID as its number, without keeping the string.
+fn shard_number_of<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a shard ID")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(shard_number(v))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(V)
 }
 
 #[derive(Deserialize)]
@@ -115,7 +230,29 @@ struct ListShardsOutput {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
+struct DescribeStreamSummaryOutput {
+    stream_description_summary: SummaryOutput,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SummaryOutput {
+    open_shard_count: u32,
+    stream_mode_details: Option<StreamModeDetails>,
+    #[serde(rename = "MaxRecordSizeInKiB")]
+    max_record_size_in_kib: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StreamModeDetails {
+    stream_mode: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
 struct ShardOutput {
+    shard_id: String,
     hash_key_range: HashKeyRange,
     sequence_number_range: Option<SequenceNumberRange>,
 }
@@ -134,17 +271,18 @@ struct SequenceNumberRange {
 }
 
 impl ShardOutput {
-    /// The hash-key range of a shard still open for writes (`None` for a closed one).
-    fn open_range(&self) -> Option<(u128, u128)> {
+    /// A shard still open for writes (`None` for a closed one).
+    fn open(&self) -> Option<OpenShard> {
         let open = self
             .sequence_number_range
             .as_ref()
             .is_none_or(|r| r.ending_sequence_number.is_none());
-        let range = (
-            self.hash_key_range.starting_hash_key.parse().ok()?,
-            self.hash_key_range.ending_hash_key.parse().ok()?,
-        );
-        open.then_some(range)
+        let shard = OpenShard {
+            start: self.hash_key_range.starting_hash_key.parse().ok()?,
+            end: self.hash_key_range.ending_hash_key.parse().ok()?,
+            number: shard_number(&self.shard_id)?,
+        };
+        open.then_some(shard)
     }
 }
 
@@ -194,10 +332,12 @@ impl KinesisApi {
                 }
                 Endpoint::Fixed { uri, host }
             }
-            None => Endpoint::Regional {
+            None => Endpoint::Resolved(Arc::new(Resolved {
                 fips: base.use_fips().unwrap_or(false),
                 dual_stack: base.use_dual_stack().unwrap_or(false),
-            },
+                rules: aws_sdk_kinesis::config::endpoint::DefaultResolver::new(),
+                hosts: Default::default(),
+            })),
         };
         let timeouts = base.timeout_config();
         let mut tcp = HttpConnector::new();
@@ -243,13 +383,20 @@ impl KinesisApi {
         &self,
         credentials: &Credentials,
         region: &Region,
-        stream: &str,
+        stream: StreamId<'_>,
         entry: Entry<'_>,
         context: &(dyn Fn() -> String + Sync),
     ) -> Result<Written, AwsError> {
         let body = put_record_body(stream, entry);
         let answer = self
-            .call(credentials, region, Operation::PutRecord, body, context)
+            .call(
+                credentials,
+                region,
+                stream,
+                Operation::PutRecord,
+                body,
+                context,
+            )
             .await?;
         let out: PutRecordOutput = parse_answer(&answer, Operation::PutRecord, context)?;
         Ok(Written {
@@ -264,47 +411,109 @@ impl KinesisApi {
         &self,
         credentials: &Credentials,
         region: &Region,
-        stream: &str,
+        stream: StreamId<'_>,
         entries: &[Entry<'_>],
         context: &(dyn Fn() -> String + Sync),
     ) -> Result<Vec<RecordResult>, AwsError> {
         let body = put_records_body(stream, entries);
         let answer = self
-            .call(credentials, region, Operation::PutRecords, body, context)
+            .call(
+                credentials,
+                region,
+                stream,
+                Operation::PutRecords,
+                body,
+                context,
+            )
             .await?;
         let out: PutRecordsOutput = parse_answer(&answer, Operation::PutRecords, context)?;
         Ok(out.records)
     }
 
-    /// The hash-key ranges of `stream`'s shards open for writes, following ListShards'
-    /// pages (for per-shard rate limits: listed once per stream and then every few
-    /// minutes, so for 100,000 tenants as often as their writes would be).
-    pub async fn open_shard_ranges(
+    /// `stream`'s shards open for writes, following ListShards' pages (for per-shard
+    /// rate limits: listed once per stream, again when a write shows the map is stale,
+    /// and every few minutes). At most [`MAX_LIST_SHARDS_PAGES`] pages are read.
+    pub async fn open_shards(
         &self,
         credentials: &Credentials,
         region: &Region,
-        stream: &str,
+        stream: StreamId<'_>,
         context: &(dyn Fn() -> String + Sync),
-    ) -> Result<Vec<(u128, u128)>, AwsError> {
-        let mut ranges = Vec::new();
+    ) -> Result<Vec<OpenShard>, AwsError> {
+        let mut shards = Vec::new();
         let mut next: Option<String> = None;
-        loop {
-            // A page after the first names only its token, not the stream.
+        for _ in 0..MAX_LIST_SHARDS_PAGES {
+            // A page after the first names only its token, not the stream; the open
+            // shards only (a stream's closed ones can outnumber them many times).
             let body = match &next {
-                Some(token) => serde_json::json!({ "NextToken": token }),
-                None => serde_json::json!({ "StreamName": stream }),
+                Some(token) => serde_json::to_vec(&serde_json::json!({ "NextToken": token })),
+                None => {
+                    let mut body = Vec::with_capacity(64 + stream.len());
+                    body.push(b'{');
+                    stream.push_field(&mut body);
+                    body.extend_from_slice(b",\"ShardFilter\":{\"Type\":\"AT_LATEST\"}}");
+                    Ok(body)
+                }
             };
-            let body = serde_json::to_vec(&body).unwrap_or_default();
-            let answer =
-                Box::pin(self.call(credentials, region, Operation::ListShards, body, context))
-                    .await?;
+            let answer = Box::pin(self.call(
+                credentials,
+                region,
+                stream,
+                Operation::ListShards,
+                body.unwrap_or_default(),
+                context,
+            ))
+            .await?;
             let page: ListShardsOutput = parse_answer(&answer, Operation::ListShards, context)?;
-            ranges.extend(page.shards.iter().filter_map(ShardOutput::open_range));
+            shards.extend(page.shards.iter().filter_map(ShardOutput::open));
             match page.next_token {
                 Some(token) => next = Some(token),
-                None => return Ok(ranges),
+                None => return Ok(shards),
             }
         }
+        Err(AwsError::new(
+            context,
+            Failure::Malformed,
+            "ResponseError",
+            &format!("ListShards answered more than {MAX_LIST_SHARDS_PAGES} pages"),
+        ))
+    }
+
+    /// `DescribeStreamSummary`: the stream's mode, open shards and maximum record size.
+    pub async fn describe_stream_summary(
+        &self,
+        credentials: &Credentials,
+        region: &Region,
+        stream: StreamId<'_>,
+        context: &(dyn Fn() -> String + Sync),
+    ) -> Result<StreamSummary, AwsError> {
+        let mut body = Vec::with_capacity(32 + stream.len());
+        body.push(b'{');
+        stream.push_field(&mut body);
+        body.push(b'}');
+        let answer = Box::pin(self.call(
+            credentials,
+            region,
+            stream,
+            Operation::DescribeStreamSummary,
+            body,
+            context,
+        ))
+        .await?;
+        let out: DescribeStreamSummaryOutput =
+            parse_answer(&answer, Operation::DescribeStreamSummary, context)?;
+        let s = out.stream_description_summary;
+        Ok(StreamSummary {
+            on_demand: s
+                .stream_mode_details
+                .is_some_and(|m| m.stream_mode == "ON_DEMAND"),
+            open_shards: s.open_shard_count,
+            max_record_bytes: s
+                .max_record_size_in_kib
+                .unwrap_or(kd_tenants::DEFAULT_MAX_RECORD_KIB)
+                as usize
+                * 1024,
+        })
     }
 
     /// Signs and sends one call; the answer's body when it is a success. A refusal of
@@ -314,14 +523,16 @@ impl KinesisApi {
         &self,
         credentials: &Credentials,
         region: &Region,
+        stream: StreamId<'_>,
         operation: Operation,
         body: Vec<u8>,
         context: &(dyn Fn() -> String + Sync),
     ) -> Result<Bytes, AwsError> {
         let construction = |e: &dyn std::error::Error| AwsError::construction(&context(), e);
         let (uri, host) = self
-            .endpoint(region.as_str())
-            .map_err(|e| construction(&e))?;
+            .endpoint(region, stream, operation)
+            .await
+            .map_err(|e| construction(e.as_ref()))?;
         let target = operation.target();
         let body = Bytes::from(body);
         let mut corrected = false;
@@ -425,16 +636,62 @@ impl KinesisApi {
         }
     }
 
-    /// The URI and `Host` of Kinesis in `region`.
-    fn endpoint(&self, region: &str) -> Result<(http::Uri, Cow<'_, str>), http::uri::InvalidUri> {
-        match &self.endpoint {
-            Endpoint::Fixed { uri, host } => Ok((uri.clone(), Cow::Borrowed(host.as_str()))),
-            Endpoint::Regional { fips, dual_stack } => {
-                let host = regional_host(region, *fips, *dual_stack);
-                let uri = format!("https://{host}/").parse()?;
-                Ok((uri, Cow::Owned(host)))
+    /// The URI and `Host` of Kinesis for a call on `stream` in `region`.
+    async fn endpoint(
+        &self,
+        region: &Region,
+        stream: StreamId<'_>,
+        operation: Operation,
+    ) -> Result<(http::Uri, Cow<'_, str>), Box<dyn std::error::Error + Send + Sync>> {
+        let resolved = match &self.endpoint {
+            Endpoint::Fixed { uri, host } => {
+                return Ok((uri.clone(), Cow::Borrowed(host.as_str())))
             }
+            Endpoint::Resolved(resolved) => resolved,
+        };
+        let (account, arn) = match stream {
+            StreamId::Arn(arn) => (Some(arn.account_shared()), Some(arn.as_str())),
+            StreamId::Name(_) => (None, None),
+        };
+        let key: HostKey = (region.clone(), account, operation.is_data());
+        if let Some((uri, host)) = resolved
+            .hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok((uri.clone(), Cow::Owned(host.to_string())));
         }
+        use aws_sdk_kinesis::config::endpoint::{Params, ResolveEndpoint};
+        let params = Params::builder()
+            .region(region.as_str())
+            .use_fips(resolved.fips)
+            .use_dual_stack(resolved.dual_stack)
+            .operation_type(if operation.is_data() {
+                "data"
+            } else {
+                "control"
+            })
+            .set_stream_arn(arn.map(str::to_owned))
+            .build()?;
+        let endpoint = resolved.rules.resolve_endpoint(&params).await?;
+        let uri: http::Uri = endpoint.url().parse()?;
+        let host: Arc<str> = uri
+            .authority()
+            .ok_or("endpoint without a host")?
+            .as_str()
+            .into();
+        let uri = if uri.path().is_empty() || uri.path() == "/" {
+            format!("{}://{host}/", uri.scheme_str().unwrap_or("https")).parse()?
+        } else {
+            uri
+        };
+        let mut hosts = resolved.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if hosts.len() >= MAX_HOSTS {
+            hosts.clear();
+        }
+        hosts.insert(key, (uri.clone(), host.clone()));
+        Ok((uri, Cow::Owned(host.to_string())))
     }
 }
 
@@ -454,25 +711,12 @@ fn parse_answer<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// AWS's Kinesis host for `region`: the `aws`, `aws-cn` and `aws-us-gov` partitions.
-fn regional_host(region: &str, fips: bool, dual_stack: bool) -> String {
-    let service = if fips { "kinesis-fips" } else { "kinesis" };
-    let china = region.starts_with("cn-");
-    let domain = match (china, dual_stack) {
-        (false, false) => "amazonaws.com",
-        (false, true) => "api.aws",
-        (true, false) => "amazonaws.com.cn",
-        (true, true) => "api.amazonwebservices.com.cn",
-    };
-    format!("{service}.{region}.{domain}")
-}
-
 /// The JSON body of a `PutRecord` call.
-fn put_record_body(stream: &str, entry: Entry<'_>) -> Vec<u8> {
+fn put_record_body(stream: StreamId<'_>, entry: Entry<'_>) -> Vec<u8> {
     let mut body =
         Vec::with_capacity(64 + stream.len() + entry.key.len() + entry.data.len().div_ceil(3) * 4);
-    body.extend_from_slice(b"{\"StreamName\":");
-    push_json_str(&mut body, stream);
+    body.push(b'{');
+    stream.push_field(&mut body);
     body.push(b',');
     push_entry_fields(&mut body, entry);
     body.push(b'}');
@@ -480,14 +724,14 @@ fn put_record_body(stream: &str, entry: Entry<'_>) -> Vec<u8> {
 }
 
 /// The JSON body of a `PutRecords` call.
-fn put_records_body(stream: &str, entries: &[Entry<'_>]) -> Vec<u8> {
+fn put_records_body(stream: StreamId<'_>, entries: &[Entry<'_>]) -> Vec<u8> {
     let size: usize = entries
         .iter()
         .map(|e| 40 + e.key.len() + e.data.len().div_ceil(3) * 4)
         .sum();
     let mut body = Vec::with_capacity(64 + stream.len() + size);
-    body.extend_from_slice(b"{\"StreamName\":");
-    push_json_str(&mut body, stream);
+    body.push(b'{');
+    stream.push_field(&mut body);
     body.extend_from_slice(b",\"Records\":[");
     for (i, entry) in entries.iter().enumerate() {
         if i > 0 {

@@ -1,7 +1,7 @@
 //! Gathering records into `PutRecords` calls.
 //!
 //! Records for the same destination (one tenant's settings: role, region, stream) that
-//! arrive within a short linger go out in one call, up to Kinesis' limits of 500 records and 5 MiB. A batch
+//! arrive within a short linger go out in one call, up to Kinesis' limits of 500 records and 10 MiB. A batch
 //! never holds two records of one partition key: each of the pipeline's lanes (one per
 //! tenant and key) waits for its record's own outcome before it sends the next, so a
 //! refused record can be retried without overtaking or being overtaken by its key's
@@ -13,8 +13,9 @@ use std::sync::Mutex;
 
 /// Most records in one `PutRecords` call.
 pub const MAX_RECORDS: usize = 500;
-/// Most bytes (data plus partition keys) in one `PutRecords` call.
-pub const MAX_BYTES: usize = 5 * 1024 * 1024;
+/// Most bytes (data plus partition keys) in one `PutRecords` call: 10 MiB since 2025
+/// (it was 5 MiB while records were at most 1 MiB).
+pub const MAX_BYTES: usize = 10 * 1024 * 1024;
 
 /// Open batches, one per destination.
 #[derive(Debug)]
@@ -146,11 +147,11 @@ mod tests {
     }
 
     #[test]
-    fn a_record_that_would_pass_5_mib_goes_into_the_next_batch() {
+    fn a_record_that_would_pass_10_mib_goes_into_the_next_batch() {
         let b: Batches<&str, u32> = Batches::default();
         let mib = 1024 * 1024;
-        let first = b.add("s", 3 * mib, 1).opened.unwrap();
-        let second = b.add("s", 3 * mib, 2);
+        let first = b.add("s", 6 * mib, 1).opened.unwrap();
+        let second = b.add("s", 6 * mib, 2);
         assert_eq!(second.ready, vec![vec![1]], "the open batch is sent first");
         let id2 = second.opened.expect("and a new one holds the record");
         assert_ne!(first, id2);

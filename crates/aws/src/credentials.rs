@@ -1,7 +1,10 @@
-//! Tenant credentials: STS AssumeRole into the role each tenant created for us.
+//! Tenant credentials: STS AssumeRole into the role each tenant created for us, or, for
+//! a tenant whose stream's resource policy grants us access, into the worker's own
+//! writer role with the tenant's source ID as a session tag (the stream policy's
+//! condition: AWS, not this code, keeps one tenant out of another's stream).
 //!
-//! Keyed by (role ARN, external ID): tenants sharing a role and external ID share one
-//! session. A cached session is dropped a margin before its credentials expire, so no
+//! Keyed by (role ARN, external ID or tag): tenants sharing a role and external ID
+//! share one session. A cached session is dropped a margin before its credentials expire, so no
 //! write is ever signed with expired credentials; concurrent misses for one key are
 //! coalesced into a single AssumeRole (moka's `try_get_with`); a failed AssumeRole is
 //! remembered for a short while so a broken tenant does not hammer STS.
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aws_config::SdkConfig;
 use aws_credential_types::Credentials;
-use kd_tenants::{Region, RoleArn, TenantSettings};
+use kd_tenants::{Access, Region, RoleArn, TenantSettings};
 use moka::future::Cache;
 use moka::Expiry;
 
@@ -34,7 +37,13 @@ pub struct CredentialSettings {
     /// Most AssumeRole calls on the wire at once (a cold start or a mass refresh of
     /// thousands of tenants would otherwise meet STS's request rate limit at once).
     pub max_concurrent_assume_role: usize,
+    /// The worker's own role for tenants without one (`aws.resource_policy_role`).
+    pub resource_policy_role: Option<RoleArn>,
 }
+
+/// The session tag that carries a resource-policy tenant's source ID: the condition a
+/// stream policy printed by `policy --stream-arn` grants access on.
+pub const SOURCE_TAG: &str = "kinesis-destination-source-id";
 
 impl Default for CredentialSettings {
     fn default() -> Self {
@@ -45,6 +54,7 @@ impl Default for CredentialSettings {
             failure_ttl: Duration::from_secs(10),
             max_entries: 100_000,
             max_concurrent_assume_role: 32,
+            resource_policy_role: None,
         }
     }
 }
@@ -52,8 +62,11 @@ impl Default for CredentialSettings {
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
     role: RoleArn,
-    /// Part of the key only; never logged (it may be the tenant's secret).
+    /// Part of the key only; never logged (it may be the tenant's secret). For a
+    /// resource-policy tenant, the source ID its session is tagged with.
     external_id: Arc<str>,
+    /// The worker's own role, tagged with the source ID, rather than the tenant's.
+    tagged: bool,
 }
 
 /// One assumed-role session: its credentials and when to stop using them. Nothing more
@@ -160,13 +173,43 @@ impl CredentialCache {
         }
     }
 
+    /// The role assumed for `tenant` and what distinguishes its session.
+    fn key(&self, tenant: &TenantSettings) -> Result<Key, AwsError> {
+        match &tenant.access {
+            Access::Role(role) => Ok(Key {
+                role: role.clone(),
+                external_id: tenant.external_id_shared(),
+                tagged: false,
+            }),
+            Access::ResourcePolicy => match &self.settings.resource_policy_role {
+                Some(role) => Ok(Key {
+                    role: role.clone(),
+                    external_id: tenant.source_id.shared(),
+                    tagged: true,
+                }),
+                None => Err(AwsError {
+                    class: crate::ErrorClass::Permanent,
+                    code: "NoResourcePolicyRole".into(),
+                    message: format!(
+                        "source {} has no roleAddress (resource-policy mode) and the worker has no aws.resource_policy_role to write to {} with",
+                        tenant.source_id, tenant.stream_label()
+                    ),
+                }),
+            },
+        }
+    }
+
+    /// The role a tenant's writes are signed by: its own, or the worker's writer role.
+    pub fn role_of<'a>(&'a self, tenant: &'a TenantSettings) -> Option<&'a RoleArn> {
+        tenant
+            .role()
+            .or(self.settings.resource_policy_role.as_ref())
+    }
+
     /// The session for a tenant: cached, or assumed now.
     pub async fn session(&self, tenant: &TenantSettings) -> Result<Arc<Session>, AwsError> {
         let m = kd_telemetry::metrics();
-        let key = Key {
-            role: tenant.role.clone(),
-            external_id: tenant.external_id_shared(),
-        };
+        let key = self.key(tenant)?;
         if let Some(s) = self.sessions.get(&key).await {
             m.credential_cache_hits.inc();
             return Ok(s);
@@ -195,7 +238,7 @@ impl CredentialCache {
             .sessions
             .try_get_with(key.clone(), async {
                 assumed_here.store(true, Ordering::Relaxed);
-                self.assume(tenant).await
+                self.assume(&key, tenant).await
             })
             .await;
         if assumed_here.load(Ordering::Relaxed) {
@@ -216,10 +259,7 @@ impl CredentialCache {
     /// Forgets a tenant's session (its credentials were refused as expired) and any
     /// remembered failure, so the next call assumes the role again.
     pub async fn invalidate(&self, tenant: &TenantSettings) {
-        let key = Key {
-            role: tenant.role.clone(),
-            external_id: tenant.external_id_shared(),
-        };
+        let Ok(key) = self.key(tenant) else { return };
         self.sessions.invalidate(&key).await;
         self.failures.invalidate(&key).await;
     }
@@ -301,7 +341,7 @@ impl CredentialCache {
         })
     }
 
-    async fn assume(&self, tenant: &TenantSettings) -> Result<Arc<Session>, AwsError> {
+    async fn assume(&self, key: &Key, tenant: &TenantSettings) -> Result<Arc<Session>, AwsError> {
         let m = kd_telemetry::metrics();
         // The permit is held for the call only; the semaphore is never closed.
         let _permit = self.assume_permits.acquire().await.ok();
@@ -309,18 +349,32 @@ impl CredentialCache {
         // The SDK's call is a ~13 KiB future: boxed, it is allocated only once the
         // permit is held, not by every tenant waiting for one (a cold start of 100,000
         // tenants has them all waiting at once).
-        let call = || {
-            Box::pin(
-                self.sts(&tenant.region)
-                    .assume_role()
-                    .role_arn(tenant.role.as_str())
-                    .external_id(tenant.external_id())
-                    .role_session_name(&self.settings.role_session_name)
-                    .duration_seconds(self.settings.session_duration.as_secs() as i32)
-                    .send(),
-            )
+        let role = &key.role;
+        // Our own role: no external ID; the tag is what the stream policy checks.
+        let tag = match key.tagged {
+            true => Some(
+                aws_sdk_sts::types::Tag::builder()
+                    .key(SOURCE_TAG)
+                    .value(tenant.source_id.as_str())
+                    .build()
+                    .map_err(|e| AwsError::construction("AssumeRole", &e))?,
+            ),
+            false => None,
         };
-        let context = || format!("AssumeRole {} for source {}", tenant.role, tenant.source_id);
+        let call = || {
+            let request = self
+                .sts(&tenant.region)
+                .assume_role()
+                .role_arn(role.as_str())
+                .role_session_name(&self.settings.role_session_name)
+                .duration_seconds(self.settings.session_duration.as_secs() as i32);
+            let request = match &tag {
+                Some(tag) => request.tags(tag.clone()),
+                None => request.external_id(tenant.external_id()),
+            };
+            Box::pin(request.send())
+        };
+        let context = || format!("AssumeRole {role} for source {}", tenant.source_id);
         let mut out = call().await.map_err(|e| AwsError::from_sdk(&context(), &e));
         if out
             .as_ref()
@@ -342,7 +396,7 @@ impl CredentialCache {
                         err.code
                     )));
                 } else {
-                    tracing::warn!(source_id = %tenant.source_id, role = %tenant.role, error = %err, "AssumeRole failed");
+                    tracing::warn!(source_id = %tenant.source_id, %role, error = %err, "AssumeRole failed");
                 }
                 return Err(err);
             }
@@ -352,7 +406,7 @@ impl CredentialCache {
             return Err(AwsError {
                 class: crate::ErrorClass::Retryable,
                 code: "MissingCredentials".into(),
-                message: format!("AssumeRole {} returned no credentials", tenant.role),
+                message: format!("AssumeRole {role} returned no credentials"),
             });
         };
         let expires = SystemTime::try_from(*c.expiration())
@@ -372,7 +426,7 @@ impl CredentialCache {
         self.identity(None);
         tracing::debug!(
             source_id = %tenant.source_id,
-            role = %tenant.role,
+            %role,
             lifetime_s = lifetime.as_secs(),
             took_ms = started.elapsed().as_millis() as u64,
             "assumed tenant role"
@@ -402,7 +456,7 @@ fn refresh_after(lifetime: Duration, margin: Duration, jitter: f64) -> Duration 
 
 fn outcome(err: &AwsError) -> &'static str {
     match err.class {
-        crate::ErrorClass::Permanent => "denied",
+        crate::ErrorClass::Permanent | crate::ErrorClass::RecordTooLarge => "denied",
         _ => "error",
     }
 }

@@ -34,6 +34,9 @@ pub enum ErrorClass {
     /// The destination will not take this event as things stand (access denied, no
     /// such stream, invalid input).
     Permanent,
+    /// The record is larger than the stream's maximum record size: no retry can help,
+    /// it is dead-lettered `record_too_large` at once.
+    RecordTooLarge,
 }
 
 const RETRYABLE_CODES: &[&str] = &[

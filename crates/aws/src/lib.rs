@@ -52,6 +52,10 @@ pub struct AwsSettings {
     /// Time allowed for one HTTP attempt.
     pub api_timeout: Duration,
     pub connect_timeout: Duration,
+    /// AWS's FIPS endpoints.
+    pub use_fips: bool,
+    /// AWS's dual-stack endpoints.
+    pub use_dual_stack: bool,
 }
 
 /// The worker's own AWS configuration: its identity from the standard credential chain
@@ -66,6 +70,8 @@ pub async fn base_config(settings: &AwsSettings) -> SdkConfig {
         .unwrap_or_else(|_| Region::from_static("us-east-1"));
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(region)
+        .use_fips(settings.use_fips)
+        .use_dual_stack(settings.use_dual_stack)
         .retry_config(RetryConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()

@@ -1,10 +1,19 @@
 //! Stream capacity: Kinesis accepts at most 1,000 records/s and 1 MiB/s per shard.
 //!
-//! Every stream gets a budget from the tenant's `shards` setting. Where the tenant's role
-//! may call `ListShards`, the budget is kept per shard instead: each partition key is
-//! mapped to its shard (the MD5 of the key, as a 128-bit number, falls in one open shard's
-//! hash-key range), so a hot user cannot push one shard past its limit while the stream
-//! as a whole looks idle. The shard map is refreshed every few minutes (resharding).
+//! Every stream's budget comes from its open shards. Where the role may call
+//! `ListShards`, the budget is kept per shard: each partition key is mapped to its shard
+//! (the MD5 of the key, as a 128-bit number, falls in one open shard's hash-key range),
+//! so a hot user cannot push one shard past its limit while the stream as a whole looks
+//! idle. Until the shards are listed (or where listing is refused) the stream-wide
+//! budget is the tenant's `shards`, else `DescribeStreamSummary`'s open shard count,
+//! else one shard. On-demand streams and resharding move shards under us: the map is
+//! listed again when Kinesis throttles a shard (once the map is 10 s old), when a write
+//! lands on a shard the map does not have (a split or merge closed ours), and every few
+//! minutes.
+//!
+//! `DescribeStreamSummary` also gives the stream's maximum record size (1 to 10 MiB);
+//! it is asked once per stream and every ten minutes, at most 10 times a second per
+//! account (AWS allows 20).
 //!
 //! Budgets adapt (AIMD): a `ProvisionedThroughputExceeded` answer cuts by a fifth the budget of
 //! the shard (or stream) it concerned, and every second without one gives back a tenth
@@ -22,7 +31,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kd_tenants::{Region, StreamName, TenantSettings};
 use moka::sync::Cache;
 
-use crate::api::KinesisApi;
+use crate::api::{KinesisApi, OpenShard, StreamId, StreamSummary};
 use crate::credentials::Session;
 
 /// Per-shard write capacity of Kinesis Data Streams.
@@ -31,6 +40,13 @@ pub const BYTES_PER_SHARD_PER_SEC: u32 = 1024 * 1024;
 
 /// How long a shard map is trusted before it is listed again.
 const SHARD_MAP_TTL: Duration = Duration::from_secs(300);
+/// A map younger than this is not listed again for a throttle or a stray shard (a
+/// reshard's burst of them is one signal).
+const MIN_RELIST: Duration = Duration::from_secs(10);
+/// How long a stream's summary (mode, maximum record size) is trusted.
+const SUMMARY_TTL: Duration = Duration::from_secs(600);
+/// DescribeStreamSummary calls per second and account: half of what AWS allows.
+const DESCRIBES_PER_SEC_PER_ACCOUNT: u32 = 10;
 /// Lowest share of the full rate AIMD goes down to.
 const MIN_FACTOR: f64 = 0.1;
 /// What a throttled answer multiplies the rate by. Gentle, because one throttle often
@@ -191,11 +207,14 @@ async fn ready(limiter: &DefaultDirectRateLimiter, n: NonZeroU32) -> Option<Inst
     }
 }
 
-/// One open shard: its hash-key range and budget.
+/// One open shard: its hash-key range, number and budget.
 struct ShardBudget {
     start: u128,
     end: u128,
-    bucket: Bucket,
+    number: u64,
+    /// Shared with the next map when a listing finds the shard unchanged: its budget
+    /// (and what AIMD learned of it) carries over.
+    bucket: Arc<Bucket>,
 }
 
 enum ShardMap {
@@ -210,25 +229,46 @@ enum ShardMap {
 }
 
 struct StreamLimiter {
-    stream: Bucket,
+    /// The stream-wide budget, while the shards are not known: replaced when
+    /// DescribeStreamSummary says how many shards are open.
+    stream: ArcSwap<Bucket>,
     shards: ArcSwap<ShardMap>,
     listing: AtomicBool,
     /// Woken when a listing ends.
     listed: tokio::sync::Notify,
     next_listing: Mutex<Instant>,
+    /// A write showed the map is out of date (a throttle, a shard not in it).
+    stale: AtomicBool,
+    /// What DescribeStreamSummary said, and when (`None`: not asked or refused).
+    summary: ArcSwap<Option<(StreamSummary, Instant)>>,
+    /// DescribeStreamSummary was refused (the role may only write): not asked again.
+    summary_denied: AtomicBool,
 }
 
 impl StreamLimiter {
     /// Whether the shards are to be listed (again): never listed and not tried lately,
-    /// or listed long enough ago; never once the listing was refused.
+    /// listed long enough ago, or shown out of date; never once the listing was refused.
     fn listing_due(&self) -> bool {
         match &**self.shards.load() {
-            ShardMap::Denied => false,
-            ShardMap::Known { listed, .. } => listed.elapsed() >= SHARD_MAP_TTL,
+            ShardMap::Denied => self.summary_due(),
+            ShardMap::Known { listed, .. } => {
+                listed.elapsed() >= SHARD_MAP_TTL
+                    || (self.stale.load(Ordering::Relaxed) && listed.elapsed() >= MIN_RELIST)
+                    || self.summary_due()
+            }
             ShardMap::Unknown => {
                 *self.next_listing.lock().unwrap_or_else(|p| p.into_inner()) <= Instant::now()
             }
         }
+    }
+
+    fn summary_due(&self) -> bool {
+        !self.summary_denied.load(Ordering::Relaxed)
+            && self
+                .summary
+                .load()
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() >= SUMMARY_TTL)
     }
 }
 
@@ -241,6 +281,32 @@ impl StreamLimits {
     pub fn wants_session(&self) -> bool {
         !self.0.listing.load(Ordering::Acquire) && self.0.listing_due()
     }
+
+    /// Lists the shards and describes the stream in the background, when due.
+    pub fn refresh_if_due(
+        &self,
+        limits: &RateLimits,
+        tenant: &TenantSettings,
+        session: (&KinesisApi, &Session),
+    ) {
+        limits.list_shards_if_due(&self.0, tenant, session);
+    }
+
+    /// The largest record the stream takes: the tenant's `maxRecordSizeKiB` when set,
+    /// else what DescribeStreamSummary said, else (not asked yet, or refused) Kinesis'
+    /// default of 1 MiB, with whether that is only the default.
+    pub fn max_record_bytes(&self, tenant: &TenantSettings) -> (usize, bool) {
+        if let Some(n) = tenant.max_record_bytes {
+            return (n, false);
+        }
+        match &**self.0.summary.load() {
+            Some((summary, _)) => (summary.max_record_bytes, false),
+            None => (
+                tenant.default_max_record_bytes(),
+                !self.0.summary_denied.load(Ordering::Relaxed),
+            ),
+        }
+    }
 }
 
 /// Shares the tenant's own strings. Looked up per event through [`StreamKeyRef`],
@@ -250,7 +316,6 @@ struct StreamKey {
     account: Arc<str>,
     region: Region,
     stream: StreamName,
-    shards: u32,
 }
 
 impl StreamKey {
@@ -261,13 +326,11 @@ impl StreamKey {
             account,
             region,
             stream,
-            shards,
         } = self;
         StreamKeyRef {
             account,
             region: region.as_str(),
             stream: stream.as_str(),
-            shards: *shards,
         }
     }
 }
@@ -278,22 +341,22 @@ impl Hash for StreamKey {
     }
 }
 
-/// A [`StreamKey`] borrowed from a tenant's settings.
+/// A [`StreamKey`] borrowed from a tenant's settings: the stream's account, region and
+/// name, however the settings named it (`streamArn`, or `stream` and `region` with the
+/// role's account).
 #[derive(PartialEq, Eq, Hash)]
 struct StreamKeyRef<'a> {
     account: &'a str,
     region: &'a str,
     stream: &'a str,
-    shards: u32,
 }
 
 impl<'a> StreamKeyRef<'a> {
     fn of(tenant: &'a TenantSettings) -> Self {
         StreamKeyRef {
-            account: tenant.role.account(),
+            account: &tenant.account,
             region: tenant.region.as_str(),
             stream: tenant.stream.as_str(),
-            shards: tenant.shards,
         }
     }
 }
@@ -314,6 +377,8 @@ pub fn hash_key(partition_key: &str) -> u128 {
 pub struct RateLimits {
     streams: Cache<StreamKey, Arc<StreamLimiter>, hashbrown::DefaultHashBuilder>,
     fraction: f64,
+    /// DescribeStreamSummary's budget per account.
+    describes: Cache<Arc<str>, Arc<DefaultDirectRateLimiter>>,
 }
 
 impl Default for RateLimits {
@@ -330,7 +395,19 @@ impl RateLimits {
                 .time_to_idle(Duration::from_secs(600))
                 .build_with_hasher(hashbrown::DefaultHashBuilder::default()),
             fraction: fraction.clamp(0.001, 1.0),
+            describes: Cache::builder()
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
         }
+    }
+
+    /// A stream-wide budget for `shards` open shards.
+    fn stream_bucket(&self, shards: u32) -> Bucket {
+        let shards = shards.max(1) as f64;
+        Bucket::new(
+            RECORDS_PER_SHARD_PER_SEC as f64 * shards * self.fraction,
+            BYTES_PER_SHARD_PER_SEC as f64 * shards * self.fraction,
+        )
     }
 
     fn limiter(&self, tenant: &TenantSettings) -> Arc<StreamLimiter> {
@@ -339,23 +416,20 @@ impl RateLimits {
             return limiter;
         }
         let key = StreamKey {
-            account: tenant.role.account_shared(),
+            account: tenant.account.clone(),
             region: tenant.region.clone(),
             stream: tenant.stream.clone(),
-            shards: tenant.shards,
         };
-        let shards = tenant.shards.max(1) as f64;
-        let fraction = self.fraction;
         self.streams.get_with(key, || {
             Arc::new(StreamLimiter {
-                stream: Bucket::new(
-                    RECORDS_PER_SHARD_PER_SEC as f64 * shards * fraction,
-                    BYTES_PER_SHARD_PER_SEC as f64 * shards * fraction,
-                ),
+                stream: ArcSwap::from_pointee(self.stream_bucket(tenant.shards.unwrap_or(1))),
                 shards: ArcSwap::from_pointee(ShardMap::Unknown),
                 listing: AtomicBool::new(false),
                 listed: tokio::sync::Notify::new(),
                 next_listing: Mutex::new(Instant::now()),
+                stale: AtomicBool::new(false),
+                summary: ArcSwap::from_pointee(None),
+                summary_denied: AtomicBool::new(false),
             })
         })
     }
@@ -410,12 +484,13 @@ impl RateLimits {
             }
         }
         let map = limiter.shards.load();
+        let stream = limiter.stream.load();
         let bucket = match &**map {
             ShardMap::Known { shards, .. } => match find_shard(shards, hash_key(partition_key)) {
                 Some(shard) => &shard.bucket,
-                None => &limiter.stream,
+                None => &**stream,
             },
-            _ => &limiter.stream,
+            _ => &**stream,
         };
         let bucket_waited = bucket.acquire(bytes).await;
         if let Some(since) = waited.or(bucket_waited) {
@@ -428,16 +503,41 @@ impl RateLimits {
         }
     }
 
-    /// Kinesis said the shard of `partition_key` is over its capacity: slow it down.
+    /// Kinesis said the shard of `partition_key` is over its capacity: slow it down, and
+    /// list the shards again (an on-demand stream may have split it, or merged ours).
     pub fn throttled(&self, tenant: &TenantSettings, partition_key: &str) {
         let limiter = self.limiter(tenant);
         let map = limiter.shards.load();
         match &**map {
-            ShardMap::Known { shards, .. } => match find_shard(shards, hash_key(partition_key)) {
-                Some(shard) => shard.bucket.throttled(),
-                None => limiter.stream.throttled(),
-            },
-            _ => limiter.stream.throttled(),
+            ShardMap::Known { shards, .. } => {
+                limiter.stale.store(true, Ordering::Relaxed);
+                match find_shard(shards, hash_key(partition_key)) {
+                    Some(shard) => shard.bucket.throttled(),
+                    None => limiter.stream.load().throttled(),
+                }
+            }
+            _ => limiter.stream.load().throttled(),
+        }
+    }
+
+    /// A record of `partition_key` landed on shard number `shard`: when the map puts the
+    /// key on another shard, the stream was resharded under us and is listed again.
+    pub fn landed(&self, tenant: &TenantSettings, partition_key: &str, shard: u64) {
+        let limiter = self.limiter(tenant);
+        if let ShardMap::Known { shards, .. } = &**limiter.shards.load() {
+            let expected = find_shard(shards, hash_key(partition_key)).map(|s| s.number);
+            if expected != Some(shard) && !limiter.stale.swap(true, Ordering::Relaxed) {
+                tracing::debug!(stream = %tenant.stream_label(), shard, ?expected, "a write landed outside the shard map; listing the shards again");
+            }
+        }
+    }
+
+    /// The stream's open shards as this worker knows them (`None` before a listing, or
+    /// where the role may not list them): for `check` and tests.
+    pub fn open_shards(&self, tenant: &TenantSettings) -> Option<usize> {
+        match &**self.limiter(tenant).shards.load() {
+            ShardMap::Known { shards, .. } => Some(shards.len()),
+            _ => None,
         }
     }
 
@@ -451,56 +551,126 @@ impl RateLimits {
         if !due || limiter.listing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (limiter, api, credentials, region, stream, fraction) = (
+        let (limiter, api, credentials, region, fraction) = (
             limiter.clone(),
             api.clone(),
             session.credentials().clone(),
             tenant.region.clone(),
-            tenant.stream.as_str().to_owned(),
             self.fraction,
         );
+        let (name, arn) = (tenant.stream.clone(), tenant.stream_arn.clone());
+        let describes = self.describe_budget(&tenant.account);
+        let shards_hint = tenant.shards;
+        let limits = self.clone();
         tokio::spawn(async move {
-            let context = || format!("ListShards {stream}");
-            let ranges = api
-                .open_shard_ranges(&credentials, &region, &stream, &context)
-                .await;
-            match ranges {
-                Ok(ranges) if !ranges.is_empty() => {
-                    tracing::debug!(%stream, shards = ranges.len(), "per-shard rate limits");
-                    let shards = ranges
-                        .into_iter()
-                        .map(|(start, end)| ShardBudget {
-                            start,
-                            end,
-                            bucket: Bucket::new_spent(
-                                RECORDS_PER_SHARD_PER_SEC as f64 * fraction,
-                                BYTES_PER_SHARD_PER_SEC as f64 * fraction,
-                            ),
-                        })
-                        .collect();
-                    limiter.shards.store(Arc::new(ShardMap::Known {
-                        shards,
-                        listed: Instant::now(),
-                    }));
+            let stream = match &arn {
+                Some(arn) => StreamId::Arn(arn),
+                None => StreamId::Name(name.as_str()),
+            };
+            let label = stream.label().to_owned();
+            if limiter.summary_due() {
+                // Within the account's budget: a burst of new streams waits here, in
+                // the background, while their writes use the default limits.
+                ready(&describes, NonZeroU32::MIN).await;
+                let context = || format!("DescribeStreamSummary {label}");
+                match api
+                    .describe_stream_summary(&credentials, &region, stream, &context)
+                    .await
+                {
+                    Ok(summary) => {
+                        tracing::debug!(stream = %label, ?summary, "stream described");
+                        let known = matches!(**limiter.shards.load(), ShardMap::Known { .. });
+                        // Until its shards are listed, plan by the open ones; a tenant's
+                        // `shards` is only a guess next to them.
+                        if !known && Some(summary.open_shards) != shards_hint {
+                            limiter
+                                .stream
+                                .store(Arc::new(limits.stream_bucket(summary.open_shards)));
+                        }
+                        limiter
+                            .summary
+                            .store(Arc::new(Some((summary, Instant::now()))));
+                    }
+                    Err(e) if e.class == crate::ErrorClass::Permanent => {
+                        tracing::debug!(stream = %label, error = %e, "cannot describe the stream; default record size");
+                        limiter.summary_denied.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(stream = %label, error = %e, "describing the stream failed; will try again");
+                    }
                 }
-                Ok(_) => {}
-                Err(e) if e.class == crate::ErrorClass::Permanent => {
-                    // The policy the README suggests grants only kinesis:PutRecord: plan by `shards`.
-                    tracing::debug!(%stream, error = %e, "cannot list shards; stream-wide rate limit");
-                    limiter.shards.store(Arc::new(ShardMap::Denied));
+            }
+            let relist = match &**limiter.shards.load() {
+                ShardMap::Denied => false,
+                ShardMap::Known { listed, .. } => {
+                    listed.elapsed() >= SHARD_MAP_TTL || limiter.stale.load(Ordering::Relaxed)
                 }
-                Err(e) => {
-                    tracing::debug!(%stream, error = %e, "listing shards failed; will try again");
-                    *limiter
-                        .next_listing
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) =
-                        Instant::now() + Duration::from_secs(30);
+                ShardMap::Unknown => true,
+            };
+            if relist {
+                limiter.stale.store(false, Ordering::Relaxed);
+                let context = || format!("ListShards {label}");
+                match api
+                    .open_shards(&credentials, &region, stream, &context)
+                    .await
+                {
+                    Ok(open) if !open.is_empty() => {
+                        tracing::debug!(stream = %label, shards = open.len(), "per-shard rate limits");
+                        let old = limiter.shards.load_full();
+                        let kept = |number: u64, start: u128, end: u128| match &*old {
+                            ShardMap::Known { shards, .. } => shards
+                                .iter()
+                                .find(|s| s.number == number && s.start == start && s.end == end)
+                                .map(|s| s.bucket.clone()),
+                            _ => None,
+                        };
+                        let shards = open
+                            .into_iter()
+                            .map(|OpenShard { start, end, number }| ShardBudget {
+                                start,
+                                end,
+                                number,
+                                bucket: kept(number, start, end).unwrap_or_else(|| {
+                                    Arc::new(Bucket::new_spent(
+                                        RECORDS_PER_SHARD_PER_SEC as f64 * fraction,
+                                        BYTES_PER_SHARD_PER_SEC as f64 * fraction,
+                                    ))
+                                }),
+                            })
+                            .collect();
+                        limiter.shards.store(Arc::new(ShardMap::Known {
+                            shards,
+                            listed: Instant::now(),
+                        }));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.class == crate::ErrorClass::Permanent => {
+                        // The policy the README suggests grants only kinesis:PutRecord:
+                        // plan by the summary's open shards, or `shards`.
+                        tracing::debug!(stream = %label, error = %e, "cannot list shards; stream-wide rate limit");
+                        limiter.shards.store(Arc::new(ShardMap::Denied));
+                    }
+                    Err(e) => {
+                        tracing::debug!(stream = %label, error = %e, "listing shards failed; will try again");
+                        *limiter
+                            .next_listing
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) =
+                            Instant::now() + Duration::from_secs(30);
+                    }
                 }
             }
             limiter.listing.store(false, Ordering::Release);
             limiter.listed.notify_waiters();
         });
+    }
+
+    /// The DescribeStreamSummary budget of `account`.
+    fn describe_budget(&self, account: &Arc<str>) -> Arc<DefaultDirectRateLimiter> {
+        self.describes.get_with_by_ref(account, || {
+            let n = NonZeroU32::new(DESCRIBES_PER_SEC_PER_ACCOUNT).unwrap_or(NonZeroU32::MIN);
+            Arc::new(RateLimiter::direct(Quota::per_second(n)))
+        })
     }
 }
 
@@ -539,8 +709,11 @@ mod tests {
     fn capacity_scales_with_shards_and_fraction() {
         let limits = RateLimits::new(0.5);
         let l = limits.limiter(&tenant(4));
-        assert_eq!(l.stream.full_records, 2000.0);
-        assert_eq!(l.stream.full_bytes, 2.0 * BYTES_PER_SHARD_PER_SEC as f64);
+        assert_eq!(l.stream.load().full_records, 2000.0);
+        assert_eq!(
+            l.stream.load().full_bytes,
+            2.0 * BYTES_PER_SHARD_PER_SEC as f64
+        );
     }
 
     #[test]
@@ -553,14 +726,23 @@ mod tests {
             .get(&StreamKeyRef::of(&tenant(4)))
             .expect("found by the borrowed key");
         assert!(Arc::ptr_eq(&first, &found));
-        // Another source writing to the same stream shares it; another shard count
-        // (another plan) does not.
+        // Another source writing to the same stream shares it, whatever shard count it
+        // plans with, and whether it names the stream by ARN or by name and region;
+        // the same name in another account is another stream.
         let other_source = kd_tenants::parse_tenant(&serde_json::json!({"sourceId": "other",
             "roleAddress": "arn:aws:iam::123456789012:role/another",
             "region": "us-east-1", "stream": "st", "shards": 4}))
         .unwrap();
         assert!(Arc::ptr_eq(&first, &limits.limiter(&other_source)));
-        assert!(!Arc::ptr_eq(&first, &limits.limiter(&tenant(2))));
+        assert!(Arc::ptr_eq(&first, &limits.limiter(&tenant(2))));
+        let by_arn = kd_tenants::parse_tenant(&serde_json::json!({"sourceId": "arn",
+            "streamArn": "arn:aws:kinesis:us-east-1:123456789012:stream/st"}))
+        .unwrap();
+        assert!(Arc::ptr_eq(&first, &limits.limiter(&by_arn)));
+        let elsewhere = kd_tenants::parse_tenant(&serde_json::json!({"sourceId": "x",
+            "streamArn": "arn:aws:kinesis:us-east-1:210987654321:stream/st"}))
+        .unwrap();
+        assert!(!Arc::ptr_eq(&first, &limits.limiter(&elsewhere)));
         limits.streams.run_pending_tasks();
         assert_eq!(limits.streams.entry_count(), 2);
     }
@@ -617,13 +799,14 @@ mod tests {
         let quarter = 1u128 << 126;
         let shards: Vec<ShardBudget> = (0..4u128)
             .map(|i| ShardBudget {
+                number: i as u64,
                 start: i * quarter,
                 end: if i == 3 {
                     u128::MAX
                 } else {
                     (i + 1) * quarter - 1
                 },
-                bucket: Bucket::new(1000.0, 1e6),
+                bucket: Arc::new(Bucket::new(1000.0, 1e6)),
             })
             .collect();
         let index = |hash| {

@@ -1,34 +1,45 @@
 //! A stream's shards for `tail`: listing them through the SDK, and a reader that takes a
 //! stream's records shard by shard. (The worker lists shards for its rate limits with
-//! [`KinesisApi::open_shard_ranges`](crate::api::KinesisApi::open_shard_ranges).)
+//! [`KinesisApi::open_shards`](crate::api::KinesisApi::open_shards).)
 
 use aws_sdk_kinesis::types::{Record, Shard, ShardIteratorType};
 
+use crate::api::StreamId;
 use crate::AwsError;
 
-/// Every shard of `stream`, open and closed, following ListShards' pages.
+/// Every shard of `stream`, open and closed, following ListShards' pages (at most
+/// [`MAX_LIST_SHARDS_PAGES`](crate::api::MAX_LIST_SHARDS_PAGES)).
 pub async fn list_shards(
     client: &aws_sdk_kinesis::Client,
-    stream: &str,
+    stream: StreamId<'_>,
 ) -> Result<Vec<Shard>, AwsError> {
     let mut shards = Vec::new();
     let mut next: Option<String> = None;
-    loop {
+    let label = stream.label();
+    for _ in 0..crate::api::MAX_LIST_SHARDS_PAGES {
         // A page after the first names only its token, not the stream.
         let req = match &next {
             Some(token) => client.list_shards().next_token(token),
-            None => client.list_shards().stream_name(stream),
+            None => match stream {
+                StreamId::Name(name) => client.list_shards().stream_name(name),
+                StreamId::Arn(arn) => client.list_shards().stream_arn(arn.as_str()),
+            },
         };
         let out = req
             .send()
             .await
-            .map_err(|e| AwsError::from_sdk(&format!("ListShards {stream}"), &e))?;
+            .map_err(|e| AwsError::from_sdk(&format!("ListShards {label}"), &e))?;
         shards.extend(out.shards().iter().cloned());
         next = out.next_token().map(str::to_owned);
         if next.is_none() {
             return Ok(shards);
         }
     }
+    Err(AwsError {
+        class: crate::ErrorClass::Retryable,
+        code: "ResponseError".into(),
+        message: format!("ListShards {label}: more pages than a stream has"),
+    })
 }
 
 /// Where a [`StreamReader`] starts in every shard.
@@ -51,7 +62,7 @@ impl StreamReader {
     /// Opens an iterator on every shard of `stream`.
     pub async fn open(
         client: aws_sdk_kinesis::Client,
-        stream: &str,
+        stream: StreamId<'_>,
         start: StartAt,
     ) -> Result<StreamReader, AwsError> {
         let kind = match start {
@@ -60,9 +71,11 @@ impl StreamReader {
         };
         let mut shards = Vec::new();
         for shard in list_shards(&client, stream).await? {
-            let out = client
-                .get_shard_iterator()
-                .stream_name(stream)
+            let request = match stream {
+                StreamId::Name(name) => client.get_shard_iterator().stream_name(name),
+                StreamId::Arn(arn) => client.get_shard_iterator().stream_arn(arn.as_str()),
+            };
+            let out = request
                 .shard_id(shard.shard_id())
                 .shard_iterator_type(kind.clone())
                 .send()

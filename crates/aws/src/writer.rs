@@ -7,18 +7,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kd_event::PartitionKey;
-use kd_tenants::{Region, RoleArn, StreamName, TenantSettings, WriteMode};
+use kd_tenants::{Access, Region, StreamName, TenantSettings, WriteMode};
 use tokio::sync::oneshot;
 
-use crate::api::{Entry, KinesisApi, RecordResult};
+use crate::api::{Entry, KinesisApi, RecordResult, StreamId};
 use crate::batch::Batches;
 use crate::credentials::CredentialCache;
 use crate::errors::{AwsError, ErrorClass};
 use crate::limits::RateLimits;
 use crate::requests::RequestBudget;
-
-/// Largest record sent in a `PutRecords` batch.
-const BATCHED_RECORD_MAX_BYTES: usize = 1024 * 1024;
 
 /// Where a record landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +62,9 @@ pub struct Writer {
 /// `PutRecords` is tried again (its policy may have been extended meanwhile).
 pub const PUT_RECORDS_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// A role writing to a stream: what a `PutRecords` refusal is remembered for.
-type RefusedKey = (RoleArn, Region, StreamName);
+/// A role (or the stream's resource policy) and a stream: what a `PutRecords` refusal
+/// is remembered for.
+type RefusedKey = (Access, std::sync::Arc<str>, Region, StreamName);
 
 /// The remembered refusals, with their count readable without the lock: every batched
 /// record asks, and almost always none is remembered.
@@ -93,7 +91,8 @@ impl Refusals {
 
 fn refused_key(tenant: &TenantSettings) -> RefusedKey {
     (
-        tenant.role.clone(),
+        tenant.access.clone(),
+        tenant.account.clone(),
         tenant.region.clone(),
         tenant.stream.clone(),
     )
@@ -151,12 +150,10 @@ impl KinesisWriter {
         })
     }
 
-    /// Whether a record of `bytes` for `tenant` goes into a `PutRecords` batch. A record
-    /// over 1 MiB (streams with a raised maximum record size) goes on its own with
-    /// `PutRecord`, which every tenant's role allows: `PutRecords` documents 1 MiB per
-    /// record.
+    /// Whether a record of `bytes` for `tenant` goes into a `PutRecords` batch (a
+    /// PutRecords call takes records up to the stream's maximum, 10 MiB in all).
     pub fn batches(&self, tenant: &TenantSettings, bytes: usize) -> bool {
-        bytes <= BATCHED_RECORD_MAX_BYTES
+        bytes <= crate::batch::MAX_BYTES
             && match tenant.write_mode {
                 WriteMode::PutRecord => false,
                 WriteMode::PutRecords => true,
@@ -196,7 +193,12 @@ impl KinesisWriter {
             refused.insert(key, now + PUT_RECORDS_RETRY_AFTER).is_none()
         });
         if new {
-            tracing::warn!(source_id = %tenant.source_id, role = %tenant.role, stream = %tenant.stream, "the role refuses kinesis:PutRecords; writing with PutRecord for an hour");
+            let role = self
+                .credentials
+                .role_of(tenant)
+                .map(|r| r.as_str())
+                .unwrap_or_default();
+            tracing::warn!(source_id = %tenant.source_id, role, stream = %tenant.stream_label(), "the role refuses kinesis:PutRecords; writing with PutRecord for an hour");
         }
     }
 
@@ -210,12 +212,18 @@ impl KinesisWriter {
         data: &Bytes,
     ) -> Result<(), AwsError> {
         let bytes = data.len() + key.as_str().len();
+        let stream = self.limits.stream(tenant);
+        let (max, only_the_default) = stream.max_record_bytes(tenant);
+        if bytes > max {
+            return Err(self
+                .too_large(tenant, &stream, bytes, max, only_the_default)
+                .await);
+        }
         if self.batches(tenant, bytes) {
             // The batch looks the session up once for all its records when it is sent.
             // A record looks it up here only for its stream's shards to be listed with
             // it (a stream new to this worker, or every few minutes): a new tenant's
             // first records wait for its role here, as record-by-record writes do.
-            let stream = self.limits.stream(tenant);
             let session = if stream.wants_session() {
                 Some(Box::pin(self.credentials.session(tenant)).await?)
             } else {
@@ -231,7 +239,13 @@ impl KinesisWriter {
         // Boxed for the same reason: the cache's lookup is a large future.
         let session = Box::pin(self.credentials.session(tenant)).await?;
         self.limits
-            .acquire(tenant, key.as_str(), bytes, Some((&self.api, &session)))
+            .acquire_on(
+                &stream,
+                tenant,
+                key.as_str(),
+                bytes,
+                Some((&self.api, &session)),
+            )
             .await;
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
@@ -242,7 +256,7 @@ impl KinesisWriter {
         let result = Box::pin(self.api.put_record(
             session.credentials(),
             &tenant.region,
-            tenant.stream.as_str(),
+            StreamId::of(tenant),
             Entry {
                 key: key.as_str(),
                 data,
@@ -252,7 +266,12 @@ impl KinesisWriter {
         .await;
         observe_call(started, &result);
         match result {
-            Ok(_) => Ok(()),
+            Ok(written) => {
+                if let Some(shard) = crate::api::shard_number(&written.shard_id) {
+                    self.limits.landed(tenant, key.as_str(), shard);
+                }
+                Ok(())
+            }
             Err(err) => {
                 self.on_refused(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
@@ -344,7 +363,7 @@ impl KinesisWriter {
         let result = Box::pin(self.api.put_records(
             session.credentials(),
             &tenant.region,
-            tenant.stream.as_str(),
+            StreamId::of(&tenant),
             &entries,
             &ctx,
         ))
@@ -353,6 +372,13 @@ impl KinesisWriter {
         observe_call(started, &result);
         match result {
             Ok(results) => {
+                // One record a call tells a shard map that missed a reshard (every record
+                // would cost a hash each).
+                if let (Some(first), Some(shard)) =
+                    (batch.first(), results.first().and_then(|r| r.shard))
+                {
+                    self.limits.landed(&tenant, first.key.as_str(), shard);
+                }
                 let outcomes = record_outcomes(&results, batch.len(), &ctx);
                 for (p, outcome) in batch.into_iter().zip(outcomes) {
                     if let Err(err) = &outcome {
@@ -395,6 +421,42 @@ impl KinesisWriter {
     pub fn credentials(&self) -> &CredentialCache {
         &self.credentials
     }
+
+    /// The largest record `tenant`'s stream takes as known now (see
+    /// [`StreamLimits::max_record_bytes`](crate::limits::StreamLimits::max_record_bytes)),
+    /// for aggregates to stay within it.
+    pub fn max_record_bytes(&self, tenant: &TenantSettings) -> usize {
+        self.limits.stream(tenant).max_record_bytes(tenant).0
+    }
+
+    /// The error for a record over `max`: final when the stream's limit is known, else
+    /// retryable while the stream is described (a stream raised to 10 MiB is only
+    /// known to be after DescribeStreamSummary).
+    async fn too_large(
+        &self,
+        tenant: &TenantSettings,
+        stream: &crate::limits::StreamLimits,
+        bytes: usize,
+        max: usize,
+        only_the_default: bool,
+    ) -> AwsError {
+        let ctx = context("PutRecord", tenant);
+        if only_the_default {
+            if let Ok(session) = Box::pin(self.credentials.session(tenant)).await {
+                stream.refresh_if_due(&self.limits, tenant, (&self.api, &session));
+            }
+            return AwsError {
+                class: ErrorClass::Retryable,
+                code: "StreamNotDescribed".into(),
+                message: format!("{ctx}: the record is {bytes} bytes and the stream's maximum record size is not known yet (DescribeStreamSummary)"),
+            };
+        }
+        AwsError {
+            class: ErrorClass::RecordTooLarge,
+            code: "RecordTooLarge".into(),
+            message: format!("{ctx}: the record is {bytes} bytes (data plus partition key); the stream takes at most {max}"),
+        }
+    }
 }
 
 /// Each record's outcome from one PutRecords answer, in the order sent: written, refused
@@ -436,7 +498,8 @@ fn observe_call<T>(started: Instant, result: &Result<T, AwsError>) {
 fn context(operation: &str, tenant: &TenantSettings) -> String {
     format!(
         "{operation} to stream {} in {}",
-        tenant.stream, tenant.region
+        tenant.stream_label(),
+        tenant.region
     )
 }
 
@@ -493,7 +556,7 @@ mod tests {
     }
 
     #[test]
-    fn records_up_to_1_mib_of_batching_tenants_are_batched() {
+    fn records_up_to_10_mib_of_batching_tenants_are_batched() {
         let w = writer();
         let (auto, on, off) = (
             tenant(serde_json::Value::Null),
@@ -504,7 +567,9 @@ mod tests {
         assert_eq!(tenant("auto".into()).write_mode, WriteMode::Auto);
         assert!(w.batches(&auto, 1024 * 1024));
         assert!(w.batches(&on, 1024 * 1024));
-        assert!(!w.batches(&on, 1024 * 1024 + 1));
+        // A PutRecords request takes records up to 10 MiB (a stream raised to it).
+        assert!(w.batches(&on, 10 * 1024 * 1024));
+        assert!(!w.batches(&on, 10 * 1024 * 1024 + 1));
         assert!(!w.batches(&off, 10));
     }
 
@@ -529,6 +594,7 @@ mod tests {
 
     fn written() -> RecordResult {
         RecordResult {
+            shard: None,
             error_code: None,
             error_message: None,
         }
@@ -536,6 +602,7 @@ mod tests {
 
     fn refused(code: &str) -> RecordResult {
         RecordResult {
+            shard: None,
             error_code: Some(code.into()),
             error_message: Some("Rate exceeded for shard".into()),
         }

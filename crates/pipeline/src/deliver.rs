@@ -169,6 +169,7 @@ impl<W: RecordWriter> Retrying<W> {
             };
             let now = Instant::now();
             let reason = match err.class {
+                ErrorClass::RecordTooLarge => Some((Reason::RecordTooLarge, err.to_string())),
                 ErrorClass::Permanent => {
                     let since = *permanent_since.get_or_insert(now);
                     (now - since >= self.retry.permanent_window)
@@ -296,12 +297,17 @@ impl Deliverer {
 /// Whether `next` may join `group` (consecutive events of one lane) in one aggregated
 /// record: its tenant aggregates, with the very settings the group was routed with (a
 /// reload that turns aggregation off applies to the next event), it was read from the
-/// same partition in the same assignment (one cancellation covers them all), and the
-/// aggregate stays within the stream's record size (data and partition key) and at most
-/// 1 MiB, which every stream accepts (a refused aggregate would take all its events to
-/// the dead letters), and the group within `max_records`.
-pub(crate) fn joins_aggregate(group: &[Job], next: &Job, max_records: usize) -> bool {
-    const ANY_STREAM_ACCEPTS: usize = 1024 * 1024;
+/// same partition in the same assignment (one cancellation covers them all), the
+/// aggregate stays within the stream's maximum record size as known now (`stream_max`:
+/// the tenant's `maxRecordSizeKiB`, DescribeStreamSummary's answer, else 1 MiB, which
+/// every stream accepts; a refused aggregate would take all its events to the dead
+/// letters), and the group within `max_records`.
+pub(crate) fn joins_aggregate(
+    group: &[Job],
+    next: &Job,
+    max_records: usize,
+    stream_max: impl FnOnce(&TenantSettings) -> usize,
+) -> bool {
     let Some(first) = group.first() else {
         return false;
     };
@@ -319,7 +325,7 @@ pub(crate) fn joins_aggregate(group: &[Job], next: &Job, max_records: usize) -> 
         .map(|j| j.msg.payload().map_or(0, <[u8]>::len))
         .sum();
     data + kd_aws::aggregate::max_overhead(key, group.len() + 1) + key.len()
-        <= first.tenant.max_record_bytes.min(ANY_STREAM_ACCEPTS)
+        <= stream_max(&first.tenant)
 }
 
 /// When the event was produced, from its Kafka record's timestamp (create or log-append

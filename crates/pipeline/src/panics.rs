@@ -89,7 +89,8 @@ mod tests {
         .await;
         assert_eq!(done, Ok("written"));
         assert_eq!(tries.load(Ordering::SeqCst), 3);
-        assert_eq!(kd_telemetry::metrics().write_panics.get() - before, 2);
+        // At least these two: other tests of this process may count theirs meanwhile.
+        assert!(kd_telemetry::metrics().write_panics.get() - before >= 2);
     }
 
     #[tokio::test(start_paused = true)]

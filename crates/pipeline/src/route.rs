@@ -78,13 +78,18 @@ pub fn route(msg: &Record, snapshot: &Snapshot, from: &SourceIdFrom) -> Result<R
     let key = view.partition_key(tenant.use_message_id).map_err(|e| {
         DeadLetter::new(Reason::MissingPartitionKey, e.to_string()).of_source(source_id)
     })?;
+    // Larger than any stream takes (or than the tenant says its stream takes): at once.
+    // The stream's own maximum, from DescribeStreamSummary, is the writer's to check.
     let size = value.len() + key.as_str().len();
-    if size > tenant.max_record_bytes {
+    let max = tenant
+        .max_record_bytes
+        .unwrap_or(kd_tenants::MAX_RECORD_KIB_LIMIT as usize * 1024);
+    if size > max {
         return Err(DeadLetter::new(
             Reason::RecordTooLarge,
             format!(
-                "record is {size} bytes (data plus partition key); stream {} takes at most {}",
-                tenant.stream, tenant.max_record_bytes
+                "record is {size} bytes (data plus partition key); stream {} takes at most {max}",
+                tenant.stream_label()
             ),
         )
         .of_source(source_id));

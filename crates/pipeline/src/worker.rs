@@ -138,6 +138,7 @@ pub async fn run(
         readiness.clone(),
         dead_letter_max_bytes(&settings.kafka),
     );
+    let record_limits = writer.clone();
     let deliverer = Arc::new(Deliverer {
         retrying: Retrying {
             writer,
@@ -183,8 +184,10 @@ pub async fn run(
                 let deliverer = deliverer.clone();
                 async move { deliverer.deliver(jobs).await }
             },
-            |group: &[Job], next: &Job| {
-                crate::deliver::joins_aggregate(group, next, MAX_AGGREGATED_EVENTS)
+            move |group: &[Job], next: &Job| {
+                crate::deliver::joins_aggregate(group, next, MAX_AGGREGATED_EVENTS, |t| {
+                    record_limits.max_record_bytes(t)
+                })
             },
         ),
         dead_letters,

@@ -18,8 +18,8 @@ mod topic;
 
 pub use file::{load_file, load_file_into, watch_file, Contents, FileError};
 pub use model::{
-    parse_tenant, FieldError, Region, RoleArn, Secret, SettingsError, SourceId, StreamName,
-    TenantSettings, WriteMode, DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,
+    parse_tenant, Access, FieldError, Region, RoleArn, Secret, SettingsError, SourceId, StreamArn,
+    StreamName, TenantSettings, WriteMode, DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,
 };
 pub use topic::{apply_record, follow_topic, TopicError, TopicSettings};
 

@@ -63,6 +63,28 @@ pub enum FieldError {
     /// The value, clipped to 64 characters.
     #[error("{0:?} is not a Kinesis stream name (1-128 of a-z A-Z 0-9 _ . -)")]
     NotStreamName(String),
+    #[error("is not a Kinesis stream ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME)")]
+    NotStreamArn,
+    /// The ARN's partition and the partition of its region.
+    #[error("names partition {0:?}, but its region is in {1:?}")]
+    WrongPartition(String, &'static str),
+}
+
+/// AWS's partitions (the SDK's partition data names the same).
+const PARTITIONS: &[&str] = &[
+    "aws",
+    "aws-cn",
+    "aws-us-gov",
+    "aws-iso",
+    "aws-iso-b",
+    "aws-iso-e",
+    "aws-iso-f",
+    "aws-eusc",
+];
+
+/// A 12-digit AWS account ID.
+fn is_account_id(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// An IAM role ARN, `arn:PARTITION:iam::ACCOUNT:role/NAME`.
@@ -77,14 +99,14 @@ impl RoleArn {
         let parts: Vec<&str> = s.splitn(6, ':').collect();
         let ok_shape = parts.len() == 6
             && parts[0] == "arn"
-            && matches!(parts[1], "aws" | "aws-cn" | "aws-us-gov")
+            && PARTITIONS.contains(&parts[1])
             && parts[2] == "iam"
             && parts[3].is_empty();
         if !ok_shape {
             return Err(FieldError::NotRoleArn);
         }
         let account = parts[4];
-        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        if !is_account_id(account) {
             return Err(FieldError::NoAccountId);
         }
         let name = parts[5].strip_prefix("role/").unwrap_or("");
@@ -126,7 +148,9 @@ impl fmt::Display for RoleArn {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Region(Arc<str>);
 
-/// Regions where Kinesis Data Streams and STS are offered (commercial, China, GovCloud).
+/// Regions where Kinesis Data Streams and STS are offered, in every partition: a typo
+/// is refused when settings load rather than retried against a host that does not
+/// exist. Hosts are not made from this list: the SDK's endpoint rules make them.
 const KNOWN_REGIONS: &[&str] = &[
     "us-east-1",
     "us-east-2",
@@ -145,6 +169,7 @@ const KNOWN_REGIONS: &[&str] = &[
     "ap-southeast-3",
     "ap-southeast-4",
     "ap-southeast-5",
+    "ap-southeast-6",
     "ap-southeast-7",
     "ca-central-1",
     "ca-west-1",
@@ -165,6 +190,14 @@ const KNOWN_REGIONS: &[&str] = &[
     "cn-northwest-1",
     "us-gov-east-1",
     "us-gov-west-1",
+    "us-iso-east-1",
+    "us-iso-west-1",
+    "us-isob-east-1",
+    "us-isob-west-1",
+    "eu-isoe-west-1",
+    "us-isof-east-1",
+    "us-isof-south-1",
+    "eusc-de-east-1",
 ];
 
 impl Region {
@@ -180,6 +213,23 @@ impl Region {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The partition the region is in (`aws`, `aws-cn`, `aws-us-gov`, `aws-iso`, ...).
+    pub fn partition(&self) -> &'static str {
+        let r = &*self.0;
+        [
+            ("cn-", "aws-cn"),
+            ("us-gov-", "aws-us-gov"),
+            ("us-iso-", "aws-iso"),
+            ("us-isob-", "aws-iso-b"),
+            ("eu-isoe-", "aws-iso-e"),
+            ("us-isof-", "aws-iso-f"),
+            ("eusc-", "aws-eusc"),
+        ]
+        .iter()
+        .find(|(prefix, _)| r.starts_with(prefix))
+        .map_or("aws", |(_, partition)| partition)
     }
 }
 
@@ -221,6 +271,79 @@ impl fmt::Display for StreamName {
     }
 }
 
+/// A Kinesis stream ARN, `arn:PARTITION:kinesis:REGION:ACCOUNT:stream/NAME`: the stream,
+/// its region and the account that owns it in one value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamArn {
+    arn: Arc<str>,
+    region: Region,
+    account: Arc<str>,
+    stream: StreamName,
+}
+
+impl StreamArn {
+    pub fn parse(s: &str) -> Result<Self, FieldError> {
+        let parts: Vec<&str> = s.splitn(6, ':').collect();
+        let [arn, partition, service, region, account, resource] = parts[..] else {
+            return Err(FieldError::NotStreamArn);
+        };
+        if arn != "arn" || service != "kinesis" || !PARTITIONS.contains(&partition) {
+            return Err(FieldError::NotStreamArn);
+        }
+        if !is_account_id(account) {
+            return Err(FieldError::NoAccountId);
+        }
+        let region = Region::parse(region)?;
+        if region.partition() != partition {
+            return Err(FieldError::WrongPartition(
+                partition.to_owned(),
+                region.partition(),
+            ));
+        }
+        let name = resource
+            .strip_prefix("stream/")
+            .ok_or(FieldError::NotStreamArn)?;
+        let stream = StreamName::parse(name)?;
+        Ok(StreamArn {
+            arn: s.into(),
+            region,
+            account: account.into(),
+            stream,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.arn
+    }
+
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// The account, shared.
+    pub fn account_shared(&self) -> Arc<str> {
+        self.account.clone()
+    }
+}
+
+impl fmt::Display for StreamArn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.arn)
+    }
+}
+
+/// How the worker is allowed to write into a tenant's stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// The tenant's own role (`roleAddress`), assumed with the external ID.
+    Role(RoleArn),
+    /// No role (`streamArn` without `roleAddress`): the stream's resource-based policy
+    /// grants the worker's own writer role (`aws.resource_policy_role`), on condition
+    /// that the session carries the tenant's source ID as a tag (see "Setting up a
+    /// tenant in AWS" in the README).
+    ResourcePolicy,
+}
+
 /// A value that must never be printed: `Debug` and `Display` show `***`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(Arc<str>);
@@ -256,17 +379,26 @@ impl fmt::Display for Secret {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantSettings {
     pub source_id: SourceId,
-    pub role: RoleArn,
+    pub access: Access,
+    /// The stream's region and name: from `region` and `stream`, or from `streamArn`.
     pub region: Region,
     pub stream: StreamName,
+    /// The stream's ARN when the settings give one: then every call names the stream
+    /// by it (`StreamARN`), as cross-account access by resource policy requires.
+    pub stream_arn: Option<StreamArn>,
+    /// The account that owns the stream: the ARN's, else the role's.
+    pub account: Arc<str>,
     pub secret_id: Option<Secret>,
-    /// The stream's shard count (capacity hint); 1 when not given.
-    pub shards: u32,
+    /// The stream's shard count, when the tenant gives it: capacity is planned from it
+    /// only until the stream's open shards are known (ListShards, DescribeStreamSummary).
+    pub shards: Option<u32>,
     pub use_message_id: bool,
     /// `PutRecords` batches or one `PutRecord` per event (`usePutRecords`).
     pub write_mode: WriteMode,
-    /// Largest record Kinesis accepts for this stream, in bytes (data plus partition key).
-    pub max_record_bytes: usize,
+    /// Largest record Kinesis accepts for this stream, in bytes (data plus partition
+    /// key), when the tenant says (`maxRecordSizeKiB`): it overrides what
+    /// DescribeStreamSummary answers.
+    pub max_record_bytes: Option<usize>,
     /// Consecutive events of one user waiting in its lane are written as one Kinesis
     /// record in the KPL aggregated format (`aggregate`); the tenant's consumers must
     /// de-aggregate (KCL does; Lambda needs AWS's deaggregation module).
@@ -274,6 +406,29 @@ pub struct TenantSettings {
 }
 
 impl TenantSettings {
+    /// The tenant's own role, unless its stream is shared by resource policy.
+    pub fn role(&self) -> Option<&RoleArn> {
+        match &self.access {
+            Access::Role(role) => Some(role),
+            Access::ResourcePolicy => None,
+        }
+    }
+
+    /// How the stream is named in calls and messages: its ARN when given, else its name.
+    pub fn stream_label(&self) -> &str {
+        match &self.stream_arn {
+            Some(arn) => arn.as_str(),
+            None => self.stream.as_str(),
+        }
+    }
+
+    /// The largest record the stream takes when nothing better is known: the tenant's
+    /// `maxRecordSizeKiB`, else Kinesis' default of 1 MiB.
+    pub fn default_max_record_bytes(&self) -> usize {
+        self.max_record_bytes
+            .unwrap_or(DEFAULT_MAX_RECORD_KIB as usize * 1024)
+    }
+
     /// The external ID we present to STS: the secret when set, else the source ID (see
     /// "Setting up a tenant in AWS" in the README).
     pub fn external_id(&self) -> &str {
@@ -328,6 +483,8 @@ struct RawSettings {
     role_address: Option<Value>,
     region: Option<Value>,
     stream: Option<Value>,
+    #[serde(rename = "streamArn")]
+    stream_arn: Option<Value>,
     secret_id: Option<Value>,
     shards: Option<Value>,
     use_message_id: Option<Value>,
@@ -367,10 +524,79 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
             error,
         }
     };
-    let role = RoleArn::parse(&required("roleAddress", &raw.role_address)?)
-        .map_err(field("roleAddress"))?;
-    let region = Region::parse(&required("region", &raw.region)?).map_err(field("region"))?;
-    let stream = StreamName::parse(&required("stream", &raw.stream)?).map_err(field("stream"))?;
+    let optional = |name: &str, v: &Option<Value>| -> Result<Option<String>, SettingsError> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            // A control plane may send an empty string for a setting it does not have.
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(_) => required(name, v).map(Some),
+        }
+    };
+    let stream_arn = optional("streamArn", &raw.stream_arn)?
+        .map(|a| StreamArn::parse(&a).map_err(field("streamArn")))
+        .transpose()?;
+    let access = match optional("roleAddress", &raw.role_address)? {
+        Some(role) => Access::Role(RoleArn::parse(&role).map_err(field("roleAddress"))?),
+        None if stream_arn.is_some() => {
+            // The source ID becomes a session tag's value: IAM's characters and length.
+            let taggable = source_id.chars().count() <= 256
+                && source_id.chars().all(|c| {
+                    c.is_alphanumeric()
+                        || (c.is_whitespace() && !c.is_control())
+                        || "_.:/=+-@".contains(c)
+                });
+            if !taggable {
+                return Err(invalid(
+                    "without roleAddress (resource-policy mode) the sourceId must be at most 256 letters, digits, spaces and _.:/=+-@ (it is a session tag's value)".into(),
+                ));
+            }
+            Access::ResourcePolicy
+        }
+        None => return Err(invalid(
+            "roleAddress is required (or a streamArn whose stream policy grants the worker access)"
+                .into(),
+        )),
+    };
+    let (region, stream, account) = match &stream_arn {
+        Some(arn) => {
+            // Both forms at once must name the same stream.
+            for (name, given, from_arn) in [
+                ("region", &raw.region, arn.region.as_str()),
+                ("stream", &raw.stream, arn.stream.as_str()),
+            ] {
+                if let Some(given) = optional(name, given)? {
+                    if given != from_arn {
+                        return Err(invalid(format!(
+                            "{name} {given:?} is not the one streamArn names ({from_arn:?}); give one or the other"
+                        )));
+                    }
+                }
+            }
+            (arn.region.clone(), arn.stream.clone(), arn.account.clone())
+        }
+        None => {
+            let region =
+                Region::parse(&required("region", &raw.region)?).map_err(field("region"))?;
+            let stream =
+                StreamName::parse(&required("stream", &raw.stream)?).map_err(field("stream"))?;
+            let account = match &access {
+                Access::Role(role) => role.account_shared(),
+                // Unreachable: resource-policy mode requires the ARN.
+                Access::ResourcePolicy => Arc::from(""),
+            };
+            (region, stream, account)
+        }
+    };
+    if let Access::Role(role) = &access {
+        let role_partition = role.as_str().split(':').nth(1).unwrap_or_default();
+        if role_partition != region.partition() {
+            return Err(SettingsError::Field {
+                source_id: source_id.clone(),
+                field: "roleAddress",
+                error: FieldError::WrongPartition(role_partition.to_owned(), region.partition()),
+            });
+        }
+    }
     let secret_id = match &raw.secret_id {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
@@ -383,9 +609,9 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         }
     };
     let shards = match &raw.shards {
-        None | Some(Value::Null) => 1,
+        None | Some(Value::Null) => None,
         Some(v) => match v.as_u64() {
-            Some(n @ 1..=100_000) => n as u32,
+            Some(n @ 1..=100_000) => Some(n as u32),
             _ => {
                 return Err(invalid(
                     "shards must be a whole number from 1 to 100000".into(),
@@ -412,9 +638,9 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         }
     };
     let max_kib = match &raw.max_record_size_kib {
-        None | Some(Value::Null) => DEFAULT_MAX_RECORD_KIB,
+        None | Some(Value::Null) => None,
         Some(v) => match v.as_u64() {
-            Some(n) if (1..=MAX_RECORD_KIB_LIMIT as u64).contains(&n) => n as u32,
+            Some(n) if (1..=MAX_RECORD_KIB_LIMIT as u64).contains(&n) => Some(n as u32),
             _ => {
                 return Err(invalid(format!(
                     "maxRecordSizeKiB must be a whole number from 1 to {MAX_RECORD_KIB_LIMIT}"
@@ -424,14 +650,16 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
     };
     Ok(TenantSettings {
         source_id: SourceId(source_id.as_str().into()),
-        role,
+        access,
         region,
         stream,
+        stream_arn,
+        account,
         secret_id,
         shards,
         use_message_id,
         write_mode,
-        max_record_bytes: max_kib as usize * 1024,
+        max_record_bytes: max_kib.map(|k| k as usize * 1024),
         aggregate,
     })
 }
@@ -451,9 +679,11 @@ mod tests {
     fn parses_the_spec_example() {
         let t = parse_tenant(&good()).unwrap();
         assert_eq!(t.source_id.as_str(), "src_1");
-        assert_eq!(t.role.account(), "123456789012");
-        assert_eq!(t.shards, 4);
-        assert_eq!(t.max_record_bytes, 1024 * 1024);
+        assert_eq!(t.role().unwrap().account(), "123456789012");
+        assert_eq!(&*t.account, "123456789012");
+        assert_eq!(t.shards, Some(4));
+        assert_eq!(t.max_record_bytes, Some(1024 * 1024));
+        assert_eq!(t.stream_arn, None);
         assert_eq!(t.external_id(), "hunter2");
     }
 
@@ -506,6 +736,90 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("stream is required"));
+    }
+
+    #[test]
+    fn a_stream_arn_names_region_account_and_stream() {
+        let arn = "arn:aws:kinesis:eu-west-1:222222222222:stream/orders.v2";
+        let mut v = good();
+        let o = v.as_object_mut().unwrap();
+        o.remove("region");
+        o.remove("stream");
+        o.insert("streamArn".into(), json!(arn));
+        let t = parse_tenant(&v).unwrap();
+        assert_eq!(t.region.as_str(), "eu-west-1");
+        assert_eq!(t.stream.as_str(), "orders.v2");
+        assert_eq!(&*t.account, "222222222222");
+        assert_eq!(t.stream_label(), arn);
+        assert!(matches!(t.access, Access::Role(_)));
+        // Both forms at once: they must agree.
+        v["region"] = json!("eu-west-1");
+        v["stream"] = json!("orders.v2");
+        assert!(parse_tenant(&v).is_ok());
+        v["stream"] = json!("other");
+        let err = parse_tenant(&v).unwrap_err().to_string();
+        assert!(
+            err.contains("stream \"other\" is not the one streamArn names"),
+            "{err}"
+        );
+        // Without a role: resource-policy mode.
+        let t = parse_tenant(&json!({"sourceId": "src_2", "streamArn": arn, "roleAddress": ""}))
+            .unwrap();
+        assert_eq!(t.access, Access::ResourcePolicy);
+        assert!(t.role().is_none());
+        assert_eq!(t.shards, None);
+        assert_eq!(t.max_record_bytes, None);
+        assert_eq!(t.default_max_record_bytes(), 1024 * 1024);
+        // Every partition, its region's partition only.
+        for ok in [
+            "arn:aws-cn:kinesis:cn-north-1:222222222222:stream/s",
+            "arn:aws-us-gov:kinesis:us-gov-west-1:222222222222:stream/s",
+            "arn:aws-iso-b:kinesis:us-isob-east-1:222222222222:stream/s",
+            "arn:aws-eusc:kinesis:eusc-de-east-1:222222222222:stream/s",
+        ] {
+            assert!(StreamArn::parse(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            (
+                "arn:aws:kinesis:cn-north-1:222222222222:stream/s",
+                "partition",
+            ),
+            ("arn:aws:kinesis:us-east-1:2222:stream/s", "account"),
+            (
+                "arn:aws:kinesis:us-east-1:222222222222:table/s",
+                "stream ARN",
+            ),
+            ("arn:aws:sqs:us-east-1:222222222222:stream/s", "stream ARN"),
+            (
+                "arn:aws:kinesis:us-east-1:222222222222:stream/a b",
+                "stream name",
+            ),
+            ("arn:aws:kinesis:mars-1:222222222222:stream/s", "region"),
+        ] {
+            let err = parse_tenant(&json!({"sourceId": "s", "streamArn": bad}))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("streamArn") && err.contains(why),
+                "{bad}: {err}"
+            );
+        }
+        // A role of one partition for a stream of another.
+        let err = parse_tenant(&json!({"sourceId": "s",
+            "roleAddress": "arn:aws:iam::123456789012:role/r",
+            "streamArn": "arn:aws-cn:kinesis:cn-north-1:222222222222:stream/s"}))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("roleAddress names partition \"aws\""), "{err}");
+        // Neither a role nor an ARN; a source ID that cannot be a tag's value.
+        let err = parse_tenant(&json!({"sourceId": "s", "region": "us-east-1", "stream": "x"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("roleAddress is required"), "{err}");
+        let err = parse_tenant(&json!({"sourceId": "a\nb", "streamArn": arn}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("session tag"), "{err}");
     }
 
     #[test]

@@ -153,9 +153,10 @@ impl Streams {
     /// `tail` reads it).
     pub async fn read(&self, t: &Tenant) -> Vec<StreamRecord> {
         let k = self.client(t).await;
-        let mut reader = StreamReader::open(k, &t.stream, StartAt::Oldest)
-            .await
-            .expect("open stream");
+        let mut reader =
+            StreamReader::open(k, kd_aws::api::StreamId::Name(&t.stream), StartAt::Oldest)
+                .await
+                .expect("open stream");
         let mut out = Vec::new();
         reader
             .read_to_end(|shard, rec| {

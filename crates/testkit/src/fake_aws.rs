@@ -30,6 +30,7 @@ use serde_json::Value;
 use crate::proxy::AssumeRoleCall;
 
 mod kinesis;
+mod policy;
 mod sigv4;
 mod sts;
 
@@ -89,6 +90,8 @@ struct Shard {
     id: String,
     start: u128,
     end: u128,
+    /// Closed by a reshard: listed with an ending sequence number, written no more.
+    closed: bool,
     /// Writes of the last second, for capacity enforcement: (when, bytes).
     window: VecDeque<(Instant, usize)>,
 }
@@ -96,6 +99,15 @@ struct Shard {
 #[derive(Debug, Default)]
 struct Stream {
     shards: Vec<Shard>,
+    /// The owner's account and region, when the test gave an ARN: calls naming the
+    /// stream by ARN must match them, and callers of another account need the
+    /// stream's resource policy.
+    owner: Option<(String, String)>,
+    /// The stream's resource-based policy (IAM's JSON).
+    policy: Option<Value>,
+    on_demand: bool,
+    /// `MaxRecordSizeInKiB` (1024 unless raised).
+    max_record_kib: Option<u32>,
     denied: bool,
     /// Per-shard (records/s, bytes/s) enforced over a sliding second, when set.
     capacity: Option<(usize, usize)>,
@@ -108,6 +120,8 @@ struct Issued {
     expires: SystemTime,
     secret: String,
     token: String,
+    /// Session tags given to AssumeRole.
+    tags: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -166,6 +180,8 @@ impl FakeAws {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = axum::Router::new()
             .fallback(handle)
+            // A 10 MiB PutRecords is some 13.4 MiB of base64 in JSON.
+            .layer(axum::extract::DefaultBodyLimit::max(32 * 1024 * 1024))
             .layer(axum::middleware::map_response_with_state(
                 inner.clone(),
                 stamp_date,
@@ -207,6 +223,55 @@ impl FakeAws {
                 ..Stream::default()
             },
         );
+    }
+
+    /// Creates a stream owned by the account and in the region `arn` names
+    /// (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`): calls naming it by ARN must agree,
+    /// and a caller of another account needs its resource policy.
+    pub fn create_stream_arn(&self, arn: &str, shards: u32) {
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let name = parts[5].trim_start_matches("stream/");
+        self.lock().streams.insert(
+            name.into(),
+            Stream {
+                shards: even_shards(shards),
+                owner: Some((parts[4].into(), parts[3].into())),
+                ..Stream::default()
+            },
+        );
+    }
+
+    /// Attaches a resource-based policy (IAM's JSON, as `policy --source-id` prints it)
+    /// to a stream made with [`create_stream_arn`](Self::create_stream_arn).
+    pub fn set_stream_policy(&self, stream: &str, policy: Value) {
+        if let Some(s) = self.lock().streams.get_mut(stream) {
+            s.policy = Some(policy);
+        }
+    }
+
+    /// Makes a stream on-demand (as DescribeStreamSummary says) and sets its maximum
+    /// record size (`UpdateMaxRecordSize`), in KiB.
+    pub fn set_stream_shape(&self, stream: &str, on_demand: bool, max_record_kib: u32) {
+        if let Some(s) = self.lock().streams.get_mut(stream) {
+            s.on_demand = on_demand;
+            s.max_record_kib = Some(max_record_kib);
+        }
+    }
+
+    /// Reshards `stream` to `shards` open shards, as UpdateShardCount (uniform scaling)
+    /// does: every open shard is closed and new ones, with new IDs, split the hash-key
+    /// space evenly. Records already written stay on the closed shards.
+    pub fn reshard(&self, stream: &str, shards: u32) {
+        if let Some(s) = self.lock().streams.get_mut(stream) {
+            let next = s.shards.len();
+            for shard in &mut s.shards {
+                shard.closed = true;
+            }
+            for (i, mut shard) in even_shards(shards).into_iter().enumerate() {
+                shard.id = format!("shardId-{:012}", next + i);
+                s.shards.push(shard);
+            }
+        }
     }
 
     /// Enforces 1,000 records/s and 1 MiB/s per shard, like the real service.
@@ -285,6 +350,7 @@ impl FakeAws {
                 expires,
                 secret: "peer-secret".into(),
                 token: "peer-session-token".into(),
+                tags: Vec::new(),
             },
         );
         (
@@ -310,6 +376,11 @@ impl FakeAws {
     /// Requests refused because their signature's time was too far from the fake's.
     pub fn skew_refusals(&self) -> u64 {
         self.requests("skew-refused")
+    }
+
+    /// Kinesis calls that named their stream by `StreamARN`.
+    pub fn calls_by_arn(&self) -> u64 {
+        self.requests("by-arn")
     }
 
     /// Lifetime of the credentials AssumeRole hands out (default one hour).
@@ -465,10 +536,18 @@ async fn handle(
     }) {
         return refused;
     }
+    if req.get("StreamARN").is_some() {
+        *inner
+            .lock()
+            .unwrap()
+            .requests
+            .entry("by-arn".into())
+            .or_insert(0) += 1;
+    }
     match operation.as_str() {
         "PutRecord" | "PutRecords" => put(&inner, &operation, &req, &access_key).await,
-        "ListShards" => list_shards(&inner, &req),
-        "DescribeStreamSummary" => describe(&inner, &req),
+        "ListShards" => list_shards(&inner, &req, &access_key),
+        "DescribeStreamSummary" => describe(&inner, &req, &access_key),
         other => json_error(
             400,
             "UnknownOperationException",

@@ -4,8 +4,11 @@ use super::*;
 fn bodies_carry_the_stream_key_and_data_byte_for_byte() {
     let data: Vec<u8> = (0..=255u8).chain([0, 1, 2]).collect();
     let key = "user \"q\" \\ é\u{1}";
-    let one: serde_json::Value =
-        serde_json::from_slice(&put_record_body("st\"x", Entry { key, data: &data })).unwrap();
+    let one: serde_json::Value = serde_json::from_slice(&put_record_body(
+        StreamId::Name("st\"x"),
+        Entry { key, data: &data },
+    ))
+    .unwrap();
     assert_eq!(one["StreamName"], "st\"x");
     assert_eq!(one["PartitionKey"], key);
     let decoded = base64::engine::general_purpose::STANDARD
@@ -23,7 +26,7 @@ fn bodies_carry_the_stream_key_and_data_byte_for_byte() {
         .map(|(d, k)| Entry { key: k, data: d })
         .collect();
     let many: serde_json::Value =
-        serde_json::from_slice(&put_records_body("st", &entries)).unwrap();
+        serde_json::from_slice(&put_records_body(StreamId::Name("st"), &entries)).unwrap();
     let records = many["Records"].as_array().unwrap();
     assert_eq!(records.len(), sizes.len());
     for (i, r) in records.iter().enumerate() {
@@ -33,8 +36,16 @@ fn bodies_carry_the_stream_key_and_data_byte_for_byte() {
             .unwrap();
         assert_eq!(d, datas[i], "record {i}");
     }
-    let empty: serde_json::Value = serde_json::from_slice(&put_records_body("st", &[])).unwrap();
+    let empty: serde_json::Value =
+        serde_json::from_slice(&put_records_body(StreamId::Name("st"), &[])).unwrap();
     assert_eq!(empty["Records"], serde_json::json!([]));
+    // A stream given by ARN is named by it alone.
+    let arn =
+        kd_tenants::StreamArn::parse("arn:aws:kinesis:eu-west-1:222222222222:stream/st").unwrap();
+    let by_arn: serde_json::Value =
+        serde_json::from_slice(&put_records_body(StreamId::Arn(&arn), &entries)).unwrap();
+    assert_eq!(by_arn["StreamARN"], arn.as_str());
+    assert!(by_arn.get("StreamName").is_none());
 }
 
 #[test]
@@ -69,23 +80,107 @@ fn error_codes_are_read_from_the_header_or_the_body_without_namespace_or_url() {
     );
 }
 
-#[test]
-fn regional_hosts_follow_the_partition() {
+/// The host the API would send `operation` to, resolved by the SDK's endpoint rules.
+async fn host_of(
+    fips: bool,
+    dual_stack: bool,
+    region: &str,
+    arn: Option<&str>,
+    data: bool,
+) -> String {
+    let base = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .use_fips(fips)
+        .use_dual_stack(dual_stack)
+        .build();
+    let api = KinesisApi::new(&base, Default::default()).unwrap();
+    let region = Region::parse(region).unwrap();
+    let arn = arn.map(|a| kd_tenants::StreamArn::parse(a).unwrap());
+    let stream = match &arn {
+        Some(a) => StreamId::Arn(a),
+        None => StreamId::Name("s"),
+    };
+    let op = if data {
+        Operation::PutRecords
+    } else {
+        Operation::ListShards
+    };
+    let (uri, host) = api.endpoint(&region, stream, op).await.unwrap();
+    assert_eq!(uri.authority().unwrap().as_str(), host);
+    host.into_owned()
+}
+
+#[tokio::test]
+async fn endpoints_come_from_the_sdks_rules_for_every_partition() {
+    for (fips, dual, region, host) in [
+        (false, false, "eu-west-1", "kinesis.eu-west-1.amazonaws.com"),
+        // GovCloud's Kinesis endpoint is FIPS already: the SDK's rules give no
+        // kinesis-fips host there (the hand-written table did).
+        (
+            true,
+            false,
+            "us-gov-west-1",
+            "kinesis.us-gov-west-1.amazonaws.com",
+        ),
+        (
+            true,
+            false,
+            "us-east-1",
+            "kinesis-fips.us-east-1.amazonaws.com",
+        ),
+        (
+            false,
+            false,
+            "cn-north-1",
+            "kinesis.cn-north-1.amazonaws.com.cn",
+        ),
+        (false, true, "us-east-1", "kinesis.us-east-1.api.aws"),
+        (
+            false,
+            false,
+            "us-iso-east-1",
+            "kinesis.us-iso-east-1.c2s.ic.gov",
+        ),
+        (
+            false,
+            false,
+            "us-isob-east-1",
+            "kinesis.us-isob-east-1.sc2s.sgov.gov",
+        ),
+        (
+            false,
+            false,
+            "eu-isoe-west-1",
+            "kinesis.eu-isoe-west-1.cloud.adc-e.uk",
+        ),
+        (
+            false,
+            false,
+            "us-isof-south-1",
+            "kinesis.us-isof-south-1.csp.hci.ic.gov",
+        ),
+        (
+            false,
+            false,
+            "eusc-de-east-1",
+            "kinesis.eusc-de-east-1.amazonaws.eu",
+        ),
+    ] {
+        assert_eq!(
+            host_of(fips, dual, region, None, true).await,
+            host,
+            "{region}"
+        );
+    }
+    // With a stream ARN, the account's own hosts, data and control apart (as the SDK).
+    let arn = "arn:aws:kinesis:us-east-1:222222222222:stream/s";
     assert_eq!(
-        regional_host("eu-west-1", false, false),
-        "kinesis.eu-west-1.amazonaws.com"
+        host_of(false, false, "us-east-1", Some(arn), true).await,
+        "222222222222.data-kinesis.us-east-1.amazonaws.com"
     );
     assert_eq!(
-        regional_host("us-gov-west-1", true, false),
-        "kinesis-fips.us-gov-west-1.amazonaws.com"
-    );
-    assert_eq!(
-        regional_host("cn-north-1", false, false),
-        "kinesis.cn-north-1.amazonaws.com.cn"
-    );
-    assert_eq!(
-        regional_host("us-east-1", false, true),
-        "kinesis.us-east-1.api.aws"
+        host_of(false, false, "us-east-1", Some(arn), false).await,
+        "222222222222.control-kinesis.us-east-1.amazonaws.com"
     );
 }
 
@@ -105,13 +200,16 @@ fn only_open_shards_have_a_range_for_writes() {
         "NextToken": "page-2"
     }))
     .unwrap();
-    let ranges: Vec<_> = page
-        .shards
-        .iter()
-        .filter_map(ShardOutput::open_range)
-        .collect();
+    let open: Vec<_> = page.shards.iter().filter_map(ShardOutput::open).collect();
     // The second was closed by a reshard; the third's range is not a number.
-    assert_eq!(ranges, [(0, u128::MAX)]);
+    assert_eq!(
+        open,
+        [OpenShard {
+            start: 0,
+            end: u128::MAX,
+            number: 0
+        }]
+    );
     assert_eq!(page.next_token.as_deref(), Some("page-2"));
 }
 
@@ -135,15 +233,17 @@ async fn shards_are_listed_over_every_page() {
     fake.create_stream("wide", 250);
     let region = Region::parse("us-east-1").unwrap();
     let mut ranges = api
-        .open_shard_ranges(&credentials, &region, "wide", &|| "ListShards wide".into())
+        .open_shards(&credentials, &region, StreamId::Name("wide"), &|| {
+            "ListShards wide".into()
+        })
         .await
         .unwrap();
     ranges.sort();
     assert_eq!(ranges.len(), 250);
-    assert_eq!(ranges[0].0, 0);
-    assert_eq!(ranges[249].1, u128::MAX);
+    assert_eq!(ranges[0].start, 0);
+    assert_eq!(ranges[249].end, u128::MAX);
     assert!(
-        ranges.windows(2).all(|w| w[1].0 == w[0].1 + 1),
+        ranges.windows(2).all(|w| w[1].start == w[0].end + 1),
         "the ranges cover the whole hash-key space without gaps"
     );
     assert_eq!(fake.requests("ListShards"), 3);
@@ -160,7 +260,7 @@ async fn writes_land_as_sent_and_refusals_carry_the_services_code() {
         .put_record(
             &credentials,
             &region,
-            "st",
+            StreamId::Name("st"),
             Entry {
                 key: "user-1",
                 data,
@@ -185,7 +285,7 @@ async fn writes_land_as_sent_and_refusals_carry_the_services_code() {
         },
     ];
     let results = api
-        .put_records(&credentials, &region, "st", &entries, &ctx)
+        .put_records(&credentials, &region, StreamId::Name("st"), &entries, &ctx)
         .await
         .unwrap();
     assert_eq!(results.len(), 3);
@@ -209,7 +309,13 @@ async fn writes_land_as_sent_and_refusals_carry_the_services_code() {
     );
 
     let missing = api
-        .put_record(&credentials, &region, "nope", entries[0], &ctx)
+        .put_record(
+            &credentials,
+            &region,
+            StreamId::Name("nope"),
+            entries[0],
+            &ctx,
+        )
         .await
         .unwrap_err();
     assert_eq!(missing.code, "ResourceNotFoundException", "{missing}");
@@ -228,7 +334,7 @@ async fn writes_land_as_sent_and_refusals_carry_the_services_code() {
         "test",
     );
     let refused = api
-        .put_record(&forged, &region, "st", entries[0], &ctx)
+        .put_record(&forged, &region, StreamId::Name("st"), entries[0], &ctx)
         .await
         .unwrap_err();
     assert_eq!(refused.code, "InvalidSignatureException", "{refused}");
@@ -248,7 +354,7 @@ async fn an_unreachable_endpoint_is_a_retryable_network_error() {
         .put_record(
             &credentials,
             &Region::parse("us-east-1").unwrap(),
-            "st",
+            StreamId::Name("st"),
             Entry {
                 key: "k",
                 data: b"x",
@@ -291,7 +397,7 @@ async fn a_clock_more_than_five_minutes_off_is_corrected_by_the_answers_date() {
     for (offset, refusals) in [(900i64, 1), (-900, 1), (0, 1), (0, 0)] {
         fake.set_clock_offset(offset);
         let refused = fake.skew_refusals();
-        api.put_record(&credentials, &region, "st", entry, &ctx)
+        api.put_record(&credentials, &region, StreamId::Name("st"), entry, &ctx)
             .await
             .unwrap_or_else(|e| panic!("offset {offset}: {e}"));
         let learned = api.clock().offset_secs();
@@ -308,7 +414,7 @@ async fn a_clock_more_than_five_minutes_off_is_corrected_by_the_answers_date() {
     fake.omit_date(true);
     fake.set_clock_offset(1800);
     let err = api
-        .put_record(&credentials, &region, "st", entry, &ctx)
+        .put_record(&credentials, &region, StreamId::Name("st"), entry, &ctx)
         .await
         .unwrap_err();
     assert_eq!(err.code, "InvalidSignatureException", "{err}");
@@ -316,7 +422,7 @@ async fn a_clock_more_than_five_minutes_off_is_corrected_by_the_answers_date() {
     assert!(err.message.contains("Signature expired"), "{err}");
     assert!(!readiness.is_ready());
     fake.omit_date(false);
-    api.put_record(&credentials, &region, "st", entry, &ctx)
+    api.put_record(&credentials, &region, StreamId::Name("st"), entry, &ctx)
         .await
         .unwrap();
     assert!(readiness.is_ready());
@@ -352,7 +458,7 @@ async fn requests_name_the_product_and_answers_are_read_within_a_bound() {
         .put_record(
             &credentials,
             &Region::parse("us-east-1").unwrap(),
-            "st",
+            StreamId::Name("st"),
             Entry {
                 key: "k",
                 data: b"x",

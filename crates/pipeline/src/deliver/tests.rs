@@ -378,24 +378,31 @@ fn sized_job(
 fn events_join_an_aggregate_only_of_the_same_settings_partition_and_size() {
     let tracker = OffsetTracker::new(CancellationToken::new());
     tracker.assign([("events", 0), ("events", 1)]);
+    let known = |t: &TenantSettings| t.default_max_record_bytes();
     let t = aggregating(1024);
     let group = vec![sized_job(&tracker, &t, 0, 1, 100)];
     assert!(joins_aggregate(
         &group,
         &sized_job(&tracker, &t, 0, 2, 100),
-        10
+        10,
+        known
     ));
     assert!(
-        !joins_aggregate(&group, &sized_job(&tracker, &t, 0, 2, 100), 1),
+        !joins_aggregate(&group, &sized_job(&tracker, &t, 0, 2, 100), 1, known),
         "the group is full"
     );
     assert!(
-        !joins_aggregate(&group, &sized_job(&tracker, &t, 1, 2, 100), 10),
+        !joins_aggregate(&group, &sized_job(&tracker, &t, 1, 2, 100), 10, known),
         "another partition"
     );
     let reloaded = aggregating(1024);
     assert!(
-        !joins_aggregate(&group, &sized_job(&tracker, &reloaded, 0, 2, 100), 10),
+        !joins_aggregate(
+            &group,
+            &sized_job(&tracker, &reloaded, 0, 2, 100),
+            10,
+            known
+        ),
         "settings reloaded since the group's first event"
     );
     let plain = tenant("s");
@@ -403,7 +410,8 @@ fn events_join_an_aggregate_only_of_the_same_settings_partition_and_size() {
     assert!(!joins_aggregate(
         &group_plain,
         &sized_job(&tracker, &plain, 0, 4, 100),
-        10
+        10,
+        known
     ));
     // Size: within the stream's record size, and never over 1 MiB.
     let small = aggregating(1);
@@ -411,17 +419,27 @@ fn events_join_an_aggregate_only_of_the_same_settings_partition_and_size() {
     assert!(joins_aggregate(
         &g,
         &sized_job(&tracker, &small, 0, 6, 400),
-        10
+        10,
+        known
     ));
     assert!(!joins_aggregate(
         &g,
         &sized_job(&tracker, &small, 0, 6, 700),
-        10
+        10,
+        known
     ));
-    let big = aggregating(10240);
+    // A stream not described yet is taken to accept 1 MiB; one described as raised to
+    // 10 MiB takes a larger aggregate.
+    let big = tenant("s2");
+    let big = Arc::new(TenantSettings {
+        aggregate: true,
+        ..(*big).clone()
+    });
     let g = vec![sized_job(&tracker, &big, 0, 7, 600 * 1024)];
+    let next = sized_job(&tracker, &big, 0, 8, 600 * 1024);
     assert!(
-        !joins_aggregate(&g, &sized_job(&tracker, &big, 0, 8, 600 * 1024), 10),
+        !joins_aggregate(&g, &next, 10, known),
         "1.2 MiB: over what every stream accepts"
     );
+    assert!(joins_aggregate(&g, &next, 10, |_| 10 * 1024 * 1024));
 }

@@ -26,6 +26,7 @@ pub(super) fn even_shards(n: u32) -> Vec<Shard> {
                 (i + 1) * step - 1
             },
             window: VecDeque::new(),
+            closed: false,
         })
         .collect()
 }
@@ -39,7 +40,70 @@ fn stream_not_found(name: &str) -> Response {
 }
 
 fn stream_name(req: &Value) -> String {
+    if let Some(arn) = req["StreamARN"].as_str() {
+        return arn
+            .rsplit_once(":stream/")
+            .map_or("", |(_, n)| n)
+            .to_owned();
+    }
     req["StreamName"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The stream a call names and whether the caller may make it: by ARN, the ARN must be
+/// the stream's (its account and region); a caller of another account than the
+/// stream's is let in only by the stream's resource policy, as AWS evaluates
+/// cross-account access (both the caller's identity policy and the resource policy
+/// must allow; the fake's identities allow everything).
+fn authorize(
+    inner: &Inner,
+    req: &Value,
+    access_key: &str,
+    operation: &str,
+) -> Result<String, Box<Response>> {
+    let name = stream_name(req);
+    if req.get("StreamARN").is_some() && req.get("StreamName").is_some() {
+        return Err(Box::new(json_error(
+            400,
+            "InvalidArgumentException",
+            "StreamARN and StreamName cannot be provided together.",
+        )));
+    }
+    let Some(stream) = inner.streams.get(&name) else {
+        return Err(Box::new(stream_not_found(&name)));
+    };
+    let Some((account, region)) = &stream.owner else {
+        return Ok(name);
+    };
+    let arn = format!("arn:aws:kinesis:{region}:{account}:stream/{name}");
+    if let Some(given) = req["StreamARN"].as_str() {
+        if given != arn {
+            return Err(Box::new(stream_not_found(given)));
+        }
+    }
+    let Some(caller) = inner.issued.get(access_key) else {
+        return Ok(name);
+    };
+    let caller_account = caller.role.split(':').nth(4).unwrap_or_default();
+    if caller_account == account {
+        return Ok(name);
+    }
+    let action = format!("kinesis:{operation}");
+    let allowed = stream
+        .policy
+        .as_ref()
+        .is_some_and(|p| super::policy::allows(p, &caller.role, &caller.tags, &action, &arn));
+    if allowed {
+        Ok(name)
+    } else {
+        Err(Box::new(json_error(
+            400,
+            "AccessDeniedException",
+            &format!(
+                "User: {}/session is not authorized to perform: {action} on resource: {arn} because no resource-based policy allows the {action} action",
+                caller.role.replace(":iam::", ":sts::").replace(":role/", ":assumed-role/")
+            ),
+        )))
+    }
 }
 
 fn hash_key(partition_key: &str) -> u128 {
@@ -98,7 +162,7 @@ fn accept(stream: &mut Stream, partition_key: &str, bytes: usize) -> Result<Stri
     let shard = stream
         .shards
         .iter_mut()
-        .find(|s| s.start <= h && h <= s.end)
+        .find(|s| !s.closed && s.start <= h && h <= s.end)
         .ok_or("no shard")?;
     if let Some((max_records, max_bytes)) = capacity {
         let now = Instant::now();
@@ -124,9 +188,12 @@ pub(super) async fn put(
     req: &Value,
     access_key: &str,
 ) -> Response {
-    let name = stream_name(req);
     let effect = {
         let mut guard = inner.lock().unwrap();
+        let name = match authorize(&guard, req, access_key, operation) {
+            Ok(name) => name,
+            Err(refused) => return *refused,
+        };
         let role_denied = guard.issued.get(access_key).is_some_and(|c| {
             guard.denied_roles.contains(&c.role)
                 || guard
@@ -144,8 +211,42 @@ pub(super) async fn put(
                 &format!("User is not authorized to perform: kinesis:{operation} on resource stream/{name}"),
             );
         }
-        fault_effect(stream)
+        // Kinesis' limits: each record up to the stream's maximum (1 MiB unless
+        // raised, up to 10 MiB), a PutRecords request up to 10 MiB and 500 records.
+        let max = stream.max_record_kib.unwrap_or(1024) as usize * 1024;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let sizes: Vec<usize> = if operation == "PutRecord" {
+            vec![req]
+        } else {
+            req["Records"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default()
+        }
+        .iter()
+        .map(|e| {
+            let data = e["Data"].as_str().unwrap_or_default();
+            b64.decode(data).map_or(0, |d| d.len())
+                + e["PartitionKey"].as_str().unwrap_or_default().len()
+        })
+        .collect();
+        if let Some(size) = sizes.iter().find(|n| **n > max) {
+            return json_error(
+                400,
+                "ValidationException",
+                &format!("1 validation error detected: Value at 'data' failed to satisfy constraint: Member must have length less than or equal to {max} (record of {size} bytes)"),
+            );
+        }
+        if sizes.len() > 500 || sizes.iter().sum::<usize>() > 10 * 1024 * 1024 {
+            return json_error(
+                400,
+                "InvalidArgumentException",
+                "Records size exceeds 10 MB limit or more than 500 records",
+            );
+        }
+        (name, fault_effect(stream))
     };
+    let (name, effect) = effect;
     let partial = match effect {
         Effect::Fail(r) => return r,
         Effect::Delay(d) => {
@@ -222,7 +323,7 @@ pub(super) async fn put(
 /// may answer fewer; a small page makes every multi-page stream of the tests page.
 const LIST_SHARDS_PAGE: usize = 100;
 
-pub(super) fn list_shards(inner: &Mutex<Inner>, req: &Value) -> Response {
+pub(super) fn list_shards(inner: &Mutex<Inner>, req: &Value, access_key: &str) -> Response {
     let inner = inner.lock().unwrap();
     // A later page names only its token (`<stream>/<first shard>`), as AWS requires.
     let (name, from) = match req.get("NextToken").and_then(Value::as_str) {
@@ -242,7 +343,10 @@ pub(super) fn list_shards(inner: &Mutex<Inner>, req: &Value) -> Response {
                 None => return json_error(400, "InvalidArgumentException", "invalid NextToken"),
             }
         }
-        None => (stream_name(req), 0usize),
+        None => match authorize(&inner, req, access_key, "ListShards") {
+            Ok(name) => (name, 0usize),
+            Err(refused) => return *refused,
+        },
     };
     let Some(stream) = inner.streams.get(&name) else {
         return stream_not_found(&name);
@@ -253,9 +357,14 @@ pub(super) fn list_shards(inner: &Mutex<Inner>, req: &Value) -> Response {
         .skip(from)
         .take(LIST_SHARDS_PAGE)
         .map(|s| {
+            let range = if s.closed {
+                json!({"StartingSequenceNumber": "0", "EndingSequenceNumber": "9"})
+            } else {
+                json!({"StartingSequenceNumber": "0"})
+            };
             json!({"ShardId": s.id,
                 "HashKeyRange": {"StartingHashKey": s.start.to_string(), "EndingHashKey": s.end.to_string()},
-                "SequenceNumberRange": {"StartingSequenceNumber": "0"}})
+                "SequenceNumberRange": range})
         })
         .collect();
     let next = from + LIST_SHARDS_PAGE;
@@ -266,16 +375,34 @@ pub(super) fn list_shards(inner: &Mutex<Inner>, req: &Value) -> Response {
     }
 }
 
-pub(super) fn describe(inner: &Mutex<Inner>, req: &Value) -> Response {
+pub(super) fn describe(inner: &Mutex<Inner>, req: &Value, access_key: &str) -> Response {
     let inner = inner.lock().unwrap();
-    let name = stream_name(req);
+    let name = match authorize(&inner, req, access_key, "DescribeStreamSummary") {
+        Ok(name) => name,
+        Err(refused) => return *refused,
+    };
     let Some(stream) = inner.streams.get(&name) else {
         return stream_not_found(&name);
     };
-    json_ok(json!({"StreamDescriptionSummary": {
-        "StreamName": name, "StreamARN": format!("arn:aws:kinesis:us-east-1:000000000000:stream/{name}"),
-        "StreamStatus": "ACTIVE", "RetentionPeriodHours": 24, "StreamCreationTimestamp": 0,
-        "EnhancedMonitoring": [], "OpenShardCount": stream.shards.len()}}))
+    let (account, region) = stream
+        .owner
+        .clone()
+        .unwrap_or_else(|| ("000000000000".into(), "us-east-1".into()));
+    let mode = if stream.on_demand {
+        "ON_DEMAND"
+    } else {
+        "PROVISIONED"
+    };
+    let mut summary = json!({
+        "StreamName": name, "StreamARN": format!("arn:aws:kinesis:{region}:{account}:stream/{name}"),
+        "StreamStatus": "ACTIVE", "StreamModeDetails": {"StreamMode": mode},
+        "RetentionPeriodHours": 24, "StreamCreationTimestamp": 0,
+        "EnhancedMonitoring": [], "OpenShardCount": stream.shards.iter().filter(|s| !s.closed).count()});
+    // Answers before 2025 had no MaxRecordSizeInKiB; the fake leaves it out unless set.
+    if let Some(kib) = stream.max_record_kib {
+        summary["MaxRecordSizeInKiB"] = json!(kib);
+    }
+    json_ok(json!({ "StreamDescriptionSummary": summary }))
 }
 
 pub(super) fn json_ok(body: Value) -> Response {

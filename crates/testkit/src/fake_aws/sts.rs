@@ -95,6 +95,16 @@ pub(super) fn sts(inner: &Mutex<Inner>, body: &[u8]) -> Response {
             );
         }
     }
+    // Session tags (`Tags.member.N.Key` / `.Value`), which a resource policy's
+    // `aws:PrincipalTag/...` condition reads.
+    let tags: Vec<(String, String)> = (1..=50)
+        .map_while(|i| {
+            Some((
+                get(&format!("Tags.member.{i}.Key"))?,
+                get(&format!("Tags.member.{i}.Value")).unwrap_or_default(),
+            ))
+        })
+        .collect();
     let n = inner.assume_role.len();
     let lifetime = inner
         .credential_lifetime
@@ -108,6 +118,7 @@ pub(super) fn sts(inner: &Mutex<Inner>, body: &[u8]) -> Response {
             expires,
             secret: format!("fake-secret-{n}"),
             token: format!("fake-token-{n}"),
+            tags,
         },
     );
     let expires = aws_smithy_types::DateTime::from(expires)
