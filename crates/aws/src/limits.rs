@@ -282,6 +282,22 @@ impl StreamLimits {
         !self.0.listing.load(Ordering::Acquire) && self.0.listing_due()
     }
 
+    /// A record of `partition_key` landed on shard number `shard`: when the map puts the
+    /// key on another shard, the stream was resharded under us and is listed again.
+    pub fn landed(&self, partition_key: &str, shard: u64) {
+        let limiter = &self.0;
+        if let ShardMap::Known { shards, .. } = &**limiter.shards.load() {
+            let expected = find_shard(shards, hash_key(partition_key)).map(|s| s.number);
+            if expected != Some(shard) && !limiter.stale.swap(true, Ordering::Relaxed) {
+                tracing::debug!(
+                    shard,
+                    ?expected,
+                    "a write landed outside the shard map; listing the shards again"
+                );
+            }
+        }
+    }
+
     /// Lists the shards and describes the stream in the background, when due.
     pub fn refresh_if_due(
         &self,
@@ -517,18 +533,6 @@ impl RateLimits {
                 }
             }
             _ => limiter.stream.load().throttled(),
-        }
-    }
-
-    /// A record of `partition_key` landed on shard number `shard`: when the map puts the
-    /// key on another shard, the stream was resharded under us and is listed again.
-    pub fn landed(&self, tenant: &TenantSettings, partition_key: &str, shard: u64) {
-        let limiter = self.limiter(tenant);
-        if let ShardMap::Known { shards, .. } = &**limiter.shards.load() {
-            let expected = find_shard(shards, hash_key(partition_key)).map(|s| s.number);
-            if expected != Some(shard) && !limiter.stale.swap(true, Ordering::Relaxed) {
-                tracing::debug!(stream = %tenant.stream_label(), shard, ?expected, "a write landed outside the shard map; listing the shards again");
-            }
         }
     }
 

@@ -268,7 +268,7 @@ impl KinesisWriter {
         match result {
             Ok(written) => {
                 if let Some(shard) = crate::api::shard_number(&written.shard_id) {
-                    self.limits.landed(tenant, key.as_str(), shard);
+                    stream.landed(key.as_str(), shard);
                 }
                 Ok(())
             }
@@ -377,7 +377,9 @@ impl KinesisWriter {
                 if let (Some(first), Some(shard)) =
                     (batch.first(), results.first().and_then(|r| r.shard))
                 {
-                    self.limits.landed(&tenant, first.key.as_str(), shard);
+                    self.limits
+                        .stream(&tenant)
+                        .landed(first.key.as_str(), shard);
                 }
                 let outcomes = record_outcomes(&results, batch.len(), &ctx);
                 for (p, outcome) in batch.into_iter().zip(outcomes) {
