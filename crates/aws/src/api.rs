@@ -11,7 +11,6 @@
 //!
 //! Owns the wire format only: which failures are retried is [`crate::errors`]'s call.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,7 +121,7 @@ const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 #[derive(Debug, Clone)]
 enum Endpoint {
     /// One endpoint for every region (LocalStack, a test fake, a VPC endpoint).
-    Fixed { uri: http::Uri, host: String },
+    Fixed { uri: http::Uri, host: Arc<str> },
     /// AWS's own, as the SDK's endpoint rules make them: every partition, FIPS and
     /// dual-stack, and for a call naming a stream ARN the account's own host
     /// (`ACCOUNT.data-kinesis.REGION...`, `ACCOUNT.control-kinesis...`).
@@ -330,7 +329,10 @@ impl KinesisApi {
                         "aws.endpoint_url {url:?}: its path may hold only letters, digits, `-._~` and single slashes, and no query"
                     ));
                 }
-                Endpoint::Fixed { uri, host }
+                Endpoint::Fixed {
+                    uri,
+                    host: host.into(),
+                }
             }
             None => Endpoint::Resolved(Arc::new(Resolved {
                 fips: base.use_fips().unwrap_or(false),
@@ -642,11 +644,9 @@ impl KinesisApi {
         region: &Region,
         stream: StreamId<'_>,
         operation: Operation,
-    ) -> Result<(http::Uri, Cow<'_, str>), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(http::Uri, Arc<str>), Box<dyn std::error::Error + Send + Sync>> {
         let resolved = match &self.endpoint {
-            Endpoint::Fixed { uri, host } => {
-                return Ok((uri.clone(), Cow::Borrowed(host.as_str())))
-            }
+            Endpoint::Fixed { uri, host } => return Ok((uri.clone(), host.clone())),
             Endpoint::Resolved(resolved) => resolved,
         };
         let (account, arn) = match stream {
@@ -660,7 +660,7 @@ impl KinesisApi {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
         {
-            return Ok((uri.clone(), Cow::Owned(host.to_string())));
+            return Ok((uri.clone(), host.clone()));
         }
         use aws_sdk_kinesis::config::endpoint::{Params, ResolveEndpoint};
         let params = Params::builder()
@@ -691,7 +691,7 @@ impl KinesisApi {
             hosts.clear();
         }
         hosts.insert(key, (uri.clone(), host.clone()));
-        Ok((uri, Cow::Owned(host.to_string())))
+        Ok((uri, host))
     }
 }
 

@@ -1408,17 +1408,18 @@ mod tests {
                     }
                 })
                 .collect();
-            let f = Some(Fairness {
+            let fairness = Fairness {
                 contended_at: below(rng.random_range(2..12)),
                 per_source: below(rng.random_range(1..6)),
                 max_handled_ahead: 1000,
                 // Against a clock that moves 1.5 ms a read on average: from skipping
                 // every tenant over its share to skipping only the slow ones.
                 drain_target: Duration::from_millis(rng.random_range(0..30)),
-            });
+            };
+            let f = Some(fairness);
             let (partition_below, source_below) = (
-                below(f.unwrap().contended_at.events.div_ceil(2)),
-                f.unwrap().per_source,
+                below(fairness.contended_at.events.div_ceil(2)),
+                fairness.per_source,
             );
             let mut position = 0i64;
             let (t0, mut clock) = (Instant::now(), Duration::ZERO);
@@ -1433,7 +1434,7 @@ mod tests {
                     // contention point here), as the consume loop does.
                     0..=4
                         if position < EVENTS
-                            && t.in_flight() < 2 * f.unwrap().contended_at.events =>
+                            && t.in_flight() < 2 * fairness.contended_at.events =>
                     {
                         let o = position;
                         position += 1;

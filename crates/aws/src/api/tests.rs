@@ -106,8 +106,8 @@ async fn host_of(
         Operation::ListShards
     };
     let (uri, host) = api.endpoint(&region, stream, op).await.unwrap();
-    assert_eq!(uri.authority().unwrap().as_str(), host);
-    host.into_owned()
+    assert_eq!(uri.authority().unwrap().as_str(), &*host);
+    host.to_string()
 }
 
 #[tokio::test]
@@ -341,28 +341,31 @@ async fn writes_land_as_sent_and_refusals_carry_the_services_code() {
     assert_eq!(fake.records_of("st").len(), 4);
 }
 
-#[tokio::test]
-async fn an_unreachable_endpoint_is_a_retryable_network_error() {
-    let port = kd_testkit::free_port();
+/// One PutRecord of a small record to stream `st`, at `127.0.0.1:port`.
+async fn put_one_at(port: u16) -> Result<Written, AwsError> {
     let base = aws_config::SdkConfig::builder()
         .behavior_version(aws_config::BehaviorVersion::latest())
         .endpoint_url(format!("http://127.0.0.1:{port}"))
         .build();
     let api = KinesisApi::new(&base, Default::default()).unwrap();
     let credentials = Credentials::new("a", "b", None, None, "test");
-    let err = api
-        .put_record(
-            &credentials,
-            &Region::parse("us-east-1").unwrap(),
-            StreamId::Name("st"),
-            Entry {
-                key: "k",
-                data: b"x",
-            },
-            &|| "PutRecord to stream st".into(),
-        )
-        .await
-        .unwrap_err();
+    api.put_record(
+        &credentials,
+        &Region::parse("us-east-1").unwrap(),
+        StreamId::Name("st"),
+        Entry {
+            key: "k",
+            data: b"x",
+        },
+        &|| "PutRecord to stream st".into(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_a_retryable_network_error() {
+    let port = kd_testkit::free_port();
+    let err = put_one_at(port).await.unwrap_err();
     assert_eq!(err.code, "NetworkError", "{err}");
     assert_eq!(err.class, crate::ErrorClass::Retryable);
 }
@@ -448,25 +451,7 @@ async fn requests_name_the_product_and_answers_are_read_within_a_bound() {
         let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, "x".repeat(64 * 1024));
         while conn.write_all(chunk.as_bytes()).await.is_ok() {}
     });
-    let base = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .endpoint_url(format!("http://127.0.0.1:{port}"))
-        .build();
-    let api = KinesisApi::new(&base, Default::default()).unwrap();
-    let credentials = Credentials::new("a", "b", None, None, "test");
-    let err = api
-        .put_record(
-            &credentials,
-            &Region::parse("us-east-1").unwrap(),
-            StreamId::Name("st"),
-            Entry {
-                key: "k",
-                data: b"x",
-            },
-            &|| "PutRecord to stream st".into(),
-        )
-        .await
-        .unwrap_err();
+    let err = put_one_at(port).await.unwrap_err();
     assert_eq!(err.code, "ResponseError", "{err}");
     assert!(err.message.contains("longer than"), "{err}");
     assert_eq!(err.class, crate::ErrorClass::Retryable);

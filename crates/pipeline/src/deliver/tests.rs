@@ -12,8 +12,11 @@ use super::*;
 
 /// Answers every write with what `answer` says for the stream written to, and
 /// remembers which stream each attempt went to.
+/// What a scripted write answers, given the stream it went to.
+type Answer = Box<dyn Fn(&str) -> Result<(), AwsError> + Send + Sync>;
+
 struct Scripted {
-    answer: Box<dyn Fn(&str) -> Result<(), AwsError> + Send + Sync>,
+    answer: Answer,
     streams: Mutex<Vec<String>>,
     /// How long the first write takes (a wait for stream capacity, say).
     first_takes: Duration,
@@ -156,7 +159,7 @@ fn reason(outcome: &Outcome) -> Option<Reason> {
 #[tokio::test(start_paused = true)]
 async fn retryable_failures_are_retried_until_the_window_after_production_runs_out() {
     let t = tenant("s");
-    let (r, writer) = retrying(throttled, store(&[t.clone()]));
+    let (r, writer) = retrying(throttled, store(std::slice::from_ref(&t)));
     let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::ZERO)).await;
     assert_eq!(
         reason(&outcome),
@@ -180,7 +183,7 @@ async fn retryable_failures_are_retried_until_the_window_after_production_runs_o
 #[tokio::test(start_paused = true)]
 async fn an_event_taken_over_late_in_its_window_gets_only_what_is_left() {
     let t = tenant("s");
-    let (r, _) = retrying(throttled, store(&[t.clone()]));
+    let (r, _) = retrying(throttled, store(std::slice::from_ref(&t)));
     let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::from_secs(3000))).await;
     assert_eq!(reason(&outcome), Some(Reason::RetriesExhausted));
     assert!(
@@ -192,7 +195,7 @@ async fn an_event_taken_over_late_in_its_window_gets_only_what_is_left() {
 #[tokio::test(start_paused = true)]
 async fn a_backlog_older_than_the_window_is_still_retried_for_the_least_time() {
     let t = tenant("s");
-    let (r, _) = retrying(throttled, store(&[t.clone()]));
+    let (r, _) = retrying(throttled, store(std::slice::from_ref(&t)));
     let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::from_secs(5 * 3600))).await;
     assert_eq!(reason(&outcome), Some(Reason::RetriesExhausted));
     let Outcome::DeadLetter(dl) = &outcome else {
@@ -214,7 +217,7 @@ async fn permanent_failures_are_confirmed_for_their_own_window_then_rejected() {
     let t = tenant("s");
     let (r, _) = retrying(
         |_| Err(error(ErrorClass::Permanent, "AccessDeniedException")),
-        store(&[t.clone()]),
+        store(std::slice::from_ref(&t)),
     );
     let (outcome, took) = timed(&r, &job(&tracker(), t, Duration::ZERO)).await;
     assert_eq!(reason(&outcome), Some(Reason::DestinationRejected));
@@ -236,7 +239,7 @@ async fn a_write_that_succeeds_after_failures_is_written() {
                 Ok(())
             }
         },
-        store(&[t.clone()]),
+        store(std::slice::from_ref(&t)),
     );
     let outcome = r.write(&job(&tracker(), t, Duration::ZERO)).await;
     assert!(matches!(outcome, Outcome::Written), "{outcome:?}");
@@ -246,7 +249,7 @@ async fn a_write_that_succeeds_after_failures_is_written() {
 #[tokio::test(start_paused = true)]
 async fn a_fixed_stream_in_the_settings_is_used_from_the_next_attempt() {
     let broken = tenant("missing");
-    let tenants = store(&[broken.clone()]);
+    let tenants = store(std::slice::from_ref(&broken));
     let (r, writer) = retrying(
         |stream| match stream {
             "missing" => Err(error(ErrorClass::Permanent, "ResourceNotFoundException")),
@@ -269,7 +272,7 @@ async fn a_fixed_stream_in_the_settings_is_used_from_the_next_attempt() {
 #[tokio::test(start_paused = true)]
 async fn a_tenant_removed_while_its_event_waits_is_an_unknown_source() {
     let t = tenant("s");
-    let tenants = store(&[t.clone()]);
+    let tenants = store(std::slice::from_ref(&t));
     let (r, _) = retrying(throttled, tenants.clone());
     let remove = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -283,7 +286,7 @@ async fn a_tenant_removed_while_its_event_waits_is_an_unknown_source() {
 #[tokio::test(start_paused = true)]
 async fn a_revoked_partition_cancels_the_retries_without_an_outcome_to_acknowledge() {
     let t = tenant("s");
-    let (r, _) = retrying(throttled, store(&[t.clone()]));
+    let (r, _) = retrying(throttled, store(std::slice::from_ref(&t)));
     let tracker = tracker();
     let job = job(&tracker, t, Duration::ZERO);
     let cancel = job.ticket.cancel.clone();
@@ -300,7 +303,7 @@ async fn a_revoked_partition_cancels_the_retries_without_an_outcome_to_acknowled
 #[tokio::test(start_paused = true)]
 async fn the_least_time_counts_from_the_first_failure_not_from_a_long_first_wait() {
     let t = tenant("s");
-    let (mut r, _) = retrying(throttled, store(&[t.clone()]));
+    let (mut r, _) = retrying(throttled, store(std::slice::from_ref(&t)));
     // The first write of a backlog event waits 10 minutes (for stream capacity, say)
     // before it is throttled: it still gets its 5 minutes of retries after that.
     Arc::get_mut(&mut r.writer).unwrap().first_takes = Duration::from_secs(600);
@@ -315,7 +318,7 @@ async fn the_least_time_counts_from_the_first_failure_not_from_a_long_first_wait
 #[tokio::test(start_paused = true)]
 async fn an_event_without_a_timestamp_says_so_when_it_gives_up() {
     let t = tenant("s");
-    let (r, _) = retrying(throttled, store(&[t.clone()]));
+    let (r, _) = retrying(throttled, store(std::slice::from_ref(&t)));
     let tracker = tracker();
     let mut job = job(&tracker, t, Duration::ZERO);
     let msg = OwnedMessage::new(

@@ -182,6 +182,18 @@ fn accept(stream: &mut Stream, partition_key: &str, bytes: usize) -> Result<Stri
     Ok(shard.id.clone())
 }
 
+/// The records of a PutRecord (the request itself) or PutRecords call.
+fn entries<'a>(operation: &str, req: &'a Value) -> Vec<&'a Value> {
+    if operation == "PutRecord" {
+        vec![req]
+    } else {
+        req["Records"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default()
+    }
+}
+
 pub(super) async fn put(
     inner: &Mutex<Inner>,
     operation: &str,
@@ -214,24 +226,17 @@ pub(super) async fn put(
         // Kinesis' limits: each record up to the stream's maximum (1 MiB unless
         // raised, up to 10 MiB), a PutRecords request up to 10 MiB and 500 records.
         let max = stream.max_record_kib.unwrap_or(1024) as usize * 1024;
-        let sizes: Vec<usize> = if operation == "PutRecord" {
-            vec![req]
-        } else {
-            req["Records"]
-                .as_array()
-                .map(|a| a.iter().collect())
-                .unwrap_or_default()
-        }
-        .iter()
-        .map(|e| {
-            // The decoded size from the base64 text's length, without decoding it here
-            // under the lock (the fake must keep up with thousands of writes a second).
-            let data = e["Data"].as_str().unwrap_or_default();
-            let padding = data.bytes().rev().take_while(|b| *b == b'=').count();
-            (data.len() / 4 * 3).saturating_sub(padding)
-                + e["PartitionKey"].as_str().unwrap_or_default().len()
-        })
-        .collect();
+        let sizes: Vec<usize> = entries(operation, req)
+            .iter()
+            .map(|e| {
+                // The decoded size from the base64 text's length, without decoding it here
+                // under the lock (the fake must keep up with thousands of writes a second).
+                let data = e["Data"].as_str().unwrap_or_default();
+                let padding = data.bytes().rev().take_while(|b| *b == b'=').count();
+                (data.len() / 4 * 3).saturating_sub(padding)
+                    + e["PartitionKey"].as_str().unwrap_or_default().len()
+            })
+            .collect();
         if let Some(size) = sizes.iter().find(|n| **n > max) {
             return json_error(
                 400,
@@ -264,14 +269,7 @@ pub(super) async fn put(
     let Some(stream) = inner.streams.get_mut(&name) else {
         return stream_not_found(&name);
     };
-    let entries: Vec<&Value> = if operation == "PutRecord" {
-        vec![req]
-    } else {
-        req["Records"]
-            .as_array()
-            .map(|a| a.iter().collect())
-            .unwrap_or_default()
-    };
+    let entries = entries(operation, req);
     let mut results = Vec::new();
     let mut failed = 0;
     for (i, e) in entries.iter().enumerate() {
