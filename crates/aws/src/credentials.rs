@@ -174,27 +174,54 @@ impl CredentialCache {
     }
 
     /// The role assumed for `tenant` and what distinguishes its session.
+    ///
+    /// Two tenants are refused here, whatever IAM would say: one that names the worker's
+    /// writer role as its own `roleAddress` (a session of it without the source tag is
+    /// no tenant's), and a resource-policy tenant whose stream is in the writer role's
+    /// own account (the writer role may write there by its identity policy alone, with
+    /// no stream policy granting anything to this tenant).
     fn key(&self, tenant: &TenantSettings) -> Result<Key, AwsError> {
+        let refuse = |code: &str, message: String| AwsError {
+            class: crate::ErrorClass::Permanent,
+            code: code.into(),
+            message,
+        };
+        let writer = self.settings.resource_policy_role.as_ref();
         match &tenant.access {
+            Access::Role(role) if writer == Some(role) => Err(refuse(
+                "WriterRoleRefused",
+                format!(
+                    "source {} names the worker's own writer role as its roleAddress; a tenant's role must be its own",
+                    tenant.source_id
+                ),
+            )),
             Access::Role(role) => Ok(Key {
                 role: role.clone(),
                 external_id: tenant.external_id_shared(),
                 tagged: false,
             }),
-            Access::ResourcePolicy => match &self.settings.resource_policy_role {
+            Access::ResourcePolicy => match writer {
+                Some(role) if role.account() == &*tenant.account => Err(refuse(
+                    "OwnAccountStreamRefused",
+                    format!(
+                        "source {}'s stream {} is in the worker's own account; resource-policy mode writes only to tenants' accounts",
+                        tenant.source_id,
+                        tenant.stream_label()
+                    ),
+                )),
                 Some(role) => Ok(Key {
                     role: role.clone(),
                     external_id: tenant.source_id.shared(),
                     tagged: true,
                 }),
-                None => Err(AwsError {
-                    class: crate::ErrorClass::Permanent,
-                    code: "NoResourcePolicyRole".into(),
-                    message: format!(
+                None => Err(refuse(
+                    "NoResourcePolicyRole",
+                    format!(
                         "source {} has no roleAddress (resource-policy mode) and the worker has no aws.resource_policy_role to write to {} with",
-                        tenant.source_id, tenant.stream_label()
+                        tenant.source_id,
+                        tenant.stream_label()
                     ),
-                }),
+                )),
             },
         }
     }
@@ -500,4 +527,4 @@ mod refresh_tests {
 }
 
 #[cfg(test)]
-mod cache_tests;
+pub(crate) mod cache_tests;

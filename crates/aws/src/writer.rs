@@ -62,9 +62,17 @@ pub struct Writer {
 /// `PutRecords` is tried again (its policy may have been extended meanwhile).
 pub const PUT_RECORDS_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// A role (or the stream's resource policy) and a stream: what a `PutRecords` refusal
-/// is remembered for.
-type RefusedKey = (Access, std::sync::Arc<str>, Region, StreamName);
+/// A role (or the stream's resource policy and the source ID it was granted to) and a
+/// stream: what a `PutRecords` refusal is remembered for. Resource-policy tenants all
+/// sign as the worker's writer role, so one tenant's refusal must not switch batching
+/// off for another's grant on the same stream.
+type RefusedKey = (
+    Access,
+    Option<std::sync::Arc<str>>,
+    std::sync::Arc<str>,
+    Region,
+    StreamName,
+);
 
 /// The remembered refusals, with their count readable without the lock: every batched
 /// record asks, and almost always none is remembered.
@@ -90,8 +98,13 @@ impl Refusals {
 }
 
 fn refused_key(tenant: &TenantSettings) -> RefusedKey {
+    let grantee = match tenant.access {
+        Access::Role(_) => None,
+        Access::ResourcePolicy => Some(tenant.source_id.shared()),
+    };
     (
         tenant.access.clone(),
+        grantee,
         tenant.account.clone(),
         tenant.region.clone(),
         tenant.stream.clone(),

@@ -22,7 +22,7 @@ fn tenant(source: &str, secret: Option<&str>) -> TenantSettings {
 }
 
 /// A cache whose STS is the fake, signing as a worker with static credentials.
-fn cache(fake: &FakeAws, settings: CredentialSettings) -> CredentialCache {
+pub(crate) fn cache(fake: &FakeAws, settings: CredentialSettings) -> CredentialCache {
     let base = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -119,4 +119,54 @@ async fn sessions_are_replaced_before_their_credentials_expire() {
     tokio::time::sleep(Duration::from_millis(4700)).await;
     cache.session(&t).await.unwrap();
     assert_eq!(calls(&fake), 2, "replaced ahead of expiry");
+}
+
+#[tokio::test]
+async fn resource_policy_tenants_get_tagged_sessions_of_the_writer_role_but_never_our_own_streams()
+{
+    let fake = FakeAws::start().await;
+    let writer = "arn:aws:iam::222222222222:role/kinesis-destination-writer";
+    let settings = CredentialSettings {
+        resource_policy_role: Some(RoleArn::parse(writer).unwrap()),
+        ..CredentialSettings::default()
+    };
+    let cache = cache(&fake, settings);
+    let by_policy = |source: &str, account: &str| {
+        kd_tenants::parse_tenant(&json!({"sourceId": source,
+            "streamArn": format!("arn:aws:kinesis:us-east-1:{account}:stream/s")}))
+        .unwrap()
+    };
+
+    // Two tenants of one shared stream: a session each, both of the writer role.
+    cache
+        .session(&by_policy("src_a", "111111111111"))
+        .await
+        .unwrap();
+    cache
+        .session(&by_policy("src_b", "111111111111"))
+        .await
+        .unwrap();
+    let assumed = fake.assume_role_calls();
+    assert_eq!(assumed.len(), 2, "one tagged session per source ID");
+    assert!(assumed.iter().all(|c| c.role_arn == writer), "{assumed:?}");
+
+    // A stream in the writer role's own account: refused before STS is asked.
+    let own = cache
+        .session(&by_policy("src_c", "222222222222"))
+        .await
+        .unwrap_err();
+    assert_eq!(own.code, "OwnAccountStreamRefused");
+    assert_eq!(own.class, crate::ErrorClass::Permanent, "{own}");
+
+    // A tenant that names the writer role as its own role: refused too.
+    let mut v = json!({"sourceId": "src_d", "region": "us-east-1", "stream": "s",
+        "roleAddress": writer});
+    v["secretId"] = json!("guess");
+    let borrowed = cache
+        .session(&kd_tenants::parse_tenant(&v).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(borrowed.code, "WriterRoleRefused");
+    assert!(!borrowed.to_string().contains("guess"), "{borrowed}");
+    assert_eq!(fake.assume_role_calls().len(), 2, "neither reached STS");
 }

@@ -5,7 +5,8 @@
 //! (https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_policies_evaluation-logic.html).
 //! Within one condition operator every key must match (AND), and a key matches when
 //! any of its values does (OR); a missing tag never matches. An operator the fake does
-//! not know makes its statement not apply (never a wider grant than AWS would give).
+//! not know fails closed: an `Allow` with it does not apply and a `Deny` with it does
+//! (never a wider grant than AWS would give).
 
 use serde_json::Value;
 
@@ -27,7 +28,10 @@ pub(super) fn allows(
             && as_list(&s["Resource"])
                 .iter()
                 .any(|r| wildcard(r.as_str().unwrap_or_default(), resource))
-            && conditions_hold(&s["Condition"], caller_role, tags)
+            && match conditions_hold(&s["Condition"], caller_role, tags) {
+                Some(holds) => holds,
+                None => s["Effect"] == "Deny",
+            }
     };
     let denied = statements
         .iter()
@@ -72,18 +76,22 @@ fn principal_matches(principal: &Value, caller_role: &str) -> bool {
     })
 }
 
-fn conditions_hold(conditions: &Value, caller_role: &str, tags: &[(String, String)]) -> bool {
+/// Whether every condition holds; `None` when one is beyond what the fake knows.
+fn conditions_hold(
+    conditions: &Value,
+    caller_role: &str,
+    tags: &[(String, String)],
+) -> Option<bool> {
     let Some(operators) = conditions.as_object() else {
-        return conditions.is_null();
+        return conditions.is_null().then_some(true);
     };
-    operators.iter().all(|(operator, keys)| {
+    let mut holds = true;
+    for (operator, keys) in operators {
         if operator != "StringEquals" {
-            return false;
+            return None;
         }
-        let Some(keys) = keys.as_object() else {
-            return false;
-        };
-        keys.iter().all(|(key, wanted)| {
+        let keys = keys.as_object()?;
+        holds &= keys.iter().all(|(key, wanted)| {
             let actual: Option<&str> = if let Some(tag) = key
                 .strip_prefix("aws:PrincipalTag/")
                 .or_else(|| key.strip_prefix("aws:principaltag/"))
@@ -97,8 +105,9 @@ fn conditions_hold(conditions: &Value, caller_role: &str, tags: &[(String, Strin
                 None
             };
             actual.is_some_and(|actual| as_list(wanted).iter().any(|w| w == actual))
-        })
-    })
+        });
+    }
+    Some(holds)
 }
 
 #[cfg(test)]
@@ -175,6 +184,21 @@ mod tests {
             json!({"StringLikeIfExists": {"aws:PrincipalTag/x": "*"}});
         assert!(!allows(
             &other,
+            WRITER,
+            &tag("src_b"),
+            "kinesis:PutRecord",
+            ARN
+        ));
+        // ... and denies in full: a Deny it cannot evaluate applies.
+        let mut guarded = policy(json!("src_b"));
+        guarded["Statement"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"Effect": "Deny",
+            "Principal": "*", "Action": "kinesis:*", "Resource": "*",
+            "Condition": {"StringNotEqualsIfExists": {"aws:SourceVpc": "vpc-1"}}}));
+        assert!(!allows(
+            &guarded,
             WRITER,
             &tag("src_b"),
             "kinesis:PutRecord",
