@@ -141,6 +141,15 @@ impl fmt::Display for AwsError {
 impl std::error::Error for AwsError {}
 
 impl AwsError {
+    /// Whether the caller's identity may not make this call (`AccessDenied`): the
+    /// role's policy, not the stream's state, which may change any time.
+    pub fn is_access_denied(&self) -> bool {
+        matches!(
+            self.code.as_str(),
+            "AccessDenied" | "AccessDeniedException" | "UnauthorizedOperation"
+        )
+    }
+
     /// Builds the error from an SDK error of any operation.
     pub fn from_sdk<E, R>(context: &str, err: &aws_sdk_kinesis::error::SdkError<E, R>) -> Self
     where

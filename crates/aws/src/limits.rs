@@ -22,7 +22,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -220,11 +220,23 @@ struct ShardBudget {
 enum ShardMap {
     /// Not listed yet (or listing failed): the stream-wide budget applies.
     Unknown,
-    /// The role may not list shards: the stream-wide budget applies for good.
-    Denied,
+    /// The role that asked may not list shards: the stream-wide budget applies until
+    /// `retry_at`. Not for good: the tenant may grant `ListShards` later, and the
+    /// refusal may have been another tenant's role naming this stream.
+    Denied { retry_at: Instant },
     Known {
         shards: Vec<ShardBudget>,
         listed: Instant,
+    },
+}
+
+/// What DescribeStreamSummary said of a stream.
+enum Summary {
+    NotAsked,
+    Known(StreamSummary, Instant),
+    /// Refused (the role may only write): asked again at `retry_at`.
+    Denied {
+        retry_at: Instant,
     },
 }
 
@@ -233,42 +245,86 @@ struct StreamLimiter {
     /// DescribeStreamSummary says how many shards are open.
     stream: ArcSwap<Bucket>,
     shards: ArcSwap<ShardMap>,
+    /// A listing task is running ([`Listing`] clears it however the task ends).
     listing: AtomicBool,
     /// Woken when a listing ends.
     listed: tokio::sync::Notify,
-    next_listing: Mutex<Instant>,
+    /// No listing or describing before this time (milliseconds on [`ticks`]' clock):
+    /// the last attempt failed, or found no open shard.
+    retry_at: AtomicU64,
     /// A write showed the map is out of date (a throttle, a shard not in it).
     stale: AtomicBool,
-    /// What DescribeStreamSummary said, and when (`None`: not asked or refused).
-    summary: ArcSwap<Option<(StreamSummary, Instant)>>,
-    /// DescribeStreamSummary was refused (the role may only write): not asked again.
-    summary_denied: AtomicBool,
+    summary: ArcSwap<Summary>,
+}
+
+/// How long a refused ListShards or DescribeStreamSummary is remembered, and how long
+/// after a failed (or empty) answer either is asked again.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPeriods {
+    pub denied: Duration,
+    pub failed: Duration,
+}
+
+impl Default for RetryPeriods {
+    fn default() -> Self {
+        RetryPeriods {
+            denied: Duration::from_secs(600),
+            failed: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `at` in milliseconds since the first call: an instant that fits in an atomic.
+fn ticks(at: Instant) -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
 }
 
 impl StreamLimiter {
-    /// Whether the shards are to be listed (again): never listed and not tried lately,
-    /// listed long enough ago, or shown out of date; never once the listing was refused.
-    fn listing_due(&self) -> bool {
+    /// Whether the shards are to be listed (again) or the stream described: not tried
+    /// and failed lately, and never listed, listed long enough ago, shown out of date,
+    /// refused long enough ago, or the summary is due.
+    fn listing_due(&self, now: Instant) -> bool {
+        if ticks(now) < self.retry_at.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.shards_due(now) || self.summary_due(now)
+    }
+
+    fn shards_due(&self, now: Instant) -> bool {
         match &**self.shards.load() {
-            ShardMap::Denied => self.summary_due(),
+            ShardMap::Denied { retry_at } => now >= *retry_at,
             ShardMap::Known { listed, .. } => {
-                listed.elapsed() >= SHARD_MAP_TTL
-                    || (self.stale.load(Ordering::Relaxed) && listed.elapsed() >= MIN_RELIST)
-                    || self.summary_due()
+                let age = now.saturating_duration_since(*listed);
+                age >= SHARD_MAP_TTL || (self.stale.load(Ordering::Relaxed) && age >= MIN_RELIST)
             }
-            ShardMap::Unknown => {
-                *self.next_listing.lock().unwrap_or_else(|p| p.into_inner()) <= Instant::now()
-            }
+            ShardMap::Unknown => true,
         }
     }
 
-    fn summary_due(&self) -> bool {
-        !self.summary_denied.load(Ordering::Relaxed)
-            && self
-                .summary
-                .load()
-                .as_ref()
-                .is_none_or(|(_, at)| at.elapsed() >= SUMMARY_TTL)
+    fn summary_due(&self, now: Instant) -> bool {
+        match &**self.summary.load() {
+            Summary::NotAsked => true,
+            Summary::Known(_, at) => now.saturating_duration_since(*at) >= SUMMARY_TTL,
+            Summary::Denied { retry_at } => now >= *retry_at,
+        }
+    }
+
+    fn retry_after(&self, wait: Duration) {
+        self.retry_at
+            .fetch_max(ticks(Instant::now() + wait), Ordering::Relaxed);
+    }
+}
+
+/// A running listing of one stream: ends it (and wakes the writes waiting for it) when
+/// dropped, so a task that panics or is cancelled cannot leave the stream "listing".
+struct Listing(Arc<StreamLimiter>);
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        self.0.listing.store(false, Ordering::Release);
+        self.0.listed.notify_waiters();
     }
 }
 
@@ -279,7 +335,7 @@ impl StreamLimits {
     /// Whether a write should bring its session, for the stream's shards to be listed
     /// with it (see [`RateLimits::acquire_on`]): a stream not listed yet, or due again.
     pub fn wants_session(&self) -> bool {
-        !self.0.listing.load(Ordering::Acquire) && self.0.listing_due()
+        !self.0.listing.load(Ordering::Acquire) && self.0.listing_due(Instant::now())
     }
 
     /// A record of `partition_key` landed on shard number `shard`: when the map puts the
@@ -316,11 +372,9 @@ impl StreamLimits {
             return (n, false);
         }
         match &**self.0.summary.load() {
-            Some((summary, _)) => (summary.max_record_bytes, false),
-            None => (
-                tenant.default_max_record_bytes(),
-                !self.0.summary_denied.load(Ordering::Relaxed),
-            ),
+            Summary::Known(summary, _) => (summary.max_record_bytes, false),
+            Summary::NotAsked => (tenant.default_max_record_bytes(), true),
+            Summary::Denied { .. } => (tenant.default_max_record_bytes(), false),
         }
     }
 }
@@ -395,6 +449,7 @@ pub struct RateLimits {
     fraction: f64,
     /// DescribeStreamSummary's budget per account.
     describes: Cache<Arc<str>, Arc<DefaultDirectRateLimiter>>,
+    retry: RetryPeriods,
 }
 
 impl Default for RateLimits {
@@ -414,7 +469,14 @@ impl RateLimits {
             describes: Cache::builder()
                 .time_to_idle(Duration::from_secs(60))
                 .build(),
+            retry: RetryPeriods::default(),
         }
+    }
+
+    /// When refused or failed listings are tried again (shorter in tests).
+    pub fn with_retry_periods(mut self, retry: RetryPeriods) -> Self {
+        self.retry = retry;
+        self
     }
 
     /// A stream-wide budget for `shards` open shards.
@@ -442,10 +504,9 @@ impl RateLimits {
                 shards: ArcSwap::from_pointee(ShardMap::Unknown),
                 listing: AtomicBool::new(false),
                 listed: tokio::sync::Notify::new(),
-                next_listing: Mutex::new(Instant::now()),
+                retry_at: AtomicU64::new(0),
                 stale: AtomicBool::new(false),
-                summary: ArcSwap::from_pointee(None),
-                summary_denied: AtomicBool::new(false),
+                summary: ArcSwap::from_pointee(Summary::NotAsked),
             })
         })
     }
@@ -551,12 +612,11 @@ impl RateLimits {
         tenant: &TenantSettings,
         (api, session): (&KinesisApi, &Session),
     ) {
-        let due = limiter.listing_due();
-        if !due || limiter.listing.swap(true, Ordering::AcqRel) {
+        if !limiter.listing_due(Instant::now()) || limiter.listing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let (limiter, api, credentials, region, fraction) = (
-            limiter.clone(),
+        let listing = Listing(limiter.clone());
+        let (api, credentials, region, fraction) = (
             api.clone(),
             session.credentials().clone(),
             tenant.region.clone(),
@@ -565,53 +625,18 @@ impl RateLimits {
         let (name, arn) = (tenant.stream.clone(), tenant.stream_arn.clone());
         let describes = self.describe_budget(&tenant.account);
         let shards_hint = tenant.shards;
+        let retry = self.retry;
         let limits = self.clone();
         tokio::spawn(async move {
+            let limiter = &listing.0;
             let stream = match &arn {
                 Some(arn) => StreamId::Arn(arn),
                 None => StreamId::Name(name.as_str()),
             };
             let label = stream.label().to_owned();
-            if limiter.summary_due() {
-                // Within the account's budget: a burst of new streams waits here, in
-                // the background, while their writes use the default limits.
-                ready(&describes, NonZeroU32::MIN).await;
-                let context = || format!("DescribeStreamSummary {label}");
-                match api
-                    .describe_stream_summary(&credentials, &region, stream, &context)
-                    .await
-                {
-                    Ok(summary) => {
-                        tracing::debug!(stream = %label, ?summary, "stream described");
-                        let known = matches!(**limiter.shards.load(), ShardMap::Known { .. });
-                        // Until its shards are listed, plan by the open ones; a tenant's
-                        // `shards` is only a guess next to them.
-                        if !known && Some(summary.open_shards) != shards_hint {
-                            limiter
-                                .stream
-                                .store(Arc::new(limits.stream_bucket(summary.open_shards)));
-                        }
-                        limiter
-                            .summary
-                            .store(Arc::new(Some((summary, Instant::now()))));
-                    }
-                    Err(e) if e.class == crate::ErrorClass::Permanent => {
-                        tracing::debug!(stream = %label, error = %e, "cannot describe the stream; default record size");
-                        limiter.summary_denied.store(true, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::debug!(stream = %label, error = %e, "describing the stream failed; will try again");
-                    }
-                }
-            }
-            let relist = match &**limiter.shards.load() {
-                ShardMap::Denied => false,
-                ShardMap::Known { listed, .. } => {
-                    listed.elapsed() >= SHARD_MAP_TTL || limiter.stale.load(Ordering::Relaxed)
-                }
-                ShardMap::Unknown => true,
-            };
-            if relist {
+            // Shards first: the first writes wait for the map (see `acquire_on`), and
+            // must not wait for the account's describe budget too.
+            if limiter.shards_due(Instant::now()) {
                 limiter.stale.store(false, Ordering::Relaxed);
                 let context = || format!("ListShards {label}");
                 match api
@@ -647,25 +672,64 @@ impl RateLimits {
                             listed: Instant::now(),
                         }));
                     }
-                    Ok(_) => {}
-                    Err(e) if e.class == crate::ErrorClass::Permanent => {
+                    Ok(_) => {
+                        // A stream being created, or an answer we cannot use: the map
+                        // we had (if any) stays; listed again a while later.
+                        tracing::debug!(stream = %label, "no open shard listed; will try again");
+                        limiter.retry_after(retry.failed);
+                    }
+                    Err(e) if e.is_access_denied() => {
                         // The policy the README suggests grants only kinesis:PutRecord:
                         // plan by the summary's open shards, or `shards`.
                         tracing::debug!(stream = %label, error = %e, "cannot list shards; stream-wide rate limit");
-                        limiter.shards.store(Arc::new(ShardMap::Denied));
+                        limiter.shards.store(Arc::new(ShardMap::Denied {
+                            retry_at: Instant::now() + retry.denied,
+                        }));
                     }
                     Err(e) => {
+                        // Transient, or the stream's state (not found yet, in use): the
+                        // map we had stays.
                         tracing::debug!(stream = %label, error = %e, "listing shards failed; will try again");
-                        *limiter
-                            .next_listing
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner()) =
-                            Instant::now() + Duration::from_secs(30);
+                        limiter.retry_after(retry.failed);
                     }
                 }
             }
-            limiter.listing.store(false, Ordering::Release);
-            limiter.listed.notify_waiters();
+            if limiter.summary_due(Instant::now()) {
+                // Within the account's budget: a burst of new streams waits here, in
+                // the background, while their writes use the default limits.
+                ready(&describes, NonZeroU32::MIN).await;
+                let context = || format!("DescribeStreamSummary {label}");
+                match api
+                    .describe_stream_summary(&credentials, &region, stream, &context)
+                    .await
+                {
+                    Ok(summary) => {
+                        tracing::debug!(stream = %label, ?summary, "stream described");
+                        let known = matches!(**limiter.shards.load(), ShardMap::Known { .. });
+                        // Until its shards are listed, plan by the open ones; a tenant's
+                        // `shards` is only a guess next to them.
+                        if !known && Some(summary.open_shards) != shards_hint {
+                            limiter
+                                .stream
+                                .store(Arc::new(limits.stream_bucket(summary.open_shards)));
+                        }
+                        limiter
+                            .summary
+                            .store(Arc::new(Summary::Known(summary, Instant::now())));
+                    }
+                    Err(e) if e.is_access_denied() => {
+                        tracing::debug!(stream = %label, error = %e, "cannot describe the stream; default record size");
+                        limiter.summary.store(Arc::new(Summary::Denied {
+                            retry_at: Instant::now() + retry.denied,
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::debug!(stream = %label, error = %e, "describing the stream failed; will try again");
+                        limiter.retry_after(retry.failed);
+                    }
+                }
+            }
+            drop(listing);
         });
     }
 
@@ -681,6 +745,9 @@ impl RateLimits {
 fn find_shard(shards: &[ShardBudget], hash: u128) -> Option<&ShardBudget> {
     shards.iter().find(|s| s.start <= hash && hash <= s.end)
 }
+
+#[cfg(test)]
+mod listing_tests;
 
 #[cfg(test)]
 mod tests {

@@ -304,8 +304,9 @@ impl FakeAws {
         self.lock().denied_roles.push(role.into());
     }
 
-    /// Answers AccessDeniedException to `operation` (`PutRecords`) signed with `role`'s
-    /// credentials, or no longer (`denied` false): a policy without that action.
+    /// Answers AccessDeniedException to `operation` (`PutRecords`, `ListShards`,
+    /// `DescribeStreamSummary`) signed with `role`'s credentials, or no longer (`denied`
+    /// false): a policy without that action.
     pub fn deny_role_operation(&self, role: &str, operation: &str, denied: bool) {
         let mut inner = self.lock();
         let entry = (role.to_owned(), operation.to_owned());

@@ -71,6 +71,22 @@ fn authorize(
     let Some(stream) = inner.streams.get(&name) else {
         return Err(Box::new(stream_not_found(&name)));
     };
+    // A role whose own policy lacks the action (`deny_role_operation`).
+    let caller_role = inner.issued.get(access_key).map(|c| &c.role);
+    if caller_role.is_some_and(|role| {
+        inner
+            .denied_operations
+            .iter()
+            .any(|(r, op)| r == role && op == operation)
+    }) {
+        return Err(Box::new(json_error(
+            400,
+            "AccessDeniedException",
+            &format!(
+                "User is not authorized to perform: kinesis:{operation} on resource stream/{name}"
+            ),
+        )));
+    }
     let Some((account, region)) = &stream.owner else {
         return Ok(name);
     };
@@ -206,13 +222,10 @@ pub(super) async fn put(
             Ok(name) => name,
             Err(refused) => return *refused,
         };
-        let role_denied = guard.issued.get(access_key).is_some_and(|c| {
-            guard.denied_roles.contains(&c.role)
-                || guard
-                    .denied_operations
-                    .iter()
-                    .any(|(role, op)| *role == c.role && op == operation)
-        });
+        let role_denied = guard
+            .issued
+            .get(access_key)
+            .is_some_and(|c| guard.denied_roles.contains(&c.role));
         let Some(stream) = guard.streams.get_mut(&name) else {
             return stream_not_found(&name);
         };

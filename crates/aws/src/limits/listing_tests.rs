@@ -1,0 +1,108 @@
+//! Listing shards and describing streams against the AWS fake: a refusal is the role's
+//! that asked, so it is remembered for a while, not for good, and a failed listing
+//! waits before it is tried again.
+
+use std::time::Duration;
+
+use kd_testkit::FakeAws;
+use serde_json::json;
+
+use super::*;
+use crate::credentials::cache_tests::cache;
+use crate::credentials::{CredentialCache, CredentialSettings};
+
+fn tenant(source: &str, role: &str) -> TenantSettings {
+    kd_tenants::parse_tenant(&json!({"sourceId": source, "region": "us-east-1",
+        "stream": "s", "roleAddress": format!("arn:aws:iam::111111111111:role/{role}")}))
+    .unwrap()
+}
+
+/// Writes one record for `t`, bringing its session so the stream is listed when due,
+/// and waits until a listing started by it (if any) has ended.
+async fn write(limits: &RateLimits, api: &KinesisApi, cache: &CredentialCache, t: &TenantSettings) {
+    let session = cache.session(t).await.unwrap();
+    limits
+        .acquire(t, "user-1", 100, Some((api, &session)))
+        .await;
+    let limiter = limits.limiter(t);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while limiter.listing.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the listing ended");
+}
+
+#[tokio::test]
+async fn a_refused_listing_is_the_askers_and_is_asked_again_after_a_while() {
+    let fake = FakeAws::start().await;
+    fake.create_stream("s", 4);
+    fake.set_stream_shape("s", false, 4096);
+    let intruder_role = "arn:aws:iam::111111111111:role/only-writes";
+    for op in ["ListShards", "DescribeStreamSummary"] {
+        fake.deny_role_operation(intruder_role, op, true);
+    }
+    let cache = cache(&fake, CredentialSettings::default());
+    let api = KinesisApi::new(cache.base(), cache.clock().clone()).unwrap();
+    let limits = RateLimits::new(1.0).with_retry_periods(RetryPeriods {
+        denied: Duration::from_secs(1),
+        failed: Duration::from_secs(1),
+    });
+    let (intruder, owner) = (tenant("src_a", "only-writes"), tenant("src_b", "owner"));
+
+    write(&limits, &api, &cache, &intruder).await;
+    assert_eq!(fake.requests("ListShards"), 1);
+    assert_eq!(fake.requests("DescribeStreamSummary"), 1);
+    assert_eq!(
+        limits.open_shards(&owner),
+        None,
+        "refused: stream-wide budget"
+    );
+    let stream = limits.stream(&owner);
+    assert_eq!(
+        stream.max_record_bytes(&owner),
+        (1024 * 1024, false),
+        "refused: Kinesis' default, not waiting for a summary"
+    );
+
+    // The refusal holds for a while, whoever writes next ...
+    write(&limits, &api, &cache, &owner).await;
+    assert_eq!(fake.requests("ListShards"), 1, "not asked again at once");
+
+    // ... and not for good: the owner's role lists and describes the stream.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write(&limits, &api, &cache, &owner).await;
+    assert_eq!(fake.requests("ListShards"), 2);
+    assert_eq!(limits.open_shards(&owner), Some(4));
+    assert_eq!(stream.max_record_bytes(&owner), (4096 * 1024, false));
+}
+
+#[tokio::test]
+async fn a_failed_listing_waits_before_it_is_tried_again() {
+    let fake = FakeAws::start().await;
+    let cache = cache(&fake, CredentialSettings::default());
+    let api = KinesisApi::new(cache.base(), cache.clock().clone()).unwrap();
+    let limits = RateLimits::new(1.0).with_retry_periods(RetryPeriods {
+        denied: Duration::from_secs(600),
+        failed: Duration::from_secs(1),
+    });
+    let t = tenant("src_a", "owner");
+
+    // The stream does not exist yet (a tenant still creating it): not found.
+    for _ in 0..5 {
+        write(&limits, &api, &cache, &t).await;
+    }
+    assert_eq!(
+        fake.requests("ListShards"),
+        1,
+        "one listing, not one per write"
+    );
+    assert_eq!(limits.open_shards(&t), None);
+
+    fake.create_stream("s", 2);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    write(&limits, &api, &cache, &t).await;
+    assert_eq!(fake.requests("ListShards"), 2);
+    assert_eq!(limits.open_shards(&t), Some(2));
+}
