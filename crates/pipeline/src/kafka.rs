@@ -91,12 +91,30 @@ pub(crate) fn consumer_config(k: &KafkaSettings) -> ClientConfig {
         // A rebalance revokes only the partitions that move: the others' in-flight
         // writes go on (with an eager strategy every member drops all its work).
         .set("partition.assignment.strategy", "cooperative-sticky")
+        // Records of aborted transactions are never delivered, whatever librdkafka's
+        // default may become; only `isolation.level` itself, set by the operator, says
+        // otherwise (see [`isolation_warning`]).
+        .set("isolation.level", "read_committed")
         .set("statistics.interval.ms", "5000");
     k.auth.configure(&mut c, &k.librdkafka);
     for (key, value) in &k.librdkafka {
         c.set(key, value);
     }
     c
+}
+
+/// The warning to log at start when `[kafka.librdkafka]` sets `isolation.level` to
+/// anything but `read_committed`: the consumer then delivers records of transactions
+/// their producer aborted (Kafka Streams, Connect exactly-once and Debezium write in
+/// transactions), which no tenant should receive.
+pub fn isolation_warning(k: &KafkaSettings) -> Option<String> {
+    let level = k.librdkafka.get("isolation.level")?;
+    (!level.trim().eq_ignore_ascii_case("read_committed")).then(|| {
+        format!(
+            "kafka.librdkafka isolation.level = {level:?}: records of aborted transactions \
+             will be delivered to tenants' streams"
+        )
+    })
 }
 
 /// librdkafka's default `receive.message.max.bytes`: the largest fetch response, and so
@@ -311,6 +329,35 @@ mod tests {
             .insert("message.max.bytes".into(), "1000000".into());
         assert_eq!(dead_letter_max_bytes(&k), 1_000_000, "the operator's word");
         assert!(validate_kafka(&KafkaSettings::default()).is_ok());
+    }
+
+    #[test]
+    fn the_consumer_reads_committed_records_only_unless_the_operator_says_otherwise() {
+        let mut k = KafkaSettings::default();
+        // A passthrough copied from a Kafka Streams application, say.
+        k.librdkafka
+            .insert("fetch.wait.max.ms".into(), "100".into());
+        assert_eq!(
+            consumer_config(&k).get("isolation.level"),
+            Some("read_committed")
+        );
+        assert_eq!(isolation_warning(&k), None);
+        k.librdkafka
+            .insert("isolation.level".into(), "read_committed".into());
+        assert_eq!(isolation_warning(&k), None);
+        k.librdkafka
+            .insert("isolation.level".into(), "read_uncommitted".into());
+        assert_eq!(
+            consumer_config(&k).get("isolation.level"),
+            Some("read_uncommitted"),
+            "the operator's word"
+        );
+        let warning = isolation_warning(&k).expect("a warning");
+        assert!(warning.contains("aborted transactions"), "{warning}");
+        assert!(
+            producer_config(&k).get("isolation.level").is_none(),
+            "a consumer-only setting"
+        );
     }
 
     #[test]

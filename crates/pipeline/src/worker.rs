@@ -29,8 +29,8 @@ use crate::dead_letter::{DeadLetterClient, DeadLetterProducer, DeadLetters};
 use crate::deliver::{Deliverer, Job, Retrying};
 use crate::flow::FlowControl;
 use crate::kafka::{
-    check_topics, consumer_config, dead_letter_max_bytes, producer_config, KafkaSettings,
-    MissingTopic,
+    check_topics, consumer_config, dead_letter_max_bytes, isolation_warning, producer_config,
+    KafkaSettings, MissingTopic,
 };
 use crate::lanes::{Group, Lanes};
 use crate::log_limit::LogLimit;
@@ -121,6 +121,9 @@ pub async fn run(
         errors: errors.clone(),
         auth: settings.kafka.auth.clone(),
     };
+    if let Some(warning) = isolation_warning(&settings.kafka) {
+        tracing::warn!("{warning}");
+    }
     let consumer: StreamConsumer<WorkerContext> =
         consumer_config(&settings.kafka).create_with_context(context)?;
     set_token_now(consumer.client(), &settings.kafka.auth);
