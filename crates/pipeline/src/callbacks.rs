@@ -16,6 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 
+use crate::broker_health::{brokers, BrokerHealth};
 use crate::commits::{blocking, commit_offsets};
 use crate::dead_letter::code_name;
 use crate::log_limit::LogLimit;
@@ -32,6 +33,8 @@ pub struct WorkerContext {
     pub(crate) errors: Arc<LogLimit>,
     /// OAUTHBEARER tokens (MSK IAM), when configured.
     pub(crate) auth: KafkaAuth,
+    /// Whether any broker answers: readiness and a gauge from the statistics.
+    pub(crate) brokers: BrokerHealth,
 }
 
 /// Counts a consumer error in `consumer_errors_total` and logs it once a minute per
@@ -60,10 +63,14 @@ impl ClientContext for WorkerContext {
     /// Errors of the client as a whole (brokers down, a connection closed by the
     /// broker at every fetch).
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.brokers.all_brokers_down();
+        }
         consumer_error(&self.errors, &error, reason);
     }
 
     fn stats(&self, stats: Statistics) {
+        self.brokers.observed(brokers(&stats));
         let lag = &kd_telemetry::metrics().consumer_lag;
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {

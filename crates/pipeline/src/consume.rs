@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kd_event::PartitionKey;
 use kd_tenants::{SourceId, TenantStore};
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +95,7 @@ where
                     ticks += 1;
                     if ticks.is_multiple_of(10) {
                         self.tracker.publish_oldest_in_flight();
+                        self.report_positions();
                     }
                     continue;
                 }
@@ -115,6 +116,25 @@ where
                     consumer_error(&self.errors, &e, "fetch");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+            }
+        }
+    }
+
+    /// Tells the tracker where librdkafka's reading stands in each partition, so that
+    /// commits move past the transaction markers and aborted records it passed over
+    /// (see [`OffsetTracker::passed`]). Here, between reads, and nowhere else: every
+    /// event below a position has then been admitted.
+    fn report_positions(&self) {
+        let positions = match crate::commits::blocking(|| self.consumer.position()) {
+            Ok(positions) => positions,
+            Err(e) => {
+                consumer_error(&self.errors, &e, "position");
+                return;
+            }
+        };
+        for p in positions.elements() {
+            if let rdkafka::Offset::Offset(position) = p.offset() {
+                self.tracker.passed(p.topic(), p.partition(), position);
             }
         }
     }

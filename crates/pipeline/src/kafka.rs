@@ -145,6 +145,9 @@ pub(crate) fn producer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers)
         .set("acks", "all")
+        // A produce retried after its answer was lost (a leader moving, a broker lost,
+        // a connection cut) is not stored twice.
+        .set("enable.idempotence", "true")
         .set("message.timeout.ms", "30000")
         .set("message.max.bytes", dead_letter_max_bytes(k).to_string());
     k.auth.configure(&mut c, &k.librdkafka);

@@ -17,6 +17,7 @@
 //!   control), delivery (`deliver`), commits (`commits`, and the rebalance `callbacks`),
 //!   and shuts down in order (`shutdown`).
 
+mod broker_health;
 mod callbacks;
 mod commits;
 mod consume;

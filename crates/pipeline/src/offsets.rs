@@ -68,6 +68,9 @@ struct PartitionState {
     pending: BTreeMap<i64, (Instant, usize)>,
     /// One past the highest offset read, once something was read.
     next: Option<i64>,
+    /// The highest `next` has been in this assignment (`next` moves back when skipped
+    /// events are read again; this does not).
+    seen: Option<i64>,
     /// The last offset committed (or handed out to commit) for this assignment.
     committed: Option<i64>,
     cancel: Arc<CancellationToken>,
@@ -324,6 +327,7 @@ impl OffsetTracker {
                     epoch,
                     pending: BTreeMap::new(),
                     next: None,
+                    seen: None,
                     committed: None,
                     cancel: Arc::new(self.cancel.child_token()),
                     paused: false,
@@ -410,6 +414,7 @@ impl OffsetTracker {
         };
         let shared_topic = shared_topic.clone();
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        state.seen = state.seen.max(state.next);
         if state.handled_ahead.contains(offset) {
             if state.skip.is_none() {
                 // Read again past every skip: nothing below will be read again.
@@ -523,6 +528,32 @@ impl OffsetTracker {
             // fetched before it are dropped when served, so the next message of this
             // partition is the one at the skip.)
             state.next = Some(from);
+        }
+    }
+
+    /// The reader's position in a partition, as librdkafka keeps it: one past the last
+    /// event it handed out, or past the transaction markers and aborted transactions'
+    /// records it passed over after that event (a `read_committed` consumer never sees
+    /// them). The reader calls it between reads, so every offset below `position` was
+    /// either admitted or is one librdkafka never hands out: the watermark may move up
+    /// to it once what was admitted is done. Without it a partition whose last record is
+    /// a commit marker would be committed one short of its end for ever (and one with
+    /// only an aborted transaction since the last commit, not at all).
+    ///
+    /// Ignored while events are skipped or read again after a skip: a seek back does not
+    /// move librdkafka's position back, so until reading is past where it was, the
+    /// position says nothing about the offsets in between.
+    pub fn passed(&self, topic: &str, partition: i32, position: i64) {
+        let mut inner = self.lock();
+        let Some(state) = inner.partitions.get_mut(&At(topic, partition)) else {
+            return;
+        };
+        if state.skip.is_some() || state.next != state.seen {
+            return;
+        }
+        if state.next.is_none_or(|next| position > next) {
+            state.next = Some(position);
+            state.seen = Some(position);
         }
     }
 
@@ -880,6 +911,75 @@ mod tests {
             t.to_commit(None).is_empty(),
             "unchanged watermark is not re-committed"
         );
+    }
+
+    /// A transactional producer's partition: records, then the commit marker
+    /// librdkafka passes over (offset 3), then an aborted transaction it filters out
+    /// (4, 5) and its abort marker (6). The reader's position is past all of them once
+    /// the last record it handed out is done.
+    #[test]
+    fn commits_move_past_transaction_markers_and_aborted_records_the_reader_passed() {
+        let t = tracker();
+        let a = t.read("t", 0, 0).unwrap();
+        let b = t.read("t", 0, 1).unwrap();
+        let c = t.read("t", 0, 2).unwrap();
+        t.passed("t", 0, 7);
+        t.done(&a);
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 1)]);
+        t.done(&c);
+        t.done(&b);
+        assert_eq!(
+            t.to_commit(None),
+            vec![(Arc::from("t"), 0, 7)],
+            "past the commit marker, the aborted records and the abort marker"
+        );
+        // A position behind what was read (a stale report) changes nothing.
+        t.passed("t", 0, 5);
+        let d = t.read("t", 0, 9).unwrap();
+        t.done(&d);
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 10)]);
+    }
+
+    #[test]
+    fn a_partition_of_only_markers_and_aborted_records_is_committed_to_its_position() {
+        let t = tracker();
+        assert!(t.to_commit(None).is_empty());
+        t.passed("t", 0, 4);
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 4)]);
+        // Not assigned: nothing.
+        t.passed("u", 0, 4);
+        assert!(t.to_commit(None).is_empty());
+    }
+
+    /// librdkafka's position does not move back on the seek that reads skipped events
+    /// again: until reading is past where it was, the position is not believed.
+    #[test]
+    fn the_position_is_ignored_while_skipped_events_are_read_again() {
+        let t = tracker();
+        let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
+        let f = fair(2, 1);
+        let admit = |o, s: &Arc<str>| t.admit("t", 0, o, 0, Some(s), f);
+        let b0 = handle(admit(0, &big));
+        let b1 = handle(admit(1, &big));
+        assert!(matches!(admit(2, &big), Admission::Skip));
+        let s3 = handle(admit(3, &small));
+        // Skipping: the position (past 3) is not believed.
+        t.passed("t", 0, 4);
+        t.done(&b0);
+        t.done(&b1);
+        t.done(&s3);
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 2)]);
+        t.reread_from("t", 0, 2);
+        // Read again from 2: the position is still 4, from before the seek.
+        t.passed("t", 0, 4);
+        assert!(t.to_commit(None).is_empty(), "still at 2");
+        let b2 = handle(admit(2, &big));
+        assert!(matches!(admit(3, &small), Admission::Duplicate));
+        t.done(&b2);
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 4)]);
+        // Caught up: a marker at 4 passed over moves the watermark again.
+        t.passed("t", 0, 5);
+        assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 5)]);
     }
 
     /// Whether `drained()` has resolved (a wake-up is waiting for the loop).

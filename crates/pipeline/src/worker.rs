@@ -22,6 +22,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker_health::BrokerHealth;
 use crate::callbacks::WorkerContext;
 use crate::commits::commit_loop;
 use crate::consume::ConsumeLoop;
@@ -120,6 +121,7 @@ pub async fn run(
         readiness: readiness.clone(),
         errors: errors.clone(),
         auth: settings.kafka.auth.clone(),
+        brokers: BrokerHealth::new(readiness.clone()),
     };
     if let Some(warning) = isolation_warning(&settings.kafka) {
         tracing::warn!("{warning}");

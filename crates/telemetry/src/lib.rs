@@ -43,6 +43,7 @@ pub struct Metrics {
     pub oldest_in_flight_seconds: GaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub consumer_errors: IntCounterVec,
+    pub kafka_brokers_answering: IntGauge,
     pub tenants: IntGaugeVec,
     pub tenant_settings_errors: IntCounter,
     pub tenant_settings_records: IntCounter,
@@ -143,6 +144,7 @@ impl Metrics {
                 &["topic", "partition"]
             )?),
             consumer_errors: counter!("consumer_errors_total", "Errors the Kafka consumer reported (undecodable batches, broker errors), by librdkafka error code.", &["error"]),
+            kafka_brokers_answering: gauge!("kafka_brokers_answering", "Brokers the consumer is connected to that answered in the last 30 s (0: it cannot read; /readyz says so)."),
             consumer_lag: gauge!("consumer_lag", "Messages between the high watermark and the consumer position.", &["topic", "partition"]),
             tenants: gauge!("tenants", "Tenant settings loaded, by state.", &["state"]),
             tenant_settings_errors: counter!("tenant_settings_errors_total", "Tenant settings loads rejected (the last good settings stay in force)."),
@@ -229,6 +231,9 @@ pub enum Problem {
     KafkaAuth,
     /// AWS refuses the worker's clock and its answers give nothing to correct it by.
     ClockSkew,
+    /// No Kafka broker can be reached, or none has answered for a while (a network
+    /// path that drops packets): nothing can be read.
+    Kafka,
 }
 
 impl Readiness {
@@ -257,7 +262,7 @@ impl Readiness {
         self.reason().is_none()
     }
     /// Why the process is not ready, for the body of a 503; `None` when it is.
-    fn reason(&self) -> Option<String> {
+    pub fn reason(&self) -> Option<String> {
         if self.shutting_down.load(Ordering::SeqCst) {
             Some("shutting down".into())
         } else if !self.tenants_loaded.load(Ordering::SeqCst) {

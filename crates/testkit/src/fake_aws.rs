@@ -151,6 +151,9 @@ struct Inner {
     clock_offset_secs: i64,
     /// Answers carry no `Date` header (a proxy that strips it).
     omit_date: bool,
+    /// Regions whose requests (by their signature's scope) are read and never answered,
+    /// as through a network path that drops packets.
+    black_holed: std::collections::HashSet<String>,
 }
 
 impl Inner {
@@ -398,6 +401,18 @@ impl FakeAws {
         }
     }
 
+    /// Requests signed for `region` (Kinesis and STS) are read and not answered while
+    /// `on`: a black hole on the way to that region's endpoints. Requests held through
+    /// it get a 503 when it ends (their clients gave up on them long before).
+    pub fn black_hole_region(&self, region: &str, on: bool) {
+        let mut inner = self.lock();
+        if on {
+            inner.black_holed.insert(region.to_owned());
+        } else {
+            inner.black_holed.remove(region);
+        }
+    }
+
     /// Applies `fault` to the next `count` writes to `stream`.
     pub fn fail_next(&self, stream: &str, fault: Fault, count: u64) {
         self.add_fault(stream, fault, Some(count), None);
@@ -489,6 +504,19 @@ async fn handle(
         .unwrap_or_default()
         .to_owned();
     let operation = target.rsplit('.').next().unwrap_or("").to_owned();
+    let region = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.split("Credential=").nth(1))
+        .and_then(|c| c.split('/').nth(2))
+        .unwrap_or_default()
+        .to_owned();
+    if inner.lock().unwrap().black_holed.contains(&region) {
+        while inner.lock().unwrap().black_holed.contains(&region) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        return json_error(503, "ServiceUnavailable", "black hole over");
+    }
     if target.is_empty() {
         inner
             .lock()

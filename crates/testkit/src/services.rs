@@ -42,9 +42,12 @@ fn kill(child: &mut Child) {
 pub struct Tansu {
     child: Child,
     pub port: u16,
+    /// The port it tells clients to connect to (a proxy in front of it), or `port`.
+    advertised_port: u16,
+    engine: Engine,
     /// The broker's working directory, holding its database and its log (`tansu.log`),
-    /// for its life.
-    _dir: tempfile::TempDir,
+    /// for its life (and across [`restart`](Tansu::restart)s).
+    dir: tempfile::TempDir,
 }
 
 /// Where a [`Tansu`] keeps its records.
@@ -76,19 +79,37 @@ impl Tansu {
     /// A broker on `engine`, on `port`, advertising `advertised_port` (or `port`).
     fn spawn(port: u16, advertised_port: Option<u16>, engine: Engine) -> Tansu {
         let dir = tempfile::tempdir().expect("temp dir for the broker");
+        let advertised_port = advertised_port.unwrap_or(port);
+        let child = Tansu::run(port, advertised_port, engine, dir.path());
+        Tansu {
+            child,
+            port,
+            advertised_port,
+            engine,
+            dir,
+        }
+    }
+
+    /// Starts the broker process in `dir` and waits until it listens.
+    fn run(port: u16, advertised_port: u16, engine: Engine, dir: &std::path::Path) -> Child {
         let url = format!("tcp://127.0.0.1:{port}");
-        let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
+        let advertised = format!("tcp://127.0.0.1:{advertised_port}");
         let storage = match engine {
             // Relative to the working directory: the temp dir.
             Engine::Sqlite => "sqlite://tansu.db",
             Engine::Memory => "memory://tansu/",
         };
-        let log = std::fs::File::create(dir.path().join("tansu.log")).expect("broker log");
+        // Appended to: a restarted broker's log follows the killed one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tansu.log"))
+            .expect("broker log");
         let mut child = Command::new("tansu")
             .args(["broker", "--listener-url", &url])
             .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", storage])
-            .current_dir(dir.path())
+            .current_dir(dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("broker log"))
@@ -96,11 +117,30 @@ impl Tansu {
             .spawn()
             .expect("tansu is installed (scripts/test.sh installs it)");
         wait_for_port(port, "tansu", &mut child);
-        Tansu {
-            child,
-            port,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// Kills the broker with SIGKILL, as a node failure would: no shutdown, open
+    /// connections reset by the kernel. Its data directory stays.
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Starts the broker again on the same port and data directory (after
+    /// [`kill`](Self::kill)); what it had stored (records, committed offsets) is there.
+    pub fn restart(&mut self) {
+        kill(&mut self.child);
+        self.child = Tansu::run(
+            self.port,
+            self.advertised_port,
+            self.engine,
+            self.dir.path(),
+        );
+    }
+
+    /// The broker's log so far (both lives, after a restart).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
     }
 
     pub fn bootstrap(&self) -> String {
