@@ -38,9 +38,10 @@ ensure_build_deps() {
 # Tansu 0.6.0, a Kafka-protocol broker (Rust, crates.io), with its SQLite engine and
 # fixes to tansu-storage (tools/tansu/tansu-storage.patch: SQLite fetches bounded and
 # their headers read in one query; the memory engine's mid-batch fetch and latest
-# offset). Built once into ~/.cargo/bin as `tansu` (about 10 minutes on
+# offset; read_committed fetches list their aborted transactions) and tansu-broker
+# (tools/tansu/tansu-broker.patch: EndTxn routed). Built once into ~/.cargo/bin as `tansu` (about 10 minutes on
 # 2 cores).
-TANSU_KD_VERSION=0.6.0+kd.5
+TANSU_KD_VERSION=0.6.0+kd.6
 
 tansu_is_patched() {
   # cargo records each installed package with its version.
@@ -59,13 +60,15 @@ ensure_tansu() {
   log "building tansu $TANSU_VERSION with SQLite and the fixes of tools/tansu (about 10 minutes, once per machine)"
   local tools=.tools
   mkdir -p "$tools"
-  # tansu-storage's source, as cargo downloads it, patched.
+  # tansu-storage's and tansu-broker's sources, as cargo downloads them, patched.
   cargo fetch --quiet --manifest-path tools/tansu/fetch/Cargo.toml
-  local crate
-  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/tansu-storage-"$TANSU_VERSION".crate | head -n 1)
-  rm -rf "$tools/tansu-storage-$TANSU_VERSION"
-  tar -xzf "$crate" -C "$tools"
-  patch --quiet -p1 -d "$tools/tansu-storage-$TANSU_VERSION" <tools/tansu/tansu-storage.patch
+  local crate name
+  for name in tansu-storage tansu-broker; do
+    crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$name-$TANSU_VERSION".crate | head -n 1)
+    rm -rf "$tools/$name-$TANSU_VERSION"
+    tar -xzf "$crate" -C "$tools"
+    patch --quiet -p1 -d "$tools/$name-$TANSU_VERSION" <"tools/tansu/$name.patch"
+  done
   CARGO_TARGET_DIR="$tools/tansu-target" cargo install --quiet --locked --force \
     --path tools/tansu --root "${CARGO_HOME:-$HOME/.cargo}"
 }

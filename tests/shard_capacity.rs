@@ -84,7 +84,11 @@ async fn per_shard_limits_fill_a_stream_with_a_hot_key_without_throttling() {
         worker
             .logs()
             .lines()
-            .filter(|l| !l.contains("write failed; retrying") && !l.contains("offsets committed"))
+            .filter(|l| {
+                !l.contains("write failed; retrying")
+                    && !l.contains("writes failing")
+                    && !l.contains("offsets committed")
+            })
             .take(60)
             .collect::<Vec<_>>()
             .join("\n")

@@ -294,6 +294,8 @@ pub struct KinesisApi {
     attempt_timeout: Duration,
     /// AWS's time, to sign with.
     clock: Arc<Clock>,
+    /// Whether AWS answers at all.
+    reach: Arc<crate::reach::Reach>,
 }
 
 impl std::fmt::Debug for KinesisApi {
@@ -309,7 +311,11 @@ impl KinesisApi {
     /// `endpoint_url` or `AWS_ENDPOINT_URL_KINESIS`, FIPS and dual-stack choices,
     /// connect and attempt timeouts). Endpoints set per service in an AWS profile's
     /// `services` section are not read: set the variable or `aws.endpoint_url`.
-    pub fn new(base: &SdkConfig, clock: Arc<Clock>) -> Result<Self, String> {
+    pub fn new(
+        base: &SdkConfig,
+        clock: Arc<Clock>,
+        readiness: Option<Arc<kd_telemetry::Readiness>>,
+    ) -> Result<Self, String> {
         // The Kinesis-specific endpoint variable first, as the SDK reads it (a VPC
         // endpoint for Kinesis only), then the one for every service.
         let kinesis_url = std::env::var("AWS_ENDPOINT_URL_KINESIS")
@@ -364,13 +370,19 @@ impl KinesisApi {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(512)
             .build(https);
+        let attempt_timeout = timeouts
+            .and_then(|t| t.operation_attempt_timeout())
+            .unwrap_or(Duration::from_secs(10));
+        let reach = crate::reach::Reach::for_attempt_timeout(attempt_timeout);
+        if let Some(readiness) = readiness {
+            reach.set_readiness(readiness);
+        }
         Ok(KinesisApi {
             http,
             endpoint,
             clock,
-            attempt_timeout: timeouts
-                .and_then(|t| t.operation_attempt_timeout())
-                .unwrap_or(Duration::from_secs(10)),
+            reach: Arc::new(reach),
+            attempt_timeout,
         })
     }
 
@@ -615,7 +627,16 @@ impl KinesisApi {
                 .to_bytes();
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, body))
         };
-        match tokio::time::timeout(self.attempt_timeout, exchange).await {
+        let outcome = tokio::time::timeout(self.attempt_timeout, exchange).await;
+        match &outcome {
+            Ok(Ok(_)) => self.reach.answered(),
+            Err(_) => self.reach.unanswered(),
+            // A connection refused or reset: no answer either. (An answer too long to
+            // read was an answer.)
+            Ok(Err(e)) if !e.is::<http_body_util::LengthLimitError>() => self.reach.unanswered(),
+            Ok(Err(_)) => self.reach.answered(),
+        }
+        match outcome {
             Err(_) => Err(AwsError::new(
                 context,
                 Failure::Timeout,

@@ -145,6 +145,11 @@ impl CredentialCache {
         self
     }
 
+    /// The readiness it was given, if any (the Kinesis calls report to it too).
+    pub fn readiness(&self) -> Option<&Arc<kd_telemetry::Readiness>> {
+        self.readiness.as_ref()
+    }
+
     fn identity(&self, why: Option<String>) {
         if let Some(r) = &self.readiness {
             r.set_problem(kd_telemetry::Problem::AwsIdentity, why);

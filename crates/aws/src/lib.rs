@@ -26,6 +26,7 @@ pub mod credentials;
 pub mod errors;
 pub mod limits;
 pub mod msk_iam;
+pub mod reach;
 pub mod requests;
 pub mod sdk_calls;
 pub mod shards;

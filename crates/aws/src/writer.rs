@@ -152,7 +152,11 @@ impl KinesisWriter {
     ) -> Result<Self, String> {
         Ok(KinesisWriter {
             inner: Arc::new(Writer {
-                api: KinesisApi::new(credentials.base(), credentials.clock().clone())?,
+                api: KinesisApi::new(
+                    credentials.base(),
+                    credentials.clock().clone(),
+                    credentials.readiness().cloned(),
+                )?,
                 credentials,
                 limits,
                 requests: Arc::new(requests),

@@ -3,7 +3,8 @@
 //! closing anything: then requests wait out `socket.timeout.ms` (60 s) one after
 //! another while every connection still looks up. The statistics (every 5 s) say how
 //! long ago each broker last sent anything; a consumer that fetches or heartbeats (every
-//! 3 s) hears from some broker well within [`ANSWER_WITHIN`]. With no broker up and
+//! 3 s, over the coordinator's connection) hears from some broker well within
+//! [`ANSWER_WITHIN`]. With no broker up and
 //! answering, `/readyz` says so, and a warning is logged once a minute until one is.
 
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,10 @@ use rdkafka::statistics::Statistics;
 /// A broker that has sent nothing for this long is not answering.
 pub(crate) const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
-/// What a statistics report says of the cluster's brokers (bootstrap entries aside).
+/// What a statistics report says of the cluster's brokers: those learned from metadata
+/// and the group coordinator's connection (heartbeats and commits go there, so a
+/// member with no partition to fetch still hears from it); bootstrap entries and
+/// librdkafka's internal broker aside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Brokers {
     /// Connected (librdkafka's state `UP`).
@@ -30,7 +34,7 @@ pub(crate) fn brokers(stats: &Statistics) -> Brokers {
         stats
             .brokers
             .values()
-            .filter(|b| b.nodeid >= 0 && b.state == "UP")
+            .filter(|b| !matches!(b.source.as_str(), "configured" | "internal") && b.state == "UP")
     };
     Brokers {
         connected: up().count(),
@@ -124,15 +128,15 @@ impl BrokerHealth {
 mod tests {
     use super::*;
 
-    fn stats(brokers: &[(i32, &str, i64)]) -> Statistics {
+    fn stats(brokers: &[(&str, &str, i64)]) -> Statistics {
         let brokers: serde_json::Map<String, serde_json::Value> = brokers
             .iter()
             .enumerate()
-            .map(|(i, (nodeid, state, rxidle))| {
+            .map(|(i, (source, state, rxidle))| {
                 (
                     format!("b{i}"),
-                    serde_json::json!({"name": format!("b{i}"), "nodeid": nodeid,
-                        "nodename": "", "source": "learned", "state": state, "stateage": 0,
+                    serde_json::json!({"name": format!("b{i}"), "nodeid": 1,
+                        "nodename": "", "source": source, "state": state, "stateage": 0,
                         "outbuf_cnt": 0, "outbuf_msg_cnt": 0, "waitresp_cnt": 0,
                         "waitresp_msg_cnt": 0, "tx": 0, "txbytes": 0, "txerrs": 0,
                         "txretries": 0, "req_timeouts": 0, "rx": 0, "rxbytes": 0,
@@ -155,14 +159,15 @@ mod tests {
     #[test]
     fn only_connected_brokers_heard_from_lately_answer() {
         let s = stats(&[
-            (1, "UP", 200_000),
+            ("learned", "UP", 200_000),
             // Connected, silent for 31 s: a black hole.
-            (2, "UP", 31_000_000),
-            (3, "DOWN", 1_000),
+            ("learned", "UP", 31_000_000),
+            ("learned", "DOWN", 1_000),
             // Connected, never received.
-            (4, "UP", -1),
-            // The bootstrap entry for broker 1.
-            (-1, "UP", 1_000),
+            ("learned", "UP", -1),
+            // The bootstrap entry for broker 1, and librdkafka's internal broker.
+            ("configured", "UP", 1_000),
+            ("internal", "UP", 1_000),
         ]);
         assert_eq!(
             brokers(&s),
@@ -171,8 +176,17 @@ mod tests {
                 answering: 1
             }
         );
+        // The group coordinator's connection counts: a member with nothing to fetch
+        // hears from it at every heartbeat.
         assert_eq!(
-            brokers(&stats(&[(2, "UP", 31_000_000), (3, "CONNECT", 0)])),
+            brokers(&stats(&[("logical", "UP", 2_000_000)])).answering,
+            1
+        );
+        assert_eq!(
+            brokers(&stats(&[
+                ("learned", "UP", 31_000_000),
+                ("learned", "CONNECT", 0)
+            ])),
             Brokers {
                 connected: 1,
                 answering: 0

@@ -1,6 +1,7 @@
 //! The consumer's callbacks, which librdkafka runs inside its poll: on a revoke, cancel
-//! the revoked partitions' in-flight work and commit what is done; on an assignment,
-//! start tracking and fetching; lag from the statistics; client errors counted and
+//! the revoked partitions' in-flight work and commit what is done (or keep it, when the
+//! group no longer takes this pod's commits); on an assignment, commit what was kept for
+//! those partitions, then start tracking and fetching; lag from the statistics; client errors counted and
 //! logged once a minute per kind.
 //!
 //! They must return quickly and may not write to Kinesis or wait for lanes: a
@@ -14,13 +15,14 @@ use kd_tenants::kafka_auth::KafkaAuth;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, TopicPartitionList};
 
 use crate::broker_health::{brokers, BrokerHealth};
 use crate::commits::{blocking, commit_offsets};
 use crate::dead_letter::code_name;
 use crate::log_limit::LogLimit;
 use crate::offsets::OffsetTracker;
+use crate::unsaved::{commit_kept, Unsaved};
 
 /// The consumer's callbacks: commit on revoke, track assignments, report lag, count
 /// errors.
@@ -35,6 +37,16 @@ pub struct WorkerContext {
     pub(crate) auth: KafkaAuth,
     /// Whether any broker answers: readiness and a gauge from the statistics.
     pub(crate) brokers: BrokerHealth,
+    /// Offsets of work done on partitions revoked before it could be committed.
+    pub(crate) unsaved: Unsaved,
+}
+
+/// The (topic, partition) pairs of a rebalance's list.
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
 }
 
 /// Counts a consumer error in `consumer_errors_total` and logs it once a minute per
@@ -91,20 +103,31 @@ impl ClientContext for WorkerContext {
 
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let revoked: Vec<(String, i32)> = tpl
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
-            // Stop the revoked partitions' in-flight work first (its next owner reads it
-            // again), then commit what was done: the commit can take a while, and the
-            // partitions' writes must not go on meanwhile.
-            let done = self.tracker.to_commit(Some(&revoked));
-            self.tracker
-                .revoke(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
-            tracing::info!(partitions = ?revoked, "partitions revoked");
-            blocking(|| commit_offsets(consumer, &self.tracker, done));
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let revoked = partitions(tpl);
+                // Stop the revoked partitions' in-flight work first (its next owner
+                // reads it again), then commit what was done: the commit can take a
+                // while, and the partitions' writes must not go on meanwhile. A commit
+                // that fails (the group forgot this pod) is kept for the partitions'
+                // return.
+                let done = self.tracker.to_commit(Some(&revoked));
+                self.tracker
+                    .revoke(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
+                tracing::info!(partitions = ?revoked, "partitions revoked");
+                if !blocking(|| commit_offsets(consumer, &self.tracker, done.clone())) {
+                    self.unsaved.keep(&done);
+                }
+            }
+            Rebalance::Assign(tpl) => {
+                // Before reading starts (from the committed offsets), commit work done
+                // on these partitions before the group lost this pod.
+                let kept = self.unsaved.take(&partitions(tpl));
+                if !kept.is_empty() {
+                    blocking(|| commit_kept(consumer, kept));
+                }
+            }
+            Rebalance::Error(_) => {}
         }
     }
 
@@ -116,11 +139,7 @@ impl ConsumerContext for WorkerContext {
                 if let Err(e) = consumer.resume(tpl) {
                     tracing::warn!(error = %e, "cannot resume assigned partitions");
                 }
-                let assigned: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
+                let assigned = partitions(tpl);
                 self.tracker
                     .assign(assigned.iter().map(|(t, p)| (t.as_str(), *p)));
                 self.readiness.set_joined_group();

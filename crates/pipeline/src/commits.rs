@@ -22,24 +22,37 @@ pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
     tracker: &OffsetTracker,
     only: Option<&[(String, i32)]>,
 ) {
-    commit_offsets(consumer, tracker, tracker.to_commit(only));
+    let _ = commit_offsets(consumer, tracker, tracker.to_commit(only));
 }
 
 /// Commits offsets taken from the tracker (handing them back to it if the commit fails).
+/// Whether they were committed.
 pub(crate) fn commit_offsets<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     tracker: &OffsetTracker,
     offsets: Vec<(Arc<str>, i32, i64)>,
-) {
+) -> bool {
+    let committed = try_commit(consumer, &offsets);
+    if !committed {
+        tracker.commit_failed(&offsets);
+    }
+    committed
+}
+
+/// Commits `offsets` synchronously, counting and logging the outcome. Whether they
+/// were committed (nothing to commit counts as done).
+pub(crate) fn try_commit<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    offsets: &[(Arc<str>, i32, i64)],
+) -> bool {
     if offsets.is_empty() {
-        return;
+        return true;
     }
     let mut tpl = TopicPartitionList::new();
-    for (topic, partition, offset) in &offsets {
+    for (topic, partition, offset) in offsets {
         if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
             tracing::error!(error = %e, "cannot build commit list");
-            tracker.commit_failed(&offsets);
-            return;
+            return false;
         }
     }
     let m = kd_telemetry::metrics();
@@ -47,11 +60,12 @@ pub(crate) fn commit_offsets<C: Consumer<X>, X: ConsumerContext>(
         Ok(()) => {
             m.commits.with_label_values(&["ok"]).inc();
             tracing::debug!(?offsets, "offsets committed");
+            true
         }
         Err(e) => {
             m.commits.with_label_values(&["error"]).inc();
-            tracker.commit_failed(&offsets);
             tracing::warn!(error = %e, "offset commit failed; will retry");
+            false
         }
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kd_telemetry::Readiness;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::log_limit::LogLimit;
@@ -163,7 +163,11 @@ fn classify(code: Option<RDKafkaErrorCode>) -> Failure {
             | C::SaslAuthenticationFailed
             | C::PolicyViolation
             | C::InvalidRecord
-            | C::UnsupportedForMessageFormat,
+            | C::UnsupportedForMessageFormat
+            // The idempotent producer failed for good (its producer ID refused, the
+            // broker without idempotence, sequence numbers out of step): every send
+            // fails the same way until the process starts again.
+            | C::Fatal,
         ) => Failure::Stuck,
         _ => Failure::Transient,
     }
@@ -351,8 +355,18 @@ impl DeadLetters {
                 }
             }
             if failure != Failure::Transient {
+                let why = match self.producer.client().fatal_error() {
+                    Some((code, reason)) => format!(
+                        "the dead-letter producer failed for good ({code:?}: {reason}); \
+                         restart the pod (with ClusterAuthorizationFailed, allow idempotent \
+                         writes: kafka-cluster:WriteDataIdempotently on MSK IAM, \
+                         IdempotentWrite with ACLs before Kafka 2.8, or set \
+                         enable.idempotence = false in [kafka.librdkafka])"
+                    ),
+                    None => e.to_string(),
+                };
                 self.readiness.set_dead_letters_failing(Some(format!(
-                    "dead letters cannot be written to {}: {e}",
+                    "dead letters cannot be written to {}: {why}",
                     self.topic
                 )));
             }
@@ -470,6 +484,7 @@ mod tests {
             C::UnknownTopic,
             C::TopicAuthorizationFailed,
             C::ClusterAuthorizationFailed,
+            C::Fatal,
         ] {
             assert_eq!(classify(Some(stuck)), Failure::Stuck, "{stuck:?}");
         }

@@ -69,6 +69,9 @@ pub(crate) struct Retrying<W> {
     pub retry: RetryPolicy,
     /// Looked up again before each attempt: settings may change during a retry window.
     pub tenants: Arc<TenantStore>,
+    /// Failing writes are logged once a minute per error code and region (a region down
+    /// or black-holed fails every write to it).
+    pub failures: crate::log_limit::LogLimit,
 }
 
 impl<W: RecordWriter> Retrying<W> {
@@ -201,7 +204,24 @@ impl<W: RecordWriter> Retrying<W> {
                     DeadLetter::new(reason, message).of_source(tenant.source_id.as_str()),
                 );
             }
-            tracing::debug!(source_id = %tenant.source_id, attempt, error = %err, "write failed; retrying");
+            let kind = format!(
+                "{}@{}",
+                kd_event::text::clip(&err.code, 64),
+                tenant.region.as_str()
+            );
+            match self.failures.due(&kind) {
+                Some(passed_over) => tracing::warn!(
+                    source_id = %tenant.source_id,
+                    region = tenant.region.as_str(),
+                    attempt,
+                    error = %err,
+                    failures_since_last_line = passed_over,
+                    "writes failing; retrying (one line a minute per error and region)"
+                ),
+                None => {
+                    tracing::debug!(source_id = %tenant.source_id, attempt, error = %err, "write failed; retrying")
+                }
+            }
             kd_telemetry::metrics().retries.inc();
             let wait = self.retry.backoff(attempt);
             attempt = attempt.saturating_add(1);

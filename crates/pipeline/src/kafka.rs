@@ -98,6 +98,11 @@ pub(crate) fn consumer_config(k: &KafkaSettings) -> ClientConfig {
         .set("statistics.interval.ms", "5000");
     k.auth.configure(&mut c, &k.librdkafka);
     for (key, value) in &k.librdkafka {
+        // The statistics are how lag and an unreachable cluster are seen (`0` would
+        // turn them off: a pod told every broker was down would stay unready).
+        if key == "statistics.interval.ms" && value.trim() == "0" {
+            continue;
+        }
         c.set(key, value);
     }
     c

@@ -36,6 +36,7 @@ pub mod replay;
 pub mod retry;
 pub mod route;
 mod shutdown;
+mod unsaved;
 pub mod worker;
 
 pub use dead_letter::Reason;

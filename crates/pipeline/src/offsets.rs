@@ -540,9 +540,10 @@ impl OffsetTracker {
     /// a commit marker would be committed one short of its end for ever (and one with
     /// only an aborted transaction since the last commit, not at all).
     ///
-    /// Ignored while events are skipped or read again after a skip: a seek back does not
-    /// move librdkafka's position back, so until reading is past where it was, the
-    /// position says nothing about the offsets in between.
+    /// Ignored while events are skipped or read again after a skip: a skip leaves events
+    /// behind the position that are not admitted, and until reading is past where it
+    /// was before the seek back, the position (unset by the seek, then moved by the
+    /// events read again) says nothing about the offsets beyond.
     pub fn passed(&self, topic: &str, partition: i32, position: i64) {
         let mut inner = self.lock();
         let Some(state) = inner.partitions.get_mut(&At(topic, partition)) else {
@@ -951,8 +952,8 @@ mod tests {
         assert!(t.to_commit(None).is_empty());
     }
 
-    /// librdkafka's position does not move back on the seek that reads skipped events
-    /// again: until reading is past where it was, the position is not believed.
+    /// While skipped events are read again, the position is not believed until reading
+    /// is past where it was before the seek back.
     #[test]
     fn the_position_is_ignored_while_skipped_events_are_read_again() {
         let t = tracker();
@@ -970,7 +971,7 @@ mod tests {
         t.done(&s3);
         assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 2)]);
         t.reread_from("t", 0, 2);
-        // Read again from 2: the position is still 4, from before the seek.
+        // Read again from 2: a position of 4 (a stale report) is not believed.
         t.passed("t", 0, 4);
         assert!(t.to_commit(None).is_empty(), "still at 2");
         let b2 = handle(admit(2, &big));

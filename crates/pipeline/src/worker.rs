@@ -122,6 +122,7 @@ pub async fn run(
         errors: errors.clone(),
         auth: settings.kafka.auth.clone(),
         brokers: BrokerHealth::new(readiness.clone()),
+        unsaved: Default::default(),
     };
     if let Some(warning) = isolation_warning(&settings.kafka) {
         tracing::warn!("{warning}");
@@ -149,6 +150,7 @@ pub async fn run(
             writer,
             retry: settings.retry.clone(),
             tenants: tenants.clone(),
+            failures: LogLimit::per_minute(),
         },
         dead_letters: dead_letters.clone(),
         tracker: tracker.clone(),

@@ -234,6 +234,9 @@ pub enum Problem {
     /// No Kafka broker can be reached, or none has answered for a while (a network
     /// path that drops packets): nothing can be read.
     Kafka,
+    /// No Kinesis endpoint has answered for a while, though calls were made: nothing
+    /// can be written.
+    AwsUnreachable,
 }
 
 impl Readiness {

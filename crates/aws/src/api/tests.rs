@@ -93,7 +93,7 @@ async fn host_of(
         .use_fips(fips)
         .use_dual_stack(dual_stack)
         .build();
-    let api = KinesisApi::new(&base, Default::default()).unwrap();
+    let api = KinesisApi::new(&base, Default::default(), None).unwrap();
     let region = Region::parse(region).unwrap();
     let arn = arn.map(|a| kd_tenants::StreamArn::parse(a).unwrap());
     let stream = match &arn {
@@ -220,7 +220,7 @@ async fn against_fake() -> (kd_testkit::FakeAws, KinesisApi, Credentials) {
         .behavior_version(aws_config::BehaviorVersion::latest())
         .endpoint_url(fake.endpoint())
         .build();
-    let api = KinesisApi::new(&base, Default::default()).unwrap();
+    let api = KinesisApi::new(&base, Default::default(), None).unwrap();
     let (key, secret, token) = fake.issue_credentials("arn:aws:iam::111111111111:role/r");
     let credentials = Credentials::new(key, secret, Some(token), None, "test");
     (fake, api, credentials)
@@ -347,7 +347,7 @@ async fn put_one_at(port: u16) -> Result<Written, AwsError> {
         .behavior_version(aws_config::BehaviorVersion::latest())
         .endpoint_url(format!("http://127.0.0.1:{port}"))
         .build();
-    let api = KinesisApi::new(&base, Default::default()).unwrap();
+    let api = KinesisApi::new(&base, Default::default(), None).unwrap();
     let credentials = Credentials::new("a", "b", None, None, "test");
     api.put_record(
         &credentials,

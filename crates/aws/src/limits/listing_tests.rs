@@ -44,7 +44,7 @@ async fn a_refused_listing_is_the_askers_and_is_asked_again_after_a_while() {
         fake.deny_role_operation(intruder_role, op, true);
     }
     let cache = cache(&fake, CredentialSettings::default());
-    let api = KinesisApi::new(cache.base(), cache.clock().clone()).unwrap();
+    let api = KinesisApi::new(cache.base(), cache.clock().clone(), None).unwrap();
     let limits = RateLimits::new(1.0).with_retry_periods(RetryPeriods {
         denied: Duration::from_secs(1),
         failed: Duration::from_secs(1),
@@ -82,7 +82,7 @@ async fn a_refused_listing_is_the_askers_and_is_asked_again_after_a_while() {
 async fn a_failed_listing_waits_before_it_is_tried_again() {
     let fake = FakeAws::start().await;
     let cache = cache(&fake, CredentialSettings::default());
-    let api = KinesisApi::new(cache.base(), cache.clock().clone()).unwrap();
+    let api = KinesisApi::new(cache.base(), cache.clock().clone(), None).unwrap();
     let limits = RateLimits::new(1.0).with_retry_periods(RetryPeriods {
         denied: Duration::from_secs(600),
         failed: Duration::from_secs(1),

@@ -107,6 +107,7 @@ fn retrying(
             writer: writer.clone(),
             retry,
             tenants,
+            failures: crate::log_limit::LogLimit::per_minute(),
         },
         writer,
     )
