@@ -57,6 +57,37 @@ fn every_command_has_help() {
     }
 }
 
+/// `tail` takes the external ID from the environment, and never shows it: not in its
+/// help, not in its errors.
+#[test]
+fn tail_takes_the_external_id_from_the_environment_and_never_shows_it() {
+    let env = [("KINESIS_DESTINATION_EXTERNAL_ID", "s3cr3t-ext")];
+    let help = run(&["tail", "--help"], &env);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("KINESIS_DESTINATION_EXTERNAL_ID"), "{text}");
+    assert!(!text.contains("s3cr3t-ext"), "{text}");
+    // Without the role it is for: a usage error naming both.
+    let o = run(&["tail", "--stream", "s"], &env);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("needs --role-arn"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("s3cr3t-ext"));
+    // One that breaks a secretId's rules (too long): refused, not echoed.
+    let long = "s3cr3t".repeat(300);
+    let o = run(
+        &[
+            "tail",
+            "--stream",
+            "s",
+            "--role-arn",
+            "arn:aws:iam::111111111111:role/r",
+        ],
+        &[("KINESIS_DESTINATION_EXTERNAL_ID", &long)],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--external-id"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("s3cr3t"));
+}
+
 #[test]
 fn bad_flag_exits_2() {
     let o = run(&["run", "--no-such-flag"], &[]);

@@ -33,7 +33,10 @@ pub struct Args {
     /// Read as this role (the tenant's), assumed with --external-id.
     #[arg(long)]
     role_arn: Option<String>,
-    #[arg(long, requires = "role_arn")]
+    /// The external ID to assume --role-arn with (the tenant's secretId). Prefer the
+    /// environment variable: a flag's value is in the process list for every user of
+    /// the machine to see.
+    #[arg(long, env = "KINESIS_DESTINATION_EXTERNAL_ID", hide_env_values = true)]
     external_id: Option<String>,
     /// Take stream, region, role and external ID from this tenant of --config.
     #[arg(long, requires = "config")]
@@ -88,6 +91,11 @@ async fn target(args: &Args) -> Result<Target, CliError> {
             assume: true,
             aws,
         });
+    }
+    if args.external_id.is_some() && args.role_arn.is_none() {
+        return Err(CliError::Usage(
+            "--external-id (or KINESIS_DESTINATION_EXTERNAL_ID): needs --role-arn".into(),
+        ));
     }
     let stream = args.stream.clone().unwrap_or_default();
     let role = args

@@ -288,10 +288,21 @@ impl CredentialCache {
         }
     }
 
-    /// Forgets a tenant's session (its credentials were refused as expired) and any
-    /// remembered failure, so the next call assumes the role again.
-    pub async fn invalidate(&self, tenant: &TenantSettings) {
+    /// Forgets a tenant's session `refused` (its credentials were refused as expired)
+    /// and any remembered failure, so the next call assumes the role again. A session
+    /// that has replaced it meanwhile stays: writes sent with the old credentials before
+    /// it came are refused after it, and would otherwise have it assumed again, once per
+    /// write in flight.
+    pub async fn invalidate(&self, tenant: &TenantSettings, refused: &Arc<Session>) {
         let Ok(key) = self.key(tenant) else { return };
+        if self
+            .sessions
+            .get(&key)
+            .await
+            .is_some_and(|current| !Arc::ptr_eq(&current, refused))
+        {
+            return;
+        }
         self.sessions.invalidate(&key).await;
         self.failures.invalidate(&key).await;
     }

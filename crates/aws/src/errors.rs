@@ -90,6 +90,47 @@ const PERMANENT_CODES: &[&str] = &[
     "RegionDisabledException",
 ];
 
+/// Codes the worker gives failures of its own (no AWS answer, a refusal before any
+/// call), and AWS's refusals of a request's time (retried after the clock is
+/// corrected: `crate::clock`).
+const OWN_CODES: &[&str] = &[
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "AuthFailure",
+    "Timeout",
+    "NetworkError",
+    "ResponseError",
+    "ConstructionFailure",
+    "MissingCredentials",
+    "NoResourcePolicyRole",
+    "OwnAccountStreamRefused",
+    "RecordTooLarge",
+    "StreamNotDescribed",
+    "WriterRoleRefused",
+];
+
+/// An error code as a metric label: the codes the worker knows (AWS's it classifies,
+/// its own, `HTTP_` and a status), and `Other` for any other, so that what an answer
+/// says cannot add series without bound.
+pub fn code_label(code: &str) -> &str {
+    let known = [
+        RETRYABLE_CODES,
+        EXPIRED_CREDENTIAL_CODES,
+        PERMANENT_CODES,
+        OWN_CODES,
+    ]
+    .iter()
+    .any(|codes| codes.contains(&code));
+    let status = code
+        .strip_prefix("HTTP_")
+        .is_some_and(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()));
+    if known || status {
+        code
+    } else {
+        "Other"
+    }
+}
+
 /// The single decision of which failures are worth retrying. Known codes first, then
 /// the HTTP status: 5xx and 429 are transient, any other 4xx is final; a failure with
 /// no answer at all is transient.
@@ -279,6 +320,22 @@ mod tests {
         Failure::Service {
             code: Some(code),
             status,
+        }
+    }
+
+    #[test]
+    fn error_codes_become_a_fixed_set_of_labels() {
+        for known in [
+            "ProvisionedThroughputExceededException",
+            "AccessDeniedException",
+            "ExpiredTokenException",
+            "Timeout",
+            "HTTP_503",
+        ] {
+            assert_eq!(code_label(known), known);
+        }
+        for unknown in ["SomethingNew", "HTTP_5031", "HTTP_abc", "x\ny", ""] {
+            assert_eq!(code_label(unknown), "Other", "{unknown:?}");
         }
     }
 

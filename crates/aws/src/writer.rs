@@ -292,7 +292,7 @@ impl KinesisWriter {
             Err(err) => {
                 self.on_refused(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
-                    Box::pin(self.credentials.invalidate(tenant)).await;
+                    Box::pin(self.credentials.invalidate(tenant, &session)).await;
                 }
                 Err(err)
             }
@@ -408,7 +408,7 @@ impl KinesisWriter {
             }
             Err(err) => {
                 if err.class == ErrorClass::ExpiredCredentials {
-                    Box::pin(self.credentials.invalidate(&tenant)).await;
+                    Box::pin(self.credentials.invalidate(&tenant, &session)).await;
                 }
                 // The role may allow PutRecord only: the records' next attempts use it
                 // (each lane retries its own record first, so nothing is reordered).
@@ -426,11 +426,10 @@ impl KinesisWriter {
     /// Counts a refused record and slows its shard down when it was throttled.
     fn on_refused(&self, tenant: &TenantSettings, key: &str, err: &AwsError) {
         let m = kd_telemetry::metrics();
-        m.put_errors.with_label_values(&[&err.code]).inc();
+        let code = crate::errors::code_label(&err.code);
+        m.put_errors.with_label_values(&[code]).inc();
         if let Some(source) = kd_telemetry::source_label(tenant.source_id.as_str()) {
-            m.source_put_errors
-                .with_label_values(&[source, &err.code])
-                .inc();
+            m.source_put_errors.with_label_values(&[source, code]).inc();
         }
         if err.code == "ProvisionedThroughputExceededException" {
             self.limits.throttled(tenant, key);

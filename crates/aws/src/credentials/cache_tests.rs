@@ -93,10 +93,16 @@ async fn invalidate_makes_the_next_lookup_assume_the_role_again() {
     let fake = FakeAws::start().await;
     let cache = cache(&fake, CredentialSettings::default());
     let t = tenant("src_a", None);
-    cache.session(&t).await.unwrap();
-    cache.invalidate(&t).await;
-    cache.session(&t).await.unwrap();
+    let first = cache.session(&t).await.unwrap();
+    cache.invalidate(&t, &first).await;
+    let second = cache.session(&t).await.unwrap();
     assert_eq!(calls(&fake), 2);
+    // A write sent with the first session's credentials, refused after the second
+    // came: the second stays.
+    cache.invalidate(&t, &first).await;
+    let again = cache.session(&t).await.unwrap();
+    assert!(Arc::ptr_eq(&again, &second));
+    assert_eq!(calls(&fake), 2, "not assumed again for a stale refusal");
 }
 
 #[tokio::test]
