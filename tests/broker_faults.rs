@@ -13,7 +13,7 @@ use kd_testkit::env::{
     assert_all_delivered_in_order, first_deliveries, send_events, wait_metric, FakeEnv as Env, Sent,
 };
 use kd_testkit::env::{DLQ, TOPIC};
-use kd_testkit::{eventually, Kafka, Tansu, TcpProxy, Tenant, Worker, WorkerConfig};
+use kd_testkit::{eventually, Kafka, Tenant, Worker, WorkerConfig};
 
 const DELIVERED: &str = "kinesis_destination_events_delivered_total";
 
@@ -159,13 +159,9 @@ async fn broker_down_for_3_minutes_loses_nothing() {
 /// itself once the path is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_broker_is_noticed_and_recovered_from() {
-    let broker_port = kd_testkit::free_port();
-    let proxy = TcpProxy::start(0, broker_port).await;
-    let proxy_port = proxy.port;
-    let tansu = Tansu::start_on(broker_port, Some(proxy_port));
-    let env = Env::with(tansu, Some(proxy)).await;
+    let env = Env::behind_proxy().await;
     let t = env.tenant("src_h", "black-hole", 4);
-    let cfg = WorkerConfig::new(&format!("127.0.0.1:{proxy_port}"), &env.fake.endpoint());
+    let cfg = WorkerConfig::new(&env.proxy_bootstrap(), &env.fake.endpoint());
     cfg.write_tenants(&[t.settings()]);
     cfg.write();
     let mut sent = env.send_many("src_h", 50, 20).await;
@@ -329,12 +325,9 @@ async fn black_holed_aws_region_leaves_other_regions_writing() {
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_sent_again_after_lost_answers_are_stored_once() {
-    let broker_port = kd_testkit::free_port();
-    let proxy = TcpProxy::start(0, broker_port).await;
-    let proxy_port = proxy.port;
-    let env = Env::with(Tansu::start_on(broker_port, Some(proxy_port)), Some(proxy)).await;
+    let env = Env::behind_proxy().await;
     let t = env.tenant("src_l", "lost-answers", 1);
-    let mut cfg = WorkerConfig::new(&format!("127.0.0.1:{proxy_port}"), &env.fake.endpoint())
+    let mut cfg = WorkerConfig::new(&env.proxy_bootstrap(), &env.fake.endpoint())
         .set("kafka.librdkafka", "\"socket.timeout.ms\" = \"1000\"");
     // The group keeps the worker through the holes: no rebalance, so nothing is read
     // (and dead-lettered) again, and any copy is the producer's.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kd_testkit::env::{send_events, FakeEnv, Sent, DLQ, PARTITIONS, TOPIC};
-use kd_testkit::{Fault, Kafka, Tansu, TcpProxy, Tenant, Worker, WorkerConfig};
+use kd_testkit::{Fault, Kafka, Tenant, Worker, WorkerConfig};
 
 /// SplitMix64: a seeded generator whose sequence is the same on every machine and
 /// every version (the fault schedule of a seed must replay).
@@ -289,10 +289,7 @@ async fn chaos() {
     );
     let mut rng = Rng(seed);
 
-    let broker_port = kd_testkit::free_port();
-    let proxy = TcpProxy::start(0, broker_port).await;
-    let proxy_port = proxy.port;
-    let env = FakeEnv::with(Tansu::start_on(broker_port, Some(proxy_port)), Some(proxy)).await;
+    let env = FakeEnv::behind_proxy().await;
     let mut tenants = Vec::new();
     for (source, account, region, stream, shards) in TENANTS {
         let mut t = Tenant::new(source, account, region, stream);
@@ -306,7 +303,7 @@ async fn chaos() {
     // Two workers on Tansu: the eager assignors, as `docs/development.md` says (Tansu's
     // coordinator does not wait for every member to rejoin, which the cooperative
     // protocol relies on; `tests/rebalance.rs` tests that on the mock cluster).
-    let cfg = WorkerConfig::new(&format!("127.0.0.1:{proxy_port}"), &env.fake.endpoint())
+    let cfg = WorkerConfig::new(&env.proxy_bootstrap(), &env.fake.endpoint())
         .set(
             "kafka.librdkafka",
             "\"partition.assignment.strategy\" = \"range,roundrobin\"",
@@ -374,7 +371,8 @@ async fn chaos() {
     // The faults, one after another with a quiet gap between, until the run ends.
     // Each kind once in a shuffled order, then again in another: a short run still
     // sees as many kinds as it has room for.
-    let mut applied: Vec<(Duration, Kind, String)> = Vec::new();
+    // (when, kind, description, how long it lasted: applied and undone)
+    let mut applied: Vec<(Duration, Kind, String, Duration)> = Vec::new();
     let mut order: Vec<Kind> = Vec::new();
     loop {
         let gap = rng.secs(3, 12);
@@ -392,7 +390,7 @@ async fn chaos() {
         let at = started.elapsed();
         let what = apply(&mut world, &mut rng, kind).await;
         eprintln!("chaos: +{:>6.1}s {what}", at.as_secs_f64());
-        applied.push((at, kind, what));
+        applied.push((at, kind, what, started.elapsed() - at));
         if started.elapsed() >= run_for {
             break;
         }
@@ -483,10 +481,10 @@ async fn chaos() {
         }
     }
     let duplicates: usize = deliveries.values().map(|n| n - 1).sum();
-    let rereads = applied.iter().filter(|(_, k, _)| k.rereads()).count();
+    let rereads = applied.iter().filter(|(_, k, _, _)| k.rereads()).count();
     let longest_fault = applied
         .iter()
-        .filter_map(|(_, _, what)| fault_secs(what))
+        .map(|(_, _, _, lasted)| lasted.as_secs_f64())
         .fold(0.0f64, f64::max);
     // The README's bound: each fault after which partitions are read again from their
     // last commit writes again at most what was done past it, and a partition's commit
@@ -564,7 +562,7 @@ async fn chaos() {
         applied.len()
     );
     let mut by_kind: HashMap<String, usize> = HashMap::new();
-    for (_, k, _) in &applied {
+    for (_, k, _, _) in &applied {
         *by_kind.entry(format!("{k:?}")).or_default() += 1;
     }
     let mut by_kind: Vec<_> = by_kind.into_iter().collect();
@@ -636,19 +634,4 @@ async fn eventually_committed(world: &World) -> Option<Vec<i64>> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// The duration a fault's description names ("for 12.3s"), in seconds.
-fn fault_secs(what: &str) -> Option<f64> {
-    let rest = what.rsplit_once("for ")?.1;
-    let number: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    let secs: f64 = number.parse().ok()?;
-    Some(if rest[number.len()..].starts_with("ms") {
-        secs / 1000.0
-    } else {
-        secs
-    })
 }

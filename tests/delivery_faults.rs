@@ -12,9 +12,7 @@ use kd_testkit::env::{
     assert_all_delivered_in_order, assert_commits_cover_only_written, first_deliveries,
     wait_metric, FakeEnv as Env, Sent, DLQ, PARTITIONS,
 };
-use kd_testkit::{
-    metric_value, Fault, Kafka, Tansu, TcpProxy, Worker, WorkerConfig, CALLER_ACCOUNT,
-};
+use kd_testkit::{metric_value, Fault, Kafka, Worker, WorkerConfig, CALLER_ACCOUNT};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,13 +646,9 @@ async fn long_outage_of_one_tenant_keeps_memory_bounded_while_others_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_outage_is_waited_out_without_loss() {
     // Every connection to the broker goes through a proxy that can cut them all.
-    let broker_port = kd_testkit::free_port();
-    let proxy = TcpProxy::start(0, broker_port).await;
-    let proxy_port = proxy.port;
-    let tansu = Tansu::start_on(broker_port, Some(proxy_port));
-    let env = Env::with(tansu, Some(proxy)).await;
+    let env = Env::behind_proxy().await;
     let t = env.tenant("src_k", "kafka-outage", 1);
-    let cfg = WorkerConfig::new(&format!("127.0.0.1:{proxy_port}"), &env.fake.endpoint());
+    let cfg = WorkerConfig::new(&env.proxy_bootstrap(), &env.fake.endpoint());
     cfg.write_tenants(&[t.settings()]);
     cfg.write();
     // 2,000 events wait in Kafka, in gzip-compressed batches; a one-shard stream takes

@@ -1,8 +1,8 @@
 //! The consumer's callbacks, which librdkafka runs inside its poll: on a revoke, cancel
 //! the revoked partitions' in-flight work and commit what is done (or keep it, when the
 //! group no longer takes this pod's commits); on an assignment, commit what was kept for
-//! those partitions, then start tracking and fetching; lag from the statistics; client errors counted and
-//! logged once a minute per kind.
+//! those partitions, then start tracking and fetching; lag and broker health from the
+//! statistics; client errors counted and logged once a minute per kind.
 //!
 //! They must return quickly and may not write to Kinesis or wait for lanes: a
 //! rebalance waits for them. They run in the consume loop's task (inside its poll), so
@@ -115,7 +115,7 @@ impl ConsumerContext for WorkerContext {
                 self.tracker
                     .revoke(revoked.iter().map(|(t, p)| (t.as_str(), *p)));
                 tracing::info!(partitions = ?revoked, "partitions revoked");
-                if !blocking(|| commit_offsets(consumer, &self.tracker, done.clone())) {
+                if !blocking(|| commit_offsets(consumer, &self.tracker, &done)) {
                     self.unsaved.keep(&done);
                 }
             }

@@ -22,7 +22,7 @@ pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
     tracker: &OffsetTracker,
     only: Option<&[(String, i32)]>,
 ) {
-    let _ = commit_offsets(consumer, tracker, tracker.to_commit(only));
+    let _ = commit_offsets(consumer, tracker, &tracker.to_commit(only));
 }
 
 /// Commits offsets taken from the tracker (handing them back to it if the commit fails).
@@ -30,11 +30,11 @@ pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
 pub(crate) fn commit_offsets<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     tracker: &OffsetTracker,
-    offsets: Vec<(Arc<str>, i32, i64)>,
+    offsets: &[(Arc<str>, i32, i64)],
 ) -> bool {
-    let committed = try_commit(consumer, &offsets);
+    let committed = try_commit(consumer, offsets);
     if !committed {
-        tracker.commit_failed(&offsets);
+        tracker.commit_failed(offsets);
     }
     committed
 }

@@ -960,10 +960,7 @@ mod tests {
         let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
         let f = fair(2, 1);
         let admit = |o, s: &Arc<str>| t.admit("t", 0, o, 0, Some(s), f);
-        let b0 = handle(admit(0, &big));
-        let b1 = handle(admit(1, &big));
-        assert!(matches!(admit(2, &big), Admission::Skip));
-        let s3 = handle(admit(3, &small));
+        let (b0, b1, s3) = big_skipped_at_2_small_handled_at_3(&t, f);
         // Skipping: the position (past 3) is not believed.
         t.passed("t", 0, 4);
         t.done(&b0);
@@ -981,6 +978,20 @@ mod tests {
         // Caught up: a marker at 4 passed over moves the watermark again.
         t.passed("t", 0, 5);
         assert_eq!(t.to_commit(None), vec![(Arc::from("t"), 0, 5)]);
+    }
+
+    /// Partition 0 contended at 2 events, a share of 1: `big` has 0 and 1 in flight and
+    /// is skipped at 2; `small`'s 3 is handled ahead of the skip. The tickets of 0, 1, 3.
+    fn big_skipped_at_2_small_handled_at_3(
+        t: &OffsetTracker,
+        f: Option<Fairness>,
+    ) -> (Ticket, Ticket, Ticket) {
+        let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
+        let admit = |o, s: &Arc<str>| t.admit("t", 0, o, 0, Some(s), f);
+        let b0 = handle(admit(0, &big));
+        let b1 = handle(admit(1, &big));
+        assert!(matches!(admit(2, &big), Admission::Skip));
+        (b0, b1, handle(admit(3, &small)))
     }
 
     /// Whether `drained()` has resolved (a wake-up is waiting for the loop).
@@ -1184,14 +1195,11 @@ mod tests {
     #[test]
     fn events_handled_ahead_of_a_skip_do_not_let_commits_pass_it_once_it_is_read_again() {
         let t = tracker();
-        let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
+        let big: Arc<str> = "big".into();
         let f = fair(2, 1);
         let admit = |o, s: &Arc<str>| t.admit("t", 0, o, 0, Some(s), f);
-        let b0 = handle(admit(0, &big));
-        let b1 = handle(admit(1, &big));
-        assert!(matches!(admit(2, &big), Admission::Skip));
-        // Handled ahead of the skip, and still in flight when the skip is read again.
-        let _s3 = handle(admit(3, &small));
+        // 3 is handled ahead of the skip, and still in flight when the skip is read again.
+        let (b0, b1, _s3) = big_skipped_at_2_small_handled_at_3(&t, f);
         t.done(&b0);
         t.done(&b1);
         assert_eq!(

@@ -36,6 +36,22 @@ impl FakeEnv {
         FakeEnv::with(Tansu::start(), None).await
     }
 
+    /// A world whose broker is reached only through a [`TcpProxy`] (it advertises the
+    /// proxy's address), so a test can cut or black-hole the path to it: workers take
+    /// [`proxy_bootstrap`](Self::proxy_bootstrap).
+    pub async fn behind_proxy() -> FakeEnv {
+        let broker_port = crate::free_port();
+        let proxy = TcpProxy::start(0, broker_port).await;
+        let tansu = Tansu::start_on(broker_port, Some(proxy.port));
+        FakeEnv::with(tansu, Some(proxy)).await
+    }
+
+    /// The proxy's address, as `bootstrap.servers`.
+    pub fn proxy_bootstrap(&self) -> String {
+        let proxy = self.proxy.as_ref().expect("a world behind a proxy");
+        format!("127.0.0.1:{}", proxy.port)
+    }
+
     pub async fn with(tansu: Tansu, proxy: Option<TcpProxy>) -> FakeEnv {
         tansu.create_topic(TOPIC, PARTITIONS as u32);
         tansu.create_topic(DLQ, 1);
