@@ -317,6 +317,20 @@ impl StreamLimiter {
     }
 }
 
+impl Asker {
+    /// Holds back the next listing: the stream's, or only the tenant on trial's.
+    fn retry_after(&self, limiter: &StreamLimiter, wait: Duration) {
+        match self {
+            Asker::Owner => limiter.retry_after(wait),
+            Asker::Trial(trial) => {
+                trial
+                    .retry_at
+                    .fetch_max(ticks(Instant::now() + wait), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// A running listing of one stream: ends it (and wakes the writes waiting for it) when
 /// dropped, so a task that panics or is cancelled cannot leave the stream "listing".
 struct Listing(Arc<StreamLimiter>);
@@ -354,14 +368,30 @@ impl StreamLimits {
         }
     }
 
-    /// Lists the shards and describes the stream in the background, when due.
+    /// Lists the shards and describes the stream in the background, when due, with
+    /// the session of a tenant proven to own the stream (see [`Asker`]).
     pub fn refresh_if_due(
         &self,
         limits: &RateLimits,
         tenant: &TenantSettings,
         session: (&KinesisApi, &Session),
     ) {
-        limits.list_shards_if_due(&self.0, tenant, session);
+        limits.list_shards_if_due(&self.0, tenant, session, Asker::Owner);
+    }
+
+    /// [`refresh_if_due`](Self::refresh_if_due) for a tenant not yet proven to own the
+    /// stream: what AWS answers it is kept, a refusal or a failure only holds back
+    /// this tenant's next attempt.
+    pub fn refresh_for_trial_if_due(
+        &self,
+        limits: &RateLimits,
+        tenant: &TenantSettings,
+        session: (&KinesisApi, &Session),
+    ) {
+        let trial = limits.trial(tenant);
+        if ticks(Instant::now()) >= trial.retry_at.load(Ordering::Relaxed) {
+            limits.list_shards_if_due(&self.0, tenant, session, Asker::Trial(trial));
+        }
     }
 
     /// The largest record the stream takes: the tenant's `maxRecordSizeKiB` when set,
@@ -442,10 +472,29 @@ pub fn hash_key(partition_key: &str) -> u128 {
     u128::from_be_bytes(md5::compute(partition_key.as_bytes()).0)
 }
 
+/// Who asks for a stream's shards and summary, and so what a refusal or a failure
+/// changes: for the stream's proven owner, the stream's state that every tenant of it
+/// shares (the map is marked denied, listing waits); for a tenant on trial, only its own
+/// next attempt. Another tenant naming the stream with a role that may not list it
+/// must not turn per-shard budgets off for the owner.
+enum Asker {
+    Owner,
+    Trial(Arc<Trial>),
+}
+
+/// A tenant not yet proven to own its stream: one shard's capacity of its own, and
+/// when it may ask for its stream's shards again.
+struct Trial {
+    bucket: Bucket,
+    retry_at: AtomicU64,
+}
+
 /// Rate limiters for every stream written to, dropped after a while unused.
 #[derive(Clone)]
 pub struct RateLimits {
     streams: Cache<StreamKey, Arc<StreamLimiter>, hashbrown::DefaultHashBuilder>,
+    /// Tenants on trial, by source ID.
+    trials: Cache<Arc<str>, Arc<Trial>>,
     fraction: f64,
     /// DescribeStreamSummary's budget per account.
     describes: Cache<Arc<str>, Arc<DefaultDirectRateLimiter>>,
@@ -465,6 +514,9 @@ impl RateLimits {
             streams: Cache::builder()
                 .time_to_idle(Duration::from_secs(600))
                 .build_with_hasher(hashbrown::DefaultHashBuilder::default()),
+            trials: Cache::builder()
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
             fraction: fraction.clamp(0.001, 1.0),
             describes: Cache::builder()
                 .time_to_idle(Duration::from_secs(60))
@@ -511,6 +563,33 @@ impl RateLimits {
         })
     }
 
+    fn trial(&self, tenant: &TenantSettings) -> Arc<Trial> {
+        if let Some(trial) = self.trials.get(tenant.source_id.as_str()) {
+            return trial;
+        }
+        self.trials.get_with(tenant.source_id.shared(), || {
+            Arc::new(Trial {
+                bucket: Bucket::new(
+                    RECORDS_PER_SHARD_PER_SEC as f64 * self.fraction,
+                    BYTES_PER_SHARD_PER_SEC as f64 * self.fraction,
+                ),
+                retry_at: AtomicU64::new(0),
+            })
+        })
+    }
+
+    /// Waits until `tenant`, on trial, has room for a record of `bytes` bytes in its
+    /// own budget of one shard: until a write shows the tenant owns its stream, it
+    /// spends none of the stream's shared capacity.
+    pub async fn acquire_trial(&self, tenant: &TenantSettings, bytes: usize) {
+        let trial = self.trial(tenant);
+        if let Some(since) = trial.bucket.acquire(bytes).await {
+            kd_telemetry::metrics()
+                .rate_limit_wait_seconds
+                .inc_by(since.elapsed().as_secs_f64());
+        }
+    }
+
     /// The limits of `tenant`'s stream, for [`acquire_on`](Self::acquire_on).
     pub fn stream(&self, tenant: &TenantSettings) -> StreamLimits {
         StreamLimits(self.limiter(tenant))
@@ -543,7 +622,7 @@ impl RateLimits {
         // When this write first had to wait (`Instant::now` is read only then).
         let mut waited: Option<Instant> = None;
         if let Some(session) = session {
-            self.list_shards_if_due(limiter, tenant, session);
+            self.list_shards_if_due(limiter, tenant, session, Asker::Owner);
         }
         // The first writes wait (briefly) for the shard map rather than spend the
         // stream-wide budget, which could overrun one shard.
@@ -611,6 +690,7 @@ impl RateLimits {
         limiter: &Arc<StreamLimiter>,
         tenant: &TenantSettings,
         (api, session): (&KinesisApi, &Session),
+        asker: Asker,
     ) {
         if !limiter.listing_due(Instant::now()) || limiter.listing.swap(true, Ordering::AcqRel) {
             return;
@@ -676,21 +756,24 @@ impl RateLimits {
                         // A stream being created, or an answer we cannot use: the map
                         // we had (if any) stays; listed again a while later.
                         tracing::debug!(stream = %label, "no open shard listed; will try again");
-                        limiter.retry_after(retry.failed);
+                        asker.retry_after(limiter, retry.failed);
                     }
                     Err(e) if e.is_access_denied() => {
                         // The policy the README suggests grants only kinesis:PutRecord:
                         // plan by the summary's open shards, or `shards`.
                         tracing::debug!(stream = %label, error = %e, "cannot list shards; stream-wide rate limit");
-                        limiter.shards.store(Arc::new(ShardMap::Denied {
-                            retry_at: Instant::now() + retry.denied,
-                        }));
+                        match &asker {
+                            Asker::Owner => limiter.shards.store(Arc::new(ShardMap::Denied {
+                                retry_at: Instant::now() + retry.denied,
+                            })),
+                            Asker::Trial(_) => asker.retry_after(limiter, retry.denied),
+                        }
                     }
                     Err(e) => {
                         // Transient, or the stream's state (not found yet, in use): the
                         // map we had stays.
                         tracing::debug!(stream = %label, error = %e, "listing shards failed; will try again");
-                        limiter.retry_after(retry.failed);
+                        asker.retry_after(limiter, retry.failed);
                     }
                 }
             }
@@ -719,13 +802,16 @@ impl RateLimits {
                     }
                     Err(e) if e.is_access_denied() => {
                         tracing::debug!(stream = %label, error = %e, "cannot describe the stream; default record size");
-                        limiter.summary.store(Arc::new(Summary::Denied {
-                            retry_at: Instant::now() + retry.denied,
-                        }));
+                        match &asker {
+                            Asker::Owner => limiter.summary.store(Arc::new(Summary::Denied {
+                                retry_at: Instant::now() + retry.denied,
+                            })),
+                            Asker::Trial(_) => asker.retry_after(limiter, retry.denied),
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(stream = %label, error = %e, "describing the stream failed; will try again");
-                        limiter.retry_after(retry.failed);
+                        asker.retry_after(limiter, retry.failed);
                     }
                 }
             }

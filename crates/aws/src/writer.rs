@@ -56,6 +56,49 @@ pub struct Writer {
     /// Destinations whose role refused `PutRecords` (tenants in `auto` mode), and until
     /// when they are written with `PutRecord` instead.
     put_records_refused: Arc<Refusals>,
+    /// Tenants proven to own their stream: a write with their credentials was accepted.
+    proofs: Proofs,
+}
+
+/// Which tenants have shown they may write to the stream they name: a `PutRecord` or
+/// `PutRecords` call with their credentials was accepted (AWS checks the role, the
+/// external ID and the stream's policies before it counts a write against a shard).
+///
+/// Only a proven tenant spends its stream's shared capacity (the per-shard budgets
+/// every tenant of that stream draws on) or lists its shards. Until then its writes
+/// draw on a budget of its own ([`RateLimits::acquire_trial`]): a tenant that names
+/// someone else's stream, with a role it cannot assume or one the stream does not
+/// admit, slows nobody down while its events fail. Keyed by source ID; the proof holds
+/// only while the settings name the same identity and stream, and an access-denied
+/// answer withdraws it.
+struct Proofs(moka::sync::Cache<Arc<str>, Arc<TenantSettings>>);
+
+impl Default for Proofs {
+    fn default() -> Self {
+        Proofs(
+            moka::sync::Cache::builder()
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+        )
+    }
+}
+
+impl Proofs {
+    fn holds(&self, tenant: &Arc<TenantSettings>) -> bool {
+        self.0
+            .get(tenant.source_id.as_str())
+            .is_some_and(|proven| Arc::ptr_eq(&proven, tenant) || proven.same_destination(tenant))
+    }
+
+    fn record(&self, tenant: &Arc<TenantSettings>) {
+        if !self.holds(tenant) {
+            self.0.insert(tenant.source_id.shared(), tenant.clone());
+        }
+    }
+
+    fn withdraw(&self, tenant: &TenantSettings) {
+        self.0.invalidate(tenant.source_id.as_str());
+    }
 }
 
 /// How long a role that refused `PutRecords` is written with `PutRecord` before
@@ -163,6 +206,7 @@ impl KinesisWriter {
                 batches: Arc::default(),
                 linger,
                 put_records_refused: Arc::default(),
+                proofs: Proofs::default(),
             }),
         })
     }
@@ -236,11 +280,13 @@ impl KinesisWriter {
                 .too_large(tenant, &stream, bytes, max, only_the_default)
                 .await);
         }
+        if !self.proofs.holds(tenant) {
+            return self.put_unproven(tenant, key, data, bytes).await;
+        }
         if self.batches(tenant, bytes) {
             // The batch looks the session up once for all its records when it is sent.
             // A record looks it up here only for its stream's shards to be listed with
-            // it (a stream new to this worker, or every few minutes): a new tenant's
-            // first records wait for its role here, as record-by-record writes do.
+            // it (a stream new to this worker, or every few minutes).
             let session = if stream.wants_session() {
                 Some(Box::pin(self.credentials.session(tenant)).await?)
             } else {
@@ -264,6 +310,37 @@ impl KinesisWriter {
                 Some((&self.api, &session)),
             )
             .await;
+        self.put_one(tenant, key, data, &stream, session).await
+    }
+
+    /// A write of a tenant not yet proven to own its stream (see [`Proofs`]): its role
+    /// is assumed first, and its records draw on its own trial budget, not the stream's.
+    async fn put_unproven(
+        &self,
+        tenant: &Arc<TenantSettings>,
+        key: &PartitionKey,
+        data: &Bytes,
+        bytes: usize,
+    ) -> Result<(), AwsError> {
+        let session = Box::pin(self.credentials.session(tenant)).await?;
+        self.limits.acquire_trial(tenant, bytes).await;
+        if self.batches(tenant, bytes) {
+            drop(session);
+            return self.put_batched(tenant, key, data, bytes).await;
+        }
+        let stream = self.limits.stream(tenant);
+        self.put_one(tenant, key, data, &stream, session).await
+    }
+
+    /// One `PutRecord` call, its tokens taken.
+    async fn put_one(
+        &self,
+        tenant: &Arc<TenantSettings>,
+        key: &PartitionKey,
+        data: &Bytes,
+        stream: &crate::limits::StreamLimits,
+        session: Arc<crate::credentials::Session>,
+    ) -> Result<(), AwsError> {
         // Held only for the call itself, never across backoff or rate-limit waits.
         let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
         let started = Instant::now();
@@ -284,6 +361,7 @@ impl KinesisWriter {
         observe_call(started, &result);
         match result {
             Ok(written) => {
+                self.proofs.record(tenant);
                 if let Some(shard) = crate::api::shard_number(&written.shard_id) {
                     stream.landed(key.as_str(), shard);
                 }
@@ -389,6 +467,7 @@ impl KinesisWriter {
         observe_call(started, &result);
         match result {
             Ok(results) => {
+                self.proofs.record(&tenant);
                 // One record a call tells a shard map that missed a reshard (every record
                 // would cost a hash each).
                 if let (Some(first), Some(shard)) =
@@ -423,8 +502,12 @@ impl KinesisWriter {
         }
     }
 
-    /// Counts a refused record and slows its shard down when it was throttled.
+    /// Counts a refused record, slows its shard down when it was throttled, and
+    /// withdraws the tenant's proof when its identity may no longer write.
     fn on_refused(&self, tenant: &TenantSettings, key: &str, err: &AwsError) {
+        if err.is_access_denied() {
+            self.proofs.withdraw(tenant);
+        }
         let m = kd_telemetry::metrics();
         let code = crate::errors::code_label(&err.code);
         m.put_errors.with_label_values(&[code]).inc();
@@ -452,7 +535,7 @@ impl KinesisWriter {
     /// known to be after DescribeStreamSummary).
     async fn too_large(
         &self,
-        tenant: &TenantSettings,
+        tenant: &Arc<TenantSettings>,
         stream: &crate::limits::StreamLimits,
         bytes: usize,
         max: usize,
@@ -461,7 +544,12 @@ impl KinesisWriter {
         let ctx = context("PutRecord", tenant);
         if only_the_default {
             if let Ok(session) = Box::pin(self.credentials.session(tenant)).await {
-                stream.refresh_if_due(&self.limits, tenant, (&self.api, &session));
+                let asked = (&self.api, &*session);
+                if self.proofs.holds(tenant) {
+                    stream.refresh_if_due(&self.limits, tenant, asked);
+                } else {
+                    stream.refresh_for_trial_if_due(&self.limits, tenant, asked);
+                }
             }
             return AwsError {
                 class: ErrorClass::Retryable,

@@ -414,6 +414,18 @@ impl TenantSettings {
         }
     }
 
+    /// Whether `other` writes to the same stream as the same identity (role, external
+    /// ID or resource-policy grant): what a proof of access to the stream holds for.
+    pub fn same_destination(&self, other: &TenantSettings) -> bool {
+        self.source_id == other.source_id
+            && self.access == other.access
+            && self.external_id() == other.external_id()
+            && self.account == other.account
+            && self.region == other.region
+            && self.stream == other.stream
+            && self.stream_arn == other.stream_arn
+    }
+
     /// How the stream is named in calls and messages: its ARN when given, else its name.
     pub fn stream_label(&self) -> &str {
         match &self.stream_arn {

@@ -78,6 +78,64 @@ async fn a_refused_listing_is_the_askers_and_is_asked_again_after_a_while() {
     assert_eq!(stream.max_record_bytes(&owner), (4096 * 1024, false));
 }
 
+/// Waits until a listing of `t`'s stream (if one runs) has ended.
+async fn listing_ended(limits: &RateLimits, t: &TenantSettings) {
+    let limiter = limits.limiter(t);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while limiter.listing.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the listing ended");
+}
+
+#[tokio::test]
+async fn a_tenant_on_trial_refused_a_listing_holds_back_only_itself() {
+    let fake = FakeAws::start().await;
+    fake.create_stream("s", 4);
+    fake.set_stream_shape("s", false, 4096);
+    let intruder_role = "arn:aws:iam::111111111111:role/only-writes";
+    for op in ["ListShards", "DescribeStreamSummary"] {
+        fake.deny_role_operation(intruder_role, op, true);
+    }
+    let cache = cache(&fake, CredentialSettings::default());
+    let api = KinesisApi::new(cache.base(), cache.clock().clone(), None).unwrap();
+    let limits = RateLimits::new(1.0);
+    let (intruder, owner) = (tenant("src_a", "only-writes"), tenant("src_b", "owner"));
+
+    let session = cache.session(&intruder).await.unwrap();
+    let stream = limits.stream(&intruder);
+    stream.refresh_for_trial_if_due(&limits, &intruder, (&api, &session));
+    listing_ended(&limits, &intruder).await;
+    assert_eq!(fake.requests("ListShards"), 1);
+    // Asked again at once: not, for the tenant refused ...
+    stream.refresh_for_trial_if_due(&limits, &intruder, (&api, &session));
+    listing_ended(&limits, &intruder).await;
+    assert_eq!(fake.requests("ListShards"), 1, "the refused tenant waits");
+    assert_eq!(
+        stream.max_record_bytes(&owner),
+        (1024 * 1024, true),
+        "nothing is known of the stream: the default, and only that"
+    );
+    // ... but the owner's first write lists and describes the stream.
+    write(&limits, &api, &cache, &owner).await;
+    assert_eq!(fake.requests("ListShards"), 2);
+    assert_eq!(limits.open_shards(&owner), Some(4));
+    assert_eq!(stream.max_record_bytes(&owner), (4096 * 1024, false));
+
+    // What AWS does tell a tenant on trial is kept: the stream's summary, for the
+    // size of its first records.
+    let limits = RateLimits::new(1.0);
+    let newcomer = tenant("src_c", "owner");
+    let session = cache.session(&newcomer).await.unwrap();
+    let stream = limits.stream(&newcomer);
+    stream.refresh_for_trial_if_due(&limits, &newcomer, (&api, &session));
+    listing_ended(&limits, &newcomer).await;
+    assert_eq!(stream.max_record_bytes(&owner), (4096 * 1024, false));
+    assert_eq!(limits.open_shards(&owner), Some(4));
+}
+
 #[tokio::test]
 async fn a_failed_listing_waits_before_it_is_tried_again() {
     let fake = FakeAws::start().await;
