@@ -297,7 +297,13 @@ async fn black_holed_aws_region_leaves_other_regions_writing() {
     env.fake.black_hole_region("us-east-1", true);
     let all_holed = Instant::now();
     sent.extend(env.send_all(&events(15..17)).await);
-    let body = wait_readyz(&worker, 503, "aws: no answer", Duration::from_secs(90)).await;
+    let body = wait_readyz(
+        &worker,
+        503,
+        "aws: no Kinesis endpoint answering",
+        Duration::from_secs(90),
+    )
+    .await;
     eprintln!(
         "every region black-holed: not ready after {:?}: {body:?}",
         all_holed.elapsed()

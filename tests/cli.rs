@@ -286,17 +286,17 @@ fn idle_http_connections_cannot_keep_the_probes_from_answering() {
             s
         })
         .collect();
-    // The probes still answer: the server closes connections that are slow to send
-    // their request head, which makes room.
+    // The probe, from the same address, still answers at once: one address holds 16
+    // connections, and a new one closes the address's longest idle connection.
     let asked = std::time::Instant::now();
     let health = worker.get("/healthz");
     let took = asked.elapsed();
     assert_eq!(health.map(|h| h.0), Some(200));
-    assert!(took < Duration::from_secs(15), "answered after {took:?}");
-    // The idle connections were closed by the server, each 5 s after it was accepted
-    // (64 at a time): reading them ends (after a 408 answer, or at once) or is reset,
-    // rather than waiting.
-    std::thread::sleep(Duration::from_secs(16).saturating_sub(asked.elapsed()));
+    assert!(took < Duration::from_secs(1), "answered after {took:?}");
+    // The idle connections were closed by the server, for newer ones or 2 s after
+    // they were accepted: reading them ends (after a 408 answer, or at once) or is
+    // reset, rather than waiting.
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(asked.elapsed()));
     let mut closed = 0;
     for mut s in idle {
         s.set_read_timeout(Some(Duration::from_millis(200)))

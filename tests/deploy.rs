@@ -205,6 +205,42 @@ fn the_workload_keeps_what_operators_rely_on_in_every_overlay() {
         let ports = &container["ports"][0];
         assert_eq!(ports["containerPort"].as_i64(), Some(port), "{dir}");
         assert_eq!(ports["name"].as_str(), Some("http"), "{dir}");
+        // Only Prometheus' namespace reaches the pods, on the HTTP port alone (the
+        // kubelet's probes come from the node).
+        let policies: Vec<&Value> = objects
+            .iter()
+            .filter(|o| kind(o) == "NetworkPolicy")
+            .collect();
+        assert_eq!(policies.len(), 1, "{dir}: one NetworkPolicy");
+        let policy = &policies[0]["spec"];
+        let pod_labels = pod["metadata"]["labels"].as_mapping().unwrap();
+        for (k, v) in policy["podSelector"]["matchLabels"].as_mapping().unwrap() {
+            assert_eq!(
+                pod_labels.get(k),
+                Some(v),
+                "{dir}: the policy selects the pods"
+            );
+        }
+        assert_eq!(
+            policy["policyTypes"],
+            serde_yaml::from_str::<Value>("[Ingress]").unwrap()
+        );
+        let rules = policy["ingress"].as_sequence().unwrap();
+        assert_eq!(rules.len(), 1, "{dir}");
+        let from = rules[0]["from"].as_sequence().expect("a rule with sources");
+        assert!(!from.is_empty(), "{dir}: an empty `from` admits everybody");
+        for source in from {
+            assert!(
+                source["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                    .is_string()
+                    && source.get("ipBlock").is_none(),
+                "{dir}: only a namespace by name: {source:?}"
+            );
+        }
+        let allowed = rules[0]["ports"].as_sequence().unwrap();
+        assert_eq!(allowed.len(), 1, "{dir}");
+        assert_eq!(allowed[0]["port"].as_str(), Some("http"), "{dir}");
+
         for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
             assert_eq!(
                 str_at(container, &[probe, "httpGet", "path"]),

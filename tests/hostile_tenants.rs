@@ -139,3 +139,146 @@ async fn a_tenant_naming_another_tenants_stream_spends_none_of_its_capacity() {
     );
     worker.stop();
 }
+
+/// Opens connections to `port` from `address` and keeps them as slow clients do, until
+/// `until`: half send nothing, half trickle a request head a byte every 300 ms. A
+/// connection the worker closes is opened again at once.
+async fn slow_clients(address: std::net::IpAddr, port: u16, sockets: usize, until: Instant) -> u64 {
+    use tokio::io::AsyncWriteExt;
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..sockets {
+        let opened = opened.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind((address, 0).into()).unwrap();
+                let Ok(mut stream) = socket.connect(([127, 0, 0, 1], port).into()).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: yyyyyyyyyyyyyyyyyyyyyyyy";
+                let mut sent = 0;
+                while Instant::now() < until {
+                    if i % 2 == 1 && sent < head.len() {
+                        if stream.write_all(&head[sent..sent + 1]).await.is_err() {
+                            break;
+                        }
+                        sent += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    // Closed by the worker: a read returns at once.
+                    let mut probe = [0u8; 1];
+                    if let Ok(Ok(0)) =
+                        tokio::time::timeout(Duration::from_millis(1), stream.peek(&mut probe))
+                            .await
+                    {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    opened.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `GET /healthz` on a new connection, as the kubelet probes: how long it took, or
+/// `None` when no answer came within 2 s.
+fn probe(port: u16) -> Option<Duration> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    answer
+        .starts_with("HTTP/1.1 200")
+        .then(|| started.elapsed())
+}
+
+/// Slow connections from 40 addresses (20 sockets each, reopened as soon as they are
+/// closed) for 12 s, while the worker delivers: `/healthz` answers a new connection
+/// within 100 ms every time, and every event is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_connections_from_many_addresses_cannot_starve_the_probes() {
+    let env = Env::start().await;
+    let t = env.tenant("src_busy", "busy", 2);
+    let cfg = env.config(&[&t]);
+    cfg.write();
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    let port = worker.http_port;
+
+    let flood_for = Duration::from_secs(12);
+    let until = Instant::now() + flood_for;
+    let flood: Vec<_> = (2..42u8)
+        .map(|i| tokio::spawn(slow_clients([127, 0, 0, i].into(), port, 20, until)))
+        .collect();
+    // Let the flood fill every place the old server had before probing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let probes = tokio::task::spawn_blocking(move || {
+        let mut took = Vec::new();
+        while Instant::now() + Duration::from_millis(500) < until {
+            took.push(probe(port));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        took
+    });
+    let mut sent = Vec::new();
+    for round in 0..10 {
+        sent.extend(
+            env.send_many("src_busy", 20, 5)
+                .await
+                .into_iter()
+                .map(|s| (round, s)),
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    let took = probes.await.unwrap();
+    let mut opened = 0;
+    for f in flood {
+        opened += f.await.unwrap();
+    }
+    let answered: Vec<Duration> = took.iter().flatten().copied().collect();
+    let mut sorted = answered.clone();
+    sorted.sort();
+    let worst = sorted.last().copied().unwrap_or_default();
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
+    let m = worker.metrics();
+    eprintln!(
+        "flood: {opened} slow connections from 40 addresses in {flood_for:?}; /healthz \
+         answered {} of {} probes, median {median:?}, worst {worst:?}; closed by the worker: {} over the \
+         per-address cap, {} to make room",
+        answered.len(),
+        took.len(),
+        kd_testkit::metric_value(&m, "kinesis_destination_http_connections_closed_total{reason=\"per_address\"}"),
+        kd_testkit::metric_value(&m, "kinesis_destination_http_connections_closed_total{reason=\"evicted\"}"),
+    );
+    assert!(took.len() >= 50, "{} probes", took.len());
+    assert_eq!(answered.len(), took.len(), "unanswered probes: {took:?}");
+    assert!(
+        worst < Duration::from_millis(100),
+        "worst {worst:?}: {took:?}"
+    );
+
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        sent.len() as f64,
+        Duration::from_secs(60),
+    )
+    .await;
+    let sent: Vec<_> = sent.into_iter().map(|(_, s)| s).collect();
+    kd_testkit::env::assert_all_delivered_in_order(&sent, &env.fake.records_of("busy"));
+    kd_testkit::assert_nothing_dead_lettered(&worker.metrics());
+    worker.stop();
+}

@@ -426,9 +426,10 @@ async fn sts_refusing_the_workers_own_credentials_takes_readiness_away() {
     })
     .await;
     assert!(
-        reason.contains("worker's own AWS credentials") && reason.contains("InvalidClientTokenId"),
+        reason.contains("worker's own AWS credentials") && !reason.contains("InvalidClientTokenId"),
         "{reason}"
     );
+    assert!(worker.logs().contains("InvalidClientTokenId"));
     // A tenant with a cached session is still served meanwhile.
     sent_warm.extend(env.send_many("src_warm", 3, 1).await);
     wait_metric(

@@ -2,23 +2,16 @@
 //!
 //! One process-wide registry holds the metrics listed in the README (their names are part
 //! of the product's contract) plus a few operational ones; every stage records into it through
-//! [`metrics()`]. [`serve`] exposes `/metrics`, `/healthz` and `/readyz`. No metric
+//! [`metrics()`]. [`bind`] exposes `/metrics`, `/healthz` and `/readyz`. No metric
 //! carries a per-source or per-user label: label values come from small fixed sets
 //! (reasons, outcomes, AWS error codes, partitions).
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
-
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
 
 /// All metrics of the worker.
 pub struct Metrics {
@@ -44,6 +37,7 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub consumer_errors: IntCounterVec,
     pub kafka_brokers_answering: IntGauge,
+    pub http_connections_closed: IntCounterVec,
     pub tenants: IntGaugeVec,
     pub tenant_settings_errors: IntCounter,
     pub tenant_settings_records: IntCounter,
@@ -145,6 +139,7 @@ impl Metrics {
             )?),
             consumer_errors: counter!("consumer_errors_total", "Errors the Kafka consumer reported (undecodable batches, broker errors), by librdkafka error code.", &["error"]),
             kafka_brokers_answering: gauge!("kafka_brokers_answering", "Brokers the consumer is connected to that answered in the last 30 s (0: it cannot read; /readyz says so)."),
+            http_connections_closed: counter!("http_connections_closed_total", "HTTP connections the worker closed to keep the port answering: over the per-address cap (per_address), or the longest-open one closed to make room at the connection cap (evicted).", &["reason"]),
             consumer_lag: gauge!("consumer_lag", "Messages between the high watermark and the consumer position.", &["topic", "partition"]),
             tenants: gauge!("tenants", "Tenant settings loaded, by state.", &["state"]),
             tenant_settings_errors: counter!("tenant_settings_errors_total", "Tenant settings loads rejected (the last good settings stay in force)."),
@@ -239,6 +234,20 @@ pub enum Problem {
     AwsUnreachable,
 }
 
+impl Problem {
+    /// The failing part, as `/readyz` names it to any caller.
+    pub fn part(self) -> &'static str {
+        match self {
+            Problem::DeadLetters => "dead letters cannot be written",
+            Problem::AwsIdentity => "the worker's own AWS credentials are refused",
+            Problem::KafkaAuth => "no Kafka authentication token can be made",
+            Problem::ClockSkew => "AWS refuses the worker's clock",
+            Problem::Kafka => "kafka: no broker answering",
+            Problem::AwsUnreachable => "aws: no Kinesis endpoint answering",
+        }
+    }
+}
+
 impl Readiness {
     pub fn set_tenants_loaded(&self) {
         self.tenants_loaded.store(true, Ordering::SeqCst);
@@ -264,7 +273,30 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.reason().is_none()
     }
-    /// Why the process is not ready, for the body of a 503; `None` when it is.
+    /// What `/readyz` answers when the process is not ready: the parts that fail,
+    /// named, without the errors' own text (broker addresses, topic names, AWS
+    /// messages), which the logs and [`reason`](Self::reason) have. `None` when ready.
+    pub fn public_reason(&self) -> Option<String> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            Some("shutting down".into())
+        } else if !self.tenants_loaded.load(Ordering::SeqCst) {
+            Some("tenant settings not loaded".into())
+        } else if !self.joined_group.load(Ordering::SeqCst) {
+            Some("consumer has not joined its group".into())
+        } else {
+            let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+            (!problems.is_empty()).then(|| {
+                problems
+                    .keys()
+                    .map(|p| p.part())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+        }
+    }
+
+    /// Why the process is not ready, in full (the errors' text): for logs and tests.
+    /// `None` when it is ready.
     pub fn reason(&self) -> Option<String> {
         if self.shutting_down.load(Ordering::SeqCst) {
             Some("shutting down".into())
@@ -280,70 +312,8 @@ impl Readiness {
     }
 }
 
-/// Most HTTP connections served at once; more wait to be accepted.
-const MAX_CONNECTIONS: usize = 64;
-/// A connection that has not sent a whole request head in this long is closed.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// A connection is closed after this long, whatever it does (scrapers reconnect).
-const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Binds the HTTP listener (so a bad address fails at start-up) and returns the server.
-/// The server holds at most [`MAX_CONNECTIONS`], each for at most
-/// [`CONNECTION_TIMEOUT`], and closes one that is slow to send its request head, so
-/// idle or slow clients cannot keep `/metrics` and the probes from answering.
-pub async fn bind(
-    listen: SocketAddr,
-    readiness: Arc<Readiness>,
-) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let app = Router::new()
-        .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .with_state(readiness);
-    Ok(serve(listener, app))
-}
-
-async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
-    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(place) = places.clone().acquire_owned().await else {
-            return Ok(());
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: wait, do not spin.
-                tracing::warn!(error = %e, "cannot accept an HTTP connection");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
-            drop(place);
-        });
-    }
-}
-
-async fn render_metrics() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics().render(),
-    )
-}
-
-async fn ready(State(r): State<Arc<Readiness>>) -> impl IntoResponse {
-    match r.reason() {
-        None => (StatusCode::OK, "ready\n".to_owned()),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-    }
-}
+mod http;
+pub use http::bind;
 
 #[cfg(test)]
 mod tests {
