@@ -7,7 +7,7 @@ use common::bin;
 use std::time::{Duration, Instant};
 
 use kd_testkit::env::{wait_metric, FakeEnv as Env, DLQ};
-use kd_testkit::{FakeRecord, Kafka, Worker, CALLER_ACCOUNT};
+use kd_testkit::{FakeRecord, Kafka, Tenant, Worker, CALLER_ACCOUNT};
 use serde_json::json;
 
 const VICTIM_ARN: &str = "arn:aws:kinesis:us-east-1:111111111111:stream/victim";
@@ -279,6 +279,143 @@ async fn slow_connections_from_many_addresses_cannot_starve_the_probes() {
     .await;
     let sent: Vec<_> = sent.into_iter().map(|(_, s)| s).collect();
     kd_testkit::env::assert_all_delivered_in_order(&sent, &env.fake.records_of("busy"));
+    kd_testkit::assert_nothing_dead_lettered(&worker.metrics());
+    worker.stop();
+}
+
+/// `per_user` events for each of `users` users of each source, users interleaved.
+fn spread(
+    sources: &[&str],
+    users: usize,
+    per_user: usize,
+    from: usize,
+) -> Vec<(String, String, usize)> {
+    let mut out = Vec::new();
+    for seq in from..from + per_user {
+        for u in 0..users {
+            for s in sources {
+                out.push(((*s).to_owned(), format!("{s}-u{u}"), seq));
+            }
+        }
+    }
+    out
+}
+
+/// How long until `count` more events than `before` are delivered.
+async fn time_to_deliver(worker: &Worker, before: f64, count: usize, since: Instant) -> Duration {
+    wait_metric(
+        worker,
+        "kinesis_destination_events_delivered_total",
+        before + count as f64,
+        Duration::from_secs(120),
+    )
+    .await;
+    since.elapsed()
+}
+
+/// eu-west-1 hangs (Kinesis and STS read requests and never answer) while its tenants
+/// have events to write and new ones start. With 8 request places and 2 AssumeRole
+/// places, one region may hold half of each: us-east-1 tenants, warm and cold, are
+/// written as fast as before the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_region_does_not_delay_another() {
+    let env = Env::start().await;
+    let regional = |source: &str, region: &str, account: &str| {
+        let mut t = Tenant::new(source, account, region, source);
+        t.shards = 4;
+        env.fake.create_stream(source, 4);
+        t
+    };
+    let eu: Vec<Tenant> = (0..3)
+        .map(|i| regional(&format!("eu_{i}"), "eu-west-1", &format!("30000000000{i}")))
+        .collect();
+    let eu_cold: Vec<Tenant> = (0..3)
+        .map(|i| {
+            regional(
+                &format!("eu_cold_{i}"),
+                "eu-west-1",
+                &format!("40000000000{i}"),
+            )
+        })
+        .collect();
+    let us = regional("us_warm", "us-east-1", "111111111111");
+    let us_cold: Vec<Tenant> = (0..4)
+        .map(|i| {
+            regional(
+                &format!("us_cold_{i}"),
+                "us-east-1",
+                &format!("50000000000{i}"),
+            )
+        })
+        .collect();
+    let all: Vec<&Tenant> = eu
+        .iter()
+        .chain(&eu_cold)
+        .chain([&us])
+        .chain(&us_cold)
+        .collect();
+    let cfg = env
+        .config(&all)
+        .set("aws", "max_concurrent_requests = 8")
+        .set("aws", "max_concurrent_assume_role = 2")
+        .set("aws", "api_timeout_ms = 3000")
+        .set("delivery", "initial_backoff_ms = 20")
+        .set("delivery", "max_backoff_ms = 200");
+    cfg.write();
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    let eu_names: Vec<&str> = eu.iter().map(|t| t.source_id.as_str()).collect();
+
+    // Before the outage: the eu tenants' sessions are cached, and us_warm's 400
+    // events take this long.
+    let mut sent = env.send_all(&spread(&eu_names, 20, 1, 0)).await;
+    sent.extend(env.send_all(&spread(&["us_warm"], 40, 1, 0)).await);
+    time_to_deliver(&worker, 0.0, 100, Instant::now()).await;
+    let before = worker.metric("kinesis_destination_events_delivered_total");
+    let started = Instant::now();
+    sent.extend(env.send_all(&spread(&["us_warm"], 40, 10, 1)).await);
+    let healthy = time_to_deliver(&worker, before, 400, started).await;
+
+    // The outage: eu tenants' writes and new eu tenants' AssumeRole calls hang.
+    env.fake.black_hole_region("eu-west-1", true);
+    let eu_cold_names: Vec<&str> = eu_cold.iter().map(|t| t.source_id.as_str()).collect();
+    sent.extend(env.send_all(&spread(&eu_names, 20, 5, 1)).await);
+    sent.extend(env.send_all(&spread(&eu_cold_names, 5, 1, 0)).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = worker.metric("kinesis_destination_events_delivered_total");
+    let started = Instant::now();
+    let us_cold_names: Vec<&str> = us_cold.iter().map(|t| t.source_id.as_str()).collect();
+    sent.extend(env.send_all(&spread(&["us_warm"], 40, 10, 11)).await);
+    sent.extend(env.send_all(&spread(&us_cold_names, 5, 1, 0)).await);
+    let during = time_to_deliver(&worker, before, 400 + 20, started).await;
+    let eu_written_during: usize = eu
+        .iter()
+        .map(|t| env.fake.records_of(&t.stream).len())
+        .sum();
+    eprintln!(
+        "us-east-1: 400 events of a warm tenant in {healthy:?} before eu-west-1 hung; \
+         400 of it and 20 of 4 new tenants in {during:?} while it hung \
+         (eu-west-1: {eu_written_during} records, all from before)"
+    );
+    assert_eq!(eu_written_during, 60, "nothing answers in eu-west-1");
+    assert!(
+        during < healthy * 2 + Duration::from_secs(1),
+        "us-east-1 took {during:?} during the outage against {healthy:?} before"
+    );
+
+    // The outage ends: every eu event is written, in order.
+    env.fake.black_hole_region("eu-west-1", false);
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        sent.len() as f64,
+        Duration::from_secs(120),
+    )
+    .await;
+    let records: Vec<FakeRecord> = all
+        .iter()
+        .flat_map(|t| env.fake.records_of(&t.stream))
+        .collect();
+    kd_testkit::env::assert_all_delivered_in_order(&sent, &records);
     kd_testkit::assert_nothing_dead_lettered(&worker.metrics());
     worker.stop();
 }

@@ -129,8 +129,10 @@ pub struct CredentialCache {
     base: SdkConfig,
     settings: CredentialSettings,
     readiness: Option<Arc<kd_telemetry::Readiness>>,
-    /// Places for AssumeRole calls on the wire.
-    assume_permits: Arc<tokio::sync::Semaphore>,
+    /// Places for AssumeRole calls on the wire: half of them at most for one role
+    /// account or one STS region, so a region or an account whose STS hangs cannot
+    /// hold back cold starts and refreshes elsewhere.
+    assume_places: Arc<crate::requests::Places<2>>,
     /// When STS was last asked about the worker's own identity, and its answer.
     identity_checked: Arc<Mutex<Option<(Instant, bool)>>>,
     /// AWS's time, learned from its answers: what credentials' lifetimes are counted in.
@@ -168,8 +170,9 @@ impl CredentialCache {
                 .build(),
             sts_clients: Arc::default(),
             base,
-            assume_permits: Arc::new(tokio::sync::Semaphore::new(
-                settings.max_concurrent_assume_role.max(1),
+            assume_places: Arc::new(crate::requests::Places::new(
+                settings.max_concurrent_assume_role,
+                0.5,
             )),
             settings,
             readiness: None,
@@ -386,8 +389,11 @@ impl CredentialCache {
 
     async fn assume(&self, key: &Key, tenant: &TenantSettings) -> Result<Arc<Session>, AwsError> {
         let m = kd_telemetry::metrics();
-        // The permit is held for the call only; the semaphore is never closed.
-        let _permit = self.assume_permits.acquire().await.ok();
+        // The place is held for the call only.
+        let _place = self
+            .assume_places
+            .acquire([key.role.account(), tenant.region.as_str()])
+            .await;
         let started = Instant::now();
         // The SDK's call is a ~13 KiB future: boxed, it is allocated only once the
         // permit is held, not by every tenant waiting for one (a cold start of 100,000

@@ -1,115 +1,162 @@
-//! How many requests may be on the wire at once: in all, and per tenant.
+//! How many calls may be on the wire at once: in all, and per tenant, per account and
+//! per region.
 //!
 //! Every request holds a pooled connection and its buffers, so the total is capped. A
 //! tenant whose stream answers slowly (or not at all, until the API timeout) would
 //! otherwise fill that cap with its own requests and make every other tenant queue
-//! behind them; so one tenant may hold at most its share of it. A tenant waits for its
-//! own share first and only then for the shared budget, so a tenant at its share never
-//! holds a place in the shared queue.
+//! behind them; so would an account whose streams all answer slowly, or a region in an
+//! outage, whose calls all hang until they time out. So no one tenant, account or region
+//! may hold more than its share of the places. A call waits for its tenant's share,
+//! then its account's, then its region's, and only then for the shared total: one at
+//! its share never holds a place in a queue the others wait in.
+//!
+//! AssumeRole calls have a budget of the same kind, by account and region (an STS
+//! region that hangs must not stop cold starts and refreshes everywhere else).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use kd_tenants::TenantSettings;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The request budgets: one shared, one per tenant (kept only while in use).
+/// Places for calls: a shared total and, for each of `N` kinds of key (tenant, account,
+/// region), a share of it per key, kept only while in use.
 #[derive(Debug)]
-pub struct RequestBudget {
+pub struct Places<const N: usize> {
     total: Arc<Semaphore>,
-    per_tenant: usize,
-    tenants: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
+    share: usize,
+    levels: [Shares; N],
 }
 
-/// Leave to have one request on the wire; dropping it gives the place back.
+/// The shares of one kind of key.
+#[derive(Debug, Default)]
+struct Shares(Mutex<HashMap<Arc<str>, Arc<Semaphore>>>);
+
+impl Shares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Semaphore>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `key`'s share, made when first used.
+    fn slot<'a>(&'a self, key: &str, size: usize) -> Slot<'a> {
+        let mut map = self.lock();
+        let (key, semaphore) = match map.get_key_value(key) {
+            Some((k, s)) => (k.clone(), s.clone()),
+            None => {
+                let (k, s) = (Arc::<str>::from(key), Arc::new(Semaphore::new(size)));
+                map.insert(k.clone(), s.clone());
+                (k, s)
+            }
+        };
+        Slot {
+            semaphore,
+            key,
+            shares: self,
+        }
+    }
+}
+
+/// Leave to have one call on the wire; dropping it gives the places back.
 #[derive(Debug)]
-pub struct RequestPermit<'a> {
-    // Fields drop in order: the places are given back before the tenant's entry is
-    // looked at.
+pub struct Permit<'a> {
     _total: OwnedSemaphorePermit,
-    _tenant: OwnedSemaphorePermit,
-    _slot: TenantSlot<'a>,
+    // Each share's place drops before its slot, which may then forget the key.
+    _shares: Vec<(OwnedSemaphorePermit, Slot<'a>)>,
 }
 
-/// A tenant's use of its entry, while waiting or holding a place: the entry is
-/// forgotten when the last use ends (also when a wait is given up).
+/// A key's use of its share, while waiting or holding a place: the key is forgotten
+/// when the last use ends (also when a wait is given up), so that hundreds of thousands
+/// of tenants do not each keep an entry.
 #[derive(Debug)]
-struct TenantSlot<'a> {
+struct Slot<'a> {
     semaphore: Arc<Semaphore>,
-    source: Arc<str>,
-    budget: &'a RequestBudget,
+    key: Arc<str>,
+    shares: &'a Shares,
 }
 
-impl RequestBudget {
-    /// `total` requests at once, of which one tenant may hold `share` (0 to 1, at least
-    /// one request).
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        // Clones of a share's semaphore are only made under the lock (the permits'
+        // clones are gone by now), so if the map's and ours are the only ones, nobody
+        // else holds or awaits it.
+        let mut map = self.shares.lock();
+        if Arc::strong_count(&self.semaphore) == 2 {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl<const N: usize> Places<N> {
+    /// `total` calls at once, of which one key of any kind may hold `share` (0 to 1, at
+    /// least one call).
     pub fn new(total: usize, share: f64) -> Self {
         let total = total.max(1);
-        let per_tenant = ((total as f64 * share.clamp(0.0, 1.0)).ceil() as usize).clamp(1, total);
-        RequestBudget {
+        let share = ((total as f64 * share.clamp(0.0, 1.0)).ceil() as usize).clamp(1, total);
+        Places {
             total: Arc::new(Semaphore::new(total)),
-            per_tenant,
-            tenants: Mutex::default(),
+            share,
+            levels: std::array::from_fn(|_| Shares::default()),
         }
     }
 
-    /// Most requests one tenant may have on the wire.
-    #[cfg(test)]
-    pub fn per_tenant(&self) -> usize {
-        self.per_tenant
+    /// Most calls one key may have on the wire.
+    pub fn share(&self) -> usize {
+        self.share
     }
 
-    /// Waits for a place for one request of `source`.
-    pub async fn acquire(&self, source: &Arc<str>) -> RequestPermit<'_> {
-        let slot = TenantSlot {
-            semaphore: self
-                .lock()
-                .entry(source.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_tenant)))
-                .clone(),
-            source: source.clone(),
-            budget: self,
-        };
-        // Neither semaphore is ever closed, so acquiring cannot fail.
-        let tenant = slot
-            .semaphore
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("request semaphores are never closed");
+    /// Waits for a place for one call of `keys` (one per kind, innermost first).
+    pub async fn acquire(&self, keys: [&str; N]) -> Permit<'_> {
+        let mut shares = Vec::with_capacity(N);
+        for (level, key) in self.levels.iter().zip(keys) {
+            let slot = level.slot(key, self.share);
+            // No semaphore is ever closed, so acquiring cannot fail.
+            let place = slot
+                .semaphore
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphores of places are never closed");
+            shares.push((place, slot));
+        }
         let total = self
             .total
             .clone()
             .acquire_owned()
             .await
-            .expect("request semaphores are never closed");
-        RequestPermit {
+            .expect("semaphores of places are never closed");
+        Permit {
             _total: total,
-            _tenant: tenant,
-            _slot: slot,
+            _shares: shares,
         }
     }
 
-    /// Tenants with a request on the wire or waiting for one.
+    /// Keys of each kind with a call on the wire or waiting for one.
     #[cfg(test)]
-    pub fn active_tenants(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Semaphore>>> {
-        self.tenants.lock().unwrap_or_else(|p| p.into_inner())
+    fn active(&self) -> [usize; N] {
+        std::array::from_fn(|i| self.levels[i].lock().len())
     }
 }
 
-impl Drop for TenantSlot<'_> {
-    fn drop(&mut self) {
-        // Clones of a tenant's semaphore are only made under the lock (the permits'
-        // clones are gone by now), so if the map's and ours are the only ones, nobody
-        // else holds or awaits it: forget it, so that hundreds of thousands of tenants
-        // do not each keep an entry.
-        let mut tenants = self.budget.lock();
-        if Arc::strong_count(&self.semaphore) == 2 {
-            tenants.remove(&self.source);
-        }
+/// Places for Kinesis requests: by tenant, the stream's account, and region.
+#[derive(Debug)]
+pub struct RequestBudget(Places<3>);
+
+impl RequestBudget {
+    /// `total` requests at once, of which one tenant, one account or one region may
+    /// hold `share`.
+    pub fn new(total: usize, share: f64) -> Self {
+        RequestBudget(Places::new(total, share))
+    }
+
+    /// Waits for a place for one request of `tenant`.
+    pub async fn acquire(&self, tenant: &TenantSettings) -> Permit<'_> {
+        self.0
+            .acquire([
+                tenant.source_id.as_str(),
+                &tenant.account,
+                tenant.region.as_str(),
+            ])
+            .await
     }
 }
 
@@ -118,79 +165,82 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[tokio::test]
-    async fn a_tenant_holds_at_most_its_share_and_others_still_get_through() {
-        let budget = Arc::new(RequestBudget::new(4, 0.5));
-        assert_eq!(budget.per_tenant(), 2);
-        let (slow, quick): (Arc<str>, Arc<str>) = ("slow".into(), "quick".into());
-        let a = budget.acquire(&slow).await;
-        let b = budget.acquire(&slow).await;
-        // A third request of the slow tenant waits, without taking a shared place.
-        let waiting = {
-            let (budget, slow) = (budget.clone(), slow.clone());
-            tokio::spawn(async move {
-                let _p = budget.acquire(&slow).await;
-            })
-        };
+    /// Waits for `keys`' place in a task of its own, held until the task is aborted.
+    fn hold(places: &Arc<Places<2>>, keys: [&'static str; 2]) -> tokio::task::JoinHandle<()> {
+        let places = places.clone();
+        tokio::spawn(async move {
+            let _p = places.acquire(keys).await;
+            std::future::pending::<()>().await;
+        })
+    }
+
+    async fn settle() {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiting.is_finished(), "slow is at its share");
-        let c = budget.acquire(&quick).await;
-        let d = budget.acquire(&quick).await;
+    }
+
+    #[tokio::test]
+    async fn a_key_holds_at_most_its_share_and_others_still_get_through() {
+        // (tenant, region): four places, two for any one tenant or region.
+        let places = Arc::new(Places::<2>::new(4, 0.5));
+        assert_eq!(places.share(), 2);
+        let a = places.acquire(["slow", "eu"]).await;
+        let b = places.acquire(["slow", "eu"]).await;
+        // A third call of the slow tenant waits, without taking a shared place.
+        let waiting = hold(&places, ["slow", "eu"]);
+        // So does one of another tenant in the same region: the region is at its share.
+        let same_region = hold(&places, ["other", "eu"]);
+        settle().await;
+        assert!(!waiting.is_finished() && !same_region.is_finished());
+        // Another region gets the rest.
+        let c = places.acquire(["quick", "us"]).await;
+        let d = places.acquire(["quick2", "us"]).await;
         drop((c, d));
         drop(a);
-        tokio::time::timeout(Duration::from_secs(1), waiting)
-            .await
-            .expect("a place of its own freed up")
-            .unwrap();
+        settle().await;
         drop(b);
-        assert_eq!(budget.active_tenants(), 0, "idle tenants are forgotten");
+        settle().await;
+        assert_eq!(
+            places.active(),
+            [2, 1],
+            "the two waiting ones hold their places"
+        );
+        waiting.abort();
+        same_region.abort();
+        settle().await;
+        assert_eq!(places.active(), [0, 0], "idle keys are forgotten");
     }
 
     #[tokio::test]
-    async fn the_total_bounds_all_tenants_together() {
-        let budget = Arc::new(RequestBudget::new(2, 1.0));
-        let held: Vec<_> = acquire_each(&budget, &["a", "b"]).await;
-        let third = {
-            let budget = budget.clone();
-            tokio::spawn(async move {
-                let _p = budget.acquire(&Arc::from("c")).await;
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    async fn the_total_bounds_all_keys_together() {
+        let places = Arc::new(Places::<2>::new(2, 1.0));
+        let held = (
+            places.acquire(["a", "x"]).await,
+            places.acquire(["b", "y"]).await,
+        );
+        let third = hold(&places, ["c", "z"]);
+        settle().await;
         assert!(!third.is_finished(), "the total is used up");
         drop(held);
-        tokio::time::timeout(Duration::from_secs(1), third)
-            .await
-            .expect("a place freed up")
-            .unwrap();
-    }
-
-    async fn acquire_each<'a>(
-        budget: &'a RequestBudget,
-        sources: &[&str],
-    ) -> Vec<RequestPermit<'a>> {
-        let mut out = Vec::new();
-        for s in sources {
-            out.push(budget.acquire(&Arc::from(*s)).await);
-        }
-        out
+        settle().await;
+        assert_eq!(places.active(), [1, 1], "the third holds the freed place");
+        third.abort();
     }
 
     #[tokio::test]
     async fn a_given_up_wait_leaves_no_entry_behind() {
-        let budget = RequestBudget::new(1, 1.0);
-        let held = budget.acquire(&Arc::from("a")).await;
+        let places = Places::<2>::new(1, 1.0);
+        let held = places.acquire(["a", "x"]).await;
         let gave_up =
-            tokio::time::timeout(Duration::from_millis(20), budget.acquire(&Arc::from("b"))).await;
+            tokio::time::timeout(Duration::from_millis(20), places.acquire(["b", "y"])).await;
         assert!(gave_up.is_err(), "b waited for the total");
         drop(held);
-        assert_eq!(budget.active_tenants(), 0);
+        assert_eq!(places.active(), [0, 0]);
     }
 
     #[test]
-    fn the_share_is_at_least_one_request() {
-        assert_eq!(RequestBudget::new(10, 0.01).per_tenant(), 1);
-        assert_eq!(RequestBudget::new(0, 0.5).per_tenant(), 1);
-        assert_eq!(RequestBudget::new(256, 0.5).per_tenant(), 128);
+    fn the_share_is_at_least_one_call() {
+        assert_eq!(Places::<1>::new(10, 0.01).share(), 1);
+        assert_eq!(Places::<1>::new(0, 0.5).share(), 1);
+        assert_eq!(Places::<1>::new(256, 0.5).share(), 128);
     }
 }

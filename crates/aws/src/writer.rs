@@ -342,7 +342,7 @@ impl KinesisWriter {
         session: Arc<crate::credentials::Session>,
     ) -> Result<(), AwsError> {
         // Held only for the call itself, never across backoff or rate-limit waits.
-        let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
+        let _permit = self.requests.acquire(tenant).await;
         let started = Instant::now();
         // Boxed: the call's future is over a kilobyte, and this one would otherwise sit
         // in every in-flight event's task, batched ones too (waiting for a new tenant's
@@ -437,7 +437,8 @@ impl KinesisWriter {
             }
         };
         let ctx = || context("PutRecords", &tenant);
-        let _permit = self.requests.acquire(&tenant.source_id.shared()).await;
+        // Boxed: a batch waiting for its place stays small.
+        let _permit = Box::pin(self.requests.acquire(&tenant)).await;
         // Again: assuming the role or waiting for a permit may have taken a while, and a
         // record of a revoked partition must not land after its new reader's writes.
         batch.retain(|p| !p.done.is_closed());
