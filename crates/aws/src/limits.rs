@@ -499,6 +499,9 @@ pub struct RateLimits {
     /// DescribeStreamSummary's budget per account.
     describes: Cache<Arc<str>, Arc<DefaultDirectRateLimiter>>,
     retry: RetryPeriods,
+    /// The writes' request places: a listing or a description holds one of the asking
+    /// tenant's while it runs.
+    requests: Option<Arc<crate::requests::RequestBudget>>,
 }
 
 impl Default for RateLimits {
@@ -522,7 +525,14 @@ impl RateLimits {
                 .time_to_idle(Duration::from_secs(60))
                 .build(),
             retry: RetryPeriods::default(),
+            requests: None,
         }
+    }
+
+    /// Listings and descriptions take their places from `requests`, as writes do.
+    pub fn with_request_budget(mut self, requests: Arc<crate::requests::RequestBudget>) -> Self {
+        self.requests = Some(requests);
+        self
     }
 
     /// When refused or failed listings are tried again (shorter in tests).
@@ -707,8 +717,23 @@ impl RateLimits {
         let shards_hint = tenant.shards;
         let retry = self.retry;
         let limits = self.clone();
+        let (source, account) = (tenant.source_id.shared(), tenant.account.clone());
         tokio::spawn(async move {
             let limiter = &listing.0;
+            // A place for the listing's pages (at most MAX_LIST_SHARDS_PAGES), another
+            // for the description: a stream that answers slowly holds the asking
+            // tenant's share of the request places, its account's and its region's, not
+            // every other tenant's.
+            let place = || async {
+                match &limits.requests {
+                    Some(requests) => Some(
+                        requests
+                            .acquire_for(&source, &account, region.as_str())
+                            .await,
+                    ),
+                    None => None,
+                }
+            };
             let stream = match &arn {
                 Some(arn) => StreamId::Arn(arn),
                 None => StreamId::Name(name.as_str()),
@@ -719,10 +744,12 @@ impl RateLimits {
             if limiter.shards_due(Instant::now()) {
                 limiter.stale.store(false, Ordering::Relaxed);
                 let context = || format!("ListShards {label}");
-                match api
-                    .open_shards(&credentials, &region, stream, &context)
-                    .await
-                {
+                let listed = {
+                    let _place = place().await;
+                    api.open_shards(&credentials, &region, stream, &context)
+                        .await
+                };
+                match listed {
                     Ok(open) if !open.is_empty() => {
                         tracing::debug!(stream = %label, shards = open.len(), "per-shard rate limits");
                         let old = limiter.shards.load_full();
@@ -782,10 +809,12 @@ impl RateLimits {
                 // the background, while their writes use the default limits.
                 ready(&describes, NonZeroU32::MIN).await;
                 let context = || format!("DescribeStreamSummary {label}");
-                match api
-                    .describe_stream_summary(&credentials, &region, stream, &context)
-                    .await
-                {
+                let described = {
+                    let _place = place().await;
+                    api.describe_stream_summary(&credentials, &region, stream, &context)
+                        .await
+                };
+                match described {
                     Ok(summary) => {
                         tracing::debug!(stream = %label, ?summary, "stream described");
                         let known = matches!(**limiter.shards.load(), ShardMap::Known { .. });

@@ -148,15 +148,28 @@ impl RequestBudget {
         RequestBudget(Places::new(total, share))
     }
 
-    /// Waits for a place for one request of `tenant`.
-    pub async fn acquire(&self, tenant: &TenantSettings) -> Permit<'_> {
-        self.0
-            .acquire([
-                tenant.source_id.as_str(),
-                &tenant.account,
-                tenant.region.as_str(),
-            ])
-            .await
+    /// Waits for a place for one request of `tenant`. (Not an `async fn`: its future is
+    /// the places' own, with no layer around it, as it sits in every write's.)
+    pub fn acquire<'a>(
+        &'a self,
+        tenant: &'a TenantSettings,
+    ) -> impl std::future::Future<Output = Permit<'a>> + 'a {
+        self.acquire_for(
+            tenant.source_id.as_str(),
+            &tenant.account,
+            tenant.region.as_str(),
+        )
+    }
+
+    /// Waits for a place for one request of `source` to a stream of `account` in
+    /// `region`.
+    pub fn acquire_for<'a>(
+        &'a self,
+        source: &'a str,
+        account: &'a str,
+        region: &'a str,
+    ) -> impl std::future::Future<Output = Permit<'a>> + 'a {
+        self.0.acquire([source, account, region])
     }
 }
 

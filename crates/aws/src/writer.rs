@@ -193,6 +193,8 @@ impl KinesisWriter {
         requests: RequestBudget,
         linger: Duration,
     ) -> Result<Self, String> {
+        let requests = Arc::new(requests);
+        let limits = limits.with_request_budget(requests.clone());
         Ok(KinesisWriter {
             inner: Arc::new(Writer {
                 api: KinesisApi::new(
@@ -202,7 +204,7 @@ impl KinesisWriter {
                 )?,
                 credentials,
                 limits,
-                requests: Arc::new(requests),
+                requests,
                 batches: Arc::default(),
                 linger,
                 put_records_refused: Arc::default(),

@@ -27,9 +27,35 @@ pub fn clip(s: &str, max_chars: usize) -> &str {
     }
 }
 
+/// `s` for a log line or a message, whatever it holds: control characters escaped
+/// (`\n`, `\u{1b}`), cut after `max_chars` characters with `…`. For strings that come
+/// from input (source IDs, settings keys) and must not forge or stretch log lines.
+pub fn escape_clip(s: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_chars * 2));
+    for (n, c) in s.chars().enumerate() {
+        if n == max_chars {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escape_clip_keeps_input_to_one_bounded_line() {
+        assert_eq!(escape_clip("src_1", 10), "src_1");
+        assert_eq!(escape_clip("a\nb\x1b[31m", 20), "a\\nb\\u{1b}[31m");
+        assert_eq!(escape_clip("é".repeat(5).as_str(), 3), "ééé…");
+    }
 
     #[test]
     fn one_line_flattens_folds_and_caps() {

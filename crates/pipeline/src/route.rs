@@ -29,15 +29,34 @@ pub struct SourceIdFrom {
 }
 
 /// The source ID from the header named `header`, when present, non-empty and UTF-8.
-fn header_source_id<'a>(msg: &'a Record, header: &str) -> Option<&'a str> {
-    // The last occurrence wins, as with most Kafka header readers.
-    msg.headers()
+/// Two of them with different values make the record's tenant ambiguous: whoever added
+/// the second (a tenant-written header next to the platform's) must not choose it, so
+/// the record is dead-lettered `missing_source_id`, whatever `require_header` says.
+fn header_source_id<'a>(msg: &'a Record, header: &str) -> Result<Option<&'a str>, DeadLetter> {
+    let mut found: Option<&str> = None;
+    let values = msg
+        .headers()
         .filter(|(name, _)| *name == header.as_bytes())
         .filter_map(|(_, value)| value)
         .filter_map(|v| std::str::from_utf8(v).ok())
         .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .last()
+        .filter(|s| !s.is_empty());
+    for value in values {
+        match found {
+            Some(first) if first != value => {
+                return Err(DeadLetter::new(
+                    Reason::MissingSourceId,
+                    format!(
+                        "two {header} headers with different values ({:?} and {:?}): the record's tenant is ambiguous",
+                        kd_event::text::clip(first, 128),
+                        kd_event::text::clip(value, 128)
+                    ),
+                ))
+            }
+            _ => found = Some(value),
+        }
+    }
+    Ok(found)
 }
 
 /// Decides where one record goes.
@@ -47,7 +66,7 @@ pub fn route(msg: &Record, snapshot: &Snapshot, from: &SourceIdFrom) -> Result<R
         DecodeError::InvalidJson(m) => DeadLetter::new(Reason::InvalidJson, m),
         DecodeError::UnsupportedType(m) => DeadLetter::new(Reason::UnsupportedType, m),
     })?;
-    let source_id = header_source_id(msg, &from.header)
+    let source_id = header_source_id(msg, &from.header)?
         .or(view.project_id.as_deref().filter(|_| !from.header_only))
         .ok_or_else(|| {
             let header = &from.header;
@@ -120,10 +139,17 @@ mod tests {
     }
 
     fn msg(value: &str, source: Option<&str>) -> Record {
-        let headers = source.map(|s| {
-            OwnedHeaders::new().insert(Header {
-                key: "source_id",
-                value: Some(s),
+        msg_with(value, source.as_slice())
+    }
+
+    /// A record with a `source_id` header for each of `sources`, in order.
+    fn msg_with(value: &str, sources: &[&str]) -> Record {
+        let headers = (!sources.is_empty()).then(|| {
+            sources.iter().fold(OwnedHeaders::new(), |h, s| {
+                h.insert(Header {
+                    key: "source_id",
+                    value: Some(*s),
+                })
             })
         });
         let msg = OwnedMessage::new(
@@ -163,6 +189,29 @@ mod tests {
             "src_1",
             "the header still routes"
         );
+    }
+
+    #[test]
+    fn two_source_id_headers_that_differ_are_dead_lettered_whatever_is_required() {
+        let body = r#"{"type":"track","userId":"u"}"#;
+        for header_only in [false, true] {
+            // The platform's header first, a second one after it (or before it).
+            for order in [["src_1", "src_other"], ["src_other", "src_1"]] {
+                let dl =
+                    route(&msg_with(body, &order), &snapshot(), &header(header_only)).unwrap_err();
+                assert_eq!(dl.reason, Reason::MissingSourceId);
+                assert!(dl.error.contains("two source_id headers"), "{}", dl.error);
+                assert!(dl.error.contains("ambiguous"), "{}", dl.error);
+            }
+            // The same value twice names one tenant.
+            let r = route(
+                &msg_with(body, &["src_1", " src_1"]),
+                &snapshot(),
+                &header(header_only),
+            )
+            .unwrap();
+            assert_eq!(r.tenant.source_id.as_str(), "src_1");
+        }
     }
 
     #[test]

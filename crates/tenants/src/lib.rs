@@ -20,6 +20,7 @@ pub use file::{load_file, load_file_into, watch_file, Contents, FileError};
 pub use model::{
     parse_tenant, Access, FieldError, Region, RoleArn, Secret, SettingsError, SourceId, StreamArn,
     StreamName, TenantSettings, WriteMode, DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,
+    SOURCE_ID_MAX_CHARS,
 };
 pub use topic::{apply_record, follow_topic, TopicError, TopicSettings};
 
@@ -49,7 +50,17 @@ impl Snapshot {
     /// The snapshot of `tenants`, with every tenant whose `secretId` is another tenant's
     /// source ID made invalid: the external ID a role trusts is the source ID of its
     /// tenant, so such a setting would let one tenant write through another's role.
-    pub fn new(mut tenants: HashMap<Arc<str>, TenantEntry>) -> Self {
+    /// [`TenantStore::replace`] also checks against every source ID loaded before.
+    pub fn new(tenants: HashMap<Arc<str>, TenantEntry>) -> Self {
+        let mut snapshot = Snapshot { tenants };
+        snapshot.refuse_impostors(|_| false);
+        snapshot
+    }
+
+    /// Makes invalid every tenant whose `secretId` is the source ID of another tenant
+    /// of this snapshot, or one that `known` knows.
+    fn refuse_impostors(&mut self, known: impl Fn(&str) -> bool) {
+        let tenants = &self.tenants;
         let impostors: Vec<Arc<str>> = tenants
             .iter()
             .filter_map(|(source, entry)| match entry {
@@ -57,20 +68,22 @@ impl Snapshot {
                     .secret_id
                     .as_ref()
                     .map(|s| s.expose())
-                    .filter(|secret| *secret != &**source && tenants.contains_key(*secret))
+                    .filter(|secret| {
+                        *secret != &**source && (tenants.contains_key(*secret) || known(secret))
+                    })
                     .map(|_| source.clone()),
                 TenantEntry::Invalid { .. } => None,
             })
             .collect();
         for source in impostors {
             let reason: Arc<str> = format!(
-                "tenant {source}: secretId is the source ID of another tenant (external IDs must not name another tenant)"
+                "tenant {}: secretId is the source ID of another tenant (external IDs must not name another tenant)",
+                kd_event::text::escape_clip(&source, SOURCE_ID_MAX_CHARS)
             )
             .into();
             tracing::warn!(%reason, "invalid tenant settings; its events will be dead-lettered");
-            tenants.insert(source, TenantEntry::Invalid { reason });
+            self.tenants.insert(source, TenantEntry::Invalid { reason });
         }
-        Snapshot { tenants }
     }
 
     pub fn get(&self, source_id: &str) -> Option<&TenantEntry> {
@@ -131,6 +144,50 @@ mod tests {
         }
         assert_eq!(s.invalid_count(), 1);
     }
+
+    #[test]
+    fn a_secret_id_naming_any_tenant_ever_loaded_is_refused() {
+        let store = TenantStore::new();
+        store.replace(Snapshot::new(HashMap::from([tenant("src_victim", None)])));
+        // The victim is removed, and the impostor arrives: still refused.
+        store.replace(Snapshot::new(HashMap::from([tenant(
+            "src_evil",
+            Some("src_victim"),
+        )])));
+        assert!(matches!(
+            store.snapshot().get("src_evil"),
+            Some(TenantEntry::Invalid { .. })
+        ));
+        // The impostor first, then its victim: refused from the victim's arrival.
+        let store = TenantStore::new();
+        store.replace(Snapshot::new(HashMap::from([tenant(
+            "src_evil",
+            Some("src_later"),
+        )])));
+        assert!(matches!(
+            store.snapshot().get("src_evil"),
+            Some(TenantEntry::Valid(_))
+        ));
+        store.replace(Snapshot::new(HashMap::from([
+            tenant("src_evil", Some("src_later")),
+            tenant("src_later", None),
+        ])));
+        assert!(matches!(
+            store.snapshot().get("src_evil"),
+            Some(TenantEntry::Invalid { .. })
+        ));
+        store.replace(Snapshot::new(HashMap::from([tenant(
+            "src_evil",
+            Some("src_later"),
+        )])));
+        assert!(
+            matches!(
+                store.snapshot().get("src_evil"),
+                Some(TenantEntry::Invalid { .. })
+            ),
+            "once seen, always refused"
+        );
+    }
 }
 
 /// The current snapshot, swapped whole when settings change.
@@ -138,6 +195,9 @@ mod tests {
 pub struct TenantStore {
     current: ArcSwap<Snapshot>,
     loaded: AtomicBool,
+    /// Every source ID loaded since the process started: a `secretId` naming one of
+    /// them is refused even after that tenant was removed, or before it is loaded again.
+    seen: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl TenantStore {
@@ -151,7 +211,12 @@ impl TenantStore {
     }
 
     /// Installs a new snapshot and records the tenant gauges.
-    pub fn replace(&self, snapshot: Snapshot) {
+    pub fn replace(&self, mut snapshot: Snapshot) {
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.extend(snapshot.tenants.keys().cloned());
+            snapshot.refuse_impostors(|source| seen.contains(source));
+        }
         let m = kd_telemetry::metrics();
         let invalid = snapshot.invalid_count();
         m.tenants

@@ -466,14 +466,20 @@ pub enum SettingsError {
     NotAnObject,
     #[error("tenant settings have no sourceId")]
     MissingSourceId,
-    #[error("tenant {source_id}: {field} {error}")]
+    #[error(
+        "tenant {}: {field} {error}",
+        kd_event::text::escape_clip(source_id, SOURCE_ID_MAX_CHARS)
+    )]
     Field {
         source_id: String,
         field: &'static str,
         #[source]
         error: FieldError,
     },
-    #[error("tenant {source_id}: {message}")]
+    #[error(
+        "tenant {}: {message}",
+        kd_event::text::escape_clip(source_id, SOURCE_ID_MAX_CHARS)
+    )]
     Invalid { source_id: String, message: String },
 }
 
@@ -506,6 +512,9 @@ struct RawSettings {
     max_record_size_kib: Option<Value>,
 }
 
+/// Longest `sourceId`, in characters.
+pub const SOURCE_ID_MAX_CHARS: usize = 256;
+
 /// Parses and validates one tenant object (see "Tenant settings" in the README).
 pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
     let obj = value.as_object().ok_or(SettingsError::NotAnObject)?;
@@ -517,6 +526,12 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
         source_id: source_id.clone(),
         message,
     };
+    // Source IDs reach logs, messages and headers: one bounded line each.
+    if source_id.chars().count() > SOURCE_ID_MAX_CHARS || source_id.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "sourceId must be at most {SOURCE_ID_MAX_CHARS} characters, without control characters"
+        )));
+    }
     // Field types are checked below, one by one, so the message can name the field.
     let raw: RawSettings = serde_json::from_value(value.clone())
         .map_err(|e| invalid(format!("unreadable settings: {e}")))?;
@@ -828,10 +843,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("roleAddress is required"), "{err}");
-        let err = parse_tenant(&json!({"sourceId": "a\nb", "streamArn": arn}))
+        let err = parse_tenant(&json!({"sourceId": "a#b", "streamArn": arn}))
             .unwrap_err()
             .to_string();
         assert!(err.contains("session tag"), "{err}");
+    }
+
+    #[test]
+    fn source_ids_that_would_forge_or_stretch_log_lines_are_invalid() {
+        let arn = "arn:aws:kinesis:us-east-1:123456789012:stream/s";
+        let forged = "src_1\n2026-12-07T00:00:00Z  INFO forged line";
+        let err = parse_tenant(&json!({"sourceId": forged, "streamArn": arn,
+            "roleAddress": "arn:aws:iam::123456789012:role/r"}))
+        .unwrap_err();
+        assert_eq!(err.source_id(), Some(forged), "still keyed by the raw ID");
+        let text = err.to_string();
+        assert!(
+            !text.contains('\n') && text.contains("src_1\\n2026"),
+            "{text}"
+        );
+        assert!(text.contains("without control characters"), "{text}");
+        let long = "x".repeat(10_000);
+        let text = parse_tenant(&json!({"sourceId": long, "streamArn": arn,
+            "roleAddress": "arn:aws:iam::123456789012:role/r"}))
+        .unwrap_err()
+        .to_string();
+        assert!(text.len() < 500, "{text}");
+        let longest = "x".repeat(SOURCE_ID_MAX_CHARS);
+        assert!(parse_tenant(&json!({"sourceId": longest, "streamArn": arn,
+            "roleAddress": "arn:aws:iam::123456789012:role/r"}))
+        .is_ok());
     }
 
     #[test]

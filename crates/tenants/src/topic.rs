@@ -63,16 +63,20 @@ pub fn apply_record(
         tenants.remove(source_id);
         return;
     }
+    // The key as messages show it: escaped and clipped (it is any bytes a producer
+    // wrote).
+    let shown = kd_event::text::escape_clip(source_id, crate::SOURCE_ID_MAX_CHARS);
     let entry = match serde_json::from_slice::<serde_json::Value>(value) {
         Err(e) => TenantEntry::Invalid {
-            reason: format!("tenant {source_id}: settings are not JSON: {e}").into(),
+            reason: format!("tenant {shown}: settings are not JSON: {e}").into(),
         },
         Ok(mut v) => {
             // The key is the source ID; a value that names another one is a mistake.
             match v.get("sourceId").and_then(|s| s.as_str()) {
                 Some(id) if id != source_id => TenantEntry::Invalid {
                     reason: format!(
-                        "tenant {source_id}: sourceId in the value is {id:?}, not the record key"
+                        "tenant {shown}: sourceId in the value is {:?}, not the record key",
+                        kd_event::text::clip(id, crate::SOURCE_ID_MAX_CHARS)
                     )
                     .into(),
                 },
@@ -316,6 +320,20 @@ mod tests {
         assert!(m.is_empty(), "a tombstone removes the tenant");
         apply_record(&mut m, Some(b"a"), None);
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn keys_that_would_forge_log_lines_are_shown_escaped_and_clipped() {
+        let mut m = HashMap::new();
+        let forged = format!("a\n{}", "x".repeat(5000));
+        for value in [&b"{not json"[..], &settings("s")[..]] {
+            apply_record(&mut m, Some(forged.as_bytes()), Some(value));
+            let TenantEntry::Invalid { reason } = &m[forged.as_str()] else {
+                panic!("invalid")
+            };
+            assert!(!reason.contains('\n') && reason.len() < 600, "{reason}");
+            assert!(reason.starts_with("tenant a\\nxxx"), "{reason}");
+        }
     }
 
     #[test]

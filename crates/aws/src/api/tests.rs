@@ -250,6 +250,22 @@ async fn shards_are_listed_over_every_page() {
 }
 
 #[tokio::test]
+async fn a_listing_that_never_ends_is_cut_off_after_its_page_bound() {
+    let (fake, api, credentials) = against_fake().await;
+    // One page more than the bound, at 100 shards a page.
+    fake.create_stream("endless", (MAX_LIST_SHARDS_PAGES * 100 + 1) as u32);
+    let region = Region::parse("us-east-1").unwrap();
+    let err = api
+        .open_shards(&credentials, &region, StreamId::Name("endless"), &|| {
+            "ListShards endless".into()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("more than 100 pages"), "{err}");
+    assert_eq!(fake.requests("ListShards"), MAX_LIST_SHARDS_PAGES as u64);
+}
+
+#[tokio::test]
 async fn writes_land_as_sent_and_refusals_carry_the_services_code() {
     let (fake, api, credentials) = against_fake().await;
     fake.create_stream("st", 4);

@@ -91,6 +91,33 @@ async fn listing_ended(limits: &RateLimits, t: &TenantSettings) {
 }
 
 #[tokio::test]
+async fn a_listing_takes_a_request_place_of_the_asking_tenant() {
+    let fake = FakeAws::start().await;
+    fake.create_stream("s", 4);
+    let cache = cache(&fake, CredentialSettings::default());
+    let api = KinesisApi::new(cache.base(), cache.clock().clone(), None).unwrap();
+    let requests = Arc::new(crate::requests::RequestBudget::new(2, 0.5));
+    let limits = RateLimits::new(1.0).with_request_budget(requests.clone());
+    let t = tenant("src_a", "owner");
+    let session = cache.session(&t).await.unwrap();
+    // The tenant's one place is taken by a write on the wire.
+    let write = requests.acquire(&t).await;
+    limits
+        .stream(&t)
+        .refresh_if_due(&limits, &t, (&api, &session));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        fake.requests("ListShards"),
+        0,
+        "waits for the tenant's place"
+    );
+    drop(write);
+    listing_ended(&limits, &t).await;
+    assert_eq!(fake.requests("ListShards"), 1);
+    assert_eq!(limits.open_shards(&t), Some(4));
+}
+
+#[tokio::test]
 async fn a_tenant_on_trial_refused_a_listing_holds_back_only_itself() {
     let fake = FakeAws::start().await;
     fake.create_stream("s", 4);
