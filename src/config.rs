@@ -114,6 +114,10 @@ pub struct AwsConfig {
     /// Most AWS requests on the wire at once (each holds a pooled connection); one
     /// tenant may hold `delivery.tenant_share` of them.
     pub max_concurrent_requests: usize,
+    /// Share of the request places one region, or one account in a region, may hold,
+    /// and of the AssumeRole places one STS region may hold (0 to 1): what is left for
+    /// the others while one hangs.
+    pub region_share: f64,
     /// How long a `PutRecords` batch waits for more records (tenants with
     /// `usePutRecords`).
     pub put_records_linger_ms: u64,
@@ -138,6 +142,7 @@ impl Default for AwsConfig {
             api_timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             max_concurrent_requests: 256,
+            region_share: 0.75,
             put_records_linger_ms: 2,
             capacity_fraction: 1.0,
         }

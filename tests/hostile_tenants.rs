@@ -10,6 +10,9 @@ use kd_testkit::env::{wait_metric, FakeEnv as Env, DLQ};
 use kd_testkit::{FakeRecord, Kafka, Tenant, Worker, CALLER_ACCOUNT};
 use serde_json::json;
 
+/// The tests measure throughput and latency: one at a time, or they measure each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const VICTIM_ARN: &str = "arn:aws:kinesis:us-east-1:111111111111:stream/victim";
 
 /// Events per second the victim's records reached its stream at, first to last.
@@ -39,6 +42,7 @@ fn events(source: &str, phase: usize, count: usize) -> Vec<(String, String, usiz
 /// dead-lettered, and B is written as fast as when alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_naming_another_tenants_stream_spends_none_of_its_capacity() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let env = Env::start().await;
     env.fake.create_stream_arn(VICTIM_ARN, 1);
     env.fake.enforce_capacity("victim");
@@ -211,6 +215,7 @@ fn probe(port: u16) -> Option<Duration> {
 /// within 100 ms every time, and every event is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_connections_from_many_addresses_cannot_starve_the_probes() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let env = Env::start().await;
     let t = env.tenant("src_busy", "busy", 2);
     let cfg = env.config(&[&t]);
@@ -315,10 +320,12 @@ async fn time_to_deliver(worker: &Worker, before: f64, count: usize, since: Inst
 
 /// eu-west-1 hangs (Kinesis and STS read requests and never answer) while its tenants
 /// have events to write and new ones start. With 8 request places and 2 AssumeRole
-/// places, one region may hold half of each: us-east-1 tenants, warm and cold, are
-/// written as fast as before the outage.
+/// places, one region may hold half of each (`region_share = 0.5`): us-east-1 tenants,
+/// warm and cold, one of them in an account that also writes to eu-west-1, are written
+/// as fast as before the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_region_does_not_delay_another() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let env = Env::start().await;
     let regional = |source: &str, region: &str, account: &str| {
         let mut t = Tenant::new(source, account, region, source);
@@ -326,8 +333,16 @@ async fn a_hanging_region_does_not_delay_another() {
         env.fake.create_stream(source, 4);
         t
     };
+    // eu_0's stream is in the same account as us_warm's: an account's calls to the
+    // region that hangs must not hold back its calls to another.
     let eu: Vec<Tenant> = (0..3)
-        .map(|i| regional(&format!("eu_{i}"), "eu-west-1", &format!("30000000000{i}")))
+        .map(|i| {
+            let account = match i {
+                0 => "111111111111".to_owned(),
+                _ => format!("30000000000{i}"),
+            };
+            regional(&format!("eu_{i}"), "eu-west-1", &account)
+        })
         .collect();
     let eu_cold: Vec<Tenant> = (0..3)
         .map(|i| {
@@ -358,6 +373,7 @@ async fn a_hanging_region_does_not_delay_another() {
         .config(&all)
         .set("aws", "max_concurrent_requests = 8")
         .set("aws", "max_concurrent_assume_role = 2")
+        .set("aws", "region_share = 0.5")
         .set("aws", "api_timeout_ms = 3000")
         .set("delivery", "initial_backoff_ms = 20")
         .set("delivery", "max_backoff_ms = 200");

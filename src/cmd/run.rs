@@ -107,6 +107,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             failure_ttl: Duration::from_secs(aws.assume_role_failure_ttl_secs),
             max_entries: aws.max_cached_credentials,
             max_concurrent_assume_role: aws.max_concurrent_assume_role,
+            region_share: aws.region_share,
             resource_policy_role: aws
                 .resource_policy_role
                 .as_deref()
@@ -117,7 +118,11 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     let writer = KinesisWriter::new(
         credentials,
         RateLimits::new(aws.capacity_fraction),
-        RequestBudget::new(aws.max_concurrent_requests, config.delivery.tenant_share),
+        RequestBudget::new(
+            aws.max_concurrent_requests,
+            config.delivery.tenant_share,
+            aws.region_share,
+        ),
         Duration::from_millis(aws.put_records_linger_ms),
     )
     .map_err(CliError::Failed)?;

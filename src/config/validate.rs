@@ -88,6 +88,12 @@ impl Config {
             "aws.max_concurrent_requests",
             self.aws.max_concurrent_requests,
         )?;
+        if !(self.aws.region_share > 0.0 && self.aws.region_share <= 1.0) {
+            return Err(ConfigError::new(
+                "aws.region_share",
+                "must be more than 0 and at most 1",
+            ));
+        }
         if self.aws.put_records_linger_ms > 5_000 {
             return Err(ConfigError::new(
                 "aws.put_records_linger_ms",

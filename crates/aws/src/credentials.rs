@@ -37,6 +37,8 @@ pub struct CredentialSettings {
     /// Most AssumeRole calls on the wire at once (a cold start or a mass refresh of
     /// thousands of tenants would otherwise meet STS's request rate limit at once).
     pub max_concurrent_assume_role: usize,
+    /// Share of those one STS region may hold (0 to 1).
+    pub region_share: f64,
     /// The worker's own role for tenants without one (`aws.resource_policy_role`).
     pub resource_policy_role: Option<RoleArn>,
 }
@@ -54,6 +56,7 @@ impl Default for CredentialSettings {
             failure_ttl: Duration::from_secs(10),
             max_entries: 100_000,
             max_concurrent_assume_role: 32,
+            region_share: 0.75,
             resource_policy_role: None,
         }
     }
@@ -129,10 +132,10 @@ pub struct CredentialCache {
     base: SdkConfig,
     settings: CredentialSettings,
     readiness: Option<Arc<kd_telemetry::Readiness>>,
-    /// Places for AssumeRole calls on the wire: half of them at most for one role
-    /// account or one STS region, so a region or an account whose STS hangs cannot
-    /// hold back cold starts and refreshes elsewhere.
-    assume_places: Arc<crate::requests::Places<2>>,
+    /// Places for AssumeRole calls on the wire: `region_share` of them at most for one
+    /// STS region, so a region whose STS hangs cannot hold back cold starts and
+    /// refreshes elsewhere.
+    assume_places: Arc<crate::requests::Places<1>>,
     /// When STS was last asked about the worker's own identity, and its answer.
     identity_checked: Arc<Mutex<Option<(Instant, bool)>>>,
     /// AWS's time, learned from its answers: what credentials' lifetimes are counted in.
@@ -172,7 +175,7 @@ impl CredentialCache {
             base,
             assume_places: Arc::new(crate::requests::Places::new(
                 settings.max_concurrent_assume_role,
-                0.5,
+                [settings.region_share],
             )),
             settings,
             readiness: None,
@@ -392,7 +395,7 @@ impl CredentialCache {
         // The place is held for the call only.
         let _place = self
             .assume_places
-            .acquire([key.role.account(), tenant.region.as_str()])
+            .acquire([(tenant.region.as_str(), "")])
             .await;
         let started = Instant::now();
         // The SDK's call is a ~13 KiB future: boxed, it is allocated only once the

@@ -487,6 +487,8 @@ enum Asker {
 struct Trial {
     bucket: Bucket,
     retry_at: AtomicU64,
+    /// DescribeStreamSummary refused this tenant.
+    describe_refused: AtomicBool,
 }
 
 /// Rate limiters for every stream written to, dropped after a while unused.
@@ -584,6 +586,7 @@ impl RateLimits {
                     BYTES_PER_SHARD_PER_SEC as f64 * self.fraction,
                 ),
                 retry_at: AtomicU64::new(0),
+                describe_refused: AtomicBool::new(false),
             })
         })
     }
@@ -598,6 +601,20 @@ impl RateLimits {
                 .rate_limit_wait_seconds
                 .inc_by(since.elapsed().as_secs_f64());
         }
+    }
+
+    /// `tenant` was proven to own its stream: its trial budget is dropped.
+    pub fn end_trial(&self, tenant: &TenantSettings) {
+        self.trials.invalidate(tenant.source_id.as_str());
+    }
+
+    /// Whether `tenant`, on trial, was refused DescribeStreamSummary: its records are
+    /// then held to the default maximum size (or its own `maxRecordSizeKiB`), as a
+    /// proven owner's are when refused.
+    pub fn trial_refused_describe(&self, tenant: &TenantSettings) -> bool {
+        self.trials
+            .get(tenant.source_id.as_str())
+            .is_some_and(|t| t.describe_refused.load(Ordering::Relaxed))
     }
 
     /// The limits of `tenant`'s stream, for [`acquire_on`](Self::acquire_on).
@@ -742,7 +759,11 @@ impl RateLimits {
             // Shards first: the first writes wait for the map (see `acquire_on`), and
             // must not wait for the account's describe budget too.
             if limiter.shards_due(Instant::now()) {
-                limiter.stale.store(false, Ordering::Relaxed);
+                // The owner's signal that the map is out of date is answered only by a
+                // listing that may replace the map's state.
+                if matches!(asker, Asker::Owner) {
+                    limiter.stale.store(false, Ordering::Relaxed);
+                }
                 let context = || format!("ListShards {label}");
                 let listed = {
                     let _place = place().await;
@@ -835,7 +856,10 @@ impl RateLimits {
                             Asker::Owner => limiter.summary.store(Arc::new(Summary::Denied {
                                 retry_at: Instant::now() + retry.denied,
                             })),
-                            Asker::Trial(_) => asker.retry_after(limiter, retry.denied),
+                            Asker::Trial(trial) => {
+                                trial.describe_refused.store(true, Ordering::Relaxed);
+                                asker.retry_after(limiter, retry.denied);
+                            }
                         }
                     }
                     Err(e) => {

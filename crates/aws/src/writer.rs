@@ -90,16 +90,28 @@ impl Proofs {
             .is_some_and(|proven| Arc::ptr_eq(&proven, tenant) || proven.same_destination(tenant))
     }
 
-    fn record(&self, tenant: &Arc<TenantSettings>) {
-        if !self.holds(tenant) {
+    /// Records that `tenant`'s write was accepted: true when it was not proven (with
+    /// these very settings) before.
+    fn record(&self, tenant: &Arc<TenantSettings>) -> bool {
+        let known = self
+            .0
+            .get(tenant.source_id.as_str())
+            .is_some_and(|proven| Arc::ptr_eq(&proven, tenant));
+        if !known {
+            // The settings in force replace older ones: the next check is a pointer
+            // comparison, and the old settings are not kept alive.
             self.0.insert(tenant.source_id.shared(), tenant.clone());
         }
+        !known
     }
 
     fn withdraw(&self, tenant: &TenantSettings) {
         self.0.invalidate(tenant.source_id.as_str());
     }
 }
+
+/// How often a write waiting in a trial budget looks whether its tenant was proven.
+const PROOF_CHECK: Duration = Duration::from_millis(20);
 
 /// How long a role that refused `PutRecords` is written with `PutRecord` before
 /// `PutRecords` is tried again (its policy may have been extended meanwhile).
@@ -283,7 +295,16 @@ impl KinesisWriter {
                 .await);
         }
         if !self.proofs.holds(tenant) {
-            return self.put_unproven(tenant, key, data, bytes).await;
+            // Its role first: a tenant whose role cannot be assumed spends nothing.
+            let session = Box::pin(self.credentials.session(tenant)).await?;
+            if Box::pin(self.wait_on_trial(tenant, bytes)).await {
+                if self.batches(tenant, bytes) {
+                    drop(session);
+                    return self.put_batched(tenant, key, data, bytes).await;
+                }
+                return self.put_one(tenant, key, data, &stream, session).await;
+            }
+            // Proven while it waited: written as the stream's owner.
         }
         if self.batches(tenant, bytes) {
             // The batch looks the session up once for all its records when it is sent.
@@ -315,23 +336,20 @@ impl KinesisWriter {
         self.put_one(tenant, key, data, &stream, session).await
     }
 
-    /// A write of a tenant not yet proven to own its stream (see [`Proofs`]): its role
-    /// is assumed first, and its records draw on its own trial budget, not the stream's.
-    async fn put_unproven(
-        &self,
-        tenant: &Arc<TenantSettings>,
-        key: &PartitionKey,
-        data: &Bytes,
-        bytes: usize,
-    ) -> Result<(), AwsError> {
-        let session = Box::pin(self.credentials.session(tenant)).await?;
-        self.limits.acquire_trial(tenant, bytes).await;
-        if self.batches(tenant, bytes) {
-            drop(session);
-            return self.put_batched(tenant, key, data, bytes).await;
+    /// Waits for room for a record of `bytes` in the trial budget of `tenant`, not yet
+    /// proven to own its stream (see [`Proofs`]): true once it took it, false when a
+    /// proof arrived meanwhile (a new tenant's first writes wait for the first answer,
+    /// then go on at the stream's pace, not the trial's).
+    async fn wait_on_trial(&self, tenant: &Arc<TenantSettings>, bytes: usize) -> bool {
+        loop {
+            if self.proofs.holds(tenant) {
+                return false;
+            }
+            let trial = self.limits.acquire_trial(tenant, bytes);
+            if tokio::time::timeout(PROOF_CHECK, trial).await.is_ok() {
+                return true;
+            }
         }
-        let stream = self.limits.stream(tenant);
-        self.put_one(tenant, key, data, &stream, session).await
     }
 
     /// One `PutRecord` call, its tokens taken.
@@ -363,13 +381,20 @@ impl KinesisWriter {
         observe_call(started, &result);
         match result {
             Ok(written) => {
-                self.proofs.record(tenant);
+                self.proven(tenant);
                 if let Some(shard) = crate::api::shard_number(&written.shard_id) {
                     stream.landed(key.as_str(), shard);
                 }
                 Ok(())
             }
             Err(err) => {
+                // A throttle is an answer to a call AWS authorised; a refusal withdraws
+                // the proof (the role or the stream's policy changed).
+                if err.code == "ProvisionedThroughputExceededException" {
+                    self.proven(tenant);
+                } else if err.is_access_denied() {
+                    self.proofs.withdraw(tenant);
+                }
                 self.on_refused(tenant, key.as_str(), &err);
                 if err.class == ErrorClass::ExpiredCredentials {
                     Box::pin(self.credentials.invalidate(tenant, &session)).await;
@@ -470,7 +495,7 @@ impl KinesisWriter {
         observe_call(started, &result);
         match result {
             Ok(results) => {
-                self.proofs.record(&tenant);
+                self.proven(&tenant);
                 // One record a call tells a shard map that missed a reshard (every record
                 // would cost a hash each).
                 if let (Some(first), Some(shard)) =
@@ -493,9 +518,12 @@ impl KinesisWriter {
                     Box::pin(self.credentials.invalidate(&tenant, &session)).await;
                 }
                 // The role may allow PutRecord only: the records' next attempts use it
-                // (each lane retries its own record first, so nothing is reordered).
+                // (each lane retries its own record first, so nothing is reordered), and
+                // only a refused PutRecord withdraws the proof.
                 if err.code == "AccessDeniedException" && tenant.write_mode == WriteMode::Auto {
                     self.remember_put_records_refused(&tenant);
+                } else if err.is_access_denied() {
+                    self.proofs.withdraw(&tenant);
                 }
                 for p in batch {
                     self.on_refused(&p.tenant, p.key.as_str(), &err);
@@ -505,12 +533,15 @@ impl KinesisWriter {
         }
     }
 
-    /// Counts a refused record, slows its shard down when it was throttled, and
-    /// withdraws the tenant's proof when its identity may no longer write.
-    fn on_refused(&self, tenant: &TenantSettings, key: &str, err: &AwsError) {
-        if err.is_access_denied() {
-            self.proofs.withdraw(tenant);
+    /// A write of `tenant` was accepted: its trial, if it had one, is over.
+    fn proven(&self, tenant: &Arc<TenantSettings>) {
+        if self.proofs.record(tenant) {
+            self.limits.end_trial(tenant);
         }
+    }
+
+    /// Counts a refused record and slows its shard down when it was throttled.
+    fn on_refused(&self, tenant: &TenantSettings, key: &str, err: &AwsError) {
         let m = kd_telemetry::metrics();
         let code = crate::errors::code_label(&err.code);
         m.put_errors.with_label_values(&[code]).inc();
@@ -545,7 +576,7 @@ impl KinesisWriter {
         only_the_default: bool,
     ) -> AwsError {
         let ctx = context("PutRecord", tenant);
-        if only_the_default {
+        if only_the_default && !self.limits.trial_refused_describe(tenant) {
             if let Ok(session) = Box::pin(self.credentials.session(tenant)).await {
                 let asked = (&self.api, &*session);
                 if self.proofs.holds(tenant) {
@@ -630,7 +661,7 @@ mod tests {
         KinesisWriter::new(
             CredentialCache::new(base, crate::CredentialSettings::default()),
             RateLimits::default(),
-            RequestBudget::new(8, 1.0),
+            RequestBudget::new(8, 1.0, 1.0),
             Duration::from_millis(10),
         )
         .unwrap()
@@ -699,6 +730,50 @@ mod tests {
             w.batches(&auto, 10),
             "PutRecords is tried again after an hour"
         );
+    }
+
+    /// 600 records of a new tenant, written at once into a stream of 20 shards: the
+    /// first answer proves the tenant, and the records still waiting for its trial
+    /// budget (one shard's, 950 a second) go on at the stream's pace instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_tenants_waiting_writes_leave_the_trial_once_one_is_accepted() {
+        let fake = kd_testkit::FakeAws::start().await;
+        fake.create_stream("wide", 20);
+        let cache = crate::credentials::cache_tests::cache(&fake, Default::default());
+        let w = KinesisWriter::new(
+            cache,
+            RateLimits::default(),
+            RequestBudget::new(64, 1.0, 1.0),
+            Duration::from_millis(5),
+        )
+        .unwrap();
+        let t = Arc::new(
+            kd_tenants::parse_tenant(&serde_json::json!({"sourceId": "s_new",
+                "stream": "wide", "region": "us-east-1", "shards": 20,
+                "roleAddress": "arn:aws:iam::123456789012:role/r"}))
+            .unwrap(),
+        );
+        let started = Instant::now();
+        let writes: Vec<_> = (0..600)
+            .map(|i| {
+                let (w, t) = (w.clone(), t.clone());
+                tokio::spawn(async move {
+                    let key = PartitionKey::new(&format!("user-{i}")).unwrap();
+                    w.put_record(&t, &key, &Bytes::from_static(b"{}")).await
+                })
+            })
+            .collect();
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        let took = started.elapsed();
+        assert_eq!(fake.records_of("wide").len(), 600);
+        // All 600 on trial would take 600 / 950 s, less the burst: over half a second.
+        assert!(
+            took < Duration::from_millis(400),
+            "{took:?}: the writes stayed on trial"
+        );
+        assert!(w.proofs.holds(&t));
     }
 
     fn written() -> RecordResult {

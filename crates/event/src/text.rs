@@ -27,8 +27,17 @@ pub fn clip(s: &str, max_chars: usize) -> &str {
     }
 }
 
-/// `s` for a log line or a message, whatever it holds: control characters escaped
-/// (`\n`, `\u{1b}`), cut after `max_chars` characters with `…`. For strings that come
+/// Whether `c` can break or reorder a line as a terminal or a log viewer shows it:
+/// control characters (newlines, escape sequences), the Unicode line and paragraph
+/// separators, and the bidirectional overrides and isolates.
+pub fn breaks_lines(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` for a log line or a message, whatever it holds: characters that
+/// [break lines](breaks_lines) escaped (`\u{a}`), cut after `max_chars` characters with
+/// `…`. For strings that come
 /// from input (source IDs, settings keys) and must not forge or stretch log lines.
 pub fn escape_clip(s: &str, max_chars: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max_chars * 2));
@@ -37,8 +46,8 @@ pub fn escape_clip(s: &str, max_chars: usize) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
-            out.extend(c.escape_debug());
+        if breaks_lines(c) {
+            out.extend(c.escape_unicode());
         } else {
             out.push(c);
         }
@@ -53,7 +62,11 @@ mod tests {
     #[test]
     fn escape_clip_keeps_input_to_one_bounded_line() {
         assert_eq!(escape_clip("src_1", 10), "src_1");
-        assert_eq!(escape_clip("a\nb\x1b[31m", 20), "a\\nb\\u{1b}[31m");
+        assert_eq!(escape_clip("a\nb\x1b[31m", 20), "a\\u{a}b\\u{1b}[31m");
+        assert_eq!(
+            escape_clip("a\u{2028}b\u{202e}c", 20),
+            "a\\u{2028}b\\u{202e}c"
+        );
         assert_eq!(escape_clip("é".repeat(5).as_str(), 3), "ééé…");
     }
 

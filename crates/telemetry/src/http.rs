@@ -9,8 +9,12 @@
 //! - a connection must send each request head within [`HEAD_TIMEOUT`] (so one idle
 //!   between requests is closed then too), and lives at most [`CONNECTION_TIMEOUT`];
 //! - at [`MAX_CONNECTIONS`], the connection open the longest without a request in
-//!   progress (else the one open the longest) is closed to make room. A probe sends its
-//!   request as soon as it connects, so it is never the one closed.
+//!   progress (else the one open the longest) is closed to make room; past
+//!   [`HARD_LIMIT`] (closed ones not gone yet) a newcomer is refused. A probe sends its
+//!   request as soon as it connects, so it is never the one closed: hundreds of
+//!   connections would have to arrive in the millisecond before its request is read.
+//!
+//! IPv6 addresses count by their /64 (a host usually holds a whole /64).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -26,8 +30,12 @@ use tokio::sync::oneshot;
 
 use crate::{metrics, Readiness};
 
-/// Most connections open at once.
+/// Connections open at once from which the longest idle one is closed for a newcomer.
 const MAX_CONNECTIONS: usize = 256;
+/// Connections being closed for newcomers may still hold their sockets for a moment:
+/// past this many open, a newcomer is refused (the worker's Kafka and AWS connections
+/// share the process's file descriptors).
+const HARD_LIMIT: usize = MAX_CONNECTIONS + 64;
 /// Most connections open at once from one address (Prometheus and the kubelet need a
 /// few each).
 const PER_ADDRESS: usize = 16;
@@ -77,6 +85,13 @@ impl Connections {
     /// Takes a place for a connection from `address`: its ID and what closes it, or
     /// `None` when the address holds its share and every one of them is answering.
     fn admit(&mut self, address: IpAddr) -> Option<(u64, oneshot::Receiver<()>)> {
+        if self.open.len() >= HARD_LIMIT {
+            metrics()
+                .http_connections_closed
+                .with_label_values(&["over_limit"])
+                .inc();
+            return None;
+        }
         let held = self.by_address.entry(address).or_default();
         if *held >= PER_ADDRESS {
             // The address's longest idle connection makes room (a probe may share its
@@ -195,7 +210,7 @@ async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Resul
                 continue;
             }
         };
-        let address = peer.ip();
+        let address = counted_as(peer.ip());
         let Some((id, closed)) = lock(&table).admit(address) else {
             drop(stream);
             continue;
@@ -227,6 +242,20 @@ async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Resul
             }
             drop(place);
         });
+    }
+}
+
+/// The address a connection counts against: an IPv6 address's /64.
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -307,5 +336,27 @@ mod tests {
         // The next one closes the next idle connection, not the one closing already.
         t.admit("10.9.9.8".parse().unwrap()).unwrap();
         assert!(t.open[&ids[2]].close.is_none(), "the next evicted");
+        // Closed ones whose tasks have not ended count: past the hard limit, newcomers
+        // are refused.
+        let mut i = 0u32;
+        while t.open.len() < HARD_LIMIT {
+            i += 1;
+            t.admit(IpAddr::from([10, 2, (i / 200) as u8, (i % 200) as u8]))
+                .unwrap();
+        }
+        assert!(t.admit("10.9.9.7".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        let a = counted_as("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = counted_as("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let c = counted_as("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            counted_as("::ffff:10.0.0.1".parse().unwrap()),
+            IpAddr::from([10, 0, 0, 1])
+        );
     }
 }

@@ -195,9 +195,25 @@ mod tests {
 pub struct TenantStore {
     current: ArcSwap<Snapshot>,
     loaded: AtomicBool,
-    /// Every source ID loaded since the process started: a `secretId` naming one of
-    /// them is refused even after that tenant was removed, or before it is loaded again.
-    seen: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Every valid source ID loaded since the process started: a `secretId` naming one
+    /// of them is refused even after that tenant was removed.
+    seen: std::sync::Mutex<Seen>,
+}
+
+/// Source IDs seen, as 64-bit hashes under a key chosen at start (8 bytes each: a
+/// million tenants cost some 16 MB; a secret that collides with one is refused, at odds
+/// of one in 2^64 per ID).
+#[derive(Debug, Default)]
+struct Seen {
+    hasher: std::hash::RandomState,
+    ids: std::collections::HashSet<u64>,
+}
+
+impl Seen {
+    fn hash(&self, id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(id)
+    }
 }
 
 impl TenantStore {
@@ -214,8 +230,16 @@ impl TenantStore {
     pub fn replace(&self, mut snapshot: Snapshot) {
         {
             let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            seen.extend(snapshot.tenants.keys().cloned());
-            snapshot.refuse_impostors(|source| seen.contains(source));
+            // Valid tenants only: an invalid entry's key may be any bytes a producer
+            // wrote.
+            let valid: Vec<u64> = snapshot
+                .tenants
+                .iter()
+                .filter(|(_, e)| matches!(e, TenantEntry::Valid(_)))
+                .map(|(id, _)| seen.hash(id))
+                .collect();
+            seen.ids.extend(valid);
+            snapshot.refuse_impostors(|source| seen.ids.contains(&seen.hash(source)));
         }
         let m = kd_telemetry::metrics();
         let invalid = snapshot.invalid_count();

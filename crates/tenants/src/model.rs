@@ -529,7 +529,7 @@ pub fn parse_tenant(value: &Value) -> Result<TenantSettings, SettingsError> {
     // Source IDs reach logs, messages and headers: one bounded line each.
     if source_id.chars().count() > SOURCE_ID_MAX_CHARS || source_id.chars().any(char::is_control) {
         return Err(invalid(format!(
-            "sourceId must be at most {SOURCE_ID_MAX_CHARS} characters, without control characters"
+            "sourceId must be at most {SOURCE_ID_MAX_CHARS} characters, without control characters, line separators or bidirectional overrides"
         )));
     }
     // Field types are checked below, one by one, so the message can name the field.
@@ -859,7 +859,7 @@ mod tests {
         assert_eq!(err.source_id(), Some(forged), "still keyed by the raw ID");
         let text = err.to_string();
         assert!(
-            !text.contains('\n') && text.contains("src_1\\n2026"),
+            !text.contains('\n') && text.contains("src_1\\u{a}2026"),
             "{text}"
         );
         assert!(text.contains("without control characters"), "{text}");

@@ -332,7 +332,7 @@ mod tests {
                 panic!("invalid")
             };
             assert!(!reason.contains('\n') && reason.len() < 600, "{reason}");
-            assert!(reason.starts_with("tenant a\\nxxx"), "{reason}");
+            assert!(reason.starts_with("tenant a\\u{a}xxx"), "{reason}");
         }
     }
 

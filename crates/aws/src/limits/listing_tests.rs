@@ -96,7 +96,7 @@ async fn a_listing_takes_a_request_place_of_the_asking_tenant() {
     fake.create_stream("s", 4);
     let cache = cache(&fake, CredentialSettings::default());
     let api = KinesisApi::new(cache.base(), cache.clock().clone(), None).unwrap();
-    let requests = Arc::new(crate::requests::RequestBudget::new(2, 0.5));
+    let requests = Arc::new(crate::requests::RequestBudget::new(2, 0.5, 1.0));
     let limits = RateLimits::new(1.0).with_request_budget(requests.clone());
     let t = tenant("src_a", "owner");
     let session = cache.session(&t).await.unwrap();
