@@ -389,8 +389,8 @@ fn every_alert_passes_promtool_is_tested_both_ways_and_has_a_runbook() {
         run(Command::new("promtool").args(["test", "rules", "deploy/prometheus/alerts.test.yml"]));
     assert!(report.contains("SUCCESS"), "{report}");
 
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let anchors: BTreeSet<String> = readme
+    let runbooks = std::fs::read_to_string(repo().join("docs/runbooks.md")).unwrap();
+    let anchors: BTreeSet<String> = runbooks
         .lines()
         .filter_map(|l| l.strip_prefix('#'))
         .map(|h| anchor(h.trim_start_matches('#')))
@@ -418,11 +418,11 @@ fn every_alert_passes_promtool_is_tested_both_ways_and_has_a_runbook() {
             assert!(!str_at(rule, &["annotations", a]).is_empty(), "{name}: {a}");
         }
         let runbook = str_at(rule, &["annotations", "runbook_url"]);
-        let (_, fragment) = runbook.split_once("README.md#").expect(runbook);
+        let (_, fragment) = runbook.split_once("docs/runbooks.md#").expect(runbook);
         assert_eq!(fragment, name.to_lowercase(), "{name}: runbook anchor");
         assert!(
             anchors.contains(fragment),
-            "{name}: no README heading for #{fragment}"
+            "{name}: no heading in docs/runbooks.md for #{fragment}"
         );
         let of_this: Vec<&&Value> = cases
             .iter()

@@ -8,64 +8,12 @@ use kd_event::EventType;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use kd_testkit::{
-    eventually, Kafka, Moto, Produced, RecordingProxy, Streams, Tansu, Tenant, Worker, WorkerConfig,
-};
+use kd_testkit::env::{MotoEnv as Env, DLQ, PARTITIONS, TOPIC};
+use kd_testkit::{eventually, Kafka, Produced, Tansu, Tenant, Worker, WorkerConfig};
 use serde_json::{json, Value};
 
-const TOPIC: &str = "segment-events";
-const DLQ: &str = "segment-events-dlq";
-const PARTITIONS: i32 = 3;
-
-/// One test's services: broker with topics, emulator, recording proxy.
-struct Env {
-    tansu: Tansu,
-    _moto: Moto,
-    proxy: RecordingProxy,
-    streams: Streams,
-    kafka: Kafka,
-}
-
-impl Env {
-    async fn start() -> Env {
-        let tansu = Tansu::start();
-        tansu.create_topic(TOPIC, PARTITIONS as u32);
-        tansu.create_topic(DLQ, 1);
-        let moto = Moto::start();
-        let proxy = RecordingProxy::start(&moto.endpoint()).await;
-        let streams = Streams::new(&moto.endpoint());
-        let kafka = Kafka::new(&tansu.bootstrap());
-        Env {
-            tansu,
-            _moto: moto,
-            proxy,
-            streams,
-            kafka,
-        }
-    }
-
-    fn config(&self) -> WorkerConfig {
-        WorkerConfig::new(&self.tansu.bootstrap(), &self.proxy.endpoint())
-    }
-
-    async fn send(&self, value: &[u8], source: Option<&str>, key: &str) -> Produced {
-        let headers: Vec<(&str, &str)> = source.map(|s| vec![("source_id", s)]).unwrap_or_default();
-        self.kafka.send(TOPIC, Some(key), value, &headers).await
-    }
-
-    async fn wait_committed_to_end(&self, group: &str) {
-        self.kafka
-            .wait_committed_to_end(group, TOPIC, PARTITIONS)
-            .await;
-    }
-}
-
 async fn wait_metric(worker: &Worker, name: &str, at_least: f64) {
-    eventually(Duration::from_secs(60), name, || {
-        let v = worker.metric(name);
-        async move { (v >= at_least).then_some(()) }
-    })
-    .await;
+    kd_testkit::env::wait_metric(worker, name, at_least, Duration::from_secs(60)).await;
 }
 
 /// An event as bytes, with deliberately unusual spacing so that any re-serialisation

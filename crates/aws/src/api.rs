@@ -28,7 +28,13 @@ use serde::Deserialize;
 
 use crate::clock::Clock;
 use crate::errors::{AwsError, Failure};
-use crate::writer::Written;
+
+/// Where a record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub shard_id: String,
+    pub sequence_number: String,
+}
 
 /// The calls made here: their names (in errors) and `X-Amz-Target` values.
 #[derive(Debug, Clone, Copy)]
@@ -587,7 +593,7 @@ impl KinesisApi {
             }
             let status = parts.status.as_u16();
             let (code, message) = error_of(&parts.headers, &answer);
-            let skewed = crate::clock::is_skew_refusal(code.as_deref(), message.as_deref());
+            let skewed = crate::errors::is_skew_refusal(code.as_deref(), message.as_deref());
             let failure = if skewed {
                 // Corrected once and sent again; a second refusal is retried later.
                 if self.clock.observe(date, true) && !corrected {

@@ -127,29 +127,6 @@ fn parse_http_date(raw: &[u8]) -> Option<SystemTime> {
     SystemTime::try_from(t).ok()
 }
 
-/// Whether an error answer refuses the request's time: the codes and messages AWS uses
-/// for a signature too old or too new (Kinesis: `InvalidSignatureException` "Signature
-/// expired: ... is now earlier than ..." / "Signature not yet current"; other services:
-/// `RequestExpired`, `RequestTimeTooSkewed`, `RequestInTheFuture`). botocore's and the
-/// Rust SDK's clock-skew errors are the same set.
-pub fn is_skew_refusal(code: Option<&str>, message: Option<&str>) -> bool {
-    let by_code = matches!(
-        code,
-        Some("RequestTimeTooSkewed" | "RequestExpired" | "RequestInTheFuture")
-    );
-    let by_message = message.is_some_and(|m| {
-        m.contains("Signature expired")
-            || m.contains("Signature not yet current")
-            || m.contains("too skewed")
-    });
-    by_code
-        || (by_message
-            && matches!(
-                code,
-                Some("InvalidSignatureException" | "SignatureDoesNotMatch" | "AuthFailure") | None
-            ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,28 +178,5 @@ mod tests {
         assert!(!readiness.is_ready());
         clock.succeeded();
         assert!(readiness.is_ready());
-    }
-
-    #[test]
-    fn skew_refusals_are_told_from_other_signature_failures() {
-        assert!(is_skew_refusal(
-            Some("InvalidSignatureException"),
-            Some("Signature expired: 20261204T100000Z is now earlier than 20261204T101000Z (20261204T101500Z - 5 min.)")
-        ));
-        assert!(is_skew_refusal(
-            Some("InvalidSignatureException"),
-            Some("Signature not yet current: 20261204T103000Z is still later than 20261204T102000Z (20261204T101500Z + 5 min.)")
-        ));
-        assert!(is_skew_refusal(Some("RequestExpired"), None));
-        assert!(is_skew_refusal(Some("RequestTimeTooSkewed"), Some("x")));
-        // A wrong secret is not a clock problem.
-        assert!(!is_skew_refusal(
-            Some("InvalidSignatureException"),
-            Some("The request signature we calculated does not match the signature you provided.")
-        ));
-        assert!(!is_skew_refusal(
-            Some("AccessDeniedException"),
-            Some("Signature expired")
-        ));
     }
 }

@@ -104,25 +104,6 @@ impl Expiry<Key, Arc<Session>> for RefreshAhead {
     }
 }
 
-/// STS error codes that mean the *worker's own* credentials are wrong (revoked, expired,
-/// unsigned), not the tenant's role: no tenant can be served until they are fixed.
-const WORKER_IDENTITY_CODES: &[&str] = &[
-    "InvalidClientTokenId",
-    "ExpiredToken",
-    "ExpiredTokenException",
-    "UnrecognizedClientException",
-    "SignatureDoesNotMatch",
-    "IncompleteSignature",
-    "MissingAuthenticationToken",
-];
-
-/// Whether an AssumeRole failure is the worker's identity's fault. A refusal of the
-/// request's time (STS says `SignatureDoesNotMatch` "Signature expired") is the clock's.
-pub fn is_worker_identity_error(err: &AwsError) -> bool {
-    WORKER_IDENTITY_CODES.contains(&err.code.as_str())
-        && !crate::clock::is_skew_refusal(Some(&err.code), Some(&err.message))
-}
-
 /// The per-(role, external ID) session cache.
 #[derive(Clone)]
 pub struct CredentialCache {
@@ -344,7 +325,7 @@ impl CredentialCache {
             .await
         {
             Ok(_) => false,
-            Err(e) => is_worker_identity_error(&AwsError::from_sdk("GetCallerIdentity", &e)),
+            Err(e) => AwsError::from_sdk("GetCallerIdentity", &e).refuses_worker_identity(),
         };
         *self
             .identity_checked
@@ -428,10 +409,7 @@ impl CredentialCache {
         };
         let context = || format!("AssumeRole {role} for source {}", tenant.source_id);
         let mut out = call().await.map_err(|e| AwsError::from_sdk(&context(), &e));
-        if out
-            .as_ref()
-            .is_err_and(|e| crate::clock::is_skew_refusal(Some(&e.code), Some(&e.message)))
-        {
+        if out.as_ref().is_err_and(|e| e.refuses_time()) {
             // The SDK has learned AWS's time from the refusal's `Date` (aws-runtime's
             // service_clock_skew, kept per client) but, with its retries off, does not
             // send again: signed again at once rather than after the failure's TTL.
@@ -441,7 +419,7 @@ impl CredentialCache {
             Ok(out) => out,
             Err(err) => {
                 m.assume_role.with_label_values(&[outcome(&err)]).inc();
-                if is_worker_identity_error(&err) && Box::pin(self.identity_refused()).await {
+                if err.refuses_worker_identity() && Box::pin(self.identity_refused()).await {
                     tracing::error!(error = %err, "STS refuses the worker's own AWS credentials; no tenant can be served until they are fixed");
                     self.identity(Some(format!(
                         "the worker's own AWS credentials are refused by STS ({}); check the credential chain (IRSA, Pod Identity, environment)",

@@ -181,7 +181,72 @@ impl fmt::Display for AwsError {
 
 impl std::error::Error for AwsError {}
 
+/// Whether an error answer refuses the request's time: the codes and messages AWS uses
+/// for a signature too old or too new (Kinesis: `InvalidSignatureException` "Signature
+/// expired: ... is now earlier than ..." / "Signature not yet current"; other services:
+/// `RequestExpired`, `RequestTimeTooSkewed`, `RequestInTheFuture`). botocore's and the
+/// Rust SDK's clock-skew errors are the same set.
+pub fn is_skew_refusal(code: Option<&str>, message: Option<&str>) -> bool {
+    let by_code = matches!(
+        code,
+        Some("RequestTimeTooSkewed" | "RequestExpired" | "RequestInTheFuture")
+    );
+    let by_message = message.is_some_and(|m| {
+        m.contains("Signature expired")
+            || m.contains("Signature not yet current")
+            || m.contains("too skewed")
+    });
+    by_code
+        || (by_message
+            && matches!(
+                code,
+                Some("InvalidSignatureException" | "SignatureDoesNotMatch" | "AuthFailure") | None
+            ))
+}
+
+/// STS error codes that mean the *worker's own* credentials are wrong (revoked, expired,
+/// unsigned), not the tenant's role: no tenant can be served until they are fixed.
+const WORKER_IDENTITY_CODES: &[&str] = &[
+    "InvalidClientTokenId",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+];
+
 impl AwsError {
+    /// Whether the caller's own credentials are wrong (revoked, expired, unsigned), not
+    /// a tenant's role: no tenant can be served until they are fixed. A refusal of the
+    /// request's time (STS says `SignatureDoesNotMatch` "Signature expired") is the
+    /// clock's, not this.
+    pub fn refuses_worker_identity(&self) -> bool {
+        WORKER_IDENTITY_CODES.contains(&self.code.as_str()) && !self.refuses_time()
+    }
+
+    /// Whether AWS refused the request's time (see [`is_skew_refusal`]).
+    pub fn refuses_time(&self) -> bool {
+        is_skew_refusal(Some(&self.code), Some(&self.message))
+    }
+
+    /// Whether Kinesis refused a record for its shard's capacity.
+    pub fn is_shard_throttle(&self) -> bool {
+        self.code == "ProvisionedThroughputExceededException"
+    }
+
+    /// Whether the caller's IAM policy does not allow this operation (a role that may
+    /// `PutRecord` but not `PutRecords`, say), as Kinesis answers it.
+    pub fn refuses_operation(&self) -> bool {
+        self.code == "AccessDeniedException"
+    }
+
+    /// A record whose outcome is unknown (`InternalFailure`, retried): missing from a
+    /// `PutRecords` answer, or left in a batch that was abandoned.
+    pub fn unknown_outcome(context: &str, why: &str) -> Self {
+        AwsError::from_record(context, "InternalFailure", Some(why))
+    }
+
     /// Whether the caller's identity may not make this call (`AccessDenied`): the
     /// role's policy, not the stream's state, which may change any time.
     pub fn is_access_denied(&self) -> bool {
@@ -206,7 +271,7 @@ impl AwsError {
                 let message = raw_message
                     .map(str::to_owned)
                     .unwrap_or_else(|| format!("HTTP {status}"));
-                let failure = if crate::clock::is_skew_refusal(code, raw_message) {
+                let failure = if is_skew_refusal(code, raw_message) {
                     Failure::ClockSkew
                 } else {
                     Failure::Service { code, status }
@@ -314,6 +379,29 @@ pub(crate) fn chain(err: Option<&dyn std::error::Error>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skew_refusals_are_told_from_other_signature_failures() {
+        assert!(is_skew_refusal(
+            Some("InvalidSignatureException"),
+            Some("Signature expired: 20261204T100000Z is now earlier than 20261204T101000Z (20261204T101500Z - 5 min.)")
+        ));
+        assert!(is_skew_refusal(
+            Some("InvalidSignatureException"),
+            Some("Signature not yet current: 20261204T103000Z is still later than 20261204T102000Z (20261204T101500Z + 5 min.)")
+        ));
+        assert!(is_skew_refusal(Some("RequestExpired"), None));
+        assert!(is_skew_refusal(Some("RequestTimeTooSkewed"), Some("x")));
+        // A wrong secret is not a clock problem.
+        assert!(!is_skew_refusal(
+            Some("InvalidSignatureException"),
+            Some("The request signature we calculated does not match the signature you provided.")
+        ));
+        assert!(!is_skew_refusal(
+            Some("AccessDeniedException"),
+            Some("Signature expired")
+        ));
+    }
     use ErrorClass::*;
 
     fn svc(code: &str, status: u16) -> Failure<'_> {

@@ -17,13 +17,6 @@ use crate::errors::{AwsError, ErrorClass};
 use crate::limits::RateLimits;
 use crate::requests::RequestBudget;
 
-/// Where a record landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Written {
-    pub shard_id: String,
-    pub sequence_number: String,
-}
-
 /// Writes records into tenants' streams with their assumed-role credentials.
 ///
 /// A handle (one pointer): every lingering batch and every call in flight holds a clone,
@@ -390,7 +383,7 @@ impl KinesisWriter {
             Err(err) => {
                 // A throttle is an answer to a call AWS authorised; a refusal withdraws
                 // the proof (the role or the stream's policy changed).
-                if err.code == "ProvisionedThroughputExceededException" {
+                if err.is_shard_throttle() {
                     self.proven(tenant);
                 } else if err.is_access_denied() {
                     self.proofs.withdraw(tenant);
@@ -438,10 +431,9 @@ impl KinesisWriter {
             });
         }
         outcome.await.unwrap_or_else(|_| {
-            Err(AwsError::from_record(
+            Err(AwsError::unknown_outcome(
                 &context("PutRecords", tenant),
-                "InternalFailure",
-                Some("the batch was abandoned"),
+                "the batch was abandoned",
             ))
         })
     }
@@ -520,7 +512,7 @@ impl KinesisWriter {
                 // The role may allow PutRecord only: the records' next attempts use it
                 // (each lane retries its own record first, so nothing is reordered), and
                 // only a refused PutRecord withdraws the proof.
-                if err.code == "AccessDeniedException" && tenant.write_mode == WriteMode::Auto {
+                if err.refuses_operation() && tenant.write_mode == WriteMode::Auto {
                     self.remember_put_records_refused(&tenant);
                 } else if err.is_access_denied() {
                     self.proofs.withdraw(&tenant);
@@ -548,7 +540,7 @@ impl KinesisWriter {
         if let Some(source) = kd_telemetry::source_label(tenant.source_id.as_str()) {
             m.source_put_errors.with_label_values(&[source, code]).inc();
         }
-        if err.code == "ProvisionedThroughputExceededException" {
+        if err.is_shard_throttle() {
             self.limits.throttled(tenant, key);
         }
     }
@@ -617,10 +609,9 @@ fn record_outcomes(
                 )),
                 None => Ok(()),
             },
-            None => Err(AwsError::from_record(
+            None => Err(AwsError::unknown_outcome(
                 &ctx(),
-                "InternalFailure",
-                Some("no result for this record"),
+                "no result for this record",
             )),
         })
         .collect()
@@ -648,10 +639,8 @@ mod tests {
     use super::*;
 
     fn tenant(use_put_records: serde_json::Value) -> TenantSettings {
-        let mut v = serde_json::json!({"sourceId": "s", "stream": "st", "region": "us-east-1",
-            "roleAddress": "arn:aws:iam::123456789012:role/r", "maxRecordSizeKiB": 4096});
-        v["usePutRecords"] = use_put_records;
-        kd_tenants::parse_tenant(&v).unwrap()
+        kd_tenants::test_settings(serde_json::json!({"stream": "st",
+            "maxRecordSizeKiB": 4096, "usePutRecords": use_put_records}))
     }
 
     fn writer() -> KinesisWriter {
@@ -747,12 +736,9 @@ mod tests {
             Duration::from_millis(5),
         )
         .unwrap();
-        let t = Arc::new(
-            kd_tenants::parse_tenant(&serde_json::json!({"sourceId": "s_new",
-                "stream": "wide", "region": "us-east-1", "shards": 20,
-                "roleAddress": "arn:aws:iam::123456789012:role/r"}))
-            .unwrap(),
-        );
+        let t = Arc::new(kd_tenants::test_settings(
+            serde_json::json!({"sourceId": "s_new", "stream": "wide", "shards": 20}),
+        ));
         let started = Instant::now();
         let writes: Vec<_> = (0..600)
             .map(|i| {

@@ -6,7 +6,7 @@
 //!
 //! They must return quickly and may not write to Kinesis or wait for lanes: a
 //! rebalance waits for them. They run in the consume loop's task (inside its poll), so
-//! the revoke's synchronous commit goes through `commits::blocking`.
+//! the revoke's synchronous commit goes through `kafka::blocking`.
 
 use std::sync::Arc;
 
@@ -18,8 +18,8 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 
 use crate::broker_health::{brokers, BrokerHealth};
-use crate::commits::{blocking, commit_offsets};
-use crate::dead_letter::code_name;
+use crate::commits::commit_offsets;
+use crate::kafka::{blocking, code_name};
 use crate::log_limit::LogLimit;
 use crate::offsets::OffsetTracker;
 use crate::unsaved::{commit_kept, Unsaved};

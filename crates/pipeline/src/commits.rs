@@ -4,7 +4,7 @@
 //!
 //! Commits are synchronous librdkafka calls: callers run them on a blocking thread, or,
 //! on a revoke, inside librdkafka's rebalance callback, which runs in the consume loop's
-//! task and so through [`blocking`].
+//! task and so through [`crate::kafka::blocking`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,6 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::callbacks::WorkerContext;
 use crate::offsets::OffsetTracker;
 
 /// Commits the tracker's committable offsets (all partitions, or `only` these).
@@ -70,21 +69,9 @@ pub(crate) fn try_commit<C: Consumer<X>, X: ConsumerContext>(
     }
 }
 
-/// Runs a librdkafka call that may block (a synchronous commit, a seek) from a task: on
-/// the multi-threaded runtime the worker's other tasks (the lane task it would run next
-/// among them) move to another worker meanwhile. Elsewhere (a blocking thread, a
-/// single-threaded test runtime) it just runs it.
-pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 /// Commits what is committable every `interval` until `stop`.
-pub(crate) async fn commit_loop(
-    consumer: Arc<StreamConsumer<WorkerContext>>,
+pub(crate) async fn commit_loop<X: ConsumerContext + 'static>(
+    consumer: Arc<StreamConsumer<X>>,
     tracker: Arc<OffsetTracker>,
     interval: Duration,
     stop: CancellationToken,

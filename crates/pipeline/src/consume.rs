@@ -125,7 +125,7 @@ where
     /// (see [`OffsetTracker::passed`]). Here, between reads, and nowhere else: every
     /// event below a position has then been admitted.
     fn report_positions(&self) {
-        let positions = match crate::commits::blocking(|| self.consumer.position()) {
+        let positions = match crate::kafka::blocking(|| self.consumer.position()) {
             Ok(positions) => positions,
             Err(e) => {
                 consumer_error(&self.errors, &e, "position");

@@ -246,7 +246,7 @@ impl FlowControl {
                     Duration::from_secs(1),
                 )
             };
-            match crate::commits::blocking(seek) {
+            match crate::kafka::blocking(seek) {
                 Ok(()) => {
                     tracker.reread_from(&topic, partition, from);
                     kd_telemetry::metrics().fairness_rereads.inc();

@@ -18,9 +18,9 @@ mod topic;
 
 pub use file::{load_file, load_file_into, watch_file, Contents, FileError};
 pub use model::{
-    parse_tenant, Access, FieldError, Region, RoleArn, Secret, SettingsError, SourceId, StreamArn,
-    StreamName, TenantSettings, WriteMode, DEFAULT_MAX_RECORD_KIB, MAX_RECORD_KIB_LIMIT,
-    SOURCE_ID_MAX_CHARS,
+    parse_tenant, test_settings, Access, FieldError, Region, RoleArn, Secret, SettingsError,
+    SourceId, StreamArn, StreamName, TenantSettings, WriteMode, DEFAULT_MAX_RECORD_KIB,
+    MAX_RECORD_KIB_LIMIT, SOURCE_ID_MAX_CHARS,
 };
 pub use topic::{apply_record, follow_topic, TopicError, TopicSettings};
 

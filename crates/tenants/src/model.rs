@@ -512,6 +512,27 @@ struct RawSettings {
     max_record_size_kib: Option<Value>,
 }
 
+/// Valid settings for tests: source `src_1`, role `arn:aws:iam::123456789012:role/r`,
+/// stream `s` in `us-east-1`, with the settings in `overrides` (a JSON object, the
+/// names of the tenant settings; `null` removes one) set over them. Panics on settings
+/// that do not parse.
+#[doc(hidden)]
+pub fn test_settings(overrides: Value) -> TenantSettings {
+    let mut v = serde_json::json!({"sourceId": "src_1",
+        "roleAddress": "arn:aws:iam::123456789012:role/r",
+        "region": "us-east-1", "stream": "s"});
+    if let (Some(base), Value::Object(over)) = (v.as_object_mut(), overrides) {
+        for (k, val) in over {
+            if val.is_null() {
+                base.remove(&k);
+            } else {
+                base.insert(k, val);
+            }
+        }
+    }
+    parse_tenant(&v).unwrap_or_else(|e| panic!("test settings {v}: {e}"))
+}
+
 /// Longest `sourceId`, in characters.
 pub const SOURCE_ID_MAX_CHARS: usize = 256;
 

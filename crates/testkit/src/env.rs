@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::{
-    eventually, FakeAws, FakeRecord, Kafka, Produced, Tansu, TcpProxy, Tenant, Worker, WorkerConfig,
+    eventually, FakeAws, FakeRecord, Kafka, Moto, Produced, RecordingProxy, Streams, Tansu,
+    TcpProxy, Tenant, Worker, WorkerConfig,
 };
 
 pub const TOPIC: &str = "segment-events";
@@ -53,9 +54,7 @@ impl FakeEnv {
     }
 
     pub async fn with(tansu: Tansu, proxy: Option<TcpProxy>) -> FakeEnv {
-        tansu.create_topic(TOPIC, PARTITIONS as u32);
-        tansu.create_topic(DLQ, 1);
-        let kafka = Kafka::new(&tansu.bootstrap());
+        let kafka = with_topics(&tansu);
         FakeEnv {
             tansu,
             fake: FakeAws::start().await,
@@ -143,6 +142,58 @@ impl FakeEnv {
             })
             .collect();
         self.send_all(&events).await
+    }
+
+    pub async fn wait_committed_to_end(&self, group: &str) {
+        self.kafka
+            .wait_committed_to_end(group, TOPIC, PARTITIONS)
+            .await;
+    }
+}
+
+/// Creates the input and dead-letter topics on `tansu`; a client of it.
+fn with_topics(tansu: &Tansu) -> Kafka {
+    tansu.create_topic(TOPIC, PARTITIONS as u32);
+    tansu.create_topic(DLQ, 1);
+    Kafka::new(&tansu.bootstrap())
+}
+
+/// A test world against the AWS emulator instead of the fake: a Tansu broker with the
+/// topics, moto behind a proxy that records AssumeRole calls, tenants' streams read
+/// back as the tenants would.
+pub struct MotoEnv {
+    pub tansu: Tansu,
+    _moto: Moto,
+    pub proxy: RecordingProxy,
+    pub streams: Streams,
+    pub kafka: Kafka,
+}
+
+impl MotoEnv {
+    pub async fn start() -> MotoEnv {
+        let tansu = Tansu::start();
+        let kafka = with_topics(&tansu);
+        let moto = Moto::start();
+        let proxy = RecordingProxy::start(&moto.endpoint()).await;
+        let streams = Streams::new(&moto.endpoint());
+        MotoEnv {
+            tansu,
+            _moto: moto,
+            proxy,
+            streams,
+            kafka,
+        }
+    }
+
+    /// A worker configuration for this world (AWS through the recording proxy).
+    pub fn config(&self) -> WorkerConfig {
+        WorkerConfig::new(&self.tansu.bootstrap(), &self.proxy.endpoint())
+    }
+
+    /// Sends `value` keyed by `key`, with a `source_id` header when `source` is given.
+    pub async fn send(&self, value: &[u8], source: Option<&str>, key: &str) -> Produced {
+        let headers: Vec<(&str, &str)> = source.map(|s| vec![("source_id", s)]).unwrap_or_default();
+        self.kafka.send(TOPIC, Some(key), value, &headers).await
     }
 
     pub async fn wait_committed_to_end(&self, group: &str) {

@@ -13,12 +13,8 @@ use serde_json::json;
 use super::*;
 
 fn tenant(source: &str, secret: Option<&str>) -> TenantSettings {
-    let mut v = json!({"sourceId": source, "region": "us-east-1", "stream": "s",
-        "roleAddress": "arn:aws:iam::111111111111:role/kinesis"});
-    if let Some(s) = secret {
-        v["secretId"] = json!(s);
-    }
-    kd_tenants::parse_tenant(&v).unwrap()
+    kd_tenants::test_settings(json!({"sourceId": source, "secretId": secret,
+        "roleAddress": "arn:aws:iam::111111111111:role/kinesis"}))
 }
 
 /// A cache whose STS is the fake, signing as a worker with static credentials.

@@ -12,9 +12,8 @@ use crate::credentials::cache_tests::cache;
 use crate::credentials::{CredentialCache, CredentialSettings};
 
 fn tenant(source: &str, role: &str) -> TenantSettings {
-    kd_tenants::parse_tenant(&json!({"sourceId": source, "region": "us-east-1",
-        "stream": "s", "roleAddress": format!("arn:aws:iam::111111111111:role/{role}")}))
-    .unwrap()
+    kd_tenants::test_settings(json!({"sourceId": source,
+        "roleAddress": format!("arn:aws:iam::111111111111:role/{role}")}))
 }
 
 /// Writes one record for `t`, bringing its session so the stream is listed when due,

@@ -58,15 +58,8 @@ fn throttled(_: &str) -> Result<(), AwsError> {
 }
 
 fn tenant(stream: &str) -> Arc<TenantSettings> {
-    Arc::new(
-        kd_tenants::parse_tenant(&json!({
-            "sourceId": "src_a",
-            "roleAddress": "arn:aws:iam::111111111111:role/kinesis",
-            "region": "us-east-1",
-            "stream": stream,
-        }))
-        .unwrap(),
-    )
+    Arc::new(kd_tenants::test_settings(json!({"sourceId": "src_a",
+        "roleAddress": "arn:aws:iam::111111111111:role/kinesis", "stream": stream})))
 }
 
 fn store(tenants: &[Arc<TenantSettings>]) -> Arc<TenantStore> {

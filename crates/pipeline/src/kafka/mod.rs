@@ -3,7 +3,15 @@
 //! operator's `[kafka.librdkafka]` over them), their check at start-up, and whether the
 //! topics the configuration names exist.
 //!
-//! Owns no running client: the worker creates them from these configurations.
+//! Owns no running client: the worker creates them from these configurations. Also
+//! what every client needs: librdkafka's error codes as names ([`code_name`]) and
+//! synchronous calls from async code ([`blocking`]).
+
+mod blocking;
+mod errors;
+
+pub(crate) use blocking::blocking;
+pub(crate) use errors::code_name;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,8 +22,12 @@ use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::DEAD_LETTER_ROOM;
 use crate::log_limit::LogLimit;
+
+/// Bytes a dead letter adds to the record it carries: the `dlq.*` headers (the error
+/// is one line of at most a few hundred bytes) and the record's framing, with room to
+/// spare.
+pub const DEAD_LETTER_ROOM: usize = 64 * 1024;
 
 /// Kafka side of the worker: the `[kafka]` section of the configuration.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
