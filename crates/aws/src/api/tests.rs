@@ -1,4 +1,5 @@
 use super::*;
+use base64::Engine;
 
 #[test]
 fn bodies_carry_the_stream_key_and_data_byte_for_byte() {

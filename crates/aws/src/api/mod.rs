@@ -1,13 +1,9 @@
 //! The Kinesis calls made for every event, `PutRecord` and `PutRecords`, and for every
-//! stream, `ListShards` and `DescribeStreamSummary`, sent without the SDK: a JSON body written directly, signed with
-//! SigV4 (`sign.rs`) using the tenant's session credentials, over one pooled HTTP client
-//! shared by every tenant and region.
-//!
-//! Through the SDK each call ran its whole per-request machinery (interceptors, runtime
-//! components, endpoint rules) and each cached session needed a Kinesis client of its
-//! own (~5 KiB each, hundreds of MiB with 100,000 tenants); building an SDK client for a
-//! stream's ListShards even loaded the system's root certificates each time. Calls made
-//! now and then (`check`, `tail`, STS) still go through the SDK.
+//! stream, `ListShards` and `DescribeStreamSummary`: a JSON body written directly
+//! ([`wire`]), signed with SigV4 (`sign.rs`) with the tenant's session credentials, sent
+//! over one pooled HTTP client shared by every tenant and region. No SDK client per
+//! session: a cached session is its credentials only. Calls made now and then (`check`,
+//! `tail`, STS) go through the SDK.
 //!
 //! Owns the wire format only: which failures are retried is [`crate::errors`]'s call.
 
@@ -16,7 +12,6 @@ use std::time::Duration;
 
 use aws_config::SdkConfig;
 use aws_credential_types::Credentials;
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
@@ -24,92 +19,18 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kd_tenants::Region;
-use serde::Deserialize;
 
 use crate::clock::Clock;
 use crate::errors::{AwsError, Failure};
 
-/// Where a record landed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Written {
-    pub shard_id: String,
-    pub sequence_number: String,
-}
+mod wire;
 
-/// The calls made here: their names (in errors) and `X-Amz-Target` values.
-#[derive(Debug, Clone, Copy)]
-enum Operation {
-    PutRecord,
-    PutRecords,
-    ListShards,
-    DescribeStreamSummary,
-}
+use wire::{
+    error_of, parse_answer, put_record_body, put_records_body, DescribeStreamSummaryOutput,
+    ListShardsOutput, Operation, PutRecordOutput, PutRecordsOutput, ShardOutput,
+};
+pub use wire::{shard_number, Entry, OpenShard, RecordResult, StreamId, StreamSummary, Written};
 
-impl Operation {
-    fn name(self) -> &'static str {
-        match self {
-            Operation::PutRecord => "PutRecord",
-            Operation::PutRecords => "PutRecords",
-            Operation::ListShards => "ListShards",
-            Operation::DescribeStreamSummary => "DescribeStreamSummary",
-        }
-    }
-
-    fn target(self) -> &'static str {
-        match self {
-            Operation::PutRecord => "Kinesis_20131202.PutRecord",
-            Operation::PutRecords => "Kinesis_20131202.PutRecords",
-            Operation::ListShards => "Kinesis_20131202.ListShards",
-            Operation::DescribeStreamSummary => "Kinesis_20131202.DescribeStreamSummary",
-        }
-    }
-
-    /// Writes go to the data plane, the rest to the control plane: with a stream ARN
-    /// the SDK's endpoint rules give them different hosts.
-    fn is_data(self) -> bool {
-        matches!(self, Operation::PutRecord | Operation::PutRecords)
-    }
-}
-
-/// How a call names its stream: by name, or by ARN (`StreamARN`, which AWS recommends
-/// and cross-account access by resource policy requires).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamId<'a> {
-    Name(&'a str),
-    Arn(&'a kd_tenants::StreamArn),
-}
-
-impl<'a> StreamId<'a> {
-    /// How `tenant`'s settings name their stream.
-    pub fn of(tenant: &'a kd_tenants::TenantSettings) -> Self {
-        match &tenant.stream_arn {
-            Some(arn) => StreamId::Arn(arn),
-            None => StreamId::Name(tenant.stream.as_str()),
-        }
-    }
-
-    /// Appends `"StreamName":"…"` or `"StreamARN":"…"`.
-    fn push_field(self, body: &mut Vec<u8>) {
-        let (field, value): (&[u8], &str) = match self {
-            StreamId::Name(name) => (b"\"StreamName\":", name),
-            StreamId::Arn(arn) => (b"\"StreamARN\":", arn.as_str()),
-        };
-        body.extend_from_slice(field);
-        push_json_str(body, value);
-    }
-
-    fn len(self) -> usize {
-        self.label().len()
-    }
-
-    /// How the stream is named in messages: its ARN when given, else its name.
-    pub fn label(self) -> &'a str {
-        match self {
-            StreamId::Name(name) => name,
-            StreamId::Arn(arn) => arn.as_str(),
-        }
-    }
-}
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 
 /// What every request says it comes from (AWS support and CloudTrail's `userAgent`).
@@ -147,149 +68,6 @@ type HostKey = (Region, Option<Arc<str>>, bool);
 
 /// Most hosts remembered (accounts times regions); past it the memory starts again.
 const MAX_HOSTS: usize = 100_000;
-
-/// The shape of a stream, as `DescribeStreamSummary` gives it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamSummary {
-    /// `ON_DEMAND` (AWS adds and merges shards itself) rather than `PROVISIONED`.
-    pub on_demand: bool,
-    pub open_shards: u32,
-    /// `MaxRecordSizeInKiB` in bytes: 1 MiB unless the stream's owner raised it (up to
-    /// 10 MiB); absent from older answers, which means 1 MiB.
-    pub max_record_bytes: usize,
-}
-
-/// One shard open for writes: its number (`shardId-000000000004` is 4) and hash-key range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OpenShard {
-    pub start: u128,
-    pub end: u128,
-    pub number: u64,
-}
-
-/// The number at the end of a shard ID (`shardId-000000000004`).
-pub fn shard_number(id: &str) -> Option<u64> {
-    id.rsplit('-').next()?.parse().ok()
-}
-
-/// One record of a `PutRecords` call.
-#[derive(Debug, Clone, Copy)]
-pub struct Entry<'a> {
-    pub key: &'a str,
-    pub data: &'a [u8],
-}
-
-/// A record's result in a `PutRecords` answer: written, or refused with its own code.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct RecordResult {
-    // A written record's sequence number is not read (nothing uses it), and its shard ID
-    // only as a number: no string per record.
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
-    /// The shard the record went to, by number: tells a shard map that missed a
-    /// reshard.
-    #[serde(default, rename = "ShardId", deserialize_with = "shard_number_of")]
-    pub shard: Option<u64>,
-}
-
-/// Reads a shard ID as its number, without keeping the string.
-fn shard_number_of<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    struct V;
-    impl serde::de::Visitor<'_> for V {
-        type Value = Option<u64>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a shard ID")
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(shard_number(v))
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-    }
-    d.deserialize_any(V)
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct PutRecordOutput {
-    shard_id: String,
-    sequence_number: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct PutRecordsOutput {
-    #[serde(default)]
-    records: Vec<RecordResult>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ListShardsOutput {
-    #[serde(default)]
-    shards: Vec<ShardOutput>,
-    next_token: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct DescribeStreamSummaryOutput {
-    stream_description_summary: SummaryOutput,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct SummaryOutput {
-    open_shard_count: u32,
-    stream_mode_details: Option<StreamModeDetails>,
-    #[serde(rename = "MaxRecordSizeInKiB")]
-    max_record_size_in_kib: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct StreamModeDetails {
-    stream_mode: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct ShardOutput {
-    shard_id: String,
-    hash_key_range: HashKeyRange,
-    sequence_number_range: Option<SequenceNumberRange>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct HashKeyRange {
-    starting_hash_key: String,
-    ending_hash_key: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct SequenceNumberRange {
-    ending_sequence_number: Option<String>,
-}
-
-impl ShardOutput {
-    /// A shard still open for writes (`None` for a closed one).
-    fn open(&self) -> Option<OpenShard> {
-        let open = self
-            .sequence_number_range
-            .as_ref()
-            .is_none_or(|r| r.ending_sequence_number.is_none());
-        let shard = OpenShard {
-            start: self.hash_key_range.starting_hash_key.parse().ok()?,
-            end: self.hash_key_range.ending_hash_key.parse().ok()?,
-            number: shard_number(&self.shard_id)?,
-        };
-        open.then_some(shard)
-    }
-}
 
 /// The Kinesis data plane for every tenant: one connection pool, credentials per call.
 #[derive(Clone)]
@@ -720,100 +498,6 @@ impl KinesisApi {
         hosts.insert(key, (uri.clone(), host.clone()));
         Ok((uri, host))
     }
-}
-
-/// A success answer's body, or a `ResponseError` (retried, as an unreadable answer is).
-fn parse_answer<T: serde::de::DeserializeOwned>(
-    answer: &[u8],
-    operation: Operation,
-    context: &(dyn Fn() -> String + Sync),
-) -> Result<T, AwsError> {
-    serde_json::from_slice(answer).map_err(|e| {
-        AwsError::new(
-            context,
-            Failure::Malformed,
-            "ResponseError",
-            &format!("unreadable {} answer: {e}", operation.name()),
-        )
-    })
-}
-
-/// The JSON body of a `PutRecord` call.
-fn put_record_body(stream: StreamId<'_>, entry: Entry<'_>) -> Vec<u8> {
-    let mut body =
-        Vec::with_capacity(64 + stream.len() + entry.key.len() + entry.data.len().div_ceil(3) * 4);
-    body.push(b'{');
-    stream.push_field(&mut body);
-    body.push(b',');
-    push_entry_fields(&mut body, entry);
-    body.push(b'}');
-    body
-}
-
-/// The JSON body of a `PutRecords` call.
-fn put_records_body(stream: StreamId<'_>, entries: &[Entry<'_>]) -> Vec<u8> {
-    let size: usize = entries
-        .iter()
-        .map(|e| 40 + e.key.len() + e.data.len().div_ceil(3) * 4)
-        .sum();
-    let mut body = Vec::with_capacity(64 + stream.len() + size);
-    body.push(b'{');
-    stream.push_field(&mut body);
-    body.extend_from_slice(b",\"Records\":[");
-    for (i, entry) in entries.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.push(b'{');
-        push_entry_fields(&mut body, *entry);
-        body.push(b'}');
-    }
-    body.extend_from_slice(b"]}");
-    body
-}
-
-/// Appends `"PartitionKey":…,"Data":…` for one record (the data base64-encoded).
-fn push_entry_fields(body: &mut Vec<u8>, entry: Entry<'_>) {
-    body.extend_from_slice(b"\"PartitionKey\":");
-    push_json_str(body, entry.key);
-    body.extend_from_slice(b",\"Data\":\"");
-    let start = body.len();
-    body.resize(start + entry.data.len().div_ceil(3) * 4, 0);
-    let written = base64::engine::general_purpose::STANDARD
-        .encode_slice(entry.data, &mut body[start..])
-        .unwrap_or(0);
-    body.truncate(start + written);
-    body.push(b'"');
-}
-
-/// Appends `s` as a JSON string.
-fn push_json_str(body: &mut Vec<u8>, s: &str) {
-    // Writing a &str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *body, s);
-}
-
-/// The error code and message of a failed call: the code from `x-amzn-ErrorType` or the
-/// body's `__type` (either may carry a namespace before `#` or a URL after `:`).
-fn error_of(headers: &http::HeaderMap, body: &[u8]) -> (Option<String>, Option<String>) {
-    #[derive(Deserialize, Default)]
-    struct ErrorBody {
-        #[serde(rename = "__type")]
-        kind: Option<String>,
-        #[serde(alias = "Message", alias = "errorMessage")]
-        message: Option<String>,
-    }
-    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
-    let code = headers
-        .get("x-amzn-errortype")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(parsed.kind)
-        .map(|raw| {
-            let raw = raw.split(':').next().unwrap_or_default();
-            raw.rsplit('#').next().unwrap_or_default().trim().to_owned()
-        })
-        .filter(|c| !c.is_empty());
-    (code, parsed.message)
 }
 
 #[cfg(test)]
