@@ -22,11 +22,9 @@ use crate::flow::FlowControl;
 use crate::lanes::{Group, Lanes};
 use crate::log_limit::LogLimit;
 use crate::offsets::{Admission, OffsetTracker};
+use crate::reading::{Reading, Sight};
 use crate::record::Record;
 use crate::route::{route, SourceIdFrom};
-
-/// How long the loop may hold off reading before it pauses every partition instead.
-const LONG_HOLD: Duration = Duration::from_secs(5);
 
 /// One user's lane: events of one tenant with one partition key, written in order.
 pub(crate) type Lane = (SourceId, PartitionKey);
@@ -62,30 +60,27 @@ where
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u64;
-        // Since when no event is taken from the consumer because the totals are at their
-        // budget (see `FlowControl::hold`).
-        let mut holding_since: Option<Instant> = None;
+        let mut reading = Reading::Open;
+        let mut last_stuck_check = None;
         loop {
             // The loop runs on one of the runtime's workers, and librdkafka's queue has
             // an event ready for as long as a backlog lasts: give the worker back to the
             // lane tasks it spawned every so often (tokio's cooperative budget).
             tokio::task::consume_budget().await;
-            let hold = self.flow.hold(&self.tracker, holding_since);
-            if hold != holding_since.is_some() {
-                holding_since = hold.then(Instant::now);
-                if !hold {
-                    self.tracker.set_holding(None);
-                }
-            }
-            // At every turn while holding (each is a wake-up or a tick, not an event
-            // read): the level to read again at changes with the overdraft.
-            if hold {
-                self.tracker
-                    .set_holding(Some(self.flow.resume_at(&self.tracker)));
-            }
+            let now = Instant::now();
+            reading = self.move_to(
+                reading,
+                reading.next(Sight {
+                    flow: &self.flow,
+                    tracker: &self.tracker,
+                    now,
+                    last_stuck_check: &mut last_stuck_check,
+                }),
+            );
+            let hold = reading.holding_since().is_some();
             // librdkafka must be polled within max.poll.interval.ms or it leaves the
             // group: a long hold pauses every partition instead, and reads (nothing).
-            let long_hold = holding_since.is_some_and(|s| s.elapsed() >= LONG_HOLD);
+            let long_hold = reading.long_hold(now);
             let msg = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -118,6 +113,21 @@ where
                 }
             }
         }
+    }
+
+    /// Tells the tracker what the move from reading state `from` to `to` changes: stuck
+    /// tenants skipped everywhere or no longer, and while holding (at every turn: the
+    /// level to read again at changes with the overdraft) where holding ends.
+    fn move_to(&self, from: Reading, to: Reading) -> Reading {
+        if from.past_stuck() != to.past_stuck() {
+            self.tracker.set_contended_everywhere(to.past_stuck());
+        }
+        match to.holding_since() {
+            Some(_) => self.tracker.set_holding(Some(to.resume_at(&self.flow))),
+            None if from.holding_since().is_some() => self.tracker.set_holding(None),
+            None => {}
+        }
+        to
     }
 
     /// Tells the tracker where librdkafka's reading stands in each partition, so that

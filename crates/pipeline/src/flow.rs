@@ -1,5 +1,6 @@
-//! Flow control (backpressure): when the totals are too high, the consume loop holds off
-//! reading (pausing every partition only if that lasts); a partition with too many events
+//! Flow control (backpressure): the budgets, and what they say of each partition. When
+//! the totals are too high, the consume loop holds off reading (its states are in
+//! `reading`: pausing every partition only if that lasts); a partition with too many events
 //! or bytes in flight that it does not drain quickly is paused, and resumed as soon as
 //! enough have drained. With fairness, a contended partition skips the events of tenants
 //! at their share that do not drain quickly, and reads them again once those drain.
@@ -13,7 +14,7 @@
 //! Decides from the offset tracker's counts and acts on the consumer (pause, resume,
 //! seek); never touches events or commits.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
@@ -27,7 +28,7 @@ use crate::offsets::{Budget, Fairness, FlowInput, Held, OffsetTracker};
 pub(crate) const PARTITION_BYTES_SHARE: f64 = 0.1;
 
 /// How far past the totals reading may go while stuck tenants are skipped everywhere:
-/// half the budget more (see [`FlowControl::hold`]).
+/// half the budget more (see `reading`).
 pub(crate) const OVERDRAFT: f64 = 0.5;
 
 /// What a partition or a tenant holds in flight "drains quickly" when the rate at which
@@ -41,10 +42,8 @@ pub(crate) struct FlowControl {
     per_partition: Budget,
     /// Held in flight over all partitions at which reading holds.
     total: Budget,
-    /// Most held while reading on past stuck tenants (see [`hold`](Self::hold)).
+    /// Most held while reading on past stuck tenants (see `reading`).
     overdraft: Budget,
-    /// When the tenants in flight were last looked through for one holding a share.
-    last_share_check: std::sync::Mutex<Option<Instant>>,
     pub(crate) fairness: Option<Fairness>,
 }
 
@@ -94,18 +93,17 @@ impl FlowControl {
             },
             total,
             fairness,
-            last_share_check: std::sync::Mutex::new(None),
         }
     }
 
     /// Whether at least half of the overdraft (past the budget) is free again.
-    fn overdraft_half_free(&self, held: Held) -> bool {
+    pub(crate) fn overdraft_half_free(&self, held: Held) -> bool {
         let at = self.overdraft_half();
         held.events <= at.events && held.bytes <= at.bytes
     }
 
     /// The totals at which half of the overdraft is free.
-    fn overdraft_half(&self) -> Held {
+    pub(crate) fn overdraft_half(&self) -> Held {
         let half = |total: usize, overdraft: usize| total + (overdraft - total) / 2;
         Held {
             events: half(self.total.events, self.overdraft.events),
@@ -113,33 +111,22 @@ impl FlowControl {
         }
     }
 
-    /// While [`hold`](Self::hold) says to hold: the totals at or under which it stops
-    /// holding (three quarters of the budget; half the overdraft free while every
-    /// partition counts as contended). Other reasons to stop (a stuck tenant found) are
-    /// time-based, and the loop's tick asks again for them.
-    pub(crate) fn resume_at(&self, tracker: &OffsetTracker) -> Held {
-        if tracker.contended_everywhere() {
-            self.overdraft_half()
-        } else {
-            Held {
-                events: self.total.events / 4 * 3,
-                bytes: self.total.bytes / 4 * 3,
-            }
+    /// Three quarters of the totals' budget: where a hold ends.
+    pub(crate) fn three_quarters(&self) -> Held {
+        Held {
+            events: self.total.events / 4 * 3,
+            bytes: self.total.bytes / 4 * 3,
         }
     }
 
-    /// Whether a second has passed since this was last true (looking through every
-    /// tenant in flight costs a millisecond with 100,000 of them: not at every event).
-    fn checked_a_second_ago(&self) -> bool {
-        let mut last = self
-            .last_share_check
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let due = last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
-        if due {
-            *last = Some(Instant::now());
-        }
-        due
+    /// Whether `held` (over all partitions) reached the totals' budget.
+    pub(crate) fn total_reached(&self, held: Held) -> bool {
+        self.total.reached_by(held)
+    }
+
+    /// Whether `held` (over all partitions) used up the overdraft.
+    pub(crate) fn overdraft_reached(&self, held: Held) -> bool {
+        self.overdraft.reached_by(held)
     }
 
     /// Whether the partition just read from reached its budget without draining it
@@ -165,64 +152,6 @@ impl FlowControl {
             DRAIN_TARGET,
             self.fairness,
         )
-    }
-
-    /// Whether to stop taking events from the consumer for now: the totals (all
-    /// partitions) reached their budget, and, once holding, until they drained to three
-    /// quarters of it. Holding is not pausing: librdkafka drops what it fetched for a
-    /// partition when it is paused and fetches it again on resume, while held records
-    /// simply wait in its queue. Holding too long would miss librdkafka's
-    /// `max.poll.interval.ms`, so a long hold pauses instead (see `pause_and_resume`).
-    ///
-    /// Unless what is held does not drain: after holding [`DRAIN_TARGET`] while the
-    /// totals drain no faster than that, a tenant whose stream is down fills them
-    /// (spread over partitions, none of which reaches its own budget) and holding would
-    /// stop every tenant until that one's retry window ran out. Reading then goes on
-    /// with every partition contended, so the stuck tenants' further events are
-    /// skipped everywhere and the others' are read, up to an overdraft of half the
-    /// budget ([`OVERDRAFT`]), until the totals are back under three quarters.
-    pub(crate) fn hold(&self, tracker: &OffsetTracker, holding_since: Option<Instant>) -> bool {
-        let held = tracker.held();
-        let below_three_quarters =
-            held.events <= self.total.events / 4 * 3 && held.bytes <= self.total.bytes / 4 * 3;
-        if tracker.contended_everywhere() {
-            if below_three_quarters {
-                tracker.set_contended_everywhere(false);
-                return false;
-            }
-            // Hysteresis: once the overdraft is used up, read again only when half of
-            // it is free, not at every event done.
-            return match holding_since {
-                Some(_) => !self.overdraft_half_free(held),
-                None => self.overdraft.reached_by(held),
-            };
-        }
-        let at_budget = match holding_since {
-            Some(_) => !below_three_quarters,
-            None => self.total.reached_by(held),
-        };
-        if !at_budget {
-            return false;
-        }
-        // Worth it only when some tenant holds a share somewhere and writes nothing
-        // (fairness can skip only such a one): many tenants each waiting for
-        // credentials at a cold start are slow too, and so is a healthy tenant held back
-        // by its shards; reading on would only hold more, or skip it for nothing.
-        let stuck = self.fairness.is_some_and(|f| {
-            holding_since.is_some_and(|since| since.elapsed() >= DRAIN_TARGET)
-                && tracker.totals_slow(DRAIN_TARGET)
-                && self.checked_a_second_ago()
-                && tracker.any_tenant_stuck_holding(f.per_source)
-        });
-        if stuck {
-            tracing::info!(
-                in_flight = held.events,
-                "what is in flight does not drain: reading on, skipping stuck tenants everywhere"
-            );
-            tracker.set_contended_everywhere(true);
-            return self.overdraft.reached_by(held);
-        }
-        true
     }
 
     /// Reads partitions again from their first skipped offset once the tenants skipped
@@ -329,99 +258,6 @@ mod tests {
     use super::*;
 
     const MIB: usize = 1024 * 1024;
-
-    /// An event of `source` at `offset` of partition t/0, admitted without fairness.
-    fn handled(
-        tracker: &OffsetTracker,
-        source: &std::sync::Arc<str>,
-        offset: i64,
-    ) -> crate::offsets::Ticket {
-        match tracker.admit("t", 0, offset, 0, Some(source), None) {
-            crate::offsets::Admission::Handle(ticket, _) => ticket,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn totals_full_of_many_small_tenants_waiting_are_held_not_read_past() {
-        // A cold start: every tenant waits for its credentials, none holds a share.
-        let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
-        let tracker = OffsetTracker::default();
-        tracker.assign([("t", 0)]);
-        for o in 0..20 {
-            let tenant: std::sync::Arc<str> = format!("tenant-{o}").into();
-            tracker.admit("t", 0, o, 0, Some(&tenant), None);
-        }
-        let a_while = Instant::now() - DRAIN_TARGET;
-        assert!(flow.hold(&tracker, Some(a_while)));
-        assert!(!tracker.contended_everywhere());
-    }
-
-    #[test]
-    fn a_slow_tenant_that_still_writes_is_held_not_read_past() {
-        // Held back by its shards, not down: some of its events are done.
-        let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
-        let tracker = OffsetTracker::default();
-        tracker.assign([("t", 0)]);
-        let busy: std::sync::Arc<str> = "busy".into();
-        let tickets: Vec<_> = (0..21).map(|o| handled(&tracker, &busy, o)).collect();
-        std::thread::sleep(Duration::from_millis(120));
-        tracker.done(&tickets[0]);
-        let a_while = Instant::now() - DRAIN_TARGET;
-        assert!(flow.hold(&tracker, Some(a_while)));
-        assert!(!tracker.contended_everywhere());
-    }
-
-    #[test]
-    fn totals_full_of_events_that_do_not_drain_are_read_past_up_to_the_overdraft() {
-        let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
-        let tracker = OffsetTracker::default();
-        tracker.assign([("t", 0)]);
-        let down: std::sync::Arc<str> = "down".into();
-        let read = |o| handled(&tracker, &down, o);
-        let tickets: Vec<_> = (0..20).map(read).collect();
-        // Nothing done for 100 ms and more: the tenant counts as writing nothing.
-        std::thread::sleep(Duration::from_millis(120));
-        assert!(flow.hold(&tracker, None), "at the budget: hold");
-        let a_while = Instant::now() - DRAIN_TARGET;
-        assert!(
-            !flow.hold(&tracker, Some(a_while)),
-            "held for a while, nothing drains, a tenant holds a share: read on"
-        );
-        assert!(tracker.contended_everywhere());
-        for o in 20..29 {
-            read(o);
-        }
-        assert!(!flow.hold(&tracker, None), "29 of the overdraft's 30");
-        let last = read(29);
-        assert!(flow.hold(&tracker, None), "the overdraft is used up");
-        let since = Some(Instant::now());
-        for ticket in tickets.iter().take(4) {
-            tracker.done(ticket);
-        }
-        assert!(
-            flow.hold(&tracker, since),
-            "26: not half the overdraft free yet"
-        );
-        tracker.done(&tickets[4]);
-        assert!(
-            !flow.hold(&tracker, since),
-            "25: half of it free, read again"
-        );
-        for ticket in tickets.iter().skip(5).take(10).chain([&last]) {
-            tracker.done(ticket);
-        }
-        assert!(!flow.hold(&tracker, None), "14: under three quarters");
-        assert!(!tracker.contended_everywhere(), "back to normal");
-        let off = FlowControl::new(10, 20, 256 * MIB, 1.0);
-        for o in 30..40 {
-            read(o);
-        }
-        assert!(
-            off.hold(&tracker, Some(a_while)),
-            "without fairness nothing could be skipped: hold"
-        );
-    }
 
     #[test]
     fn a_partition_gets_the_share_of_the_byte_budget_it_has_of_the_event_budget() {

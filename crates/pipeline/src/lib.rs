@@ -31,6 +31,7 @@ mod log_limit;
 mod offset_set;
 pub mod offsets;
 mod panics;
+mod reading;
 pub mod record;
 pub mod replay;
 pub mod retry;
