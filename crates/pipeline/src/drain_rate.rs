@@ -2,8 +2,8 @@
 //! that flow control can tell a tenant (or a partition) that is slow or down from one
 //! that merely has a lot in flight because reading is faster than writing.
 //!
-//! Counts completions only; the window is rolled when a decision asks for the rate,
-//! never on the hot path of completing an event.
+//! Counts completions only; the window is rolled ([`DrainRate::roll`]) before a
+//! decision asks for the rate, never on the hot path of completing an event.
 
 use std::time::{Duration, Instant};
 
@@ -50,24 +50,30 @@ impl DrainRate {
             && self.last.is_none_or(|rate| rate == 0.0)
     }
 
-    /// Whether `held` events drain within `target` at the recent rate. Too young to
-    /// tell (less than [`MIN_WINDOW`] measured) counts as not draining, so that a
-    /// tenant that has not written anything yet is treated as a slow one.
-    pub(crate) fn drains(&mut self, held: usize, now: Instant, target: Duration) -> bool {
+    /// Closes the window once it is [`WINDOW`] long: its rate becomes the last one and a
+    /// new window begins. Called before a decision asks [`drains`](Self::drains).
+    pub(crate) fn roll(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed >= WINDOW {
+            *self = DrainRate {
+                since: now,
+                done: 0,
+                last: Some(f64::from(self.done) / elapsed.as_secs_f64()),
+            };
+        }
+    }
+
+    /// Whether `held` events drain within `target` at the recent rate: the current
+    /// window's once it is [`MIN_WINDOW`] long, else the last one's. Too young to tell
+    /// (nothing measured that long) counts as not draining, so that a tenant that has not
+    /// written anything yet is treated as a slow one.
+    pub(crate) fn drains(&self, held: usize, now: Instant, target: Duration) -> bool {
         if held == 0 {
             return true;
         }
         let elapsed = now.saturating_duration_since(self.since);
         let rate = if elapsed >= MIN_WINDOW {
-            let rate = f64::from(self.done) / elapsed.as_secs_f64();
-            if elapsed >= WINDOW {
-                *self = DrainRate {
-                    since: now,
-                    done: 0,
-                    last: Some(rate),
-                };
-            }
-            rate
+            f64::from(self.done) / elapsed.as_secs_f64()
         } else {
             match self.last {
                 Some(rate) => rate,
@@ -124,6 +130,7 @@ mod tests {
             "one done: writing"
         );
         // The window closes with a rate above 0: the next one is not idle at once.
+        r.roll(t0 + Duration::from_millis(600));
         assert!(r.drains(1, t0 + Duration::from_millis(600), SECOND));
         assert!(!r.idle(t0 + Duration::from_millis(800)));
     }
@@ -137,6 +144,7 @@ mod tests {
         }
         // 10,000 a second in the first window, which is closed here.
         let t1 = t0 + Duration::from_millis(500);
+        r.roll(t1);
         assert!(r.drains(5000, t1, SECOND));
         // Early in the next window the last window's rate stands in.
         assert!(r.drains(5000, t1 + Duration::from_millis(50), SECOND));

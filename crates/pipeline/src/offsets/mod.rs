@@ -22,10 +22,11 @@
 //! was already handled is recognised and passed over. The commit watermark never passes
 //! a skipped offset.
 //!
-//! Why one file of some 400 lines: the watermark, the epochs, the in-flight counts and
-//! the fairness skips are one state per partition under one lock, and their invariants
-//! (never commit past a pending or skipped offset, never count an event twice) hold
-//! only together; the randomized model test at the bottom checks them together.
+//! The state of a partition (its commit ledger and its load) is in `partition`; the
+//! fairness and backpressure questions asked of it, which change nothing, in
+//! `verdicts`. All of it sits under one lock here: the invariants (never commit past a
+//! pending or skipped offset, never count an event twice) hold only together, and the
+//! randomized model test at the bottom checks them together.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::drain_rate::DrainRate;
 use crate::offset_set::OffsetSet;
+
+mod partition;
+mod verdicts;
+
+use partition::{PartitionState, Skip};
+pub use verdicts::{Budget, Fairness, Held};
 
 /// A topic and partition.
 pub type TopicPartition = (Arc<str>, i32);
@@ -61,145 +68,6 @@ impl Ticket {
     }
 }
 
-#[derive(Debug)]
-struct PartitionState {
-    epoch: u64,
-    /// Offsets in flight, with when each was read and the bytes it holds.
-    pending: BTreeMap<i64, (Instant, usize)>,
-    /// One past the highest offset read, once something was read.
-    next: Option<i64>,
-    /// The highest `next` has been in this assignment (`next` moves back when skipped
-    /// events are read again; this does not).
-    seen: Option<i64>,
-    /// The last offset committed (or handed out to commit) for this assignment.
-    committed: Option<i64>,
-    cancel: Arc<CancellationToken>,
-    /// Whether backpressure paused fetching from this partition.
-    paused: bool,
-    /// Events and bytes in flight per tenant, and how fast each drains.
-    by_source: HashMap<Arc<str>, (Held, DrainRate)>,
-    /// How fast the partition's events in flight drain.
-    rate: DrainRate,
-    /// Tenants whose events are being skipped, and the first offset skipped.
-    skip: Option<Skip>,
-    /// Offsets handled after a skip began: passed over when the partition is read again.
-    handled_ahead: OffsetSet,
-    /// Bytes of this partition's events in flight.
-    pending_bytes: usize,
-}
-
-#[derive(Debug)]
-struct Skip {
-    from: i64,
-    sources: std::collections::HashSet<Arc<str>>,
-}
-
-impl PartitionState {
-    fn held(&self) -> Held {
-        Held {
-            events: self.pending.len(),
-            bytes: self.pending_bytes,
-        }
-    }
-
-    /// Whether the event read first of those in flight (the lowest offset: the
-    /// oldest but for events read again after a skip) has waited `limit` or longer.
-    fn waited_longer_than(&self, limit: Duration, now: Instant) -> bool {
-        self.pending
-            .first_key_value()
-            .is_some_and(|(_, (at, _))| now.saturating_duration_since(*at) >= limit)
-    }
-
-    /// Whether `source`, over its share of this contended partition, is to be
-    /// skipped. Always at the partition's cap (its budget plus one share, in events or
-    /// bytes): what a tenant may hold stays bounded however fast it drained until now,
-    /// or a busy tenant whose stream then fails would fill the totals and stop the
-    /// whole pod until its events' retry window ran out. Below the cap, when it does
-    /// not drain quickly; but not before the partition's oldest event has waited as
-    /// long as draining may take (a rate measured while writing starts up, credentials
-    /// and connections, says nothing yet).
-    ///
-    /// With `everywhere` (the totals are full of events that do not drain), there is no
-    /// waiting for a verdict: a tenant gone down would otherwise fill each partition
-    /// read afresh during its judging period.
-    fn stuck(&mut self, source: &Arc<str>, f: &Fairness, now: Instant, everywhere: bool) -> bool {
-        let cap = Budget {
-            events: f.contended_at.events + f.per_source.events,
-            bytes: f.contended_at.bytes.saturating_add(f.per_source.bytes),
-        };
-        if cap.reached_by(self.held()) {
-            return true;
-        }
-        if everywhere {
-            return self.idle(source, now);
-        }
-        if !self.waited_longer_than(f.drain_target, now) {
-            return false;
-        }
-        // A tenant alone in flight in the partition is judged by the partition's
-        // rate: its own is forgotten whenever it has nothing in flight, and a busy
-        // tenant read in bursts often has not.
-        let alone = self.by_source.len() == 1;
-        let PartitionState {
-            by_source, rate, ..
-        } = self;
-        by_source.get_mut(source).is_none_or(|(held, own)| {
-            let rate = if alone { rate } else { own };
-            !rate.drains(held.events, now, f.drain_target)
-        })
-    }
-
-    /// Whether `source` has events in flight here and none of them was done lately
-    /// (judged by the partition's completions when it is alone in flight, as in
-    /// [`stuck`](Self::stuck)).
-    fn idle(&self, source: &Arc<str>, now: Instant) -> bool {
-        let alone = self.by_source.len() == 1;
-        self.by_source.get(source).is_some_and(|(held, own)| {
-            held.events > 0
-                && if alone {
-                    self.rate.idle(now)
-                } else {
-                    own.idle(now)
-                }
-        })
-    }
-
-    /// Whether some tenant here holds its share or more and is judged stuck: it can be
-    /// skipped, so the partition need not be paused.
-    fn has_stuck_source(&mut self, f: &Fairness, now: Instant) -> bool {
-        let over: Vec<Arc<str>> = self
-            .by_source
-            .iter()
-            .filter(|(_, (held, _))| f.per_source.reached_by(*held))
-            .map(|(source, _)| source.clone())
-            .collect();
-        over.iter().any(|source| self.stuck(source, f, now, false))
-    }
-
-    fn held_by(&self, source: &Arc<str>) -> Held {
-        self.by_source
-            .get(source)
-            .map(|(held, _)| *held)
-            .unwrap_or_default()
-    }
-
-    fn watermark(&self) -> Option<i64> {
-        // `next` is below some pending offsets while a partition is read again after a
-        // skip: the events handled ahead of the skip are pending, the ones between the
-        // skip and them are not read yet.
-        let w = match (self.pending.first_key_value(), self.next) {
-            (Some((&lowest, _)), Some(next)) => Some(lowest.min(next)),
-            (Some((&lowest, _)), None) => Some(lowest),
-            (None, next) => next,
-        };
-        match (&self.skip, w) {
-            (Some(skip), Some(w)) => Some(w.min(skip.from)),
-            (Some(skip), None) => Some(skip.from),
-            (None, w) => w,
-        }
-    }
-}
-
 /// What to do with an event just read.
 #[derive(Debug)]
 pub enum Admission {
@@ -212,50 +80,6 @@ pub enum Admission {
     Duplicate,
     /// The partition is not ours.
     NotAssigned,
-}
-
-/// What a tenant or a partition holds in flight.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Held {
-    pub events: usize,
-    pub bytes: usize,
-}
-
-/// A limit on what is held in flight, in events and in bytes: reached when either is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
-    pub events: usize,
-    pub bytes: usize,
-}
-
-impl Budget {
-    pub fn reached_by(&self, held: Held) -> bool {
-        held.events >= self.events || held.bytes >= self.bytes
-    }
-
-    /// The budget scaled by `share` (at least one event and one byte).
-    pub fn share(&self, share: f64) -> Budget {
-        Budget {
-            events: ((self.events as f64 * share) as usize).max(1),
-            bytes: ((self.bytes as f64 * share) as usize).max(1),
-        }
-    }
-}
-
-/// Fairness limits within one partition.
-#[derive(Debug, Clone, Copy)]
-pub struct Fairness {
-    /// Held in flight in one partition from which on it is contended: tenants at their
-    /// share are skipped there (below it, nobody is).
-    pub contended_at: Budget,
-    /// Most one tenant may hold in flight in a contended partition.
-    pub per_source: Budget,
-    /// Most skipped-ahead offsets remembered per partition; past it the partition pauses.
-    pub max_handled_ahead: usize,
-    /// A tenant whose events in flight in a partition drain within this, at the rate
-    /// they have recently been done, is not skipped there: it is busy, not stuck, and
-    /// skipping it would only make the partition be fetched again.
-    pub drain_target: Duration,
 }
 
 /// The offset state of every partition this consumer owns.
@@ -434,7 +258,7 @@ impl OffsetTracker {
                 (everywhere || f.contended_at.reached_by(state.held()))
                     && f.per_source.reached_by(state.held_by(source))
             };
-            if skipping || (over() && state.stuck(source, &f, now(), everywhere)) {
+            if skipping || (over() && verdicts::stuck(state, source, &f, now(), everywhere)) {
                 let skip = state.skip.get_or_insert_with(|| Skip {
                     from: offset,
                     sources: Default::default(),
@@ -639,10 +463,9 @@ impl OffsetTracker {
         let inner = self.lock();
         let now = Instant::now();
         inner.partitions.values().any(|state| {
-            state
-                .by_source
-                .iter()
-                .any(|(source, (held, _))| share.reached_by(*held) && state.idle(source, now))
+            state.by_source.iter().any(|(source, (held, _))| {
+                share.reached_by(*held) && verdicts::idle(state, source, now)
+            })
         })
     }
 
@@ -651,7 +474,9 @@ impl OffsetTracker {
     pub fn totals_slow(&self, target: Duration) -> bool {
         let mut inner = self.lock();
         let held = inner.pending_total;
-        !inner.rate.drains(held, Instant::now(), target)
+        let now = Instant::now();
+        inner.rate.roll(now);
+        !inner.rate.drains(held, now, target)
     }
 
     /// Resolves once an event of a paused partition is done, or, while holding, the
@@ -783,16 +608,10 @@ impl OffsetTracker {
             .partitions
             .get_mut(&At(topic, partition))
             .is_some_and(|state| {
-                let held = state.held();
-                if !budget.reached_by(held) {
+                if !budget.reached_by(state.held()) {
                     return false;
                 }
-                let now = now();
-                state.waited_longer_than(drain_target, now)
-                    && !state.rate.drains(held.events, now, drain_target)
-                    && !fairness.is_some_and(|f| {
-                        f.contended_at.reached_by(held) && state.has_stuck_source(&f, now)
-                    })
+                verdicts::full_and_slow(state, budget, drain_target, fairness, now())
             })
     }
 
@@ -812,12 +631,9 @@ impl OffsetTracker {
         let total_bytes = inner.pending_bytes;
         let (mut pause, mut resume) = (Vec::new(), Vec::new());
         for ((topic, partition), state) in inner.partitions.iter_mut() {
-            let draining = !state.waited_longer_than(drain_target, now)
-                || state.rate.drains(state.pending.len(), now, drain_target);
-            let skippable = !draining
-                && fairness.is_some_and(|f| {
-                    f.contended_at.reached_by(state.held()) && state.has_stuck_source(&f, now)
-                });
+            roll_for_verdicts(state, fairness, now);
+            let (draining, skippable) =
+                verdicts::draining_or_skippable(state, drain_target, fairness, now);
             let paused = decide(&FlowInput {
                 draining,
                 skippable,
@@ -877,6 +693,16 @@ impl Inner {
         let m = kd_telemetry::metrics();
         m.in_flight_events.set(self.pending_total as i64);
         m.in_flight_bytes.set(self.pending_bytes as i64);
+    }
+}
+
+/// Rolls the drain rates a partition's verdicts read (at every flow-control tick, so a
+/// rate is measured over half a second to 0.6 s; a verdict between ticks reads the
+/// window as it stands).
+fn roll_for_verdicts(state: &mut PartitionState, fairness: Option<Fairness>, now: Instant) {
+    match fairness {
+        Some(f) => state.roll_over_share(f.per_source, now),
+        None => state.rate.roll(now),
     }
 }
 

@@ -1,0 +1,92 @@
+//! One partition's state under the tracker's lock: its commit ledger (the epoch, the
+//! offsets in flight, how far it was read, what was committed, a skip and what was
+//! handled past it) and its load (events and bytes in flight, per tenant, and how fast
+//! they drain).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Budget, Held};
+use crate::drain_rate::DrainRate;
+use crate::offset_set::OffsetSet;
+
+#[derive(Debug)]
+pub(super) struct PartitionState {
+    pub(super) epoch: u64,
+    /// Offsets in flight, with when each was read and the bytes it holds.
+    pub(super) pending: BTreeMap<i64, (Instant, usize)>,
+    /// One past the highest offset read, once something was read.
+    pub(super) next: Option<i64>,
+    /// The highest `next` has been in this assignment (`next` moves back when skipped
+    /// events are read again; this does not).
+    pub(super) seen: Option<i64>,
+    /// The last offset committed (or handed out to commit) for this assignment.
+    pub(super) committed: Option<i64>,
+    pub(super) cancel: Arc<CancellationToken>,
+    /// Whether backpressure paused fetching from this partition.
+    pub(super) paused: bool,
+    /// Events and bytes in flight per tenant, and how fast each drains.
+    pub(super) by_source: HashMap<Arc<str>, (Held, DrainRate)>,
+    /// How fast the partition's events in flight drain.
+    pub(super) rate: DrainRate,
+    /// Tenants whose events are being skipped, and the first offset skipped.
+    pub(super) skip: Option<Skip>,
+    /// Offsets handled after a skip began: passed over when the partition is read again.
+    pub(super) handled_ahead: OffsetSet,
+    /// Bytes of this partition's events in flight.
+    pub(super) pending_bytes: usize,
+}
+
+#[derive(Debug)]
+pub(super) struct Skip {
+    pub(super) from: i64,
+    pub(super) sources: std::collections::HashSet<Arc<str>>,
+}
+
+impl PartitionState {
+    pub(super) fn held(&self) -> Held {
+        Held {
+            events: self.pending.len(),
+            bytes: self.pending_bytes,
+        }
+    }
+
+    pub(super) fn held_by(&self, source: &Arc<str>) -> Held {
+        self.by_source
+            .get(source)
+            .map(|(held, _)| *held)
+            .unwrap_or_default()
+    }
+
+    pub(super) fn watermark(&self) -> Option<i64> {
+        // `next` is below some pending offsets while a partition is read again after a
+        // skip: the events handled ahead of the skip are pending, the ones between the
+        // skip and them are not read yet.
+        let w = match (self.pending.first_key_value(), self.next) {
+            (Some((&lowest, _)), Some(next)) => Some(lowest.min(next)),
+            (Some((&lowest, _)), None) => Some(lowest),
+            (None, next) => next,
+        };
+        match (&self.skip, w) {
+            (Some(skip), Some(w)) => Some(w.min(skip.from)),
+            (Some(skip), None) => Some(skip.from),
+            (None, w) => w,
+        }
+    }
+}
+
+impl PartitionState {
+    /// Rolls the drain rates the verdicts about this partition may ask: the
+    /// partition's and those of the tenants holding `per_source` or more.
+    pub(super) fn roll_over_share(&mut self, per_source: Budget, now: Instant) {
+        self.rate.roll(now);
+        for (held, own) in self.by_source.values_mut() {
+            if per_source.reached_by(*held) {
+                own.roll(now);
+            }
+        }
+    }
+}

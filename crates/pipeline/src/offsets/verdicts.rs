@@ -1,0 +1,160 @@
+//! Fairness and backpressure verdicts: questions about one partition's state, asked
+//! under the tracker's lock. They change nothing: the drain rates they read are rolled
+//! at every flow-control tick ([`PartitionState::roll_over_share`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::partition::PartitionState;
+
+/// What a tenant or a partition holds in flight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+/// A limit on what is held in flight, in events and in bytes: reached when either is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+impl Budget {
+    pub fn reached_by(&self, held: Held) -> bool {
+        held.events >= self.events || held.bytes >= self.bytes
+    }
+
+    /// The budget scaled by `share` (at least one event and one byte).
+    pub fn share(&self, share: f64) -> Budget {
+        Budget {
+            events: ((self.events as f64 * share) as usize).max(1),
+            bytes: ((self.bytes as f64 * share) as usize).max(1),
+        }
+    }
+}
+
+/// Fairness limits within one partition.
+#[derive(Debug, Clone, Copy)]
+pub struct Fairness {
+    /// Held in flight in one partition from which on it is contended: tenants at their
+    /// share are skipped there (below it, nobody is).
+    pub contended_at: Budget,
+    /// Most one tenant may hold in flight in a contended partition.
+    pub per_source: Budget,
+    /// Most skipped-ahead offsets remembered per partition; past it the partition pauses.
+    pub max_handled_ahead: usize,
+    /// A tenant whose events in flight in a partition drain within this, at the rate
+    /// they have recently been done, is not skipped there: it is busy, not stuck, and
+    /// skipping it would only make the partition be fetched again.
+    pub drain_target: Duration,
+}
+
+/// Whether the event read first of those in flight (the lowest offset: the oldest but
+/// for events read again after a skip) has waited `limit` or longer.
+pub(super) fn waited_longer_than(p: &PartitionState, limit: Duration, now: Instant) -> bool {
+    p.pending
+        .first_key_value()
+        .is_some_and(|(_, (at, _))| now.saturating_duration_since(*at) >= limit)
+}
+
+/// Whether `source`, over its share of this contended partition, is to be skipped.
+/// Always at the partition's cap (its budget plus one share, in events or bytes): what
+/// a tenant may hold stays bounded however fast it drained until now, or a busy tenant
+/// whose stream then fails would fill the totals and stop the whole pod until its
+/// events' retry window ran out. Below the cap, when it does not drain quickly; but
+/// not before the partition's oldest event has waited as long as draining may take (a
+/// rate measured while writing starts up, credentials and connections, says nothing
+/// yet).
+///
+/// With `everywhere` (the totals are full of events that do not drain), there is no
+/// waiting for a verdict: a tenant gone down would otherwise fill each partition read
+/// afresh during its judging period.
+pub(super) fn stuck(
+    p: &PartitionState,
+    source: &Arc<str>,
+    f: &Fairness,
+    now: Instant,
+    everywhere: bool,
+) -> bool {
+    let cap = Budget {
+        events: f.contended_at.events + f.per_source.events,
+        bytes: f.contended_at.bytes.saturating_add(f.per_source.bytes),
+    };
+    if cap.reached_by(p.held()) {
+        return true;
+    }
+    if everywhere {
+        return idle(p, source, now);
+    }
+    if !waited_longer_than(p, f.drain_target, now) {
+        return false;
+    }
+    // A tenant alone in flight in the partition is judged by the partition's rate: its
+    // own is forgotten whenever it has nothing in flight, and a busy tenant read in
+    // bursts often has not.
+    let alone = p.by_source.len() == 1;
+    p.by_source.get(source).is_none_or(|(held, own)| {
+        let rate = if alone { &p.rate } else { own };
+        !rate.drains(held.events, now, f.drain_target)
+    })
+}
+
+/// Whether `source` has events in flight here and none of them was done lately (judged
+/// by the partition's completions when it is alone in flight, as in [`stuck`]).
+pub(super) fn idle(p: &PartitionState, source: &Arc<str>, now: Instant) -> bool {
+    let alone = p.by_source.len() == 1;
+    p.by_source.get(source).is_some_and(|(held, own)| {
+        held.events > 0
+            && if alone {
+                p.rate.idle(now)
+            } else {
+                own.idle(now)
+            }
+    })
+}
+
+/// Whether some tenant here holds its share or more and is judged stuck: it can be
+/// skipped, so the partition need not be paused.
+pub(super) fn has_stuck_source(p: &PartitionState, f: &Fairness, now: Instant) -> bool {
+    p.by_source
+        .iter()
+        .filter(|(_, (held, _))| f.per_source.reached_by(*held))
+        .any(|(source, _)| stuck(p, source, f, now, false))
+}
+
+/// Whether the partition holds `budget` or more, does not drain it within
+/// `drain_target` at its recent rate, and (with `fairness`) has no stuck tenant over its
+/// share that could be skipped instead: whether it is to be paused now.
+pub(super) fn full_and_slow(
+    p: &PartitionState,
+    budget: Budget,
+    drain_target: Duration,
+    fairness: Option<Fairness>,
+    now: Instant,
+) -> bool {
+    let held = p.held();
+    budget.reached_by(held)
+        && waited_longer_than(p, drain_target, now)
+        && !p.rate.drains(held.events, now, drain_target)
+        && !fairness
+            .is_some_and(|f| f.contended_at.reached_by(held) && has_stuck_source(p, &f, now))
+}
+
+/// For a pause decision: whether what the partition holds drains within `drain_target`
+/// (or is too young to tell), and if not, whether a stuck tenant over its share could
+/// be skipped instead.
+pub(super) fn draining_or_skippable(
+    p: &PartitionState,
+    drain_target: Duration,
+    fairness: Option<Fairness>,
+    now: Instant,
+) -> (bool, bool) {
+    let draining = !waited_longer_than(p, drain_target, now)
+        || p.rate.drains(p.pending.len(), now, drain_target);
+    let skippable = !draining
+        && fairness
+            .is_some_and(|f| f.contended_at.reached_by(p.held()) && has_stuck_source(p, &f, now));
+    (draining, skippable)
+}
