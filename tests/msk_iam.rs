@@ -180,7 +180,7 @@ fn msk_iam_without_a_region_is_a_config_error_naming_the_key() {
 /// directly, see the test above.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_asked_for_again_before_they_expire() {
-    use kd_tenants::kafka_auth::{AuthContext, KafkaAuth};
+    use kd_kafka::auth::{AuthContext, KafkaAuth};
     use rdkafka::producer::{FutureProducer, Producer};
     use std::sync::Arc;
 
@@ -206,7 +206,7 @@ async fn tokens_are_asked_for_again_before_they_expire() {
     let producer: FutureProducer<AuthContext> = config
         .create_with_context(AuthContext(auth.clone()))
         .unwrap();
-    kd_tenants::kafka_auth::set_token_now(producer.client(), &auth);
+    kd_kafka::auth::set_token_now(producer.client(), &auth);
     let first = made.lock().unwrap()[0];
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

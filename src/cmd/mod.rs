@@ -145,8 +145,7 @@ pub async fn with_kafka_auth(
         .await
         .map_err(|e| CliError::Usage(format!("config: kafka.aws_msk_iam: {e}")))?;
     tracing::info!(%region, "Kafka clients authenticate with MSK IAM");
-    config.kafka.auth =
-        kd_tenants::kafka_auth::KafkaAuth::oauthbearer(token_source(tokens, readiness));
+    config.kafka.auth = kd_kafka::auth::KafkaAuth::oauthbearer(token_source(tokens, readiness));
     Ok(config)
 }
 
@@ -154,7 +153,7 @@ pub async fn with_kafka_auth(
 fn token_source(
     tokens: Arc<kd_aws::msk_iam::MskIamTokens>,
     readiness: Option<Arc<kd_telemetry::Readiness>>,
-) -> kd_tenants::kafka_auth::TokenSource {
+) -> kd_kafka::auth::TokenSource {
     Arc::new(move || {
         let token = tokens.token().map_err(|e| e.to_string());
         if let Some(r) = &readiness {

@@ -10,8 +10,8 @@
 
 use std::sync::Arc;
 
+use kd_kafka::auth::KafkaAuth;
 use kd_telemetry::Readiness;
-use kd_tenants::kafka_auth::KafkaAuth;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;

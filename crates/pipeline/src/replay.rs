@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kd_tenants::kafka_auth::AuthContext;
+use kd_kafka::auth::AuthContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -138,7 +138,7 @@ pub async fn replay(
         .set("enable.auto.commit", "false")
         .create_with_context(context())
         .map_err(ReplayError::Config)?;
-    kd_tenants::kafka_auth::set_token_now(consumer.client(), &k.auth);
+    kd_kafka::auth::set_token_now(consumer.client(), &k.auth);
     // The cluster's security settings ([kafka.librdkafka]) apply to the producer too,
     // and it takes records as large as the dead-letter producer does.
     let producer: FutureProducer<AuthContext> = base
@@ -147,7 +147,7 @@ pub async fn replay(
         .set("message.max.bytes", dead_letter_max_bytes(k).to_string())
         .create_with_context(context())
         .map_err(ReplayError::Config)?;
-    kd_tenants::kafka_auth::set_token_now(producer.client(), &k.auth);
+    kd_kafka::auth::set_token_now(producer.client(), &k.auth);
 
     let topic = k.dead_letter_topic.as_str();
     let ends = assign_to_end(&consumer, topic, req.from_offset)?;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kd_aws::KinesisWriter;
+use kd_kafka::auth::set_token_now;
 use kd_telemetry::Readiness;
-use kd_tenants::kafka_auth::set_token_now;
 use kd_tenants::TenantStore;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;

@@ -12,7 +12,6 @@
 //! no lock, and a reload swaps the whole snapshot atomically.
 
 mod file;
-pub mod kafka_auth;
 mod model;
 mod topic;
 

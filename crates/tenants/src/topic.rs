@@ -29,7 +29,7 @@ pub struct TopicSettings {
     /// How long changes are gathered before they are installed.
     pub flush_interval: Duration,
     /// OAUTHBEARER tokens (MSK IAM), as the worker's other clients have.
-    pub auth: crate::kafka_auth::KafkaAuth,
+    pub auth: kd_kafka::auth::KafkaAuth,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,10 +125,10 @@ pub async fn follow_topic(
     // The end of each partition is reported, also for one emptied by retention or
     // ending in a transaction marker (no record at `high - 1` is ever returned).
     config.set("enable.partition.eof", "true");
-    let consumer: StreamConsumer<crate::kafka_auth::AuthContext> = config
-        .create_with_context(crate::kafka_auth::AuthContext(settings.auth.clone()))
+    let consumer: StreamConsumer<kd_kafka::auth::AuthContext> = config
+        .create_with_context(kd_kafka::auth::AuthContext(settings.auth.clone()))
         .map_err(err)?;
-    crate::kafka_auth::set_token_now(consumer.client(), &settings.auth);
+    kd_kafka::auth::set_token_now(consumer.client(), &settings.auth);
     let topic = settings.topic.clone();
     let (partitions, ends) = {
         let consumer = &consumer;

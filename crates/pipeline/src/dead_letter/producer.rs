@@ -60,11 +60,11 @@ fn classify(code: Option<RDKafkaErrorCode>) -> Failure {
 pub struct DeadLetterClient {
     errors: LogLimit,
     /// OAUTHBEARER tokens (MSK IAM), when configured.
-    auth: kd_tenants::kafka_auth::KafkaAuth,
+    auth: kd_kafka::auth::KafkaAuth,
 }
 
 impl DeadLetterClient {
-    pub fn new(auth: kd_tenants::kafka_auth::KafkaAuth) -> Self {
+    pub fn new(auth: kd_kafka::auth::KafkaAuth) -> Self {
         DeadLetterClient {
             errors: LogLimit::per_minute(),
             auth,

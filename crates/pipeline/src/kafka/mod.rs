@@ -3,15 +3,11 @@
 //! operator's `[kafka.librdkafka]` over them), their check at start-up, and whether the
 //! topics the configuration names exist.
 //!
-//! Owns no running client: the worker creates them from these configurations. Also
-//! what every client needs: librdkafka's error codes as names ([`code_name`]) and
-//! synchronous calls from async code ([`blocking`]).
+//! Owns no running client: the worker creates them from these configurations. What
+//! every Kafka client needs (authentication, error-code names, blocking calls) is in
+//! `kd-kafka`.
 
-mod blocking;
-mod errors;
-
-pub(crate) use blocking::blocking;
-pub(crate) use errors::code_name;
+pub(crate) use kd_kafka::{blocking, code_name};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -48,7 +44,7 @@ pub struct KafkaSettings {
     pub aws_msk_region: Option<String>,
     /// The token source every client gets (set at start-up from the two above).
     #[serde(skip)]
-    pub auth: kd_tenants::kafka_auth::KafkaAuth,
+    pub auth: kd_kafka::auth::KafkaAuth,
 }
 
 impl Default for KafkaSettings {
@@ -283,7 +279,7 @@ pub(crate) async fn check_topics<C: ConsumerContext + 'static>(
         // Nothing polls the consumer yet: a wait longer than a token's life (15 min
         // with MSK IAM) needs a new one given directly.
         if token_set.elapsed() >= Duration::from_secs(60) {
-            kd_tenants::kafka_auth::set_token_now(consumer.client(), &k.auth);
+            kd_kafka::auth::set_token_now(consumer.client(), &k.auth);
             token_set = std::time::Instant::now();
         }
         let (c, w) = (consumer.clone(), wanted.clone());

@@ -4,7 +4,7 @@ use rdkafka::error::KafkaError;
 
 /// The librdkafka name of an error's code, for metric labels and log limits (a small
 /// fixed set).
-pub(crate) fn code_name(e: &KafkaError) -> String {
+pub fn code_name(e: &KafkaError) -> String {
     e.rdkafka_error_code()
         .map_or_else(|| "Other".to_owned(), |c| format!("{c:?}"))
 }
