@@ -144,3 +144,40 @@ fn the_cycle_check_finds_a_cycle() {
         Some(["a", "b", "c", "a"].map(String::from).to_vec())
     );
 }
+
+/// Lines of code of a source file: before its test module, neither blank nor comments.
+fn lines_of_code(text: &str) -> usize {
+    text.split("#[cfg(test)]")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("//"))
+        .count()
+}
+
+#[test]
+fn no_source_file_holds_more_than_450_lines_of_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("crates"), &mut files);
+    let tests = |p: &Path| {
+        let name = p.file_name().unwrap().to_string_lossy();
+        name == "tests.rs" || name.ends_with("_tests.rs")
+    };
+    let mut long: Vec<(usize, String)> = files
+        .iter()
+        .filter(|f| !tests(f))
+        .map(|f| {
+            (
+                lines_of_code(&std::fs::read_to_string(f).unwrap()),
+                f.strip_prefix(root).unwrap().display().to_string(),
+            )
+        })
+        .filter(|(n, _)| *n > 450)
+        .collect();
+    long.sort();
+    assert!(long.is_empty(), "files over 450 lines of code: {long:?}");
+    assert!(lines_of_code("fn a() {}\n// b\n\nfn c() {}\n#[cfg(test)]\nmod t {}\n") == 2);
+}
