@@ -244,9 +244,11 @@ async fn fifty_concurrent_events_of_a_new_tenant_cost_one_assume_role() {
         metric_value(&m, "kinesis_destination_credential_cache_misses_total"),
         1.0
     );
-    // Every other lookup is a hit: at least one per event (a new tenant's records look
-    // their session up before their trial write, and their batch again).
-    assert!(metric_value(&m, "kinesis_destination_credential_cache_hits_total") >= 49.0);
+    // Every other lookup is a hit: one per event at least, and at most three (a new
+    // tenant's records look their session up before their trial write, their batch
+    // again, and a record may bring it for the stream's first listing).
+    let hits = metric_value(&m, "kinesis_destination_credential_cache_hits_total");
+    assert!((49.0..=150.0).contains(&hits), "{hits} cache hits");
     worker.stop();
 }
 

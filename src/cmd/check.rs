@@ -155,7 +155,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
         },
         Err(e) => {
             let err = kd_aws::AwsError::from_sdk("DescribeStreamSummary", &e);
-            if err.is_access_denied() {
+            if err.refuses_access() {
                 // The suggested policy grants only kinesis:PutRecord: existence cannot be
                 // checked without writing, which check never does.
                 report(

@@ -225,6 +225,14 @@ impl AwsError {
         WORKER_IDENTITY_CODES.contains(&self.code.as_str()) && !self.refuses_time()
     }
 
+    /// Whether any access was refused: the caller's identity ([`is_access_denied`]) or
+    /// a key the call needs (`KMSAccessDeniedException`).
+    ///
+    /// [`is_access_denied`]: Self::is_access_denied
+    pub fn refuses_access(&self) -> bool {
+        self.is_access_denied() || self.code.contains("AccessDenied")
+    }
+
     /// Whether AWS refused the request's time (see [`is_skew_refusal`]).
     pub fn refuses_time(&self) -> bool {
         is_skew_refusal(Some(&self.code), Some(&self.message))

@@ -2,8 +2,8 @@
 //! that flow control can tell a tenant (or a partition) that is slow or down from one
 //! that merely has a lot in flight because reading is faster than writing.
 //!
-//! Counts completions only; the window is rolled ([`DrainRate::roll`]) before a
-//! decision asks for the rate, never on the hot path of completing an event.
+//! Counts completions only; the window is rolled when a decision asks for the rate
+//! ([`DrainRate::drains_and_roll`]), never on the hot path of completing an event.
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,13 @@ impl DrainRate {
                 last: Some(f64::from(self.done) / elapsed.as_secs_f64()),
             };
         }
+    }
+
+    /// [`drains`](Self::drains), then [`roll`](Self::roll): what a decision asks, the
+    /// window closing once it is half a second long.
+    pub(crate) fn drains_and_roll(&mut self, held: usize, now: Instant, target: Duration) -> bool {
+        self.roll(now);
+        self.drains(held, now, target)
     }
 
     /// Whether `held` events drain within `target` at the recent rate: the current

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::partition::PartitionState;
 use super::{verdicts, At, Budget, Fairness, Held, OffsetTracker, TopicPartition};
 
 impl OffsetTracker {
@@ -89,8 +88,7 @@ impl OffsetTracker {
         let mut inner = self.lock();
         let held = inner.pending_total;
         let now = Instant::now();
-        inner.rate.roll(now);
-        !inner.rate.drains(held, now, target)
+        !inner.rate.drains_and_roll(held, now, target)
     }
 
     /// Resolves once an event of a paused partition is done, or, while holding, the
@@ -207,7 +205,6 @@ impl OffsetTracker {
         let total_bytes = inner.pending_bytes;
         let (mut pause, mut resume) = (Vec::new(), Vec::new());
         for ((topic, partition), state) in inner.partitions.iter_mut() {
-            roll_for_verdicts(state, fairness, now);
             let (draining, skippable) =
                 verdicts::draining_or_skippable(state, drain_target, fairness, now);
             let paused = decide(&FlowInput {
@@ -254,14 +251,4 @@ pub struct FlowInput {
     /// Whether a tenant here is over its share and judged stuck (its further events
     /// will be skipped, so the partition can go on being read for the others).
     pub skippable: bool,
-}
-
-/// Rolls the drain rates a partition's verdicts read (at every flow-control tick, so a
-/// rate is measured over half a second to 0.6 s; a verdict between ticks reads the
-/// window as it stands).
-fn roll_for_verdicts(state: &mut PartitionState, fairness: Option<Fairness>, now: Instant) {
-    match fairness {
-        Some(f) => state.roll_over_share(f.per_source, now),
-        None => state.rate.roll(now),
-    }
 }

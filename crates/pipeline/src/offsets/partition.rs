@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Budget, Held};
+use super::Held;
 use crate::drain_rate::DrainRate;
 use crate::offset_set::OffsetSet;
 
@@ -78,15 +78,4 @@ impl PartitionState {
     }
 }
 
-impl PartitionState {
-    /// Rolls the drain rates the verdicts about this partition may ask: the
-    /// partition's and those of the tenants holding `per_source` or more.
-    pub(super) fn roll_over_share(&mut self, per_source: Budget, now: Instant) {
-        self.rate.roll(now);
-        for (held, own) in self.by_source.values_mut() {
-            if per_source.reached_by(*held) {
-                own.roll(now);
-            }
-        }
-    }
-}
+impl PartitionState {}

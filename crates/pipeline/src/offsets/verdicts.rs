@@ -1,6 +1,9 @@
 //! Fairness and backpressure verdicts: questions about one partition's state, asked
-//! under the tracker's lock. They change nothing: the drain rates they read are rolled
-//! at every flow-control tick ([`PartitionState::roll_over_share`]).
+//! under the tracker's lock. The one thing they change is a drain window they read: it
+//! closes when read once half a second long ([`DrainRate::drains_and_roll`]), as a
+//! measurement does; nothing else.
+//!
+//! [`DrainRate::drains_and_roll`]: crate::drain_rate::DrainRate::drains_and_roll
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +75,7 @@ pub(super) fn waited_longer_than(p: &PartitionState, limit: Duration, now: Insta
 /// waiting for a verdict: a tenant gone down would otherwise fill each partition read
 /// afresh during its judging period.
 pub(super) fn stuck(
-    p: &PartitionState,
+    p: &mut PartitionState,
     source: &Arc<str>,
     f: &Fairness,
     now: Instant,
@@ -95,9 +98,12 @@ pub(super) fn stuck(
     // own is forgotten whenever it has nothing in flight, and a busy tenant read in
     // bursts often has not.
     let alone = p.by_source.len() == 1;
-    p.by_source.get(source).is_none_or(|(held, own)| {
-        let rate = if alone { &p.rate } else { own };
-        !rate.drains(held.events, now, f.drain_target)
+    let PartitionState {
+        by_source, rate, ..
+    } = p;
+    by_source.get_mut(source).is_none_or(|(held, own)| {
+        let rate = if alone { rate } else { own };
+        !rate.drains_and_roll(held.events, now, f.drain_target)
     })
 }
 
@@ -117,18 +123,21 @@ pub(super) fn idle(p: &PartitionState, source: &Arc<str>, now: Instant) -> bool 
 
 /// Whether some tenant here holds its share or more and is judged stuck: it can be
 /// skipped, so the partition need not be paused.
-pub(super) fn has_stuck_source(p: &PartitionState, f: &Fairness, now: Instant) -> bool {
-    p.by_source
+pub(super) fn has_stuck_source(p: &mut PartitionState, f: &Fairness, now: Instant) -> bool {
+    let over: Vec<Arc<str>> = p
+        .by_source
         .iter()
         .filter(|(_, (held, _))| f.per_source.reached_by(*held))
-        .any(|(source, _)| stuck(p, source, f, now, false))
+        .map(|(source, _)| source.clone())
+        .collect();
+    over.iter().any(|source| stuck(p, source, f, now, false))
 }
 
 /// Whether the partition holds `budget` or more, does not drain it within
 /// `drain_target` at its recent rate, and (with `fairness`) has no stuck tenant over its
 /// share that could be skipped instead: whether it is to be paused now.
 pub(super) fn full_and_slow(
-    p: &PartitionState,
+    p: &mut PartitionState,
     budget: Budget,
     drain_target: Duration,
     fairness: Option<Fairness>,
@@ -137,7 +146,7 @@ pub(super) fn full_and_slow(
     let held = p.held();
     budget.reached_by(held)
         && waited_longer_than(p, drain_target, now)
-        && !p.rate.drains(held.events, now, drain_target)
+        && !p.rate.drains_and_roll(held.events, now, drain_target)
         && !fairness
             .is_some_and(|f| f.contended_at.reached_by(held) && has_stuck_source(p, &f, now))
 }
@@ -146,13 +155,13 @@ pub(super) fn full_and_slow(
 /// (or is too young to tell), and if not, whether a stuck tenant over its share could
 /// be skipped instead.
 pub(super) fn draining_or_skippable(
-    p: &PartitionState,
+    p: &mut PartitionState,
     drain_target: Duration,
     fairness: Option<Fairness>,
     now: Instant,
 ) -> (bool, bool) {
     let draining = !waited_longer_than(p, drain_target, now)
-        || p.rate.drains(p.pending.len(), now, drain_target);
+        || p.rate.drains_and_roll(p.pending.len(), now, drain_target);
     let skippable = !draining
         && fairness
             .is_some_and(|f| f.contended_at.reached_by(p.held()) && has_stuck_source(p, &f, now));
