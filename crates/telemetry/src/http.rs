@@ -35,13 +35,15 @@ const MAX_CONNECTIONS: usize = 256;
 /// Connections being closed for newcomers may still hold their sockets for a moment:
 /// past this many open, a newcomer is refused (the worker's Kafka and AWS connections
 /// share the process's file descriptors).
-const HARD_LIMIT: usize = MAX_CONNECTIONS + 64;
+const HARD_LIMIT: usize = MAX_CONNECTIONS * 2;
 /// Most connections open at once from one address (Prometheus and the kubelet need a
 /// few each).
 const PER_ADDRESS: usize = 16;
 /// A connection that has not sent a whole request head this long after connecting, or
 /// after its last answer, is closed.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections the kernel holds for the server to accept.
+const LISTEN_BACKLOG: u32 = 4096;
 /// A connection is closed after this long, whatever it does (scrapers reconnect).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -50,7 +52,16 @@ pub async fn bind(
     listen: SocketAddr,
     readiness: Arc<Readiness>,
 ) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let socket = match listen {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    // A long queue of connections waiting to be accepted (the kernel caps it at
+    // net.core.somaxconn): under a flood of connections, a probe's SYN waits in it
+    // instead of being dropped and sent again a second later.
+    let listener = socket.listen(LISTEN_BACKLOG)?;
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -72,6 +83,10 @@ struct Open {
     close: Option<oneshot::Sender<()>>,
     /// A request is being answered.
     busy: bool,
+    /// Its task has run: a connection accepted but not yet served (its task waiting for
+    /// a thread, on a loaded machine) is never the one closed, as its request may be
+    /// there already.
+    started: bool,
     address: IpAddr,
 }
 
@@ -100,7 +115,7 @@ impl Connections {
             let idle = self
                 .open
                 .iter()
-                .find(|(_, c)| c.address == address && !c.busy && c.close.is_some())
+                .find(|(_, c)| c.address == address && !c.busy && c.started && c.close.is_some())
                 .map(|(id, _)| *id);
             let Some(idle) = idle else {
                 metrics()
@@ -114,7 +129,10 @@ impl Connections {
         *self.by_address.entry(address).or_default() += 1;
         if self.open.len() >= MAX_CONNECTIONS {
             // Not one already closing whose task has not ended yet.
-            let mut closable = self.open.iter().filter(|(_, c)| c.close.is_some());
+            let mut closable = self
+                .open
+                .iter()
+                .filter(|(_, c)| c.close.is_some() && c.started);
             let oldest = closable
                 .clone()
                 .find(|(_, c)| !c.busy)
@@ -132,6 +150,7 @@ impl Connections {
             Open {
                 close: Some(close),
                 busy: false,
+                started: false,
                 address,
             },
         );
@@ -152,6 +171,12 @@ impl Connections {
     fn set_busy(&mut self, id: u64, busy: bool) {
         if let Some(c) = self.open.get_mut(&id) {
             c.busy = busy;
+        }
+    }
+
+    fn set_started(&mut self, id: u64) {
+        if let Some(c) = self.open.get_mut(&id) {
+            c.started = true;
         }
     }
 }
@@ -232,6 +257,7 @@ async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Resul
             }
         });
         tokio::spawn(async move {
+            lock(&place.table).set_started(id);
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
@@ -288,7 +314,9 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let mut kept = Vec::new();
         for _ in 0..PER_ADDRESS {
-            kept.push(t.admit(a).expect("within the address's share"));
+            let admitted = t.admit(a).expect("within the address's share");
+            t.set_started(admitted.0);
+            kept.push(admitted);
         }
         for (id, _) in &kept {
             t.set_busy(*id, true);
@@ -315,12 +343,15 @@ mod tests {
         let mut others = Vec::new();
         for i in 0..(MAX_CONNECTIONS - t.open.len()) {
             let b = IpAddr::from([10, 1, (i / 200) as u8, (i % 200) as u8]);
-            others.push(t.admit(b).unwrap());
+            let admitted = t.admit(b).unwrap();
+            t.set_started(admitted.0);
+            others.push(admitted);
         }
         let ids: Vec<u64> = kept.iter().map(|(id, _)| *id).collect();
         t.set_busy(ids[0], true);
         // Full: the next one closes the longest-open idle connection (a's second).
         let newcomer = t.admit("10.9.9.9".parse().unwrap()).unwrap();
+        t.set_started(newcomer.0);
         assert!(t.open[&ids[1]].close.is_none(), "evicted");
         assert!(t.open[&ids[0]].close.is_some(), "busy: kept");
         assert!(t.open[&newcomer.0].close.is_some());
@@ -333,9 +364,16 @@ mod tests {
             kept[2].1.try_recv(),
             Err(oneshot::error::TryRecvError::Empty)
         );
-        // The next one closes the next idle connection, not the one closing already.
-        t.admit("10.9.9.8".parse().unwrap()).unwrap();
+        // The next one closes the next idle connection, not the one closing already,
+        // nor one accepted but not served yet.
+        let unserved = t.admit("10.9.9.8".parse().unwrap()).unwrap();
         assert!(t.open[&ids[2]].close.is_none(), "the next evicted");
+        t.admit("10.9.9.6".parse().unwrap()).unwrap();
+        assert!(t.open[&unserved.0].close.is_some(), "not served yet: kept");
+        assert!(
+            t.open[&ids[4]].close.is_none(),
+            "the one after (the fourth was removed)"
+        );
         // Closed ones whose tasks have not ended count: past the hard limit, newcomers
         // are refused.
         let mut i = 0u32;

@@ -139,7 +139,7 @@ impl Metrics {
             )?),
             consumer_errors: counter!("consumer_errors_total", "Errors the Kafka consumer reported (undecodable batches, broker errors), by librdkafka error code.", &["error"]),
             kafka_brokers_answering: gauge!("kafka_brokers_answering", "Brokers the consumer is connected to that answered in the last 30 s (0: it cannot read; /readyz says so)."),
-            http_connections_closed: counter!("http_connections_closed_total", "HTTP connections the worker closed to keep the port answering: over the per-address cap (per_address), the longest-open one closed to make room at the connection cap (evicted), or a newcomer refused while closed ones still hold their sockets (over_limit).", &["reason"]),
+            http_connections_closed: counter!("http_connections_closed_total", "HTTP connections the worker closed to keep the port answering: over the per-address cap (per_address), the longest-open one closed to make room at the connection cap (evicted), or a newcomer refused while closed or not yet served ones hold their sockets (over_limit).", &["reason"]),
             consumer_lag: gauge!("consumer_lag", "Messages between the high watermark and the consumer position.", &["topic", "partition"]),
             tenants: gauge!("tenants", "Tenant settings loaded, by state.", &["state"]),
             tenant_settings_errors: counter!("tenant_settings_errors_total", "Tenant settings loads rejected (the last good settings stay in force)."),
