@@ -112,10 +112,14 @@ impl Connections {
             // The address's longest idle connection makes room (a probe may share its
             // address with the clients that hold it); with none idle, the newcomer waits
             // its turn elsewhere.
+            // Its longest idle one that was served already, else its longest idle one:
+            // the address's own newer connections are the ones flooding it.
+            let of_address = |c: &Open| c.address == address && !c.busy && c.close.is_some();
             let idle = self
                 .open
                 .iter()
-                .find(|(_, c)| c.address == address && !c.busy && c.started && c.close.is_some())
+                .find(|(_, c)| of_address(c) && c.started)
+                .or_else(|| self.open.iter().find(|(_, c)| of_address(c)))
                 .map(|(id, _)| *id);
             let Some(idle) = idle else {
                 metrics()
