@@ -277,6 +277,17 @@ impl Readiness {
     /// named, without the errors' own text (broker addresses, topic names, AWS
     /// messages), which the logs and [`reason`](Self::reason) have. `None` when ready.
     pub fn public_reason(&self) -> Option<String> {
+        self.why_not(|problem, _| problem.part().to_owned())
+    }
+
+    /// Why the process is not ready, in full (the errors' text): for logs and tests.
+    /// `None` when it is ready.
+    pub fn reason(&self) -> Option<String> {
+        self.why_not(|_, why| why.to_owned())
+    }
+
+    /// Why the process is not ready, each problem told by `tell`; `None` when ready.
+    fn why_not(&self, tell: impl Fn(Problem, &str) -> String) -> Option<String> {
         if self.shutting_down.load(Ordering::SeqCst) {
             Some("shutting down".into())
         } else if !self.tenants_loaded.load(Ordering::SeqCst) {
@@ -287,27 +298,11 @@ impl Readiness {
             let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
             (!problems.is_empty()).then(|| {
                 problems
-                    .keys()
-                    .map(|p| p.part())
+                    .iter()
+                    .map(|(problem, why)| tell(*problem, why))
                     .collect::<Vec<_>>()
                     .join("; ")
             })
-        }
-    }
-
-    /// Why the process is not ready, in full (the errors' text): for logs and tests.
-    /// `None` when it is ready.
-    pub fn reason(&self) -> Option<String> {
-        if self.shutting_down.load(Ordering::SeqCst) {
-            Some("shutting down".into())
-        } else if !self.tenants_loaded.load(Ordering::SeqCst) {
-            Some("tenant settings not loaded".into())
-        } else if !self.joined_group.load(Ordering::SeqCst) {
-            Some("consumer has not joined its group".into())
-        } else {
-            let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
-            (!problems.is_empty())
-                .then(|| problems.values().cloned().collect::<Vec<_>>().join("; "))
         }
     }
 }

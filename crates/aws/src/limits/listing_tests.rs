@@ -23,14 +23,7 @@ async fn write(limits: &RateLimits, api: &KinesisApi, cache: &CredentialCache, t
     limits
         .acquire(t, "user-1", 100, Some((api, &session)))
         .await;
-    let limiter = limits.limiter(t);
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while limiter.listing.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the listing ended");
+    listing_ended(limits, t).await;
 }
 
 #[tokio::test]
