@@ -699,18 +699,23 @@ async fn kafka_outage_is_waited_out_without_loss() {
     proxy.up();
     sent.extend(env.send_all_via(&gzip, &events(50..60)).await);
     env.wait_committed_to_end(&cfg.group_id).await;
-    // Read once the broker is back: a commit attempted during the outage may still be
-    // waiting for the coordinator 8 s into it (counted when it gives up).
+    // Read once the broker is back. A commit attempted during the outage either gives up
+    // (counted as an error, its offsets handed back) or waits for the coordinator until
+    // the broker returns; by then the session has expired, and the partition is read
+    // again from the last commit that landed (duplicates, none lost).
     let failed_commits =
         worker.metric("kinesis_destination_offset_commits_total{outcome=\"error\"}");
     assert_all_delivered_in_order(&sent, &env.fake.records_of("kafka-outage"));
     let records = env.fake.records_of("kafka-outage");
+    let duplicates = records.len() - first_deliveries(&records).len();
     eprintln!(
-        "kafka outage: {} events, {} duplicates, {failed_commits} failed commits",
+        "kafka outage: {} events, {duplicates} duplicates, {failed_commits} failed commits",
         sent.len(),
-        records.len() - first_deliveries(&records).len()
     );
-    assert!(failed_commits > 0.0, "the outage was felt");
+    assert!(
+        failed_commits > 0.0 || duplicates > 0,
+        "the outage was felt by the commits: none failed and nothing was read again"
+    );
     worker.stop();
 }
 
