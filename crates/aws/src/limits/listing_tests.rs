@@ -8,6 +8,7 @@ use kd_testkit::FakeAws;
 use serde_json::json;
 
 use super::*;
+use crate::api::KinesisApi;
 use crate::credentials::cache_tests::cache;
 use crate::credentials::{CredentialCache, CredentialSettings};
 
@@ -21,8 +22,9 @@ fn tenant(source: &str, role: &str) -> TenantSettings {
 async fn write(limits: &RateLimits, api: &KinesisApi, cache: &CredentialCache, t: &TenantSettings) {
     let session = cache.session(t).await.unwrap();
     limits
-        .acquire(t, "user-1", 100, Some((api, &session)))
-        .await;
+        .stream(t)
+        .refresh_if_due(limits, t, (api, &session));
+    limits.acquire(t, "user-1", 100).await;
     listing_ended(limits, t).await;
 }
 

@@ -30,15 +30,13 @@ use governor::DefaultDirectRateLimiter;
 use kd_tenants::{Region, StreamName, TenantSettings};
 use moka::sync::Cache;
 
-use crate::api::KinesisApi;
-use crate::credentials::Session;
 
 mod bucket;
 mod listing;
 mod stream;
 
 use bucket::Bucket;
-use stream::{Asker, ShardBudget, ShardMap, StreamLimiter, Summary, Trial};
+use stream::{ShardBudget, ShardMap, StreamLimiter, Summary, Trial};
 pub use stream::{RetryPeriods, StreamLimits};
 
 /// Per-shard write capacity of Kinesis Data Streams.
@@ -240,34 +238,22 @@ impl RateLimits {
     }
 
     /// Waits until the shard of `partition_key` (or the stream, while its shards are
-    /// unknown) has room for a record of `bytes` bytes. With a `session` (and the API to
-    /// call with it), the stream's shards are listed in the background when due.
-    pub async fn acquire(
-        &self,
-        tenant: &TenantSettings,
-        partition_key: &str,
-        bytes: usize,
-        session: Option<(&KinesisApi, &Session)>,
-    ) {
+    /// unknown) has room for a record of `bytes` bytes. Lists nothing: the writer asks
+    /// for a listing when due ([`StreamLimits::refresh_if_due`]).
+    pub async fn acquire(&self, tenant: &TenantSettings, partition_key: &str, bytes: usize) {
         let limiter = self.stream(tenant);
-        self.acquire_on(&limiter, tenant, partition_key, bytes, session)
-            .await
+        self.acquire_on(&limiter, partition_key, bytes).await
     }
 
     /// [`acquire`](Self::acquire) on the stream's limits already looked up.
     pub async fn acquire_on(
         &self,
         StreamLimits(limiter): &StreamLimits,
-        tenant: &TenantSettings,
         partition_key: &str,
         bytes: usize,
-        session: Option<(&KinesisApi, &Session)>,
     ) {
         // When this write first had to wait (`Instant::now` is read only then).
         let mut waited: Option<Instant> = None;
-        if let Some(session) = session {
-            self.list_shards_if_due(limiter, tenant, session, Asker::Owner);
-        }
         // The first writes wait (briefly) for the shard map rather than spend the
         // stream-wide budget, which could overrun one shard.
         if matches!(**limiter.shards.load(), ShardMap::Unknown) {
@@ -351,7 +337,7 @@ mod tests {
         let t = tenant(1);
         let started = Instant::now();
         for _ in 0..600 {
-            limits.acquire(&t, "k", 10, None).await;
+            limits.acquire(&t, "k", 10).await;
         }
         // A twentieth of a second's burst, then 950 a second.
         assert!(
@@ -410,7 +396,7 @@ mod tests {
         let started = Instant::now();
         // 1.5 MiB through a 1 MiB/s stream.
         for _ in 0..6 {
-            limits.acquire(&t, "k", 256 * 1024, None).await;
+            limits.acquire(&t, "k", 256 * 1024).await;
         }
         assert!(started.elapsed() >= Duration::from_millis(400));
     }

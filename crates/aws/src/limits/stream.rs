@@ -162,7 +162,8 @@ pub struct StreamLimits(pub(super) Arc<StreamLimiter>);
 
 impl StreamLimits {
     /// Whether a write should bring its session, for the stream's shards to be listed
-    /// with it (see [`RateLimits::acquire_on`]): a stream not listed yet, or due again.
+    /// with it ([`refresh_if_due`](Self::refresh_if_due)): a stream not listed yet, or
+    /// due again.
     pub fn wants_session(&self) -> bool {
         !self.0.listing.load(Ordering::Acquire) && self.0.listing_due(Instant::now())
     }

@@ -126,25 +126,22 @@ impl KinesisWriter {
             } else {
                 None
             };
-            let lister = session.as_ref().map(|s| (&self.inner.api, &**s));
+            if let Some(session) = &session {
+                stream.refresh_if_due(&self.inner.limits, tenant, (&self.inner.api, session));
+            }
             self.inner
                 .limits
-                .acquire_on(&stream, tenant, key.as_str(), bytes, lister)
+                .acquire_on(&stream, key.as_str(), bytes)
                 .await;
             drop(session);
             return self.put_batched(tenant, key, data, bytes).await;
         }
         // Boxed for the same reason: the cache's lookup is a large future.
         let session = Box::pin(self.inner.credentials.session(tenant)).await?;
+        stream.refresh_if_due(&self.inner.limits, tenant, (&self.inner.api, &session));
         self.inner
             .limits
-            .acquire_on(
-                &stream,
-                tenant,
-                key.as_str(),
-                bytes,
-                Some((&self.inner.api, &session)),
-            )
+            .acquire_on(&stream, key.as_str(), bytes)
             .await;
         self.put_one(tenant, key, data, &stream, session).await
     }
