@@ -76,7 +76,7 @@ impl OffsetTracker {
         let inner = self.lock();
         let now = Instant::now();
         inner.partitions.values().any(|state| {
-            state.by_source.iter().any(|(source, (held, _))| {
+            state.load.by_source.iter().any(|(source, (held, _))| {
                 share.reached_by(*held) && verdicts::idle(state, source, now)
             })
         })
@@ -211,15 +211,15 @@ impl OffsetTracker {
                 draining,
                 skippable,
                 in_flight: state.pending.len(),
-                bytes: state.pending_bytes,
-                paused: state.paused,
+                bytes: state.load.pending_bytes,
+                paused: state.load.paused,
                 total,
                 total_bytes,
                 handled_ahead: state.handled_ahead.len(),
                 skipping: state.skip.is_some(),
             });
-            if paused != state.paused {
-                state.paused = paused;
+            if paused != state.load.paused {
+                state.load.paused = paused;
                 let key = (topic.clone(), *partition);
                 if paused {
                     pause.push(key);

@@ -28,7 +28,7 @@
 //! pending or skipped offset, never count an event twice) hold only together, and the
 //! randomized model test at the bottom checks them together.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -42,7 +42,7 @@ mod partition;
 mod verdicts;
 
 pub use load::FlowInput;
-use partition::{PartitionState, Skip};
+use partition::{PartitionLoad, PartitionState, Skip};
 pub use verdicts::{Budget, Fairness, Held};
 
 /// A topic and partition.
@@ -156,12 +156,9 @@ impl OffsetTracker {
                     seen: None,
                     committed: None,
                     cancel: Arc::new(self.cancel.child_token()),
-                    paused: false,
-                    by_source: HashMap::new(),
-                    rate: DrainRate::new(Instant::now()),
                     skip: None,
                     handled_ahead: OffsetSet::default(),
-                    pending_bytes: 0,
+                    load: PartitionLoad::new(Instant::now()),
                 },
             );
             if let Some(old) = old {
@@ -280,13 +277,14 @@ impl OffsetTracker {
             state.pending.insert(offset, (now(), bytes));
             if let Some(source) = source {
                 let (held, _) = state
+                    .load
                     .by_source
                     .entry(source.clone())
                     .or_insert_with(|| (Held::default(), DrainRate::new(now())));
                 held.events += 1;
                 held.bytes += bytes;
             }
-            state.pending_bytes += bytes;
+            state.load.pending_bytes += bytes;
         }
         let partition_held = state.held();
         if inserted {
@@ -366,19 +364,19 @@ impl OffsetTracker {
         if state.epoch != ticket.epoch {
             return;
         }
-        let paused = state.paused;
+        let paused = state.load.paused;
         // The bytes are those recorded when the offset was admitted, whichever ticket
         // of it finishes first.
         if let Some((_, bytes)) = state.pending.remove(&ticket.offset) {
-            state.pending_bytes -= bytes;
-            state.rate.count();
+            state.load.pending_bytes -= bytes;
+            state.load.rate.count();
             if let Some(source) = &ticket.source {
-                if let Some((held, rate)) = state.by_source.get_mut(source) {
+                if let Some((held, rate)) = state.load.by_source.get_mut(source) {
                     rate.count();
                     held.events -= 1;
                     held.bytes -= bytes;
                     if held.events == 0 {
-                        state.by_source.remove(source);
+                        state.load.by_source.remove(source);
                     }
                 }
             }
@@ -441,7 +439,7 @@ impl Inner {
     /// Takes a partition's events in flight out of the totals (revoked or reassigned).
     fn forget(&mut self, old: &PartitionState) {
         self.pending_total -= old.pending.len();
-        self.pending_bytes -= old.pending_bytes;
+        self.pending_bytes -= old.load.pending_bytes;
     }
 }
 
@@ -1109,7 +1107,7 @@ mod tests {
             let mut in_flight: Vec<Ticket> = Vec::new();
             let mut done = std::collections::HashSet::new();
             let mut handled = std::collections::HashSet::new();
-            let mut handled_last: HashMap<usize, i64> = HashMap::new();
+            let mut handled_last: std::collections::HashMap<usize, i64> = Default::default();
             let mut committed = 0i64;
             for _step in 0..20_000 {
                 match rng.random_range(0..10) {

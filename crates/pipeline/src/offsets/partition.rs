@@ -26,18 +26,38 @@ pub(super) struct PartitionState {
     /// The last offset committed (or handed out to commit) for this assignment.
     pub(super) committed: Option<i64>,
     pub(super) cancel: Arc<CancellationToken>,
+    /// Tenants whose events are being skipped, and the first offset skipped.
+    pub(super) skip: Option<Skip>,
+    /// Offsets handled after a skip began: passed over when the partition is read again.
+    pub(super) handled_ahead: OffsetSet,
+    /// What flow control reads.
+    pub(super) load: PartitionLoad,
+}
+
+/// A partition's load: what its events in flight hold, per tenant, and how fast they
+/// drain. The ledger's fields above say which offsets are in flight; these only
+/// weigh them.
+#[derive(Debug)]
+pub(super) struct PartitionLoad {
     /// Whether backpressure paused fetching from this partition.
     pub(super) paused: bool,
     /// Events and bytes in flight per tenant, and how fast each drains.
     pub(super) by_source: HashMap<Arc<str>, (Held, DrainRate)>,
     /// How fast the partition's events in flight drain.
     pub(super) rate: DrainRate,
-    /// Tenants whose events are being skipped, and the first offset skipped.
-    pub(super) skip: Option<Skip>,
-    /// Offsets handled after a skip began: passed over when the partition is read again.
-    pub(super) handled_ahead: OffsetSet,
     /// Bytes of this partition's events in flight.
     pub(super) pending_bytes: usize,
+}
+
+impl PartitionLoad {
+    pub(super) fn new(now: Instant) -> Self {
+        PartitionLoad {
+            paused: false,
+            by_source: HashMap::new(),
+            rate: DrainRate::new(now),
+            pending_bytes: 0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -50,12 +70,13 @@ impl PartitionState {
     pub(super) fn held(&self) -> Held {
         Held {
             events: self.pending.len(),
-            bytes: self.pending_bytes,
+            bytes: self.load.pending_bytes,
         }
     }
 
     pub(super) fn held_by(&self, source: &Arc<str>) -> Held {
-        self.by_source
+        self.load
+            .by_source
             .get(source)
             .map(|(held, _)| *held)
             .unwrap_or_default()
@@ -77,5 +98,3 @@ impl PartitionState {
         }
     }
 }
-
-impl PartitionState {}

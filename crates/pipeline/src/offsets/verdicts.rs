@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::partition::PartitionState;
+use super::partition::{PartitionLoad, PartitionState};
 
 /// What a tenant or a partition holds in flight.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -97,10 +97,10 @@ pub(super) fn stuck(
     // A tenant alone in flight in the partition is judged by the partition's rate: its
     // own is forgotten whenever it has nothing in flight, and a busy tenant read in
     // bursts often has not.
-    let alone = p.by_source.len() == 1;
-    let PartitionState {
+    let alone = p.load.by_source.len() == 1;
+    let PartitionLoad {
         by_source, rate, ..
-    } = p;
+    } = &mut p.load;
     by_source.get_mut(source).is_none_or(|(held, own)| {
         let rate = if alone { rate } else { own };
         !rate.drains_and_roll(held.events, now, f.drain_target)
@@ -110,11 +110,11 @@ pub(super) fn stuck(
 /// Whether `source` has events in flight here and none of them was done lately (judged
 /// by the partition's completions when it is alone in flight, as in [`stuck`]).
 pub(super) fn idle(p: &PartitionState, source: &Arc<str>, now: Instant) -> bool {
-    let alone = p.by_source.len() == 1;
-    p.by_source.get(source).is_some_and(|(held, own)| {
+    let alone = p.load.by_source.len() == 1;
+    p.load.by_source.get(source).is_some_and(|(held, own)| {
         held.events > 0
             && if alone {
-                p.rate.idle(now)
+                p.load.rate.idle(now)
             } else {
                 own.idle(now)
             }
@@ -125,6 +125,7 @@ pub(super) fn idle(p: &PartitionState, source: &Arc<str>, now: Instant) -> bool 
 /// skipped, so the partition need not be paused.
 pub(super) fn has_stuck_source(p: &mut PartitionState, f: &Fairness, now: Instant) -> bool {
     let over: Vec<Arc<str>> = p
+        .load
         .by_source
         .iter()
         .filter(|(_, (held, _))| f.per_source.reached_by(*held))
@@ -146,7 +147,7 @@ pub(super) fn full_and_slow(
     let held = p.held();
     budget.reached_by(held)
         && waited_longer_than(p, drain_target, now)
-        && !p.rate.drains_and_roll(held.events, now, drain_target)
+        && !p.load.rate.drains_and_roll(held.events, now, drain_target)
         && !fairness
             .is_some_and(|f| f.contended_at.reached_by(held) && has_stuck_source(p, &f, now))
 }
@@ -161,7 +162,7 @@ pub(super) fn draining_or_skippable(
     now: Instant,
 ) -> (bool, bool) {
     let draining = !waited_longer_than(p, drain_target, now)
-        || p.rate.drains_and_roll(p.pending.len(), now, drain_target);
+        || p.load.rate.drains_and_roll(p.pending.len(), now, drain_target);
     let skippable = !draining
         && fairness
             .is_some_and(|f| f.contended_at.reached_by(p.held()) && has_stuck_source(p, &f, now));
