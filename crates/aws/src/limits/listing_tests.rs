@@ -21,9 +21,7 @@ fn tenant(source: &str, role: &str) -> TenantSettings {
 /// and waits until a listing started by it (if any) has ended.
 async fn write(limits: &RateLimits, api: &KinesisApi, cache: &CredentialCache, t: &TenantSettings) {
     let session = cache.session(t).await.unwrap();
-    limits
-        .stream(t)
-        .refresh_if_due(limits, t, (api, &session));
+    limits.stream(t).refresh_if_due(limits, t, (api, &session));
     limits.acquire(t, "user-1", 100).await;
     listing_ended(limits, t).await;
 }

@@ -30,14 +30,13 @@ use governor::DefaultDirectRateLimiter;
 use kd_tenants::{Region, StreamName, TenantSettings};
 use moka::sync::Cache;
 
-
 mod bucket;
 mod listing;
 mod stream;
 
 use bucket::Bucket;
-use stream::{ShardBudget, ShardMap, StreamLimiter, Summary, Trial};
 pub use stream::{RetryPeriods, StreamLimits};
+use stream::{ShardBudget, ShardMap, StreamLimiter, Summary, Trial};
 
 /// Per-shard write capacity of Kinesis Data Streams.
 pub const RECORDS_PER_SHARD_PER_SEC: u32 = 1_000;

@@ -162,7 +162,9 @@ pub(super) fn draining_or_skippable(
     now: Instant,
 ) -> (bool, bool) {
     let draining = !waited_longer_than(p, drain_target, now)
-        || p.load.rate.drains_and_roll(p.pending.len(), now, drain_target);
+        || p.load
+            .rate
+            .drains_and_roll(p.pending.len(), now, drain_target);
     let skippable = !draining
         && fairness
             .is_some_and(|f| f.contended_at.reached_by(p.held()) && has_stuck_source(p, &f, now));
