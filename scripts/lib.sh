@@ -35,6 +35,15 @@ ensure_build_deps() {
   fi
 }
 
+# Debian's Chromium, for the delivery page's test in a real headless browser
+# (tests/delivery_status.rs).
+ensure_chromium() {
+  if ! command -v chromium >/dev/null; then
+    log "installing chromium (headless browser for the delivery page test)"
+    apt_install chromium
+  fi
+}
+
 # Tansu 0.6.0, a Kafka-protocol broker (Rust, crates.io), with its SQLite engine and
 # fixes to tansu-storage (tools/tansu/tansu-storage.patch: SQLite fetches bounded and
 # their headers read in one query; the memory engine's mid-batch fetch and latest

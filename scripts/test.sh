@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs and builds what the tests need (Tansu, moto,
-# docker-compose, Prometheus, kubernetes-validate, cargo-audit, cargo-deny), checks
+# docker-compose, Prometheus, kubernetes-validate, cargo-audit, cargo-deny, Chromium), checks
 # formatting and clippy (warnings fail), audits Cargo.lock and checks its licences and
 # duplicate versions, then runs every test. Tests start
 # their own broker, emulator and Prometheus on free ports; nothing needs to be running
@@ -19,6 +19,7 @@ ensure_kubernetes_tools
 ensure_cargo_audit
 ensure_cargo_deny
 ensure_lint_tools
+ensure_chromium
 
 lint
 audit_dependencies

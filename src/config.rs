@@ -42,6 +42,26 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub status: StatusConfig,
+}
+
+/// The `[status]` section: per-tenant delivery status (docs/delivery-status.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// Topic each pod produces its per-tenant records to; off when unset.
+    pub topic: Option<String>,
+    /// How often (and how long a window each record covers).
+    pub interval_secs: u64,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            topic: None,
+            interval_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

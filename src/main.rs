@@ -36,6 +36,9 @@ enum Command {
     Produce(cmd::produce::Args),
     /// Send dead letters back to the topic they came from, without their dlq.* headers.
     Replay(cmd::replay::Args),
+    /// Per-tenant delivery status from every pod: state, counts, errors, samples; or
+    /// the delivery page (--serve).
+    Status(cmd::status::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
             Command::Policy(args) => cmd::policy::run(args),
             Command::Produce(args) => cmd::produce::run(args).await,
             Command::Replay(args) => cmd::replay::run(args).await,
+            Command::Status(args) => cmd::status::run(args).await,
         }
     });
     // Background tasks (HTTP server, file watcher) end with the runtime, without waiting.

@@ -47,6 +47,8 @@ fn every_command_has_help() {
         vec!["tail", "--help"],
         vec!["policy", "--help"],
         vec!["produce", "--help"],
+        vec!["replay", "--help"],
+        vec!["status", "--help"],
     ] {
         let o = run(&cmd, &[]);
         assert!(o.status.success(), "{cmd:?}");
@@ -138,6 +140,18 @@ fn bad_config_exits_2_with_one_line_naming_the_key() {
             "kafka.librdkafka",
         ),
         ("[kafka\n".to_owned(), None, vec![], "config file"),
+        (
+            GOOD.to_owned() + "[status]\ntopic = \"s\"\ninterval_secs = 0\n",
+            Some("[]"),
+            vec![],
+            "status.interval_secs",
+        ),
+        (
+            GOOD.to_owned(),
+            Some("[]"),
+            vec![("KINESIS_DESTINATION__STATUS__TOPIC", "segment-events-dlq")],
+            "status.topic",
+        ),
     ];
     for (config, tenants, env, key) in cases {
         let dir = config_dir(&config, tenants);

@@ -863,7 +863,7 @@ async fn retries_follow_settings_changes_without_restart() {
     cfg.write_tenants(&[broken.settings(), other.settings()]);
     wait_metric(
         &worker,
-        "kinesis_destination_tenants{state=\"valid\"}",
+        "kinesis_destination_tenant_settings{state=\"valid\"}",
         2.0,
         Duration::from_secs(10),
     )

@@ -384,7 +384,12 @@ async fn dead_letters_each_bad_input_with_its_reason_and_delivers_the_rest() {
     let mut all = vec![good.settings(), small.settings(), nobody.settings()];
     all.push(bad_settings.clone());
     cfg.write_tenants(&all);
-    wait_metric(&worker, "kinesis_destination_tenants{state=\"valid\"}", 3.0).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_tenant_settings{state=\"valid\"}",
+        3.0,
+    )
+    .await;
     let stderr = replay(&["--reason", "unknown_source"], &cfg.path());
     assert!(stderr.contains("replayed 1 of 7"), "{stderr}");
     wait_metric(&worker, "kinesis_destination_events_delivered_total", 4.0).await;
@@ -587,7 +592,12 @@ async fn tenants_file_edits_apply_without_restart() {
 
     // A new tenant: its next events are delivered without a restart.
     cfg.write_tenants(&[a.settings(), b.settings()]);
-    wait_metric(&worker, "kinesis_destination_tenants{state=\"valid\"}", 2.0).await;
+    wait_metric(
+        &worker,
+        "kinesis_destination_tenant_settings{state=\"valid\"}",
+        2.0,
+    )
+    .await;
     env.send(&ev(2), Some("src_b"), "k").await;
     env.send(&ev(3), Some("src_a"), "k").await;
     wait_metric(&worker, "kinesis_destination_events_delivered_total", 2.0).await;
@@ -611,7 +621,7 @@ async fn tenants_file_edits_apply_without_restart() {
     cfg.write_tenants(&[a.settings(), bad_b]);
     wait_metric(
         &worker,
-        "kinesis_destination_tenants{state=\"invalid\"}",
+        "kinesis_destination_tenant_settings{state=\"invalid\"}",
         1.0,
     )
     .await;

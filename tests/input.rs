@@ -208,6 +208,21 @@ async fn a_missing_topic_stops_the_worker_at_start_with_one_line_naming_it() {
             .is_some_and(|l| l.contains("kafka.topics") && l.contains("no-such-topic")),
         "{logs}"
     );
+    // Nor a status topic, when status.topic names one.
+    let mut worker = Worker::start_with_env(
+        bin(),
+        &cfg,
+        &[("KINESIS_DESTINATION__STATUS__TOPIC", "no-status-topic")],
+    );
+    let status = worker.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", worker.logs());
+    let logs = worker.logs();
+    assert!(
+        logs.lines()
+            .last()
+            .is_some_and(|l| l.contains("status.topic") && l.contains("no-status-topic")),
+        "{logs}"
+    );
 }
 
 /// Tansu cannot make a topic refuse writes (no ACLs; and its `topic delete` removes

@@ -84,7 +84,7 @@ async fn settings_topic_changes_apply_without_restart_and_workers_converge() {
     w2.wait_ready(Duration::from_secs(60));
     for w in [&w1, &w2] {
         assert_eq!(
-            w.metric("kinesis_destination_tenants{state=\"valid\"}"),
+            w.metric("kinesis_destination_tenant_settings{state=\"valid\"}"),
             2.0,
             "both pods loaded both tenants"
         );
@@ -194,13 +194,13 @@ async fn settings_topic_changes_apply_without_restart_and_workers_converge() {
     for w in [&w1, &w2] {
         wait_metric(
             w,
-            "kinesis_destination_tenants{state=\"valid\"}",
+            "kinesis_destination_tenant_settings{state=\"valid\"}",
             1.0,
             Duration::from_secs(5),
         )
         .await;
         assert_eq!(
-            w.metric("kinesis_destination_tenants{state=\"valid\"}"),
+            w.metric("kinesis_destination_tenant_settings{state=\"valid\"}"),
             1.0
         );
     }

@@ -6,6 +6,7 @@ pub mod policy;
 pub mod produce;
 pub mod replay;
 pub mod run;
+pub mod status;
 pub mod tail;
 
 use std::process::ExitCode;

@@ -65,7 +65,7 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
     };
 
     let listen = config.listen()?;
-    let server = kd_telemetry::bind(listen, readiness.clone())
+    let server = kd_telemetry::bind(listen, readiness.clone(), kd_status::pod_routes())
         .await
         .map_err(|e| {
             CliError::Usage(format!(
@@ -148,6 +148,14 @@ pub async fn run(args: Args) -> Result<ExitCode, CliError> {
             min_retry: Duration::from_secs(d.min_retry_secs),
             permanent_window: Duration::from_secs(d.permanent_error_window_secs),
         },
+        status: config
+            .status
+            .topic
+            .clone()
+            .map(|topic| kd_pipeline::StatusSettings {
+                topic,
+                interval: Duration::from_secs(config.status.interval_secs),
+            }),
     };
     kd_pipeline::run(settings, tenants, writer, readiness, shutdown)
         .await

@@ -41,6 +41,18 @@ impl Config {
             _ => {}
         }
         at_least_one("tenants.poll_interval_ms", self.tenants.poll_interval_ms)?;
+        at_least_one("status.interval_secs", self.status.interval_secs)?;
+        if let Some(topic) = &self.status.topic {
+            if topic.trim().is_empty() {
+                return Err(ConfigError::new("status.topic", "must not be empty"));
+            }
+            if k.topics.contains(topic) || *topic == k.dead_letter_topic {
+                return Err(ConfigError::new(
+                    "status.topic",
+                    "must not be an input topic or the dead-letter topic",
+                ));
+            }
+        }
         if let Some(url) = &self.aws.endpoint_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
                 return Err(ConfigError::new(

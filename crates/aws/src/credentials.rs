@@ -174,6 +174,7 @@ impl CredentialCache {
     /// no stream policy granting anything to this tenant).
     fn key(&self, tenant: &TenantSettings) -> Result<Key, AwsError> {
         let refuse = |code: &str, message: String| AwsError {
+            request_id: None,
             class: crate::ErrorClass::Permanent,
             code: code.into(),
             message,
@@ -434,6 +435,7 @@ impl CredentialCache {
         let Some(c) = out.credentials() else {
             m.assume_role.with_label_values(&["error"]).inc();
             return Err(AwsError {
+                request_id: None,
                 class: crate::ErrorClass::Retryable,
                 code: "MissingCredentials".into(),
                 message: format!("AssumeRole {role} returned no credentials"),

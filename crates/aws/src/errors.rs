@@ -171,6 +171,8 @@ pub struct AwsError {
     /// set, safe as a metric label.
     pub code: String,
     pub message: String,
+    /// The AWS request ID of the answer (`x-amzn-RequestId`), where there was one.
+    pub request_id: Option<String>,
 }
 
 impl fmt::Display for AwsError {
@@ -313,10 +315,20 @@ impl AwsError {
             ),
         };
         AwsError {
+            request_id: None,
             class: classify(failure),
             code,
             message: one_line(&format!("{context}: {message}")),
         }
+    }
+
+    /// The error with the request ID of the answer that carried it.
+    pub fn with_request_id(mut self, headers: &http::HeaderMap) -> Self {
+        self.request_id = headers
+            .get("x-amzn-requestid")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| kd_event::text::escape_clip(v, 64));
+        self
     }
 
     /// Builds the error of a failed call; `context` (what was asked of whom) is only
@@ -328,6 +340,7 @@ impl AwsError {
         message: &str,
     ) -> Self {
         AwsError {
+            request_id: None,
             class: classify(failure),
             code: code.to_owned(),
             message: one_line(&format!("{}: {message}", context())),
@@ -338,6 +351,7 @@ impl AwsError {
     /// accept): final.
     pub fn construction(context: &str, err: &dyn std::error::Error) -> Self {
         AwsError {
+            request_id: None,
             class: classify(Failure::Construction),
             code: "ConstructionFailure".to_owned(),
             message: one_line(&format!("{context}: {}", chain(Some(err)))),
@@ -349,6 +363,7 @@ impl AwsError {
     /// KMS error). A code we do not know is taken as transient, as a 5xx would be.
     pub fn from_record(context: &str, code: &str, message: Option<&str>) -> Self {
         AwsError {
+            request_id: None,
             class: classify(Failure::Service {
                 code: Some(code),
                 status: 500,

@@ -36,6 +36,7 @@ pub async fn list_shards(
         }
     }
     Err(AwsError {
+        request_id: None,
         class: crate::ErrorClass::Retryable,
         code: "ResponseError".into(),
         message: format!("ListShards {label}: more pages than a stream has"),

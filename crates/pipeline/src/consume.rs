@@ -16,7 +16,7 @@ use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::callbacks::{consumer_error, WorkerContext};
-use crate::dead_letter::DeadLetters;
+use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::deliver::Job;
 use crate::flow::FlowControl;
 use crate::lanes::{Group, Lanes};
@@ -24,7 +24,7 @@ use crate::log_limit::LogLimit;
 use crate::offsets::{Admission, OffsetTracker};
 use crate::reading::{Reading, Sight};
 use crate::record::Record;
-use crate::route::{route, SourceIdFrom};
+use crate::route::{route, Routed, SourceIdFrom};
 
 /// One user's lane: events of one tenant with one partition key, written in order.
 pub(crate) type Lane = (SourceId, PartitionKey);
@@ -162,6 +162,24 @@ where
         }
     }
 
+    /// Counts a handled event in its tenant's status: a tenant routed to, or one whose
+    /// settings are known but refused the event (invalid settings, no partition key).
+    /// Source IDs no tenant has are not accounted for: anyone may send them.
+    fn account_received(&self, source: Option<&Arc<str>>, routed: &Result<Routed, DeadLetter>) {
+        let book = kd_status::book();
+        match (source, routed) {
+            (Some(source), _) => book.received(source),
+            (None, Err(dl)) => {
+                if let Some(source) = dl.source.as_deref() {
+                    if self.tenants.snapshot().get(source).is_some() {
+                        book.received(&Arc::from(source));
+                    }
+                }
+            }
+            (None, Ok(_)) => {}
+        }
+    }
+
     /// Routes one event and hands it on, unless the tracker says it is not to be
     /// handled (skipped for fairness, already handled, or of a partition not ours).
     fn dispatch(&self, msg: Record, long_hold: bool) {
@@ -187,6 +205,7 @@ where
             }
         };
         kd_telemetry::metrics().events_received.inc();
+        self.account_received(source.as_ref(), &routed);
         if self
             .flow
             .reached(&self.tracker, msg.topic(), msg.partition(), partition_held)

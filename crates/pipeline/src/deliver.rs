@@ -223,6 +223,15 @@ impl<W: RecordWriter> Retrying<W> {
                 }
             }
             kd_telemetry::metrics().retries.inc();
+            let failure = kd_status::Failure {
+                code: &err.code,
+                message: &err.message,
+                request_id: err.request_id.as_deref(),
+                throttle: err.is_shard_throttle(),
+            };
+            kd_status::book().retried(tenant.source_id.as_str(), &failure, || {
+                job.msg.status_place()
+            });
             let wait = self.retry.backoff(attempt);
             attempt = attempt.saturating_add(1);
             tokio::select! {
@@ -281,13 +290,15 @@ impl Deliverer {
         match outcome {
             Outcome::Written => {
                 let m = kd_telemetry::metrics();
+                let book = kd_status::book();
                 for job in &jobs {
                     m.events_delivered.inc();
-                    if let Some(age) =
-                        produced_at(&job.msg).and_then(|p| SystemTime::now().duration_since(p).ok())
-                    {
+                    let age = produced_at(&job.msg)
+                        .and_then(|p| SystemTime::now().duration_since(p).ok());
+                    if let Some(age) = age {
                         m.delivery_latency.observe(age.as_secs_f64());
                     }
+                    book.delivered(job.tenant.source_id.as_str(), age);
                     if let Some(source) = kd_telemetry::source_label(job.tenant.source_id.as_str())
                     {
                         m.source_delivered.with_label_values(&[source]).inc();

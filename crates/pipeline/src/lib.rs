@@ -41,6 +41,9 @@ mod unsaved;
 pub mod worker;
 
 pub use dead_letter::Reason;
-pub use kafka::{dead_letter_max_bytes, validate_kafka, InvalidKafkaSetting, KafkaSettings};
+pub use kafka::{
+    command_client_config, dead_letter_max_bytes, validate_kafka, InvalidKafkaSetting,
+    KafkaSettings,
+};
 pub use retry::RetryPolicy;
-pub use worker::{run, WorkerError, WorkerSettings};
+pub use worker::{run, StatusSettings, WorkerError, WorkerSettings};

@@ -145,6 +145,21 @@ impl Record {
         self.key.map(|n| &self.buf[at..at + n])
     }
 
+    /// Where this event was read and its `messageId`, for a status sample (read from
+    /// the value only then: failures are rare, and samples fewer).
+    pub(crate) fn status_place(&self) -> kd_status::Place {
+        let message_id = self
+            .payload()
+            .and_then(|v| kd_event::EventView::decode(v).ok())
+            .and_then(|v| v.message_id.map(|m| m.into_owned()));
+        kd_status::Place {
+            message_id,
+            topic: self.topic().to_owned(),
+            partition: self.partition(),
+            offset: self.offset(),
+        }
+    }
+
     pub fn topic(&self) -> &str {
         &self.topic
     }

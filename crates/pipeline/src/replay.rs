@@ -19,7 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::{dead_letter_max_bytes, KafkaSettings};
 use crate::record::Record;
@@ -125,12 +125,7 @@ pub async fn replay(
     req: &ReplayRequest,
     mut on_refused: impl FnMut(&Refused),
 ) -> Result<ReplayReport, ReplayError> {
-    let mut base = ClientConfig::new();
-    base.set("bootstrap.servers", &k.bootstrap_servers);
-    k.auth.configure(&mut base, &k.librdkafka);
-    for (key, value) in &k.librdkafka {
-        base.set(key, value);
-    }
+    let base = crate::kafka::command_client_config(k);
     let context = || AuthContext(k.auth.clone());
     let consumer: BaseConsumer<AuthContext> = base
         .clone()

@@ -70,7 +70,19 @@ pub struct WorkerSettings {
     /// before the worker exits anyway.
     pub close_timeout: Duration,
     pub retry: RetryPolicy,
+    /// Per-tenant status records, when `status.topic` is set.
+    pub status: Option<StatusSettings>,
 }
+
+/// Where and how often each tenant's status is produced (see `kd-status`).
+#[derive(Clone, Debug)]
+pub struct StatusSettings {
+    pub topic: String,
+    pub interval: Duration,
+}
+
+/// Longest the last status window may take to be produced at shutdown.
+const FINAL_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -131,12 +143,23 @@ pub async fn run(
         consumer_config(&settings.kafka).create_with_context(context)?;
     set_token_now(consumer.client(), &settings.kafka.auth);
     let consumer = Arc::new(consumer);
-    check_topics(&consumer, &settings.kafka, &shutdown).await?;
+    let status_topic = settings.status.as_ref().map(|s| s.topic.as_str());
+    check_topics(&consumer, &settings.kafka, status_topic, &shutdown).await?;
     let topics: Vec<&str> = settings.kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let producer: DeadLetterProducer = producer_config(&settings.kafka)
         .create_with_context(DeadLetterClient::new(settings.kafka.auth.clone()))?;
     set_token_now(producer.client(), &settings.kafka.auth);
+    // Status records go through the dead-letter producer (same cluster and settings).
+    let stop_status = CancellationToken::new();
+    let status = settings.status.as_ref().map(|s| {
+        tokio::spawn(kd_status::publish::publish_loop(
+            producer.clone(),
+            s.topic.clone(),
+            s.interval,
+            stop_status.clone(),
+        ))
+    });
     let dead_letters = DeadLetters::new(
         producer.clone(),
         &settings.kafka.dead_letter_topic,
@@ -216,6 +239,16 @@ pub async fn run(
     }
     .run()
     .await;
+    // The open status window, early: what this pod did since the last one.
+    stop_status.cancel();
+    if let Some(status) = status {
+        if tokio::time::timeout(FINAL_STATUS_TIMEOUT, status)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the last status window was not produced in time");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The HTTP port: `/metrics`, `/healthz` and `/readyz`.
+//! The HTTP port: `/metrics`, `/healthz` and `/readyz` (and the routes other crates add).
 //!
 //! Whoever reaches the port can open connections to it, and the liveness probe restarts
 //! the pod when `/healthz` does not answer within a second. So no client can keep the
@@ -48,9 +48,11 @@ const LISTEN_BACKLOG: u32 = 4096;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds the HTTP listener (so a bad address fails at start-up) and returns the server.
+/// `extra` adds routes of other crates (the per-tenant status).
 pub async fn bind(
     listen: SocketAddr,
     readiness: Arc<Readiness>,
+    extra: Router,
 ) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     let socket = match listen {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -66,7 +68,8 @@ pub async fn bind(
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(readiness);
+        .with_state(readiness)
+        .merge(extra);
     Ok(serve(listener, app))
 }
 

@@ -38,7 +38,11 @@ pub struct Metrics {
     pub consumer_errors: IntCounterVec,
     pub kafka_brokers_answering: IntGauge,
     pub http_connections_closed: IntCounterVec,
+    /// Tenants this pod accounts for, by delivery state (see `kd-status`).
     pub tenants: IntGaugeVec,
+    /// Tenant settings loaded, valid or not.
+    pub tenant_settings: IntGaugeVec,
+    pub status_records: IntCounterVec,
     pub tenant_settings_errors: IntCounter,
     pub tenant_settings_records: IntCounter,
     pub commits: IntCounterVec,
@@ -141,7 +145,9 @@ impl Metrics {
             kafka_brokers_answering: gauge!("kafka_brokers_answering", "Brokers the consumer is connected to that answered in the last 30 s (0: it cannot read; /readyz says so)."),
             http_connections_closed: counter!("http_connections_closed_total", "HTTP connections the worker closed to keep the port answering: over the per-address cap (per_address), the longest-open one closed to make room at the connection cap (evicted), or a newcomer refused while closed or not yet served ones hold their sockets (over_limit).", &["reason"]),
             consumer_lag: gauge!("consumer_lag", "Messages between the high watermark and the consumer position.", &["topic", "partition"]),
-            tenants: gauge!("tenants", "Tenant settings loaded, by state.", &["state"]),
+            tenants: gauge!("tenants", "Tenants this pod saw traffic of within the last hour, by delivery state at the last status interval.", &["state"]),
+            tenant_settings: gauge!("tenant_settings", "Tenant settings loaded, by state (valid, invalid).", &["state"]),
+            status_records: counter!("status_records_total", "Per-tenant status records produced to the status topic, by outcome.", &["outcome"]),
             tenant_settings_errors: counter!("tenant_settings_errors_total", "Tenant settings loads rejected (the last good settings stay in force)."),
             tenant_settings_records: counter!("tenant_settings_records_total", "Records applied from the tenant settings topic."),
             commits: counter!("offset_commits_total", "Kafka offset commits, by outcome.", &["outcome"]),

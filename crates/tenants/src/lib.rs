@@ -242,10 +242,10 @@ impl TenantStore {
         }
         let m = kd_telemetry::metrics();
         let invalid = snapshot.invalid_count();
-        m.tenants
+        m.tenant_settings
             .with_label_values(&["valid"])
             .set((snapshot.len() - invalid) as i64);
-        m.tenants
+        m.tenant_settings
             .with_label_values(&["invalid"])
             .set(invalid as i64);
         self.current.store(Arc::new(snapshot));

@@ -391,7 +391,8 @@ impl KinesisApi {
                 failure,
                 &code.clone().unwrap_or_else(|| format!("HTTP_{status}")),
                 &message.unwrap_or_else(|| format!("HTTP {status}")),
-            ));
+            )
+            .with_request_id(&parts.headers));
         }
     }
 

@@ -215,12 +215,14 @@ impl KinesisWriter {
                 }
             }
             return AwsError {
+                request_id: None,
                 class: ErrorClass::Retryable,
                 code: "StreamNotDescribed".into(),
                 message: format!("{ctx}: the record is {bytes} bytes and the stream's maximum record size is not known yet (DescribeStreamSummary)"),
             };
         }
         AwsError {
+            request_id: None,
             class: ErrorClass::RecordTooLarge,
             code: "RecordTooLarge".into(),
             message: format!("{ctx}: the record is {bytes} bytes (data plus partition key); the stream takes at most {max}"),

@@ -175,6 +175,14 @@ impl DeadLetters {
                             .with_label_values(&[source, dl.reason.as_str()])
                             .inc();
                     }
+                    if let Some(source) = dl.source.as_deref() {
+                        kd_status::book().dead_lettered(
+                            source,
+                            dl.reason.as_str(),
+                            &dl.error,
+                            || original.status_place(),
+                        );
+                    }
                     // Any dead letter written shows the topic takes them again.
                     self.readiness.set_dead_letters_failing(None);
                     if truncated_from.is_some() {

@@ -44,6 +44,7 @@ impl RecordWriter for Arc<Scripted> {
 
 fn error(class: ErrorClass, code: &str) -> AwsError {
     AwsError {
+        request_id: None,
         class,
         code: code.into(),
         message: "scripted".into(),

@@ -88,6 +88,18 @@ pub struct MissingTopic {
     pub topic: String,
 }
 
+/// The configuration of a one-shot command's clients (replay, status): the brokers and
+/// the cluster's security settings, nothing of the worker's consumer or producer.
+pub fn command_client_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.bootstrap_servers);
+    k.auth.configure(&mut c, &k.librdkafka);
+    for (key, value) in &k.librdkafka {
+        c.set(key, value);
+    }
+    c
+}
+
 pub(crate) fn consumer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers)
@@ -256,13 +268,14 @@ pub fn validate_kafka(k: &KafkaSettings) -> Result<(), InvalidKafkaSetting> {
     Ok(())
 }
 
-/// Waits until the brokers say whether every input topic and the dead-letter topic
-/// exist: a missing one is an error naming its configuration key (dead letters could
+/// Waits until the brokers say whether every input topic, the dead-letter topic and the
+/// status topic (when set) exist: a missing one is an error naming its configuration key (dead letters could
 /// never be written, or there is nothing to read). Brokers that cannot be reached are
 /// waited for, as the consumer would wait for them anyway, until shutdown.
 pub(crate) async fn check_topics<C: ConsumerContext + 'static>(
     consumer: &Arc<StreamConsumer<C>>,
     k: &KafkaSettings,
+    status_topic: Option<&str>,
     shutdown: &CancellationToken,
 ) -> Result<(), MissingTopic> {
     // A subscription pattern (`^events-.*`) may match nothing yet: not checked.
@@ -272,6 +285,7 @@ pub(crate) async fn check_topics<C: ConsumerContext + 'static>(
         .filter(|t| !t.starts_with('^'))
         .map(|t| ("kafka.topics", t.clone()))
         .chain([("kafka.dead_letter_topic", k.dead_letter_topic.clone())])
+        .chain(status_topic.map(|t| ("status.topic", t.to_owned())))
         .collect();
     let log = LogLimit::per_minute();
     let mut token_set = std::time::Instant::now();

@@ -418,9 +418,19 @@ pub(super) fn describe(inner: &Mutex<Inner>, req: &Value, access_key: &str) -> R
     json_ok(json!({ "StreamDescriptionSummary": summary }))
 }
 
+/// Every answer carries a request ID, as Kinesis' do (`x-amzn-RequestId`).
+fn request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("fake-kinesis-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 pub(super) fn json_ok(body: Value) -> Response {
     (
-        [("content-type", "application/x-amz-json-1.1")],
+        [
+            ("content-type", "application/x-amz-json-1.1".to_owned()),
+            ("x-amzn-RequestId", request_id()),
+        ],
         body.to_string(),
     )
         .into_response()
@@ -429,7 +439,10 @@ pub(super) fn json_ok(body: Value) -> Response {
 pub(super) fn json_error(status: u16, code: &str, message: &str) -> Response {
     (
         StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-        [("content-type", "application/x-amz-json-1.1")],
+        [
+            ("content-type", "application/x-amz-json-1.1".to_owned()),
+            ("x-amzn-RequestId", request_id()),
+        ],
         json!({"__type": code, "message": message}).to_string(),
     )
         .into_response()
