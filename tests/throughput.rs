@@ -298,9 +298,20 @@ fn many_tenants_input(env: Env, tenants: usize, per_tenant: u32) -> Input {
     }
 }
 
-async fn worker_row(scenario: &str, input: &Input) -> Row {
+/// Status topic of the scenarios with per-tenant status on.
+const STATUS_TOPIC: &str = "kd-status";
+/// Their status interval: several windows close during a run.
+const STATUS_INTERVAL_SECS: u64 = 5;
+
+async fn worker_row(scenario: &str, input: &Input, status: bool) -> Row {
     let refs: Vec<&Tenant> = input.tenants.iter().collect();
-    let cfg = input.env.config(&refs);
+    let mut cfg = input.env.config(&refs);
+    if status {
+        input.env.tansu.create_topic(STATUS_TOPIC, 3);
+        cfg = cfg
+            .set("status", &format!("topic = \"{STATUS_TOPIC}\""))
+            .set("status", &format!("interval_secs = {STATUS_INTERVAL_SECS}"));
+    }
     cfg.write();
     let mut worker = Worker::start_ready(bin(), &cfg);
     let cpu_before = worker.cpu_seconds();
@@ -390,7 +401,29 @@ async fn worker_row(scenario: &str, input: &Input) -> Row {
         p99_ms,
     };
     worker.stop();
+    if status {
+        status_figures(scenario, input);
+    }
     row
+}
+
+/// What per-tenant status cost in records and bytes (each pod's windows, plus the
+/// one closed early at shutdown).
+fn status_figures(scenario: &str, input: &Input) {
+    let records = input
+        .env
+        .kafka
+        .read_topic(STATUS_TOPIC, usize::MAX, Duration::from_secs(10));
+    let bytes: usize = records
+        .iter()
+        .map(|m| rdkafka::Message::payload(m).map_or(0, <[u8]>::len))
+        .sum();
+    eprintln!(
+        "{scenario}: status on ({STATUS_INTERVAL_SECS} s windows): {} records, {:.1} MiB, {:.0} bytes per record",
+        records.len(),
+        bytes as f64 / (1024.0 * 1024.0),
+        bytes as f64 / records.len().max(1) as f64
+    );
 }
 
 fn vector_binary() -> Option<PathBuf> {
@@ -497,16 +530,24 @@ async fn throughput_table() {
                 continue;
             }
             let input = input(20, 100, 64, mode, sink).await;
-            let row = worker_row(&name, &input).await;
+            let row = worker_row(&name, &input, false).await;
             row.print();
             rows.push(row);
+            // The same with per-tenant status on: its cost.
+            let name = format!("{name}, status on");
+            if mode == Mode::PutRecords && sink.is_zero() && wanted(&name) {
+                let input = self::input(20, 100, 64, mode, sink).await;
+                let row = worker_row(&name, &input, true).await;
+                row.print();
+                rows.push(row);
+            }
         }
         let name = format!("1 tenant × 2,000 users, PutRecords, {sink_ms} ms sink");
         if !wanted(&name) {
             continue;
         }
         let input = input(1, 2000, SINGLE_TENANT_SHARDS, Mode::PutRecords, sink).await;
-        let row = worker_row(&name, &input).await;
+        let row = worker_row(&name, &input, false).await;
         row.print();
         rows.push(row);
         if let Some(vector) = vector_binary() {
@@ -528,7 +569,7 @@ async fn throughput_table() {
             continue;
         }
         let input = hot_user_input(aggregate, events, Duration::from_millis(20)).await;
-        let row = worker_row(&name, &input).await;
+        let row = worker_row(&name, &input, false).await;
         row.print();
         rows.push(row);
     }
@@ -537,11 +578,18 @@ async fn throughput_table() {
         "{} tenants × {MANY_TENANTS_EVENTS} events, PutRecords, 0 ms sink",
         tenants
     );
-    if wanted(&name) {
-        let input = many_tenants_input(Env::start().await, tenants, MANY_TENANTS_EVENTS);
-        let row = worker_row(&name, &input).await;
-        row.print();
-        rows.push(row);
+    for status in [false, true] {
+        let name = if status {
+            format!("{name}, status on")
+        } else {
+            name.clone()
+        };
+        if wanted(&name) {
+            let input = many_tenants_input(Env::start().await, tenants, MANY_TENANTS_EVENTS);
+            let row = worker_row(&name, &input, status).await;
+            row.print();
+            rows.push(row);
+        }
     }
     println!();
     println!(

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kd_aws::KinesisWriter;
-use kd_kafka::auth::set_token_now;
+use kd_kafka::auth::{set_token_now, AuthContext};
 use kd_telemetry::Readiness;
 use kd_tenants::TenantStore;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::Producer;
+use rdkafka::producer::{FutureProducer, Producer};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker_health::BrokerHealth;
@@ -31,7 +31,7 @@ use crate::deliver::{Deliverer, Job, Retrying};
 use crate::flow::FlowControl;
 use crate::kafka::{
     check_topics, consumer_config, dead_letter_max_bytes, isolation_warning, producer_config,
-    KafkaSettings, MissingTopic,
+    status_producer_config, KafkaSettings, MissingTopic,
 };
 use crate::lanes::{Group, Lanes};
 use crate::log_limit::LogLimit;
@@ -81,8 +81,12 @@ pub struct StatusSettings {
     pub interval: Duration,
 }
 
-/// Longest the last status window may take to be produced at shutdown.
+/// Longest the last status window may take to be produced at shutdown (its flush has
+/// [`kd_status::publish::FINAL_FLUSH`] of it).
 const FINAL_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Status windows without `status.interval_secs` (no status topic): the pod's view and
+/// the state gauge still close them.
+const DEFAULT_STATUS_WINDOW: Duration = Duration::from_secs(60);
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -150,16 +154,30 @@ pub async fn run(
     let producer: DeadLetterProducer = producer_config(&settings.kafka)
         .create_with_context(DeadLetterClient::new(settings.kafka.auth.clone()))?;
     set_token_now(producer.client(), &settings.kafka.auth);
-    // Status records go through the dead-letter producer (same cluster and settings).
+    // Status windows close whether or not they are produced (the pod's view and the
+    // state gauge need them); records go through a producer of their own, so that a
+    // slow status topic never delays a dead letter.
     let stop_status = CancellationToken::new();
-    let status = settings.status.as_ref().map(|s| {
-        tokio::spawn(kd_status::publish::publish_loop(
-            producer.clone(),
-            s.topic.clone(),
-            s.interval,
-            stop_status.clone(),
-        ))
-    });
+    let status_sink = match &settings.status {
+        Some(s) => {
+            let producer: FutureProducer<AuthContext> = status_producer_config(&settings.kafka)
+                .create_with_context(AuthContext(settings.kafka.auth.clone()))?;
+            set_token_now(producer.client(), &settings.kafka.auth);
+            Some(kd_status::publish::Sink {
+                producer,
+                topic: s.topic.clone(),
+            })
+        }
+        None => None,
+    };
+    let status = tokio::spawn(kd_status::publish::publish_loop(
+        status_sink,
+        settings
+            .status
+            .as_ref()
+            .map_or(DEFAULT_STATUS_WINDOW, |s| s.interval),
+        stop_status.clone(),
+    ));
     let dead_letters = DeadLetters::new(
         producer.clone(),
         &settings.kafka.dead_letter_topic,
@@ -241,13 +259,11 @@ pub async fn run(
     .await;
     // The open status window, early: what this pod did since the last one.
     stop_status.cancel();
-    if let Some(status) = status {
-        if tokio::time::timeout(FINAL_STATUS_TIMEOUT, status)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the last status window was not produced in time");
-        }
+    if tokio::time::timeout(FINAL_STATUS_TIMEOUT, status)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the last status window was not produced in time");
     }
     tracing::info!("stopped");
     Ok(())

@@ -27,6 +27,11 @@ use crate::time::{now_secs, rfc3339};
 pub const SAMPLES_PER_WINDOW: usize = 3;
 /// A tenant without traffic this long is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// An idle tenant's last error is kept this long (it is in the status topic after).
+pub const ERROR_KEPT: Duration = Duration::from_secs(600);
+/// A dead letter after retries keeps an AWS error at most this old as the last error
+/// (the one that caused it); an older one says nothing about this dead letter.
+const CAUSE_WITHIN: Duration = Duration::from_secs(600);
 /// Longest error message kept, in characters.
 const MESSAGE_CHARS: usize = 300;
 const SHARDS: usize = 32;
@@ -64,11 +69,23 @@ struct Tally {
     samples: Vec<Sample>,
 }
 
+#[derive(Clone)]
 struct ErrorNote {
     code: Box<str>,
     message: Box<str>,
     request_id: Option<Box<str>>,
     at: u64,
+}
+
+impl ErrorNote {
+    fn to_last_error(&self) -> LastError {
+        LastError {
+            code: self.code.to_string(),
+            message: self.message.to_string(),
+            request_id: self.request_id.as_ref().map(|r| r.to_string()),
+            at: rfc3339(self.at),
+        }
+    }
 }
 
 /// A failed write attempt, as the writer saw it.
@@ -163,16 +180,19 @@ impl StatusBook {
 
     /// An event was read for `source`.
     pub fn received(&self, source: &Arc<str>) {
-        self.with(source, Some(source), |_, t, _| t.received += 1);
+        self.with(source, Some(source), |_, t, _| {
+            t.received = t.received.saturating_add(1)
+        });
     }
 
     /// An event of `source` was written, `latency` after it was produced. Like the hooks
     /// below, counted for a tenant whose event was [received](Self::received) here.
     pub fn delivered(&self, source: &str, latency: Option<Duration>) {
         self.with(source, None, |a, t, now| {
-            t.delivered += 1;
+            t.delivered = t.delivered.saturating_add(1);
             if let Some(l) = latency {
-                t.latency[latency_bucket(l.as_millis() as u64)] += 1;
+                let b = &mut t.latency[latency_bucket(l.as_millis() as u64)];
+                *b = b.saturating_add(1);
             }
             a.last_delivery = now;
         });
@@ -211,7 +231,11 @@ impl StatusBook {
             // After retries, the last AWS error is what the tenant needs to see (the
             // dead letter's own error repeats it); other reasons are errors of their own.
             let after_retries = matches!(reason, "destination_rejected" | "retries_exhausted");
-            if after_retries && a.last_error.is_some() {
+            let recent = a
+                .last_error
+                .as_ref()
+                .is_some_and(|e| now.saturating_sub(e.at) <= CAUSE_WITHIN.as_secs());
+            if after_retries && recent {
                 a.last_failure = now;
             } else {
                 a.failed(now, reason, error, None);
@@ -221,35 +245,53 @@ impl StatusBook {
     }
 
     /// Closes every open window into a record (tenants with traffic in it), labelled as
-    /// the window that started at `window_start`; forgets tenants idle for
-    /// [`FORGET_AFTER`]; sets the state gauge.
-    pub fn close(&self, window_start: u64) -> Vec<StatusRecord> {
+    /// the `window_secs` from `window_start`; forgets tenants idle for [`FORGET_AFTER`]
+    /// (and an idle tenant's last error after [`ERROR_KEPT`]); sets the state gauge.
+    /// Under each shard's lock only the windows are taken; records are built after.
+    pub fn close(&self, window_start: u64, window_secs: u64) -> Vec<StatusRecord> {
         let now = now_secs();
-        let window_secs = self.window_secs();
-        let mut records = Vec::new();
+        let mut closed: Vec<Closed> = Vec::new();
         let mut states = [0i64; State::ALL.len()];
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard.retain(|source, a| {
                 a.state = match a.window.take() {
                     Some(tally) => {
-                        let record = a.record(source, &self.pod, window_start, window_secs, *tally);
-                        let state = State::of(&record.counts);
-                        records.push(record);
+                        let state = tally.state();
+                        closed.push(Closed {
+                            source: source.clone(),
+                            tally,
+                            last_delivery: a.last_delivery,
+                            last_failure: a.last_failure,
+                            last_error: a.last_error.clone(),
+                        });
                         state
                     }
                     None => State::Idle,
                 };
+                let stale_error = a
+                    .last_error
+                    .as_ref()
+                    .is_some_and(|e| now.saturating_sub(e.at) > ERROR_KEPT.as_secs());
+                if a.state == State::Idle && stale_error {
+                    a.last_error = None;
+                }
                 states[a.state.index()] += 1;
                 a.state != State::Idle
                     || now.saturating_sub(a.last_traffic) < FORGET_AFTER.as_secs()
             });
+            if shard.capacity() > 2 * shard.len() + 64 {
+                shard.shrink_to_fit();
+            }
         }
         let gauge = &kd_telemetry::metrics().tenants;
         for (state, n) in State::ALL.iter().zip(states) {
             gauge.with_label_values(&[state.as_str()]).set(n);
         }
-        records
+        closed
+            .into_iter()
+            .map(|c| c.record(&self.pod, window_start, window_secs))
+            .collect()
     }
 
     /// This pod's view of `source`, if it had traffic here within [`FORGET_AFTER`].
@@ -320,38 +362,56 @@ impl Account {
     }
 
     fn last_error(&self) -> Option<LastError> {
-        self.last_error.as_ref().map(|e| LastError {
-            code: e.code.to_string(),
-            message: e.message.to_string(),
-            request_id: e.request_id.as_ref().map(|r| r.to_string()),
-            at: rfc3339(e.at),
-        })
+        self.last_error.as_deref().map(ErrorNote::to_last_error)
     }
+}
 
-    fn record(
-        &self,
-        source: &str,
-        pod: &str,
-        window_start: u64,
-        window_secs: u64,
-        tally: Tally,
-    ) -> StatusRecord {
+/// A window taken out of the book, to be made a record outside its lock.
+struct Closed {
+    source: Arc<str>,
+    tally: Box<Tally>,
+    last_delivery: u64,
+    last_failure: u64,
+    last_error: Option<Box<ErrorNote>>,
+}
+
+impl Closed {
+    fn record(self, pod: &str, window_start: u64, window_secs: u64) -> StatusRecord {
+        let Closed {
+            source,
+            tally,
+            last_delivery,
+            last_failure,
+            last_error,
+        } = self;
+        let counts = tally.counts();
         StatusRecord {
             v: VERSION,
-            source_id: source.to_owned(),
+            source_id: source.to_string(),
             pod: pod.to_owned(),
             window_start: rfc3339(window_start),
             window_secs,
-            counts: tally.counts(),
-            last_delivery: time(self.last_delivery),
-            last_failure: time(self.last_failure),
-            last_error: self.last_error(),
+            counts,
+            last_delivery: time(last_delivery),
+            last_failure: time(last_failure),
+            last_error: last_error.as_deref().map(ErrorNote::to_last_error),
             samples: tally.samples,
         }
     }
 }
 
 impl Tally {
+    /// The window's state (as [`State::of`] its counts).
+    fn state(&self) -> State {
+        let failed = !self.dead_lettered.is_empty() || !self.retried.is_empty();
+        match (failed, self.delivered > 0) {
+            (true, true) => State::Degraded,
+            (true, false) => State::Failing,
+            (false, _) if self.delivered > 0 || self.received > 0 => State::Delivering,
+            (false, _) => State::Idle,
+        }
+    }
+
     fn counts(&self) -> Counts {
         let mut c = Counts {
             received: self.received,
@@ -417,9 +477,28 @@ impl Tally {
     }
 }
 
-/// A message as one line of at most [`MESSAGE_CHARS`] characters.
+/// A message as one line of at most [`MESSAGE_CHARS`] characters, cut before anything
+/// that could be a request's signing material (an AWS answer that quotes the request it
+/// refused, such as `SignatureDoesNotMatch`'s canonical request).
 fn line(message: &str) -> String {
-    kd_event::text::clip(&kd_event::text::one_line(message), MESSAGE_CHARS).to_owned()
+    let flat = kd_event::text::one_line(message);
+    let lower = flat.to_ascii_lowercase();
+    let cut = [
+        "x-amz-security-token",
+        "credential=",
+        "signature=",
+        "authorization",
+    ]
+    .iter()
+    .filter_map(|needle| lower.find(needle))
+    .min()
+    .unwrap_or(flat.len());
+    let kept = kd_event::text::clip(&flat[..cut], MESSAGE_CHARS);
+    if cut < flat.len() {
+        format!("{kept}[request details not kept]")
+    } else {
+        kept.to_owned()
+    }
 }
 
 fn time(secs: u64) -> Option<String> {

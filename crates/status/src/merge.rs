@@ -24,6 +24,9 @@ pub struct Merged {
     pub tenants: BTreeMap<String, History>,
     /// Records of another version or unreadable (counted, not shown).
     pub skipped: u64,
+    /// Only totals, the recent counts and the last error per tenant (no series, no
+    /// samples): the list of all tenants, at a bounded cost per tenant.
+    pub totals_only: bool,
 }
 
 /// One tenant over the range.
@@ -48,14 +51,16 @@ impl Merged {
             bucket_secs: bucket_secs.max(1),
             tenants: BTreeMap::new(),
             skipped: 0,
+            totals_only: false,
         }
     }
 
-    /// Adds a record read from the topic (its value). Records outside the range, of
-    /// another version, or unreadable are passed over.
-    pub fn add_json(&mut self, value: &[u8]) {
+    /// Adds a record read from the topic (its key and value). Records outside the
+    /// range, of another version, unreadable, or whose key is not their source ID
+    /// (written by something else than a pod) are passed over.
+    pub fn add_json(&mut self, key: &[u8], value: &[u8]) {
         match serde_json::from_slice::<StatusRecord>(value) {
-            Ok(r) if r.v == VERSION => self.add(r),
+            Ok(r) if r.v == VERSION && r.source_id.as_bytes() == key => self.add(r),
             _ => self.skipped += 1,
         }
     }
@@ -65,13 +70,15 @@ impl Merged {
             self.skipped += 1;
             return;
         };
-        let end = start + r.window_secs;
+        let end = start.saturating_add(r.window_secs);
         if end <= self.since || start > self.until {
             return;
         }
         let h = self.tenants.entry(r.source_id).or_default();
-        let bucket = start / self.bucket_secs * self.bucket_secs;
-        h.buckets.entry(bucket).or_default().add(&r.counts);
+        if !self.totals_only {
+            let bucket = start / self.bucket_secs * self.bucket_secs;
+            h.buckets.entry(bucket).or_default().add(&r.counts);
+        }
         h.total.add(&r.counts);
         if end + RECENT_SECS > self.until {
             h.recent.add(&r.counts);
@@ -90,7 +97,9 @@ impl Merged {
                 h.last_error = Some(e);
             }
         }
-        h.samples.extend(r.samples);
+        if !self.totals_only {
+            h.samples.extend(r.samples);
+        }
         if h.samples.len() > SAMPLES_KEPT * 2 {
             h.trim_samples();
         }
@@ -258,9 +267,14 @@ mod tests {
         m.add(record("b", "pod-2", t0 + 480, 0, 3));
         m.add(record("b", "pod-1", t0 + 540, 0, 2));
         m.add(record("old", "pod-1", t0 - 600, 1, 0));
-        m.add_json(br#"{"v":2,"source_id":"future"}"#);
-        m.add_json(b"not json");
-        assert_eq!(m.skipped, 2);
+        m.add_json(b"future", br#"{"v":2,"source_id":"future"}"#);
+        m.add_json(b"x", b"not json");
+        let forged = serde_json::to_vec(&record("a", "pod-9", t0, 1000, 0)).unwrap();
+        m.add_json(b"someone-else", &forged);
+        assert_eq!(
+            m.skipped, 3,
+            "another version, not JSON, a key not its source"
+        );
         assert!(!m.tenants.contains_key("old"), "out of the range");
 
         let a = m.summary("a");

@@ -5,7 +5,7 @@
 //! request; the list of failing tenants is kept for [`OVERVIEW_TTL`].
 
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
@@ -26,7 +26,9 @@ const RANGES: [(&str, u64); 4] = [("15m", 900), ("1h", 3600), ("6h", 21_600), ("
 
 struct Page {
     reader: Reader,
-    overview: Mutex<Option<(Instant, u64, Arc<Merged>)>>,
+    /// The last list read, with when and for which range. Held while it is read again,
+    /// so concurrent requests wait for one read instead of each making its own.
+    overview: tokio::sync::Mutex<Option<(Instant, u64, Arc<Merged>)>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -38,7 +40,7 @@ struct Ask {
 pub fn router(reader: Reader) -> Router {
     let page = Arc::new(Page {
         reader,
-        overview: Mutex::new(None),
+        overview: tokio::sync::Mutex::new(None),
     });
     Router::new()
         .route("/", get(index))
@@ -126,7 +128,8 @@ async fn index(State(page): State<Arc<Page>>, Query(ask): Query<Ask>) -> Respons
 }
 
 async fn overview(page: &Arc<Page>, range: u64) -> Result<Arc<Merged>, String> {
-    if let Some((at, r, m)) = &*page.overview.lock().unwrap_or_else(|p| p.into_inner()) {
+    let mut cached = page.overview.lock().await;
+    if let Some((at, r, m)) = &*cached {
         if *r == range && at.elapsed() < OVERVIEW_TTL {
             return Ok(m.clone());
         }
@@ -138,8 +141,7 @@ async fn overview(page: &Arc<Page>, range: u64) -> Result<Arc<Merged>, String> {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     let m = Arc::new(m);
-    *page.overview.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some((Instant::now(), range, m.clone()));
+    *cached = Some((Instant::now(), range, m.clone()));
     Ok(m)
 }
 
@@ -235,18 +237,18 @@ fn tenant(o: &mut String, s: &Summary) {
         );
     }
     if !t.dead_lettered.is_empty() || !t.retried.is_empty() {
-        o.push_str("<section id=failures><h2>Failures</h2><table><tr><th>Kind</th><th>Reason or AWS error</th><th class=num>Events</th></tr>");
+        o.push_str("<section id=failures><h2>Failures</h2><table><tr><th>Kind</th><th>Reason or AWS error</th><th class=num>Count</th></tr>");
         for (k, v) in &t.dead_lettered {
             let _ = write!(
                 o,
-                "<tr><td>dead-lettered</td><td>{}</td><td class=num>{v}</td></tr>",
+                "<tr><td>events dead-lettered</td><td>{}</td><td class=num>{v}</td></tr>",
                 esc(k)
             );
         }
         for (k, v) in &t.retried {
             let _ = write!(
                 o,
-                "<tr><td>retried</td><td>{}</td><td class=num>{v}</td></tr>",
+                "<tr><td>attempts retried</td><td>{}</td><td class=num>{v}</td></tr>",
                 esc(k)
             );
         }
@@ -298,7 +300,7 @@ fn chart(o: &mut String, series: &[Point], bucket_secs: u64) {
     };
     let _ = write!(
         o,
-        r##"<h2>Events {unit}</h2><p class=legend><span style="color:#1f8a4c">■ delivered</span><span style="color:#c0392b">■ failed (dead-lettered or retried)</span></p>
+        r##"<h2>Events {unit}</h2><p class=legend><span style="color:#1f8a4c">■ delivered</span><span style="color:#c0392b">■ failed (events dead-lettered and write attempts retried)</span></p>
 <svg id=chart role=img aria-label="delivered and failed events {unit}" viewBox="0 0 {w} {h}" width="100%" style="max-width:{w}px">
 <line x1="{pad}" y1="{base:.1}" x2="{right:.1}" y2="{base:.1}" stroke="#9aa3b2"/>
 <line x1="{pad}" y1="{pad}" x2="{pad}" y2="{base:.1}" stroke="#9aa3b2"/>

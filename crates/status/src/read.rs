@@ -46,6 +46,11 @@ pub fn read_into(
         .clone()
         .set("group.id", "kinesis-destination-status")
         .set("enable.auto.commit", "false")
+        // The end of a partition is told, so one whose last offsets are transaction
+        // markers or aborted records (never delivered) still ends.
+        .set("enable.partition.eof", "true")
+        // A start removed by retention meanwhile: from the oldest record kept.
+        .set("auto.offset.reset", "earliest")
         .create_with_context(AuthContext(auth.clone()))
         .map_err(kafka("creating the status reader"))?;
     kd_kafka::auth::set_token_now(consumer.client(), auth);
@@ -77,6 +82,12 @@ pub fn read_into(
     let mut ends: HashMap<i32, i64> = HashMap::new();
     let mut assign = TopicPartitionList::new();
     for e in starts.elements() {
+        if let Err(source) = e.error() {
+            return Err(ReadError::Kafka {
+                what: "asking offsets for times",
+                source,
+            });
+        }
         let Offset::Offset(start) = e.offset() else {
             continue; // nothing at or after `since`
         };
@@ -98,6 +109,10 @@ pub fn read_into(
     while !ends.is_empty() {
         let msg = match consumer.poll(WAIT) {
             None => return Err(ReadError::Stalled(topic.to_owned())),
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                ends.remove(&p);
+                continue;
+            }
             Some(m) => m.map_err(kafka("reading the status topic"))?,
         };
         let end = ends.get(&msg.partition()).copied().unwrap_or(0);
@@ -107,14 +122,12 @@ pub fn read_into(
         if msg.offset() >= end {
             continue;
         }
-        if let Some(s) = source {
-            if msg.key() != Some(s.as_bytes()) {
-                continue;
-            }
+        if source.is_some_and(|s| msg.key() != Some(s.as_bytes())) {
+            continue;
         }
         read += 1;
         if let Some(value) = msg.payload() {
-            merged.add_json(value);
+            merged.add_json(msg.key().unwrap_or_default(), value);
         }
     }
     Ok(read)
@@ -139,6 +152,8 @@ impl Reader {
     ) -> Result<Merged, ReadError> {
         let until = crate::time::now_secs();
         let mut merged = Merged::new(until.saturating_sub(range.as_secs()), until, bucket_secs);
+        // Every tenant: totals only, so the cost per tenant is bounded.
+        merged.totals_only = source.is_none();
         read_into(&self.base, &self.auth, &self.topic, source, &mut merged)?;
         Ok(merged)
     }

@@ -103,24 +103,30 @@ pub struct Sample {
 
 impl Counts {
     pub fn dead_lettered_total(&self) -> u64 {
-        self.dead_lettered.values().sum()
+        self.dead_lettered
+            .values()
+            .fold(0, |a, b| a.saturating_add(*b))
     }
 
     pub fn retried_total(&self) -> u64 {
-        self.retried.values().sum()
+        self.retried.values().fold(0, |a, b| a.saturating_add(*b))
     }
 
     /// Adds `other`'s counts to these. Latency buckets are added by bound, so a record
     /// of another bucket layout adds what lines up and nothing else.
     pub fn add(&mut self, other: &Counts) {
-        self.received += other.received;
-        self.delivered += other.delivered;
-        self.throttled += other.throttled;
+        // Saturating: a record is input, and anyone who can write the topic can send
+        // one with any numbers in it.
+        self.received = self.received.saturating_add(other.received);
+        self.delivered = self.delivered.saturating_add(other.delivered);
+        self.throttled = self.throttled.saturating_add(other.throttled);
         for (k, v) in &other.dead_lettered {
-            *self.dead_lettered.entry(k.clone()).or_default() += v;
+            let n = self.dead_lettered.entry(k.clone()).or_default();
+            *n = n.saturating_add(*v);
         }
         for (k, v) in &other.retried {
-            *self.retried.entry(k.clone()).or_default() += v;
+            let n = self.retried.entry(k.clone()).or_default();
+            *n = n.saturating_add(*v);
         }
         if other.latency_ms.bounds == self.latency_ms.bounds
             && other.latency_ms.counts.len() == self.latency_ms.counts.len()
@@ -139,7 +145,7 @@ impl Counts {
     /// Delivered out of the events that ended (delivered or dead-lettered); `None` when
     /// none ended.
     pub fn success_rate(&self) -> Option<f64> {
-        let ended = self.delivered + self.dead_lettered_total();
+        let ended = self.delivered.saturating_add(self.dead_lettered_total());
         (ended > 0).then(|| self.delivered as f64 / ended as f64)
     }
 
@@ -147,14 +153,18 @@ impl Counts {
     /// the bucket that holds it, in milliseconds (`None` for no deliveries, or past the
     /// last bound).
     pub fn latency_quantile_ms(&self, q: f64) -> Option<u64> {
-        let total: u64 = self.latency_ms.counts.iter().sum();
+        let total = self
+            .latency_ms
+            .counts
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(*b));
         if total == 0 {
             return None;
         }
         let rank = ((q * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
+        let mut seen = 0u64;
         for (i, n) in self.latency_ms.counts.iter().enumerate() {
-            seen += n;
+            seen = seen.saturating_add(*n);
             if seen >= rank {
                 return self.latency_ms.bounds.get(i).copied();
             }

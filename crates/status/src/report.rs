@@ -8,44 +8,50 @@ use crate::merge::{Merged, Summary};
 /// Tenants listed without `--source-id`.
 pub const LISTED: usize = 50;
 
+/// Text from records (anyone who can write the status topic wrote it) for a terminal:
+/// nothing that breaks or rewrites the line, and bounded.
+fn t(s: &str) -> String {
+    kd_event::text::escape_clip(s, 300)
+}
+
 pub fn tenant_table(s: &Summary) -> String {
     let mut o = String::new();
-    let t = &s.total;
-    let _ = writeln!(o, "source         {}", s.source_id);
+    let c = &s.total;
+    let _ = writeln!(o, "source         {}", t(&s.source_id));
     let _ = writeln!(
         o,
         "state          {} (over the last 5 minutes of the range)",
         s.state.as_str()
     );
-    let _ = writeln!(o, "range          {} .. {}", s.since, s.until);
+    let _ = writeln!(o, "range          {} .. {}", t(&s.since), t(&s.until));
     let _ = writeln!(
         o,
         "pods           {}",
         if s.pods.is_empty() {
             "-".into()
         } else {
-            s.pods.join(", ")
+            t(&s.pods.join(", "))
         }
     );
-    let _ = writeln!(o, "received       {}", t.received);
+    let _ = writeln!(o, "received       {}", c.received);
     let _ = writeln!(
         o,
         "delivered      {}   success rate {}",
-        t.delivered,
+        c.delivered,
         rate(s.success_rate)
     );
     let _ = writeln!(
         o,
         "dead-lettered  {}{}",
-        t.dead_lettered_total(),
-        by(&t.dead_lettered)
+        c.dead_lettered_total(),
+        by(&c.dead_lettered)
     );
     let _ = writeln!(
         o,
-        "retried        {}{}   throttled {}",
-        t.retried_total(),
-        by(&t.retried),
-        t.throttled
+        "retried        {} attempts{}   throttled {}",
+        c.retried_total(),
+        by(&c.retried),
+        c.throttled
     );
     let _ = writeln!(
         o,
@@ -69,13 +75,13 @@ pub fn tenant_table(s: &Summary) -> String {
             let _ = writeln!(
                 o,
                 "last error     {}: {}{} at {}",
-                e.code,
-                e.message,
+                t(&e.code),
+                t(&e.message),
                 e.request_id
                     .as_deref()
-                    .map(|r| format!(" (request {r})"))
+                    .map(|r| format!(" (request {})", t(r)))
                     .unwrap_or_default(),
-                e.at
+                t(&e.at)
             );
         }
         None => {
@@ -100,7 +106,7 @@ pub fn tenant_table(s: &Summary) -> String {
         let _ = writeln!(
             o,
             "{:<20}  {:>9}  {:>9}  {:>13}  {:>7}  {:>9}  {:>9}",
-            p.start,
+            t(&p.start),
             p.received,
             p.delivered,
             p.dead_lettered,
@@ -115,13 +121,13 @@ pub fn tenant_table(s: &Summary) -> String {
             let _ = writeln!(
                 o,
                 "{}  {}  {}/{}/{}  message {}  {}",
-                x.at,
-                x.reason,
-                x.topic,
+                t(&x.at),
+                t(&x.reason),
+                t(&x.topic),
                 x.partition,
                 x.offset,
-                x.message_id.as_deref().unwrap_or("-"),
-                x.error
+                t(x.message_id.as_deref().unwrap_or("-")),
+                t(&x.error)
             );
         }
     }
@@ -136,17 +142,17 @@ pub fn overview_table(m: &Merged) -> String {
         "source", "state", "received", "delivered", "dead-lettered", "retried", "success"
     );
     for (source, h) in m.most_failing(LISTED) {
-        let t = &h.total;
+        let c = &h.total;
         let _ = writeln!(
             o,
             "{:<32}  {:<10}  {:>9}  {:>9}  {:>13}  {:>7}  {:>8}  {}",
-            source,
+            t(source),
             h.state().as_str(),
-            t.received,
-            t.delivered,
-            t.dead_lettered_total(),
-            t.retried_total(),
-            rate(t.success_rate()),
+            c.received,
+            c.delivered,
+            c.dead_lettered_total(),
+            c.retried_total(),
+            rate(c.success_rate()),
             h.last_error
                 .as_ref()
                 .map(|e| e.code.as_str())
@@ -181,6 +187,6 @@ fn by(m: &std::collections::BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return String::new();
     }
-    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{} {v}", t(k))).collect();
     format!("   ({})", parts.join(", "))
 }

@@ -26,7 +26,10 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -38,7 +41,9 @@ static ALLOCATOR: Counting = Counting;
 fn an_idle_tenant_costs_at_most_256_bytes_and_an_active_one_a_bounded_amount() {
     const TENANTS: usize = 100_000;
     // The tenants' source IDs, as their settings hold them.
-    let ids: Vec<Arc<str>> = (0..TENANTS).map(|n| Arc::from(format!("src_{n:08}"))).collect();
+    let ids: Vec<Arc<str>> = (0..TENANTS)
+        .map(|n| Arc::from(format!("src_{n:08}")))
+        .collect();
     let book = StatusBook::new("pod".into(), Duration::from_secs(60));
     let before = LIVE.load(Ordering::Relaxed);
     for id in &ids {
@@ -46,7 +51,7 @@ fn an_idle_tenant_costs_at_most_256_bytes_and_an_active_one_a_bounded_amount() {
         book.delivered(id, Some(Duration::from_millis(30)));
     }
     let active = (LIVE.load(Ordering::Relaxed) - before) as usize / TENANTS;
-    let records = book.close(0);
+    let records = book.close(0, 60);
     assert_eq!(records.len(), TENANTS);
     drop(records);
     let idle = (LIVE.load(Ordering::Relaxed) - before) as usize / TENANTS;

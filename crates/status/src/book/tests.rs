@@ -45,7 +45,7 @@ fn a_window_closes_into_one_record_per_tenant_with_traffic() {
         "a dead letter of a source never seen adds nothing"
     );
 
-    let mut records = b.close(1_800_000_000);
+    let mut records = b.close(1_800_000_000, 60);
     records.sort_by(|a, b| a.source_id.cmp(&b.source_id));
     assert_eq!(records.len(), 2);
     let (bad_r, ok_r) = (&records[0], &records[1]);
@@ -75,7 +75,7 @@ fn a_window_closes_into_one_record_per_tenant_with_traffic() {
     assert!(bad_r.samples.iter().all(|s| s.message_id.is_some()));
 
     // Nothing new: no records, both tenants idle, still remembered.
-    assert!(b.close(1_800_000_060).is_empty());
+    assert!(b.close(1_800_000_060, 60).is_empty());
     assert_eq!(b.len(), 2);
     assert_eq!(b.view("bad").unwrap().state, State::Idle);
     assert_eq!(
@@ -125,11 +125,34 @@ fn throttles_are_counted_and_errors_cannot_break_lines_or_grow() {
         request_id: None,
         throttle: true,
     };
+    b.received(&t);
     b.retried(&t, &throttled, place(1));
-    let r = b.close(0).pop().unwrap();
+    let r = b.close(0, 60).pop().unwrap();
     assert_eq!(r.counts.throttled, 1);
     let e = r.last_error.unwrap();
     assert!(!e.message.contains('\n'));
     assert!(e.message.chars().count() <= 300, "{}", e.message.len());
     assert!(r.samples[0].error.chars().count() <= 300);
+}
+
+#[test]
+fn signing_material_quoted_by_aws_is_not_kept() {
+    let b = book();
+    let t: Arc<str> = "t".into();
+    b.received(&t);
+    let quoted = Failure {
+        code: "SignatureDoesNotMatch",
+        message: "The request signature we calculated does not match. The Canonical String \
+                  for this request should have been 'POST / x-amz-security-token:IQoJb3JpZ2luX2VjEXAMPLE'",
+        request_id: None,
+        throttle: false,
+    };
+    b.retried("t", &quoted, place(1));
+    let e = b.view("t").unwrap().last_error.unwrap();
+    assert!(!e.message.contains("IQoJb3JpZ2lu"), "{}", e.message);
+    assert!(
+        e.message.ends_with("[request details not kept]"),
+        "{}",
+        e.message
+    );
 }
