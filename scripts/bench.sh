@@ -14,4 +14,4 @@ echo
 echo "== throughput: fresh broker and AWS fake per scenario, ${BENCH_EVENTS:-200000} events produced first"
 echo "   (BENCH_EVENTS to change the count, BENCH_ONLY=<text> to run matching scenarios only)"
 cargo test --release --locked --test throughput -- --ignored --nocapture --test-threads 1 2>&1 \
-    | awk '/^## throughput/ {table = 1} table && (/^\|/ || /^##/) {print} /^test result/ {print}'
+    | awk '/^## / {table = 1} table && (/^\|/ || /^##/) {print} /^test result/ {print}'

@@ -602,3 +602,106 @@ async fn throughput_table() {
         row.print();
     }
 }
+
+/// What `status --source-id` takes to read one tenant's 24 hours: `BENCH_STATUS_TENANTS`
+/// tenants (default 200) with a record per minute for 24 hours in a 12-partition status
+/// topic, timestamped as the pods would have produced them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run by scripts/bench.sh"]
+async fn status_read_of_one_tenant_over_a_day() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    const PARTITIONS: i32 = 12;
+    const WINDOWS: u64 = 24 * 60;
+    let tenants: usize = env_number("BENCH_STATUS_TENANTS", 200);
+    let env = Env::start().await;
+    env.tansu.create_topic(STATUS_TOPIC, PARTITIONS as u32);
+    let cfg = env
+        .config(&[])
+        .set("status", &format!("topic = \"{STATUS_TOPIC}\""));
+    cfg.write();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", env.tansu.bootstrap())
+        .set("linger.ms", "20")
+        .create()
+        .expect("producer");
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let first = (now / 60 - WINDOWS) * 60;
+    let started = Instant::now();
+    let mut bytes = 0usize;
+    let mut in_its_partition = 0usize;
+    let target_partition = kd_status::partition::of("src_0", PARTITIONS);
+    for w in 0..WINDOWS {
+        let start = first + w * 60;
+        for t in 0..tenants {
+            let source = format!("src_{t}");
+            let mut r = kd_status::StatusRecord {
+                v: 1,
+                source_id: source.clone(),
+                pod: format!("pod-{}", t % 3),
+                window_start: kd_status::time::rfc3339(start),
+                window_secs: 60,
+                ..Default::default()
+            };
+            r.counts.received = 100;
+            r.counts.delivered = 100;
+            r.counts.latency_ms.counts[2] = 100;
+            r.last_delivery = Some(kd_status::time::rfc3339(start + 59));
+            let value = serde_json::to_vec(&r).unwrap();
+            bytes += value.len();
+            let partition = kd_status::partition::of(&source, PARTITIONS);
+            if partition == target_partition {
+                in_its_partition += 1;
+            }
+            let mut record = BaseRecord::to(STATUS_TOPIC)
+                .key(&source)
+                .payload(&value)
+                .partition(partition)
+                .timestamp(((start + 60) * 1000) as i64);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        record = back;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+            producer.poll(Duration::ZERO);
+        }
+    }
+    producer.flush(Duration::from_secs(300)).expect("flush");
+    let records = WINDOWS as usize * tenants;
+    eprintln!(
+        "status bench: {records} records ({:.0} MiB) produced in {:.1}s",
+        bytes as f64 / (1024.0 * 1024.0),
+        started.elapsed().as_secs_f64()
+    );
+    let read = Instant::now();
+    let out = Command::new(bin())
+        .args(["status", "--config"])
+        .arg(cfg.path())
+        .args(["--source-id", "src_0", "--since", "24h", "--format", "json"])
+        .output()
+        .unwrap();
+    let took = read.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let delivered = summary["total"]["delivered"].as_u64().unwrap();
+    // `--since 24h` starts within the first window: it counts from there on.
+    assert!(delivered >= 100 * (WINDOWS - 1), "{delivered}");
+    println!();
+    println!("## status read: one tenant's 24 hours (`status --source-id ID --since 24h`)");
+    println!("| tenants | records in the topic | records in its partition | read and merged in |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {tenants} | {records} | {in_its_partition} | {:.2} s |",
+        took.as_secs_f64()
+    );
+}
