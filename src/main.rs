@@ -11,6 +11,9 @@ use clap::{Parser, Subcommand};
 /// mimalloc instead of glibc's malloc: the worker allocates and frees small objects
 /// across threads for every event (messages, requests, futures), where glibc spent about
 /// a fifth of the worker's CPU and fragmented its arenas (see the README's figures).
+/// The `system-alloc` feature leaves the system allocator in place, for heap profilers
+/// that hook malloc (heaptrack, valgrind's massif).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
