@@ -248,4 +248,6 @@ fn context(operation: &str, tenant: &TenantSettings) -> String {
 }
 
 #[cfg(test)]
+mod memory_tests;
+#[cfg(test)]
 mod tests;
