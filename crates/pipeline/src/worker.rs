@@ -109,6 +109,7 @@ fn initialize_series() {
     }
     for outcome in ["ok", "error"] {
         m.commits.with_label_values(&[outcome]);
+        m.status_records.with_label_values(&[outcome]);
         m.put_duration.with_label_values(&[outcome]);
     }
     for outcome in ["ok", "denied", "error"] {
@@ -259,11 +260,10 @@ pub async fn run(
     .await;
     // The open status window, early: what this pod did since the last one.
     stop_status.cancel();
-    if tokio::time::timeout(FINAL_STATUS_TIMEOUT, status)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the last status window was not produced in time");
+    match tokio::time::timeout(FINAL_STATUS_TIMEOUT, status).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the status task failed"),
+        Err(_) => tracing::warn!("the last status window was not produced in time"),
     }
     tracing::info!("stopped");
     Ok(())

@@ -276,9 +276,12 @@ impl StatusBook {
                 if a.state == State::Idle && stale_error {
                     a.last_error = None;
                 }
-                states[a.state.index()] += 1;
-                a.state != State::Idle
-                    || now.saturating_sub(a.last_traffic) < FORGET_AFTER.as_secs()
+                let keep = a.state != State::Idle
+                    || now.saturating_sub(a.last_traffic) < FORGET_AFTER.as_secs();
+                if keep {
+                    states[a.state.index()] += 1;
+                }
+                keep
             });
             if shard.capacity() > 2 * shard.len() + 64 {
                 shard.shrink_to_fit();

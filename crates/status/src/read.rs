@@ -106,15 +106,29 @@ pub fn read_into(
     }
     consumer.assign(&assign).map_err(kafka("assigning"))?;
     let mut read = 0;
+    let mut progress = std::time::Instant::now();
     while !ends.is_empty() {
+        if progress.elapsed() > WAIT {
+            return Err(ReadError::Stalled(topic.to_owned()));
+        }
         let msg = match consumer.poll(WAIT) {
             None => return Err(ReadError::Stalled(topic.to_owned())),
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 ends.remove(&p);
+                progress = std::time::Instant::now();
                 continue;
             }
-            Some(m) => m.map_err(kafka("reading the status topic"))?,
+            Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
+                return Err(ReadError::Kafka {
+                    what: "reading the status topic",
+                    source: e,
+                })
+            }
+            // A broker gone for a moment: librdkafka tries again (bounded by WAIT).
+            Some(Err(_)) => continue,
+            Some(Ok(m)) => m,
         };
+        progress = std::time::Instant::now();
         let end = ends.get(&msg.partition()).copied().unwrap_or(0);
         if msg.offset() + 1 >= end {
             ends.remove(&msg.partition());

@@ -185,14 +185,14 @@ pub(crate) fn producer_config(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
-/// The status records' producer: the dead-letter producer's settings, but a record
-/// that cannot be written within 10 s is given up (status is best effort) and a queue
-/// of at most 200,000 records (a window of 100,000 tenants, twice).
+/// The status records' producer: the dead-letter producer's settings (idempotent, so a
+/// batch retried after a lost answer is stored once and not counted twice), but a
+/// record that cannot be written within 10 s is given up (status is best effort) and a
+/// queue of at most 200,000 records (a window of 100,000 tenants, twice).
 pub(crate) fn status_producer_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = producer_config(k);
     c.set("message.timeout.ms", "10000")
-        .set("queue.buffering.max.messages", "200000")
-        .set("enable.idempotence", "false");
+        .set("queue.buffering.max.messages", "200000");
     c
 }
 
