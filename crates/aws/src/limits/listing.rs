@@ -11,7 +11,7 @@ use std::time::Instant;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kd_tenants::TenantSettings;
 
-use super::bucket::{ready, Bucket};
+use super::bucket::Bucket;
 use super::stream::{Asker, Listing, ShardBudget, ShardMap, StreamLimiter, Summary};
 use super::{RateLimits, BYTES_PER_SHARD_PER_SEC, RECORDS_PER_SHARD_PER_SEC};
 use crate::api::{KinesisApi, OpenShard, StreamId};
@@ -19,6 +19,8 @@ use crate::credentials::Session;
 
 /// DescribeStreamSummary calls per second and account: half of what AWS allows.
 const DESCRIBES_PER_SEC_PER_ACCOUNT: u32 = 10;
+/// When a stream whose account was over its describe budget is described again.
+const DESCRIBE_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RateLimits {
     pub(super) fn list_shards_if_due(
@@ -90,6 +92,17 @@ impl RateLimits {
                                 .map(|s| s.bucket.clone()),
                             _ => None,
                         };
+                        let (records, bytes) = (
+                            RECORDS_PER_SHARD_PER_SEC as f64 * fraction,
+                            BYTES_PER_SHARD_PER_SEC as f64 * fraction,
+                        );
+                        // A stream of one shard: the stream-wide budget is that shard's
+                        // (the same capacity, and what was spent of it so far), shared
+                        // rather than kept twice.
+                        let whole = limiter.stream.load_full();
+                        let one_shard = open.len() == 1
+                            && whole.full_records == records
+                            && whole.full_bytes == bytes;
                         let shards = open
                             .into_iter()
                             .map(|OpenShard { start, end, number }| ShardBudget {
@@ -97,10 +110,11 @@ impl RateLimits {
                                 end,
                                 number,
                                 bucket: kept(number, start, end).unwrap_or_else(|| {
-                                    Arc::new(Bucket::new_spent(
-                                        RECORDS_PER_SHARD_PER_SEC as f64 * fraction,
-                                        BYTES_PER_SHARD_PER_SEC as f64 * fraction,
-                                    ))
+                                    if one_shard {
+                                        whole.clone()
+                                    } else {
+                                        Arc::new(Bucket::new_spent(records, bytes))
+                                    }
                                 }),
                             })
                             .collect();
@@ -134,10 +148,17 @@ impl RateLimits {
                     }
                 }
             }
-            if limiter.summary_due(Instant::now()) {
-                // Within the account's budget: a burst of new streams waits here, in
-                // the background, while their writes use the default limits.
-                ready(&describes, NonZeroU32::MIN).await;
+            // The writes waiting for the map go on now, not after the description,
+            // which may wait for the account's budget (10 a second: a burst of new
+            // streams in one account waits here for minutes).
+            limiter.listed.notify_waiters();
+            let summary_due = limiter.summary_due(Instant::now());
+            if summary_due && describes.check().is_err() {
+                // Over the account's budget: asked again in a moment (the writes use the
+                // default limits meanwhile), rather than every new stream of a burst
+                // in one account holding a task in line for minutes.
+                asker.retry_after(limiter, DESCRIBE_BUSY_RETRY);
+            } else if summary_due {
                 let context = || format!("DescribeStreamSummary {label}");
                 let described = {
                     let _place = place().await;

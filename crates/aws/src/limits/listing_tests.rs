@@ -183,3 +183,32 @@ async fn a_failed_listing_waits_before_it_is_tried_again() {
     assert_eq!(fake.requests("ListShards"), 2);
     assert_eq!(limits.open_shards(&t), Some(2));
 }
+
+#[tokio::test]
+async fn a_one_shard_stream_keeps_one_budget_for_the_stream_and_its_shard() {
+    let fake = FakeAws::start().await;
+    fake.create_stream("s", 1);
+    fake.create_stream("s4", 4);
+    let cache = cache(&fake, CredentialSettings::default());
+    let api = KinesisApi::new(cache.base(), cache.clock().clone(), None).unwrap();
+    let limits = RateLimits::new(1.0);
+    let one = tenant("src_1", "owner");
+    let mut four = tenant("src_4", "owner");
+    four.stream = kd_tenants::StreamName::parse("s4").unwrap();
+    for t in [&one, &four] {
+        write(&limits, &api, &cache, t).await;
+    }
+    let shared = |t: &TenantSettings| {
+        let StreamLimits(limiter) = limits.stream(t);
+        let whole = limiter.stream.load_full();
+        match &**limiter.shards.load() {
+            ShardMap::Known { shards, .. } => shards.iter().any(|s| Arc::ptr_eq(&s.bucket, &whole)),
+            _ => panic!("shards listed"),
+        }
+    };
+    assert!(shared(&one), "one shard: the same budget, kept once");
+    assert!(
+        !shared(&four),
+        "four shards: each its own, and the stream's"
+    );
+}
