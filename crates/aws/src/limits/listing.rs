@@ -148,9 +148,7 @@ impl RateLimits {
                     }
                 }
             }
-            // The writes waiting for the map go on now, not after the description,
-            // which may wait for the account's budget (10 a second: a burst of new
-            // streams in one account waits here for minutes).
+            // The writes waiting for the map go on now, before the description.
             limiter.listed.notify_waiters();
             let summary_due = limiter.summary_due(Instant::now());
             if summary_due && describes.check().is_err() {
