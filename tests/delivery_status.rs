@@ -130,19 +130,8 @@ async fn two_pods_add_up_in_status_and_on_the_delivery_page() {
     a.stop();
     b.stop();
 
-    let ok_status = status(
-        &cfg,
-        &[
-            "--source-id",
-            "src_ok",
-            "--format",
-            "json",
-            "--since",
-            "15m",
-        ],
-    );
-    assert_eq!(ok_status.0, 0, "{}", ok_status.1);
-    let ok_json: Value = serde_json::from_str(&ok_status.1).unwrap();
+    let (code, ok_json) = status_json(&cfg, "src_ok");
+    assert_eq!(code, 0, "{ok_json:#}");
     assert_eq!(ok_json["state"], "delivering", "{ok_json:#}");
     assert_eq!(
         ok_json["total"]["delivered"].as_u64().unwrap(),
@@ -153,19 +142,8 @@ async fn two_pods_add_up_in_status_and_on_the_delivery_page() {
     assert_eq!(ok_json["pods"], json!(["pod-a", "pod-b"]), "{ok_json:#}");
     assert!(ok_json["latency_ms"]["p99"].as_u64().is_some());
 
-    let slow_status = status(
-        &cfg,
-        &[
-            "--source-id",
-            "src_slow",
-            "--format",
-            "json",
-            "--since",
-            "15m",
-        ],
-    );
-    assert_eq!(slow_status.0, 0, "{}", slow_status.1);
-    let slow_json: Value = serde_json::from_str(&slow_status.1).unwrap();
+    let (code, slow_json) = status_json(&cfg, "src_slow");
+    assert_eq!(code, 0, "{slow_json:#}");
     assert_eq!(
         slow_json["total"]["delivered"].as_u64().unwrap(),
         env.fake.records_of("slow-stream").len() as u64
@@ -176,23 +154,8 @@ async fn two_pods_add_up_in_status_and_on_the_delivery_page() {
     );
     assert_eq!(slow_json["state"], "degraded", "{slow_json:#}");
 
-    let bad_status = status(
-        &cfg,
-        &[
-            "--source-id",
-            "src_bad",
-            "--format",
-            "json",
-            "--since",
-            "15m",
-        ],
-    );
-    assert_eq!(
-        bad_status.0, 3,
-        "a failing tenant exits 3: {}",
-        bad_status.1
-    );
-    let bad_json: Value = serde_json::from_str(&bad_status.1).unwrap();
+    let (code, bad_json) = status_json(&cfg, "src_bad");
+    assert_eq!(code, 3, "a failing tenant exits 3: {bad_json:#}");
     assert_eq!(bad_json["state"], "failing");
     assert_eq!(bad_json["total"]["delivered"], 0);
     assert_eq!(
@@ -212,7 +175,8 @@ async fn two_pods_add_up_in_status_and_on_the_delivery_page() {
     assert!(samples
         .iter()
         .all(|s| s["message_id"].as_str().unwrap().starts_with("src_bad/")));
-    assert!(!bad_status.1.contains("src_other") && !bad_status.1.contains("SecretAccessKey"));
+    let printed = bad_json.to_string();
+    assert!(!printed.contains("src_other") && !printed.contains("SecretAccessKey"));
 
     let table = status(&cfg, &["--since", "15m"]);
     assert_eq!(table.0, 0);
@@ -274,6 +238,17 @@ async fn two_pods_add_up_in_status_and_on_the_delivery_page() {
     );
     let _ = page.kill();
     let _ = page.wait();
+}
+
+/// `status --source-id SOURCE --format json` over the last 15 minutes: its exit code
+/// and what it printed.
+fn status_json(cfg: &WorkerConfig, source: &str) -> (i32, Value) {
+    let (code, out) = status(
+        cfg,
+        &["--source-id", source, "--format", "json", "--since", "15m"],
+    );
+    let json = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    (code, json)
 }
 
 /// Runs `status --config CFG ARGS`: its exit code and stdout.

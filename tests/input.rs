@@ -194,33 +194,30 @@ async fn a_missing_topic_stops_the_worker_at_start_with_one_line_naming_it() {
     );
     // No input topic either, once the dead-letter topic exists.
     tansu.create_topic(DLQ, 1);
-    let mut worker = Worker::start_with_env(
-        bin(),
+    stops_naming(
         &cfg,
-        &[("KINESIS_DESTINATION__KAFKA__TOPICS", "no-such-topic")],
-    );
-    let status = worker.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.code(), Some(2), "{}", worker.logs());
-    let logs = worker.logs();
-    assert!(
-        logs.lines()
-            .last()
-            .is_some_and(|l| l.contains("kafka.topics") && l.contains("no-such-topic")),
-        "{logs}"
+        ("KINESIS_DESTINATION__KAFKA__TOPICS", "no-such-topic"),
+        "kafka.topics",
     );
     // Nor a status topic, when status.topic names one.
-    let mut worker = Worker::start_with_env(
-        bin(),
+    stops_naming(
         &cfg,
-        &[("KINESIS_DESTINATION__STATUS__TOPIC", "no-status-topic")],
+        ("KINESIS_DESTINATION__STATUS__TOPIC", "no-status-topic"),
+        "status.topic",
     );
+}
+
+/// Starts a worker with the override `(variable, topic)` naming a topic the brokers do
+/// not have: it exits with code 2, its last line naming `key` and the topic.
+fn stops_naming(cfg: &kd_testkit::WorkerConfig, (variable, topic): (&str, &str), key: &str) {
+    let mut worker = Worker::start_with_env(bin(), cfg, &[(variable, topic)]);
     let status = worker.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(2), "{}", worker.logs());
     let logs = worker.logs();
     assert!(
         logs.lines()
             .last()
-            .is_some_and(|l| l.contains("status.topic") && l.contains("no-status-topic")),
+            .is_some_and(|l| l.contains(key) && l.contains(topic)),
         "{logs}"
     );
 }
