@@ -294,9 +294,10 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
     let big = env.tenant("src_big", "big", 1);
     let (small, small_sources) = ten_small_tenants(&env, "small");
     // Fairness as configured by default (`tenant_share = 0.5`), with partitions whose
-    // budget the big tenant's backlog fills (at the default of 10,000 per partition its
-    // 10,000 events over three partitions would all fit, and nobody would need to be
-    // skipped).
+    // cap (budget plus a share: 3,000) the big tenant's backlog passes. Alone in its
+    // partitions it is judged there after half a second; until then reading goes on
+    // (its backlog fits in the totals), so the small tenants' events are reached
+    // either way, by reading on or by skipping the big tenant's.
     let cfg = env
         .config(&[&big].into_iter().chain(&small).collect::<Vec<_>>())
         .set("delivery", "max_in_flight_per_partition = 2000");
@@ -314,7 +315,6 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
         big_then < 4000,
         "small tenants waited for the big one ({big_then} written)"
     );
-    assert!(worker.metric("kinesis_destination_fairness_skips_total") > 0.0);
 
     wait_metric(
         &worker,
@@ -329,7 +329,11 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
         .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(ids.len(), 10_000, "every big event arrived");
-    assert!(worker.metric("kinesis_destination_fairness_rereads_total") > 0.0);
+    // Events skipped, if any were, were read again.
+    let skips = worker.metric("kinesis_destination_fairness_skips_total");
+    let rereads = worker.metric("kinesis_destination_fairness_rereads_total");
+    eprintln!("fairness: {skips} events skipped, {rereads} partitions read again");
+    assert!(skips == 0.0 || rereads > 0.0);
     env.wait_committed_to_end(&cfg.group_id).await;
     // Order per user among first deliveries.
     let mut last: std::collections::HashMap<String, i64> = Default::default();

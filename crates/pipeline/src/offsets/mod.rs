@@ -258,6 +258,18 @@ impl OffsetTracker {
                     && f.per_source.reached_by(state.held_by(source))
             };
             if skipping || (over() && verdicts::stuck(state, source, &f, now(), everywhere)) {
+                if !skipping {
+                    tracing::debug!(
+                        topic,
+                        partition,
+                        offset,
+                        %source,
+                        partition_held = state.held().events,
+                        source_held = state.held_by(source).events,
+                        everywhere,
+                        "skipping a tenant's events in a contended partition"
+                    );
+                }
                 let skip = state.skip.get_or_insert_with(|| Skip {
                     from: offset,
                     sources: Default::default(),
@@ -969,18 +981,61 @@ mod tests {
     #[test]
     fn until_then_a_tenant_is_skipped_only_at_the_partitions_cap() {
         let t = tracker();
-        let new: Arc<str> = "new".into();
+        let (new, other): (Arc<str>, Arc<str>) = ("new".into(), "other".into());
         // Budget 20, share 4: nobody is judged before 24 are in flight, where the
         // partition would pause.
         let f = judged(20, 4);
         let t0 = Instant::now();
-        for o in 0..24 {
+        handle(t.admit_at("t", 0, 0, 0, Some(&other), f, || t0));
+        for o in 1..24 {
             handle(t.admit_at("t", 0, o, 0, Some(&new), f, || t0));
         }
         let later = move || t0 + Duration::from_millis(500);
         assert!(matches!(
             t.admit_at("t", 0, 24, 0, Some(&new), f, later),
             Admission::Skip
+        ));
+    }
+
+    #[test]
+    fn a_tenant_alone_in_its_partition_is_not_skipped_at_the_cap_before_it_is_judged() {
+        let t = tracker();
+        let alone: Arc<str> = "alone".into();
+        let f = judged(20, 4);
+        let t0 = Instant::now();
+        let admit = |o, ms| {
+            t.admit_at("t", 0, o, 0, Some(&alone), f, move || {
+                t0 + Duration::from_millis(ms)
+            })
+        };
+        // A backlog read one partition at a time: past the cap (24) at once. Skipping
+        // it would only read ahead to drop its own events.
+        for o in 0..40 {
+            handle(admit(o, 0));
+        }
+        // Judged at the cap once the oldest has waited half a second: nothing was
+        // done, so it does not drain.
+        assert!(matches!(admit(40, 499), Admission::Handle(..)));
+        assert!(matches!(admit(41, 500), Admission::Skip));
+    }
+
+    #[test]
+    fn a_tenant_alone_at_the_cap_that_drains_is_not_skipped() {
+        let t = tracker();
+        let alone: Arc<str> = "alone".into();
+        let f = judged(20, 4);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let tickets: Vec<Ticket> = (0..60)
+            .map(|o| handle(t.admit_at("t", 0, o, 0, Some(&alone), f, move || at(0))))
+            .collect();
+        // 30 done in the first 600 ms: 50 a second, so 30 held drain within a second.
+        for ticket in &tickets[..30] {
+            t.done(ticket);
+        }
+        assert!(matches!(
+            t.admit_at("t", 0, 60, 0, Some(&alone), f, move || at(600)),
+            Admission::Handle(..)
         ));
     }
 

@@ -54,6 +54,34 @@ pub struct Fairness {
     pub drain_target: Duration,
 }
 
+/// A partition's cap: its budget plus one share, in events or bytes.
+fn cap(f: &Fairness) -> Budget {
+    Budget {
+        events: f.contended_at.events + f.per_source.events,
+        bytes: f.contended_at.bytes.saturating_add(f.per_source.bytes),
+    }
+}
+
+/// Whether one tenant alone in flight in the partition holds its cap, was judged
+/// (the oldest event has waited [`ALONE_AT_CAP_JUDGED_AFTER`]) and does not drain
+/// quickly: [`stuck`] skips its further events there, so while the totals are at their
+/// budget reading should go on past it rather than hold (see `reading`).
+pub(super) fn alone_at_cap_and_slow(p: &mut PartitionState, f: &Fairness, now: Instant) -> bool {
+    if p.load.by_source.len() != 1
+        || !cap(f).reached_by(p.held())
+        || !waited_longer_than(p, ALONE_AT_CAP_JUDGED_AFTER, now)
+    {
+        return false;
+    }
+    let held = p.held().events;
+    !p.load.rate.drains_and_roll(held, now, f.drain_target)
+}
+
+/// How long a tenant alone in its partition at the partition's cap is left to show
+/// that it drains before it is judged: one drain window, far less than draining may take
+/// to start (below the cap, [`Fairness::drain_target`]).
+pub(super) const ALONE_AT_CAP_JUDGED_AFTER: Duration = Duration::from_millis(500);
+
 /// Whether the event read first of those in flight (the lowest offset: the oldest but
 /// for events read again after a skip) has waited `limit` or longer.
 pub(super) fn waited_longer_than(p: &PartitionState, limit: Duration, now: Instant) -> bool {
@@ -63,13 +91,19 @@ pub(super) fn waited_longer_than(p: &PartitionState, limit: Duration, now: Insta
 }
 
 /// Whether `source`, over its share of this contended partition, is to be skipped.
-/// Always at the partition's cap (its budget plus one share, in events or bytes): what
-/// a tenant may hold stays bounded however fast it drained until now, or a busy tenant
-/// whose stream then fails would fill the totals and stop the whole pod until its
-/// events' retry window ran out. Below the cap, when it does not drain quickly; but
-/// not before the partition's oldest event has waited as long as draining may take (a
-/// rate measured while writing starts up, credentials and connections, says nothing
-/// yet).
+/// Always at the partition's cap (its budget plus one share, in events or bytes) when
+/// other tenants have events in flight there too: what a tenant may hold beside them
+/// stays bounded however fast it drained until now, or a busy tenant whose stream then
+/// fails would fill the totals and stop the whole pod until its events' retry window
+/// ran out. Below the cap, or alone in the partition, when it does not drain quickly;
+/// but not before the partition's oldest event has waited as long as draining may take
+/// (a rate measured while writing starts up, credentials and connections, says
+/// nothing yet). A tenant alone in the partition at the cap is skipped only once the
+/// oldest event has waited [`ALONE_AT_CAP_JUDGED_AFTER`] and the partition does not
+/// drain quickly: skipping a lone tenant that drains reads the partition ahead only to
+/// drop its own events and fetch them again (a backlog read one partition at a time
+/// reaches the cap in the first second), while one that drains slowly may hide other
+/// tenants' events behind its backlog, which the skip reaches.
 ///
 /// With `everywhere` (the totals are full of events that do not drain), there is no
 /// waiting for a verdict: a tenant gone down would otherwise fill each partition read
@@ -81,12 +115,18 @@ pub(super) fn stuck(
     now: Instant,
     everywhere: bool,
 ) -> bool {
-    let cap = Budget {
-        events: f.contended_at.events + f.per_source.events,
-        bytes: f.contended_at.bytes.saturating_add(f.per_source.bytes),
-    };
-    if cap.reached_by(p.held()) {
-        return true;
+    // A tenant alone in flight in the partition is judged by the partition's rate: its
+    // own is forgotten whenever it has nothing in flight, and a busy tenant read in
+    // bursts often has not.
+    let alone = p.load.by_source.len() == 1;
+    if cap(f).reached_by(p.held()) {
+        if !alone {
+            return true;
+        }
+        if waited_longer_than(p, ALONE_AT_CAP_JUDGED_AFTER, now) {
+            let held = p.held().events;
+            return !p.load.rate.drains_and_roll(held, now, f.drain_target);
+        }
     }
     if everywhere {
         return idle(p, source, now);
@@ -94,10 +134,6 @@ pub(super) fn stuck(
     if !waited_longer_than(p, f.drain_target, now) {
         return false;
     }
-    // A tenant alone in flight in the partition is judged by the partition's rate: its
-    // own is forgotten whenever it has nothing in flight, and a busy tenant read in
-    // bursts often has not.
-    let alone = p.load.by_source.len() == 1;
     let PartitionLoad {
         by_source, rate, ..
     } = &mut p.load;
