@@ -1,7 +1,7 @@
 //! The throughput benchmark: figures, not pass/fail (`#[ignore]`d by `cargo test`; run
 //! by `scripts/bench.sh`, which prints the table it writes).
 //!
-//! Each scenario gets a fresh broker (Tansu on SQLite, as every test) and AWS fake. Its
+//! Each scenario gets a fresh broker (Tansu, as every test) and AWS fake. Its
 //! events are produced first, with the `produce` command (librdkafka's ordinary batching); then a bare rdkafka consumer
 //! reads the same topic from the same broker (the ceiling: what one pod could read at
 //! most), then the worker (release build, its defaults but for the write mode) drains
@@ -73,6 +73,11 @@ struct Row {
     who: &'static str,
     events: usize,
     rate: f64,
+    /// Events/s between the 10th and the 90th percentile of the writes.
+    steady: f64,
+    /// From the first write to the first 100 ms in which the writes came at 90% of the
+    /// steady rate or more.
+    full_speed_after_ms: f64,
     ceiling: f64,
     /// The bare consumer's CPU per event (this process's, while it alone ran).
     ceiling_cpu_us: f64,
@@ -80,23 +85,28 @@ struct Row {
     rss_mib: u64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Tenants in the settings, and from the worker's start: seconds until it was
+    /// ready, and its resident memory then (MiB).
+    loaded: Option<(usize, f64, u64)>,
 }
 
 impl Row {
     fn print_header() {
         println!(
-            "| scenario | writer | events | events/s | % of ceiling (bare consumer: events/s, its CPU µs/event) | CPU µs/event | peak RSS MiB | latency p50 / p99 |"
+            "| scenario | writer | events | events/s | steady events/s | full speed after | % of ceiling (bare consumer: events/s, its CPU µs/event) | CPU µs/event | peak RSS MiB | latency p50 / p99 |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
     }
 
     fn print(&self) {
         println!(
-            "| {} | {} | {} | {:.0} | {:.0}% ({:.0}, {:.1} µs) | {:.1} | {} | {:.0} ms / {:.0} ms |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.1} s | {:.0}% ({:.0}, {:.1} µs) | {:.1} | {} | {:.0} ms / {:.0} ms |",
             self.scenario,
             self.who,
             self.events,
             self.rate,
+            self.steady,
+            self.full_speed_after_ms / 1000.0,
             100.0 * self.rate / self.ceiling,
             self.ceiling,
             self.ceiling_cpu_us,
@@ -143,12 +153,45 @@ fn bare_consumer_rate(bootstrap: &str, count: usize) -> (f64, f64) {
     )
 }
 
-/// Records/s from the first write to the last, and delivery latency percentiles (ms)
-/// from each event's `timestamp` (set when it was produced) to its write.
-fn write_figures(records: &[FakeRecord]) -> (f64, f64, f64) {
-    let first = records.iter().map(|r| r.at).min().expect("records");
-    let last = records.iter().map(|r| r.at).max().expect("records");
-    let rate = records.len() as f64 / (last - first).as_secs_f64().max(1e-3);
+/// How fast the writes came: records/s from the first write to the last and between
+/// the 10th and 90th percentile, and how long after the first write they first came
+/// at 90% of that steady rate over 100 ms.
+struct Pace {
+    rate: f64,
+    steady: f64,
+    full_speed_after_ms: f64,
+    /// Records written in each 100 ms from the first write.
+    per_bin: Vec<usize>,
+}
+
+fn pace(records: &[FakeRecord]) -> Pace {
+    let mut times: Vec<Instant> = records.iter().map(|r| r.at).collect();
+    times.sort();
+    let (first, last) = (times[0], times[times.len() - 1]);
+    let rate = times.len() as f64 / (last - first).as_secs_f64().max(1e-3);
+    let (p10, p90) = (times.len() / 10, times.len() * 9 / 10);
+    let steady = (p90 - p10) as f64 / (times[p90] - times[p10]).as_secs_f64().max(1e-3);
+    const BIN: Duration = Duration::from_millis(100);
+    let mut per_bin = vec![0usize; ((last - first).as_millis() / BIN.as_millis() + 1) as usize];
+    for t in &times {
+        per_bin[((*t - first).as_millis() / BIN.as_millis()) as usize] += 1;
+    }
+    let full = per_bin
+        .iter()
+        .position(|&n| n as f64 >= 0.9 * steady * BIN.as_secs_f64())
+        .unwrap_or(per_bin.len());
+    Pace {
+        rate,
+        steady,
+        full_speed_after_ms: (full as u128 * BIN.as_millis()) as f64,
+        per_bin,
+    }
+}
+
+/// The pace of the writes (see [`pace`]), and delivery latency percentiles (ms) from
+/// each event's `timestamp` (set when it was produced) to its write.
+fn write_figures(records: &[FakeRecord]) -> (Pace, f64, f64) {
+    let pace = pace(records);
     let mut latencies: Vec<f64> = records
         .iter()
         .filter_map(|r| {
@@ -169,7 +212,7 @@ fn write_figures(records: &[FakeRecord]) -> (f64, f64, f64) {
             .copied()
             .unwrap_or(0.0)
     };
-    (rate, at(0.50), at(0.99))
+    (pace, at(0.50), at(0.99))
 }
 
 /// A scenario's input: `tenants` tenants (streams of `shards` shards, answered after
@@ -298,14 +341,35 @@ fn many_tenants_input(env: Env, tenants: usize, per_tenant: u32) -> Input {
     }
 }
 
+/// Tenants loaded besides the 20 that send, in the scenario that routes among a million.
+const IDLE_TENANTS_LOADED: usize = 999_980;
+
 /// Status topic of the scenarios with per-tenant status on.
 const STATUS_TOPIC: &str = "kd-status";
 /// Their status interval: several windows close during a run.
 const STATUS_INTERVAL_SECS: u64 = 5;
 
 async fn worker_row(scenario: &str, input: &Input, status: bool) -> Row {
+    worker_row_loaded(scenario, input, status, 0).await
+}
+
+/// [`worker_row`] with `idle` more tenants in the settings, who send nothing (their
+/// streams do not exist): what a pod's snapshot of every tenant costs in memory, start
+/// time and speed.
+async fn worker_row_loaded(scenario: &str, input: &Input, status: bool, idle: usize) -> Row {
     let refs: Vec<&Tenant> = input.tenants.iter().collect();
     let mut cfg = input.env.config(&refs);
+    if idle > 0 {
+        let mut all: Vec<serde_json::Value> = input.tenants.iter().map(Tenant::settings).collect();
+        all.extend((0..idle).map(|i| {
+            let region = ["us-east-1", "us-west-2", "eu-west-1"][i % 3];
+            serde_json::json!({"sourceId": format!("idle_{i:07}"),
+                "roleAddress": format!("arn:aws:iam::{:012}:role/segment-kinesis", 200_000_000_000u64 + i as u64),
+                "region": region,
+                "stream": format!("idle-{i}"), "shards": 1 + i % 8})
+        }));
+        cfg.write_tenants_raw(&serde_json::to_string(&all).expect("json"));
+    }
     if status {
         input.env.tansu.create_topic(STATUS_TOPIC, 3);
         cfg = cfg
@@ -313,8 +377,48 @@ async fn worker_row(scenario: &str, input: &Input, status: bool) -> Row {
             .set("status", &format!("interval_secs = {STATUS_INTERVAL_SECS}"));
     }
     cfg.write();
-    let mut worker = Worker::start_ready(bin(), &cfg);
+    let started = Instant::now();
+    let mut worker = Worker::start(bin(), &cfg);
+    worker.wait_ready(Duration::from_secs(120));
+    let loaded = (
+        input.tenants.len() + idle,
+        started.elapsed().as_secs_f64(),
+        worker.rss_bytes() / (1024 * 1024),
+    );
     let cpu_before = worker.cpu_seconds();
+    if std::env::var_os("BENCH_SAMPLE").is_some() {
+        // Every 100 ms: received, delivered, in flight, rate-limit waits, skips.
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let mut samples = Vec::new();
+        while Instant::now() < deadline {
+            let m = worker.metrics();
+            let v = |name: &str| kd_testkit::metric_value(&m, name);
+            let delivered = v("kinesis_destination_events_delivered_total");
+            samples.push(format!(
+                "{:.0}/{:.0}/{:.0}/{:.1}/{:.0}",
+                v("kinesis_destination_events_received_total"),
+                delivered,
+                v("kinesis_destination_in_flight_events"),
+                v("kinesis_destination_rate_limit_wait_seconds_total"),
+                v("kinesis_destination_fairness_skips_total"),
+            ));
+            if delivered >= input.events as f64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "{scenario}: received/delivered/in flight/rate-limit s/skips every 100 ms: {}",
+            samples.join(" ")
+        );
+        for line in worker
+            .logs()
+            .lines()
+            .filter(|l| l.contains("skipping") || l.contains("backpressure") || l.contains("again"))
+        {
+            eprintln!("{scenario}: worker: {line}");
+        }
+    }
     wait_metric(
         &worker,
         "kinesis_destination_events_delivered_total",
@@ -344,9 +448,10 @@ async fn worker_row(scenario: &str, input: &Input, status: bool) -> Row {
         value("kinesis_destination_fairness_skips_total"),
     );
     let records = input.env.fake.records();
-    let (rate, p50_ms, p99_ms) = write_figures(&records);
-    // Aggregated records hold several events each: the rate counts events.
-    let rate = rate * input.events as f64 / records.len().max(1) as f64;
+    let (pace, p50_ms, p99_ms) = write_figures(&records);
+    eprintln!("{scenario}: records written per 100 ms: {:?}", pace.per_bin);
+    // Aggregated records hold several events each: the rates count events.
+    let per_record = input.events as f64 / records.len().max(1) as f64;
     // How long one user's consecutive records are apart at the sink (per-user order
     // allows one in flight): the lanes' cycle.
     let mut by_lane: std::collections::HashMap<(String, String), Vec<Instant>> = Default::default();
@@ -392,13 +497,16 @@ async fn worker_row(scenario: &str, input: &Input, status: bool) -> Row {
         scenario: scenario.to_owned(),
         who: "kinesis-destination",
         events: input.events as usize,
-        rate,
+        rate: pace.rate * per_record,
+        steady: pace.steady * per_record,
+        full_speed_after_ms: pace.full_speed_after_ms,
         ceiling: input.ceiling,
         ceiling_cpu_us: input.ceiling_cpu_us,
         cpu_us: cpu * 1e6 / input.events as f64,
         rss_mib: worker.peak_rss_bytes() / (1024 * 1024),
         p50_ms,
         p99_ms,
+        loaded: Some(loaded),
     };
     worker.stop();
     if status {
@@ -500,12 +608,15 @@ auth.session_token = "{token}"
         records.len(),
         std::fs::read_to_string(dir.path().join("vector.log")).unwrap_or_default()
     );
-    let (rate, p50_ms, p99_ms) = write_figures(&records);
+    let (pace, p50_ms, p99_ms) = write_figures(&records);
+    eprintln!("{scenario}: records written per 100 ms: {:?}", pace.per_bin);
     Row {
         scenario: scenario.to_owned(),
         who: "Vector 0.58",
         events: records.len(),
-        rate,
+        rate: pace.rate,
+        steady: pace.steady,
+        full_speed_after_ms: pace.full_speed_after_ms,
         ceiling: input.ceiling,
         ceiling_cpu_us: input.ceiling_cpu_us,
         // Vector's CPU from its start (it starts reading at once).
@@ -513,6 +624,7 @@ auth.session_token = "{token}"
         rss_mib: rss / (1024 * 1024),
         p50_ms,
         p99_ms,
+        loaded: None,
     }
 }
 
@@ -533,6 +645,14 @@ async fn throughput_table() {
             let row = worker_row(&name, &input, false).await;
             row.print();
             rows.push(row);
+            // The same with a million tenants in the settings: routing among them.
+            let name = format!("{name}, {IDLE_TENANTS_LOADED} more tenants loaded");
+            if mode == Mode::PutRecords && sink.is_zero() && wanted(&name) {
+                let input = self::input(20, 100, 64, mode, sink).await;
+                let row = worker_row_loaded(&name, &input, false, IDLE_TENANTS_LOADED).await;
+                row.print();
+                rows.push(row);
+            }
             // The same with per-tenant status on: its cost.
             let name = format!("{name}, status on");
             if mode == Mode::PutRecords && sink.is_zero() && wanted(&name) {
@@ -600,6 +720,47 @@ async fn throughput_table() {
     Row::print_header();
     for row in &rows {
         row.print();
+    }
+    println!();
+    println!("## tenants loaded: the worker's start and memory");
+    println!("| scenario | tenants in the settings | ready after | resident when ready | peak RSS | events/s | CPU µs/event |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in &rows {
+        if let Some((tenants, ready_s, ready_mib)) = row.loaded {
+            println!(
+                "| {} | {tenants} | {ready_s:.1} s | {ready_mib} MiB | {} MiB | {:.0} | {:.1} |",
+                row.scenario, row.rss_mib, row.rate, row.cpu_us
+            );
+        }
+    }
+    let theirs: Vec<&Row> = rows.iter().filter(|r| r.who == "Vector 0.58").collect();
+    if !theirs.is_empty() {
+        println!();
+        println!("## against Vector 0.58 (same input, same run)");
+        println!("| scenario | whole run: ours / Vector | ratio | steady: ours / Vector | ratio | full speed after: ours / Vector | CPU µs/event: ours / Vector |");
+        println!("|---|---|---|---|---|---|---|");
+        for v in theirs {
+            let Some(o) = rows
+                .iter()
+                .find(|r| r.scenario == v.scenario && r.who != v.who)
+            else {
+                continue;
+            };
+            println!(
+                "| {} | {:.0} / {:.0} | **{:.2}×** | {:.0} / {:.0} | **{:.2}×** | {:.1} s / {:.1} s | {:.1} / {:.1} |",
+                v.scenario,
+                o.rate,
+                v.rate,
+                o.rate / v.rate,
+                o.steady,
+                v.steady,
+                o.steady / v.steady,
+                o.full_speed_after_ms / 1000.0,
+                v.full_speed_after_ms / 1000.0,
+                o.cpu_us,
+                v.cpu_us
+            );
+        }
     }
 }
 
@@ -703,5 +864,138 @@ async fn status_read_of_one_tenant_over_a_day() {
     println!(
         "| {tenants} | {records} | {in_its_partition} | {:.2} s |",
         took.as_secs_f64()
+    );
+}
+
+/// Events of the instruction count: fixed, so the count is comparable from run to run.
+const COUNTED_EVENTS: u32 = 20_000;
+
+/// The `summary:` (or `totals:`) line of a callgrind dump: instructions executed.
+fn callgrind_instructions(dump: &Path) -> u64 {
+    let text = std::fs::read_to_string(dump).expect("callgrind dump");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("a summary line in the callgrind dump")
+}
+
+/// Asks the callgrind running `pid` to zero its counters (`-z`) or dump them (`-d`).
+fn callgrind_control(flag: &str, pid: u32) {
+    let status = Command::new("callgrind_control")
+        .arg(flag)
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .status()
+        .expect("callgrind_control runs");
+    assert!(status.success(), "callgrind_control {flag} {pid}: {status}");
+}
+
+/// Instructions in functions whose name holds `name` and what they call (callgrind's
+/// inclusive count), from `callgrind_annotate`; 0 if it is not there.
+fn inclusive_instructions(dump: &Path, name: &str) -> u64 {
+    let Ok(out) = Command::new("callgrind_annotate")
+        .args(["--inclusive=yes", "--threshold=100"])
+        .arg(dump)
+        .output()
+    else {
+        return 0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(name))
+        .filter_map(|l| l.split_whitespace().next()?.replace(',', "").parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Until the worker has delivered `count` events in all (polled once a second: each
+/// poll of /metrics is counted too).
+async fn delivered(worker: &Worker, count: u32) {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while worker.metric("kinesis_destination_events_delivered_total") < count as f64 {
+        assert!(Instant::now() < deadline, "{count} events not delivered");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Instructions the worker executes per event (valgrind's callgrind counts them, so the
+/// figure is the same from run to run on a busy machine, unlike seconds): 20 tenants ×
+/// 100 users, batched, 0 ms sink; 2,000 events first (credentials, shard maps,
+/// connections), then 20,000 produced and counted from just before the first to the
+/// last write. Also the instructions of 5 idle seconds (timers, librdkafka's threads),
+/// which run for as long as the counted run lasts under valgrind (far longer than
+/// without), and SHA-256 done in software: valgrind's CPU has no SHA extensions, which
+/// the worker uses where the CPU has them (`sha_ni` in /proc/cpuinfo), signing each
+/// request body in a fraction of that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run by scripts/bench.sh"]
+async fn instructions_per_event() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        println!("## instructions per event: valgrind is not installed; not measured");
+        return;
+    }
+    let env = Env::start().await;
+    let tenants: Vec<Tenant> = (0..20)
+        .map(|i| {
+            let mut t = env.tenant(&format!("src_{i}"), &format!("s{i}"), 64);
+            t.use_put_records = None;
+            t
+        })
+        .collect();
+    let refs: Vec<&Tenant> = tenants.iter().collect();
+    let cfg = env.config(&refs);
+    cfg.write();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("callgrind.out");
+    let out_arg = format!("--callgrind-out-file={}", out.display());
+    let mut worker = Worker::start_under(
+        &["valgrind", "--tool=callgrind", &out_arg],
+        bin(),
+        &cfg,
+        &[],
+    );
+    worker.wait_ready(Duration::from_secs(300));
+    let pid = worker.pid();
+    let sources: Vec<&str> = tenants.iter().map(|t| t.source_id.as_str()).collect();
+    const WARM_UP: u32 = 2_000;
+    env.produce(bin(), &sources.join(","), WARM_UP, 100, &[]);
+    delivered(&worker, WARM_UP).await;
+    // What the worker does with nothing to do: its timers and librdkafka's threads.
+    callgrind_control("-z", pid);
+    let idle_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    callgrind_control("-d", pid);
+    let idle_secs = idle_started.elapsed().as_secs_f64();
+    let idle = callgrind_instructions(&dir.path().join("callgrind.out.1"));
+    callgrind_control("-z", pid);
+    let started = Instant::now();
+    env.produce(bin(), &sources.join(","), COUNTED_EVENTS, 100, &[]);
+    delivered(&worker, WARM_UP + COUNTED_EVENTS).await;
+    callgrind_control("-d", pid);
+    let secs = started.elapsed().as_secs_f64();
+    let dump = dir.path().join("callgrind.out.2");
+    let total = callgrind_instructions(&dump);
+    let sha = inclusive_instructions(&dump, "sha2::sha256::compress256");
+    // BENCH_CALLGRIND_OUT=FILE keeps the profile for callgrind_annotate.
+    if let Ok(keep) = std::env::var("BENCH_CALLGRIND_OUT") {
+        std::fs::copy(&dump, keep).expect("copy the callgrind dump");
+    }
+    worker.sigterm();
+    worker.wait_exit(Duration::from_secs(120));
+    let idle_per_sec = idle as f64 / idle_secs;
+    let per_event = |n: f64| n.max(0.0) / COUNTED_EVENTS as f64;
+    println!();
+    println!("## instructions per event (callgrind; {COUNTED_EVENTS} events after {WARM_UP}, 20 tenants × 100 users, PutRecords, 0 ms sink)");
+    println!("| instructions | per event | of which SHA-256 in software | of which idle ({:.0}/s over the run's {secs:.0} s under valgrind) | per event without either |", idle_per_sec);
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {total} | {:.0} | {:.0} | {:.0} | **{:.0}** |",
+        per_event(total as f64),
+        per_event(sha as f64),
+        per_event(idle_per_sec * secs),
+        per_event(total as f64 - sha as f64 - idle_per_sec * secs)
     );
 }

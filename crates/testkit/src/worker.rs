@@ -148,13 +148,34 @@ impl Worker {
 
     /// [`start`](Self::start) with more environment variables (configuration overrides).
     pub fn start_with_env(bin: &Path, config: &WorkerConfig, env: &[(&str, &str)]) -> Worker {
+        Worker::start_under(&[], bin, config, env)
+    }
+
+    /// [`start_with_env`](Self::start_with_env) under a wrapper command (`valgrind
+    /// --tool=callgrind …`), which runs `bin run --config …` as its own arguments; the
+    /// wrapper must keep the process (as valgrind does), so [`pid`](Self::pid) is the
+    /// worker's.
+    pub fn start_under(
+        wrapper: &[&str],
+        bin: &Path,
+        config: &WorkerConfig,
+        env: &[(&str, &str)],
+    ) -> Worker {
         let http_port = free_port();
         let log = config
             .dir
             .path()
             .join(format!("worker-{}.log", free_port()));
         let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(config.path())
             .env("AWS_ACCESS_KEY_ID", "worker")
@@ -226,6 +247,11 @@ impl Worker {
     /// The most resident memory the worker process has had, in bytes (Linux).
     pub fn peak_rss_bytes(&self) -> u64 {
         self.status_bytes("VmHWM:")
+    }
+
+    /// The worker's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// CPU time (user and system) the worker process has used, in seconds (Linux).
