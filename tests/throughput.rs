@@ -937,11 +937,53 @@ async fn instructions_per_event() {
         println!("## instructions per event: valgrind is not installed; not measured");
         return;
     }
+    let mut rows = Vec::new();
+    for mode in [Mode::PutRecords, Mode::PutRecord] {
+        if std::env::var("BENCH_ONLY").is_ok_and(|only| !mode.name().contains(&only)) {
+            continue;
+        }
+        rows.push((mode, instructions_of(mode).await));
+    }
+    println!();
+    println!("## instructions per event (callgrind; {COUNTED_EVENTS} events after {WARM_UP}, 20 tenants × 100 users, 0 ms sink)");
+    println!("| write mode | instructions | per event | of which SHA-256 in software | of which idle (over the run's time under valgrind) | per event without either |");
+    println!("|---|---|---|---|---|---|");
+    for (mode, c) in rows {
+        let per_event = |n: f64| n.max(0.0) / COUNTED_EVENTS as f64;
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} ({:.0}/s × {:.0} s) | **{:.0}** |",
+            mode.name(),
+            c.total,
+            per_event(c.total as f64),
+            per_event(c.sha as f64),
+            per_event(c.idle_per_sec * c.secs),
+            c.idle_per_sec,
+            c.secs,
+            per_event(c.total as f64 - c.sha as f64 - c.idle_per_sec * c.secs)
+        );
+    }
+}
+
+/// Events to warm the worker up with before counting.
+const WARM_UP: u32 = 2_000;
+
+/// What one counted run gave.
+struct Counted {
+    total: u64,
+    sha: u64,
+    idle_per_sec: f64,
+    secs: f64,
+}
+
+async fn instructions_of(mode: Mode) -> Counted {
     let env = Env::start().await;
     let tenants: Vec<Tenant> = (0..20)
         .map(|i| {
             let mut t = env.tenant(&format!("src_{i}"), &format!("s{i}"), 64);
-            t.use_put_records = None;
+            t.use_put_records = match mode {
+                Mode::PutRecords => None,
+                Mode::PutRecord => Some(false),
+            };
             t
         })
         .collect();
@@ -960,7 +1002,6 @@ async fn instructions_per_event() {
     worker.wait_ready(Duration::from_secs(300));
     let pid = worker.pid();
     let sources: Vec<&str> = tenants.iter().map(|t| t.source_id.as_str()).collect();
-    const WARM_UP: u32 = 2_000;
     env.produce(bin(), &sources.join(","), WARM_UP, 100, &[]);
     delivered(&worker, WARM_UP).await;
     // What the worker does with nothing to do: its timers and librdkafka's threads.
@@ -981,21 +1022,14 @@ async fn instructions_per_event() {
     let sha = inclusive_instructions(&dump, "sha2::sha256::compress256");
     // BENCH_CALLGRIND_OUT=FILE keeps the profile for callgrind_annotate.
     if let Ok(keep) = std::env::var("BENCH_CALLGRIND_OUT") {
-        std::fs::copy(&dump, keep).expect("copy the callgrind dump");
+        std::fs::copy(&dump, format!("{keep}.{}", mode.name())).expect("copy the callgrind dump");
     }
     worker.sigterm();
     worker.wait_exit(Duration::from_secs(120));
-    let idle_per_sec = idle as f64 / idle_secs;
-    let per_event = |n: f64| n.max(0.0) / COUNTED_EVENTS as f64;
-    println!();
-    println!("## instructions per event (callgrind; {COUNTED_EVENTS} events after {WARM_UP}, 20 tenants × 100 users, PutRecords, 0 ms sink)");
-    println!("| instructions | per event | of which SHA-256 in software | of which idle ({:.0}/s over the run's {secs:.0} s under valgrind) | per event without either |", idle_per_sec);
-    println!("|---|---|---|---|---|");
-    println!(
-        "| {total} | {:.0} | {:.0} | {:.0} | **{:.0}** |",
-        per_event(total as f64),
-        per_event(sha as f64),
-        per_event(idle_per_sec * secs),
-        per_event(total as f64 - sha as f64 - idle_per_sec * secs)
-    );
+    Counted {
+        total,
+        sha,
+        idle_per_sec: idle as f64 / idle_secs,
+        secs,
+    }
 }

@@ -7,7 +7,7 @@
 //! refused record can be retried without overtaking or being overtaken by its key's
 //! other records.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
 

@@ -9,7 +9,9 @@
 //! `joins` says the next may join the group taken so far: that is how one user's
 //! consecutive events become one aggregated Kinesis record.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};

@@ -9,12 +9,12 @@
 //! [`SAMPLES_PER_WINDOW`] samples). A tenant without traffic for [`FORGET_AFTER`] is
 //! dropped.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hashbrown::HashMap;
 use serde::Serialize;
 
 use crate::record::{
@@ -41,7 +41,9 @@ type Shard = Mutex<HashMap<Arc<str>, Account>>;
 
 pub struct StatusBook {
     shards: Box<[Shard]>,
-    hasher: RandomState,
+    // Picks the shard; independent of the maps' own hashers, so the keys of one shard
+    // do not share their low hash bits inside its map.
+    hasher: foldhash::quality::RandomState,
     pod: String,
     window_secs: AtomicU64,
 }
@@ -134,7 +136,7 @@ impl StatusBook {
     pub fn new(pod: String, window: Duration) -> Self {
         StatusBook {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: foldhash::quality::RandomState::default(),
             pod,
             window_secs: AtomicU64::new(window.as_secs().max(1)),
         }

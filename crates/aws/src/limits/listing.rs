@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota};
 use kd_tenants::TenantSettings;
 
 use super::bucket::Bucket;
@@ -204,7 +204,7 @@ impl RateLimits {
     fn describe_budget(&self, account: &Arc<str>) -> Arc<DefaultDirectRateLimiter> {
         self.describes.get_with_by_ref(account, || {
             let n = NonZeroU32::new(DESCRIBES_PER_SEC_PER_ACCOUNT).unwrap_or(NonZeroU32::MIN);
-            Arc::new(RateLimiter::direct(Quota::per_second(n)))
+            Arc::new(super::bucket::direct(Quota::per_second(n)))
         })
     }
 }

@@ -3,7 +3,9 @@
 //! handled past it) and its load (events and bytes in flight, per tenant, and how fast
 //! they drain).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use hashbrown::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,7 +65,7 @@ impl PartitionLoad {
 #[derive(Debug)]
 pub(super) struct Skip {
     pub(super) from: i64,
-    pub(super) sources: std::collections::HashSet<Arc<str>>,
+    pub(super) sources: HashSet<Arc<str>>,
 }
 
 impl PartitionState {
