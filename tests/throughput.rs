@@ -378,7 +378,10 @@ async fn worker_row_loaded(scenario: &str, input: &Input, status: bool, idle: us
     }
     cfg.write();
     let started = Instant::now();
-    let mut worker = Worker::start(bin(), &cfg);
+    // BENCH_WRAPPER="heaptrack -o FILE" runs the worker under a profiler.
+    let wrapper = std::env::var("BENCH_WRAPPER").unwrap_or_default();
+    let wrapper: Vec<&str> = wrapper.split_whitespace().collect();
+    let mut worker = Worker::start_under(&wrapper, bin(), &cfg, &[]);
     worker.wait_ready(Duration::from_secs(120));
     let loaded = (
         input.tenants.len() + idle,
@@ -646,10 +649,10 @@ async fn throughput_table() {
             row.print();
             rows.push(row);
             // The same with a million tenants in the settings: routing among them.
-            let name = format!("{name}, {IDLE_TENANTS_LOADED} more tenants loaded");
-            if mode == Mode::PutRecords && sink.is_zero() && wanted(&name) {
+            let loaded = format!("{name}, {IDLE_TENANTS_LOADED} more tenants loaded");
+            if mode == Mode::PutRecords && sink.is_zero() && wanted(&loaded) {
                 let input = self::input(20, 100, 64, mode, sink).await;
-                let row = worker_row_loaded(&name, &input, false, IDLE_TENANTS_LOADED).await;
+                let row = worker_row_loaded(&loaded, &input, false, IDLE_TENANTS_LOADED).await;
                 row.print();
                 rows.push(row);
             }

@@ -68,12 +68,21 @@ pub async fn publish_loop<C: ClientContext + 'static>(
         let end_ms = (if stopped { now_ms() } else { next }).max(start_ms + 1000);
         let (start, secs) = (start_ms / 1000, (end_ms - start_ms).div_ceil(1000));
         start_ms = end_ms / 1000 * 1000;
-        let records = tokio::task::spawn_blocking(move || crate::book().close(start, secs))
-            .await
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "closing the status windows failed");
+        let with_records = sink.is_some();
+        let records = tokio::task::spawn_blocking(move || {
+            let book = crate::book();
+            if with_records {
+                book.close(start, secs)
+            } else {
+                book.close_without_records();
                 Vec::new()
-            });
+            }
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "closing the status windows failed");
+            Vec::new()
+        });
         if let Some(sink) = &sink {
             // At shutdown only if it was never learned (quickly: the exit is waiting).
             if !stopped || count.is_none() {

@@ -156,3 +156,25 @@ fn signing_material_quoted_by_aws_is_not_kept() {
         e.message
     );
 }
+
+#[test]
+fn without_a_status_topic_windows_close_into_states_alone() {
+    let b = book();
+    let (ok, bad): (Arc<str>, Arc<str>) = ("ok".into(), "bad".into());
+    b.received(&ok);
+    b.delivered(&ok, Some(Duration::from_millis(40)));
+    b.received(&bad);
+    b.retried(&bad, &DENIED, place(1));
+    b.dead_lettered("bad", "destination_rejected", "denied", place(2));
+    b.close_without_records();
+    // The pod view shows the closed window's state; the last error is kept.
+    assert_eq!(b.view("bad").unwrap().state, State::Failing);
+    assert_eq!(b.view("ok").unwrap().state, State::Delivering);
+    assert_eq!(
+        b.view("bad").unwrap().last_error.unwrap().code,
+        "AccessDeniedException"
+    );
+    // The windows were closed: the next close has nothing to make records of.
+    assert!(b.close(1_800_000_000, 60).is_empty());
+    assert_eq!(b.len(), 2);
+}
