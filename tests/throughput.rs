@@ -1023,6 +1023,9 @@ async fn instructions_of(mode: Mode) -> Counted {
     let dump = dir.path().join("callgrind.out.2");
     let total = callgrind_instructions(&dump);
     let sha = inclusive_instructions(&dump, "sha2::sha256::compress256");
+    if sha == 0 {
+        eprintln!("instructions: no sha2::sha256::compress256 in the profile (inlined, or callgrind_annotate missing): SHA-256 is counted with the rest");
+    }
     // BENCH_CALLGRIND_OUT=FILE keeps the profile for callgrind_annotate.
     if let Ok(keep) = std::env::var("BENCH_CALLGRIND_OUT") {
         std::fs::copy(&dump, format!("{keep}.{}", mode.name())).expect("copy the callgrind dump");

@@ -63,6 +63,26 @@ impl DrainRate {
         }
     }
 
+    /// Whether `held` events drain within `target` at the rate measured from `from` (or
+    /// from the window's start, if later) to `now`: `None` while nothing was done in the
+    /// window or less than [`MIN_WINDOW`] was measured. Reads only: the window is not
+    /// rolled. Measuring from `from` (when what is held began to be read) keeps a window
+    /// open since long before a burst from reading as a slow rate.
+    pub(crate) fn drains_since(
+        &self,
+        held: usize,
+        from: Instant,
+        now: Instant,
+        target: Duration,
+    ) -> Option<bool> {
+        let elapsed = now.saturating_duration_since(self.since.max(from));
+        if self.done == 0 || elapsed < MIN_WINDOW {
+            return None;
+        }
+        let rate = f64::from(self.done) / elapsed.as_secs_f64();
+        Some(held as f64 <= rate * target.as_secs_f64())
+    }
+
     /// [`drains`](Self::drains), then [`roll`](Self::roll): what a decision asks, the
     /// window closing once it is half a second long.
     pub(crate) fn drains_and_roll(&mut self, held: usize, now: Instant, target: Duration) -> bool {
@@ -123,6 +143,32 @@ mod tests {
         assert!(r.drains(1000, t1, SECOND));
         assert!(!r.drains(1001, t1, SECOND));
         assert!(r.drains(2000, t1, 2 * SECOND));
+    }
+
+    #[test]
+    fn a_burst_after_a_quiet_while_is_measured_from_its_start() {
+        let t0 = Instant::now();
+        let mut r = DrainRate::new(t0);
+        let burst = t0 + Duration::from_secs(10);
+        let now = burst + Duration::from_millis(200);
+        assert_eq!(
+            r.drains_since(100, burst, now, SECOND),
+            None,
+            "nothing done yet"
+        );
+        for _ in 0..50 {
+            r.count();
+        }
+        // 50 in the 200 ms since the burst began: 250 a second. Over the window's 10.2
+        // s it would read as 5 a second.
+        assert_eq!(r.drains_since(200, burst, now, SECOND), Some(true));
+        assert_eq!(r.drains_since(300, burst, now, SECOND), Some(false));
+        assert!(!r.drains(200, now, SECOND), "the whole window's rate");
+        assert_eq!(
+            r.drains_since(10, now - Duration::from_millis(50), now, SECOND),
+            None,
+            "under 100 ms measured"
+        );
     }
 
     #[test]

@@ -92,9 +92,9 @@ impl Reading {
     /// - `Holding` → `Open` once they are down to three quarters of it;
     /// - `Holding` → `PastStuck` (or `PastStuckHolding`, keeping its start, if the
     ///   overdraft is used up already) when it has held [`DRAIN_TARGET`], the totals do
-    ///   not drain within that, and some tenant holding a share writes nothing, or at
-    ///   once when a tenant alone at a partition's cap was judged to drain slowly (with
-    ///   fairness only: without it nothing can be skipped);
+    ///   not drain within that, and some tenant holding a share writes nothing, or
+    ///   sooner when a tenant alone at a partition's cap has written nothing for half a
+    ///   second (with fairness only: without it nothing can be skipped);
     /// - `PastStuck` → `PastStuckHolding` when the overdraft is used up;
     /// - `PastStuckHolding` → `PastStuck` once half of the overdraft is free again (not
     ///   at every event done).
@@ -136,17 +136,17 @@ impl Reading {
 }
 
 /// Whether, holding since `since`, some tenant holds a share somewhere and writes
-/// nothing, or holds a partition's cap alone there and drains slowly: only such a one
-/// can be skipped. Many tenants each waiting for credentials at a cold start are slow
+/// nothing, or holds a partition's cap alone there and has written nothing for half a
+/// second: only such a one can be skipped. Many tenants each waiting for credentials at a cold start are slow
 /// too, and so is a healthy tenant held back by its shards; reading on would only hold
 /// more, or skip it for nothing.
 fn stuck_tenants(since: Instant, s: &mut Sight<'_>) -> bool {
     let Some(f) = s.flow.fairness else {
         return false;
     };
-    // A tenant alone at a partition's cap that does not drain quickly is judged sooner
-    // (and is skipped there as soon as its partition is read on), whatever the totals do.
-    if s.tracker.any_alone_at_cap_and_slow(f) {
+    // A tenant alone at a partition's cap that has written nothing for half a second is
+    // judged sooner (and is skipped there as soon as its partition is read on).
+    if s.tracker.any_alone_at_cap_and_silent(f) {
         return true;
     }
     if s.now.saturating_duration_since(since) < DRAIN_TARGET || !s.tracker.totals_slow(DRAIN_TARGET)
@@ -209,14 +209,15 @@ mod tests {
     }
 
     #[test]
-    fn a_tenant_alone_at_its_partitions_cap_that_drains_slowly_is_read_past_once_judged() {
+    fn a_tenant_alone_at_its_partitions_cap_that_writes_nothing_is_read_past_after_half_a_second() {
         // Budget 10 a partition, a share 5, so the cap is 15; 20 in all.
         let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
         let tracker = OffsetTracker::default();
         tracker.assign([("t", 0), ("t", 1)]);
-        let slow: Arc<str> = "slow".into();
-        let tickets: Vec<_> = (0..20).map(|o| handled(&tracker, &slow, o)).collect();
-        tracker.done(&tickets[0]);
+        let silent: Arc<str> = "silent".into();
+        for o in 0..20 {
+            handled(&tracker, &silent, o);
+        }
         let held = Reading::Holding {
             since: Instant::now(),
         };
@@ -225,8 +226,26 @@ mod tests {
         assert_eq!(
             next(&flow, &tracker, held),
             Reading::PastStuck,
-            "one done in half a second: 19 take far longer than the target"
+            "nothing done in half a second, long before the 2 s hold that judges the others"
         );
+    }
+
+    #[test]
+    fn a_tenant_alone_at_its_partitions_cap_that_drains_quickly_is_held() {
+        let flow = FlowControl::new(10, 20, 256 * MIB, 0.5);
+        let tracker = OffsetTracker::default();
+        tracker.assign([("t", 0)]);
+        let busy: Arc<str> = "busy".into();
+        let tickets: Vec<_> = (0..25).map(|o| handled(&tracker, &busy, o)).collect();
+        for ticket in &tickets[..5] {
+            tracker.done(ticket);
+        }
+        std::thread::sleep(Duration::from_millis(120));
+        // 20 held (the cap is 15), 5 done in 120 ms: they drain in under the target.
+        let held = Reading::Holding {
+            since: Instant::now(),
+        };
+        assert_eq!(next(&flow, &tracker, held), held);
     }
 
     #[test]

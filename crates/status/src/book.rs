@@ -264,8 +264,8 @@ impl StatusBook {
         self.close_windows(false);
     }
 
-    /// Closes every open window; the closed ones are returned only when `keep`.
-    fn close_windows(&self, keep: bool) -> Vec<Closed> {
+    /// Closes every open window; the closed ones are returned only `with_records`.
+    fn close_windows(&self, with_records: bool) -> Vec<Closed> {
         let now = now_secs();
         let mut closed: Vec<Closed> = Vec::new();
         let mut states = [0i64; State::ALL.len()];
@@ -275,7 +275,7 @@ impl StatusBook {
                 a.state = match a.window.take() {
                     Some(tally) => {
                         let state = tally.state();
-                        if keep {
+                        if with_records {
                             closed.push(Closed {
                                 source: source.clone(),
                                 tally,

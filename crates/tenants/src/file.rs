@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{model::parse_tenant, Snapshot, TenantEntry, TenantStore};
+use crate::{model::parse_tenant, SettingsError, Snapshot, TenantEntry, TenantStore};
 
 /// Why a whole settings file was rejected (the last good settings stay in force).
 #[derive(Debug, thiserror::Error)]
@@ -105,19 +105,50 @@ fn install(store: &TenantStore, path: &Path, snapshot: Snapshot) {
 
 /// Parses the array one tenant at a time: only one entry's JSON tree exists at once
 /// (the whole file's would be about seven times its size, over a gigabyte at 1,000,000
-/// tenants).
+/// tenants). What is wrong with single entries is logged once the whole file has parsed:
+/// a file that fails (and is read again at every poll) logs only its own error.
 fn parse_array(bytes: &[u8]) -> Result<Snapshot, serde_json::Error> {
     use serde::Deserializer as _;
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let tenants = de.deserialize_seq(TenantsVisitor)?;
+    let (tenants, warnings) = de.deserialize_seq(TenantsVisitor)?;
     de.end()?;
+    for warning in warnings {
+        warning.log();
+    }
     Ok(Snapshot::new(tenants))
+}
+
+/// What is wrong with one entry of the file.
+enum EntryWarning {
+    /// A source listed again; the last one wins.
+    Twice { index: usize },
+    /// Invalid settings of a source: its events will be dead-lettered.
+    Invalid { error: SettingsError },
+    /// An entry without a usable source ID, left out.
+    Skipped { index: usize, error: SettingsError },
+}
+
+impl EntryWarning {
+    fn log(&self) {
+        match self {
+            EntryWarning::Twice { index } => tracing::warn!(
+                index,
+                "tenants file lists a source twice; the last one wins"
+            ),
+            EntryWarning::Invalid { error } => {
+                tracing::warn!(error = %error, "invalid tenant settings; its events will be dead-lettered")
+            }
+            EntryWarning::Skipped { index, error } => {
+                tracing::warn!(index, error = %error, "tenant entry skipped")
+            }
+        }
+    }
 }
 
 struct TenantsVisitor;
 
 impl<'de> serde::de::Visitor<'de> for TenantsVisitor {
-    type Value = HashMap<Arc<str>, TenantEntry>;
+    type Value = (HashMap<Arc<str>, TenantEntry>, Vec<EntryWarning>);
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an array of tenant objects")
@@ -126,41 +157,41 @@ impl<'de> serde::de::Visitor<'de> for TenantsVisitor {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut tenants: HashMap<Arc<str>, TenantEntry> =
             HashMap::with_capacity(seq.size_hint().unwrap_or(0));
+        let mut warnings = Vec::new();
         let mut index = 0usize;
         while let Some(item) = seq.next_element::<Value>()? {
-            add_entry(&mut tenants, index, &item);
+            warnings.extend(add_entry(&mut tenants, index, &item));
             index += 1;
         }
-        Ok(tenants)
+        Ok((tenants, warnings))
     }
 }
 
-/// Adds the file's entry number `index` (valid or not) to `tenants`.
-fn add_entry(tenants: &mut HashMap<Arc<str>, TenantEntry>, index: usize, item: &Value) {
+/// Adds the file's entry number `index` (valid or not) to `tenants`; what is wrong with
+/// it, if anything.
+fn add_entry(
+    tenants: &mut HashMap<Arc<str>, TenantEntry>,
+    index: usize,
+    item: &Value,
+) -> Option<EntryWarning> {
     match parse_tenant(item) {
         Ok(t) => {
             let key: Arc<str> = t.source_id.shared();
-            if tenants
+            tenants
                 .insert(key, TenantEntry::Valid(Arc::new(t)))
-                .is_some()
-            {
-                tracing::warn!(
-                    index,
-                    "tenants file lists a source twice; the last one wins"
-                );
-            }
+                .map(|_| EntryWarning::Twice { index })
         }
         Err(e) => match e.source_id() {
             Some(id) => {
-                tracing::warn!(error = %e, "invalid tenant settings; its events will be dead-lettered");
                 tenants.insert(
                     id.into(),
                     TenantEntry::Invalid {
                         reason: e.to_string().into(),
                     },
                 );
+                Some(EntryWarning::Invalid { error: e })
             }
-            None => tracing::warn!(index, error = %e, "tenant entry skipped"),
+            None => Some(EntryWarning::Skipped { index, error: e }),
         },
     }
 }

@@ -152,9 +152,10 @@ impl Worker {
     }
 
     /// [`start_with_env`](Self::start_with_env) under a wrapper command (`valgrind
-    /// --tool=callgrind …`), which runs `bin run --config …` as its own arguments; the
-    /// wrapper must keep the process (as valgrind does), so [`pid`](Self::pid) is the
-    /// worker's.
+    /// --tool=callgrind …`), which runs `bin run --config …` as its own arguments. With a
+    /// wrapper that keeps the process (valgrind), [`pid`](Self::pid), CPU time, memory
+    /// and signals are the worker's; with one that starts it as a child (heaptrack's
+    /// script), they are the wrapper's.
     pub fn start_under(
         wrapper: &[&str],
         bin: &Path,

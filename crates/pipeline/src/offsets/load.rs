@@ -82,16 +82,16 @@ impl OffsetTracker {
         })
     }
 
-    /// Whether some partition's cap is held by one tenant alone there, judged and not
-    /// draining quickly (see `verdicts::alone_at_cap_and_slow`): reading on would skip
-    /// its further events there.
-    pub fn any_alone_at_cap_and_slow(&self, f: Fairness) -> bool {
-        let mut inner = self.lock();
+    /// Whether some partition's cap is held by one tenant alone there that has written
+    /// nothing for a while (see `verdicts::alone_at_cap_and_silent`): reading on would
+    /// skip its further events there.
+    pub fn any_alone_at_cap_and_silent(&self, f: Fairness) -> bool {
+        let inner = self.lock();
         let now = Instant::now();
         inner
             .partitions
-            .values_mut()
-            .any(|state| verdicts::alone_at_cap_and_slow(state, &f, now))
+            .values()
+            .any(|state| verdicts::alone_at_cap_and_silent(state, &f, now))
     }
 
     /// Whether the events in flight, over all partitions, do not drain within

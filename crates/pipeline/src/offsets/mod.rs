@@ -1026,16 +1026,54 @@ mod tests {
         let f = judged(20, 4);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let tickets: Vec<Ticket> = (0..60)
+        let tickets: Vec<Ticket> = (0..44)
             .map(|o| handle(t.admit_at("t", 0, o, 0, Some(&alone), f, move || at(0))))
             .collect();
-        // 30 done in the first 600 ms: 50 a second, so 30 held drain within a second.
-        for ticket in &tickets[..30] {
+        // 20 done in the 600 ms since they began to be read: 33 a second, so the 24
+        // held (the cap) drain within the target of a second.
+        for ticket in &tickets[..20] {
             t.done(ticket);
         }
         assert!(matches!(
-            t.admit_at("t", 0, 60, 0, Some(&alone), f, move || at(600)),
+            t.admit_at("t", 0, 44, 0, Some(&alone), f, move || at(600)),
             Admission::Handle(..)
+        ));
+    }
+
+    #[test]
+    fn a_tenant_alone_at_the_cap_is_bounded_all_the_same() {
+        let t = tracker();
+        let alone: Arc<str> = "alone".into();
+        let f = judged(20, 4);
+        let t0 = Instant::now();
+        // Twice the cap (48) in events, before anything could be judged.
+        for o in 0..48 {
+            handle(t.admit_at("t", 0, o, 0, Some(&alone), f, || t0));
+        }
+        assert!(matches!(
+            t.admit_at("t", 0, 48, 0, Some(&alone), f, || t0),
+            Admission::Skip
+        ));
+        // In bytes, the cap itself: large records meet fairness as early as ever.
+        let t = tracker();
+        let f = Some(Fairness {
+            contended_at: Budget {
+                events: 1000,
+                bytes: 100,
+            },
+            per_source: Budget {
+                events: 500,
+                bytes: 50,
+            },
+            max_handled_ahead: 100,
+            drain_target: Duration::from_secs(1),
+        });
+        for o in 0..15 {
+            handle(t.admit_at("t", 0, o, 10, Some(&alone), f, || t0));
+        }
+        assert!(matches!(
+            t.admit_at("t", 0, 15, 10, Some(&alone), f, || t0),
+            Admission::Skip
         ));
     }
 

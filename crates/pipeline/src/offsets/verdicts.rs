@@ -62,24 +62,68 @@ fn cap(f: &Fairness) -> Budget {
     }
 }
 
-/// Whether one tenant alone in flight in the partition holds its cap, was judged
-/// (the oldest event has waited [`ALONE_AT_CAP_JUDGED_AFTER`]) and does not drain
-/// quickly: [`stuck`] skips its further events there, so while the totals are at their
-/// budget reading should go on past it rather than hold (see `reading`).
-pub(super) fn alone_at_cap_and_slow(p: &mut PartitionState, f: &Fairness, now: Instant) -> bool {
-    if p.load.by_source.len() != 1
-        || !cap(f).reached_by(p.held())
-        || !waited_longer_than(p, ALONE_AT_CAP_JUDGED_AFTER, now)
-    {
-        return false;
+/// What a tenant alone in flight in its partition may hold there before it is skipped
+/// whatever its rate: twice the cap in events, the cap itself in bytes (a down tenant's
+/// large records must still meet fairness long before they fill the totals).
+fn alone_limit(f: &Fairness) -> Budget {
+    let cap = cap(f);
+    Budget {
+        events: cap.events.saturating_mul(2),
+        bytes: cap.bytes,
     }
-    let held = p.held().events;
-    !p.load.rate.drains_and_roll(held, now, f.drain_target)
 }
 
-/// How long a tenant alone in its partition at the partition's cap is left to show
-/// that it drains before it is judged: one drain window, far less than draining may take
-/// to start (below the cap, [`Fairness::drain_target`]).
+/// The tenant alone in flight in the partition, if one is and it holds its share.
+fn alone<'a>(p: &'a PartitionState, f: &Fairness) -> Option<&'a Arc<str>> {
+    match p.load.by_source.iter().next() {
+        Some((source, (held, _)))
+            if p.load.by_source.len() == 1 && f.per_source.reached_by(*held) =>
+        {
+            Some(source)
+        }
+        _ => None,
+    }
+}
+
+/// For a tenant alone in flight in the partition, at the partition's cap: whether it
+/// is to be skipped. At [`alone_limit`], yes. Below it, by how fast the partition drains
+/// what it holds, measured since what it holds began to be read; while nothing was done
+/// yet, once the oldest event has waited [`ALONE_AT_CAP_JUDGED_AFTER`] (credentials and
+/// connections take that long at most when all is well). Reads only.
+fn alone_at_cap_stuck(p: &PartitionState, f: &Fairness, now: Instant) -> bool {
+    let held = p.held();
+    if alone_limit(f).reached_by(held) {
+        return true;
+    }
+    let Some((_, (oldest, _))) = p.pending.first_key_value() else {
+        return false;
+    };
+    match p
+        .load
+        .rate
+        .drains_since(held.events, *oldest, now, f.drain_target)
+    {
+        Some(drains) => !drains,
+        None => now.saturating_duration_since(*oldest) >= ALONE_AT_CAP_JUDGED_AFTER,
+    }
+}
+
+/// Whether one tenant alone in flight in the partition, holding its share, holds the
+/// partition's cap and has had nothing done for [`ALONE_AT_CAP_JUDGED_AFTER`] (or holds
+/// [`alone_limit`]): [`stuck`] skips its further events there, so while the totals are
+/// at their budget the loop should read on past it at once rather than hold. A lone
+/// tenant that writes, however slowly, is judged as events are read, not while the loop
+/// holds (see `reading`). Reads only.
+pub(super) fn alone_at_cap_and_silent(p: &PartitionState, f: &Fairness, now: Instant) -> bool {
+    let held = p.held();
+    alone(p, f).is_some()
+        && cap(f).reached_by(held)
+        && (alone_limit(f).reached_by(held)
+            || (p.load.rate.idle(now) && waited_longer_than(p, ALONE_AT_CAP_JUDGED_AFTER, now)))
+}
+
+/// How long a tenant alone in its partition at the partition's cap, of which nothing
+/// was done yet, is left to start writing before it is skipped there.
 pub(super) const ALONE_AT_CAP_JUDGED_AFTER: Duration = Duration::from_millis(500);
 
 /// Whether the event read first of those in flight (the lowest offset: the oldest but
@@ -98,12 +142,13 @@ pub(super) fn waited_longer_than(p: &PartitionState, limit: Duration, now: Insta
 /// ran out. Below the cap, or alone in the partition, when it does not drain quickly;
 /// but not before the partition's oldest event has waited as long as draining may take
 /// (a rate measured while writing starts up, credentials and connections, says
-/// nothing yet). A tenant alone in the partition at the cap is skipped only once the
-/// oldest event has waited [`ALONE_AT_CAP_JUDGED_AFTER`] and the partition does not
-/// drain quickly: skipping a lone tenant that drains reads the partition ahead only to
-/// drop its own events and fetch them again (a backlog read one partition at a time
-/// reaches the cap in the first second), while one that drains slowly may hide other
-/// tenants' events behind its backlog, which the skip reaches.
+/// nothing yet). A tenant alone in the partition at the cap is skipped when the
+/// partition does not drain what it holds quickly, or has done nothing for
+/// [`ALONE_AT_CAP_JUDGED_AFTER`] ([`alone_at_cap_stuck`]): skipping a lone tenant that
+/// drains reads the partition ahead only to drop its own events and fetch them again (a
+/// backlog read one partition at a time reaches the cap in the first second), while one
+/// that drains slowly may hide other tenants' events behind its backlog, which the skip
+/// reaches.
 ///
 /// With `everywhere` (the totals are full of events that do not drain), there is no
 /// waiting for a verdict: a tenant gone down would otherwise fill each partition read
@@ -120,13 +165,7 @@ pub(super) fn stuck(
     // bursts often has not.
     let alone = p.load.by_source.len() == 1;
     if cap(f).reached_by(p.held()) {
-        if !alone {
-            return true;
-        }
-        if waited_longer_than(p, ALONE_AT_CAP_JUDGED_AFTER, now) {
-            let held = p.held().events;
-            return !p.load.rate.drains_and_roll(held, now, f.drain_target);
-        }
+        return !alone || alone_at_cap_stuck(p, f, now);
     }
     if everywhere {
         return idle(p, source, now);
