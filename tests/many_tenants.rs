@@ -335,10 +335,15 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
     eprintln!("fairness: {skips} events skipped, {rereads} partitions read again");
     assert!(skips == 0.0 || rereads > 0.0);
     env.wait_committed_to_end(&cfg.group_id).await;
-    // Order per user among first deliveries.
+    assert_users_in_order(&records);
+    worker.stop();
+}
+
+/// Each user's first deliveries are in the order `produce` numbered them.
+fn assert_users_in_order(records: &[kd_testkit::FakeRecord]) {
     let mut last: std::collections::HashMap<String, i64> = Default::default();
     let mut seen = std::collections::HashSet::new();
-    for r in &records {
+    for r in records {
         let v = r.json();
         let id = v["messageId"].as_str().unwrap_or_default().to_owned();
         if !seen.insert(id) {
@@ -353,6 +358,58 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
         let prev = last.insert(user.clone(), seq).unwrap_or(-1);
         assert!(seq > prev, "user {user}: {seq} after {prev}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_slow_tenant_at_its_partitions_cap_is_skipped_and_read_again() {
+    let env = Env::start().await;
+    // Alone in flight at the start of every partition, with a backlog far past each
+    // partition's cap (2,000 + a share of 1,000), on a four-shard stream: about 1,300
+    // events a second per partition, so the 3,000 at the cap do not drain within 2 s.
+    // It is skipped at the cap once its rate is measured (or at twice the cap), and the
+    // small tenants behind it are reached without waiting for its backlog.
+    let big = env.tenant("src_lone", "lone", 4);
+    let (small, small_sources) = ten_small_tenants(&env, "behind");
+    let cfg = env
+        .config(&[&big].into_iter().chain(&small).collect::<Vec<_>>())
+        .set("delivery", "max_in_flight_per_partition = 2000");
+    cfg.write();
+    env.produce(bin(), "src_lone", 24_000, 300, &["--compression", "lz4"]);
+    env.produce(bin(), &small_sources, 1_000, 10, &["--compression", "lz4"]);
+
+    let mut worker = Worker::start_ready(bin(), &cfg);
+    wait_small_tenants_delivered(&env, "behind", 1000, Duration::from_secs(60)).await;
+    let big_then = env.fake.records_of("lone").len();
+    let skips = worker.metric("kinesis_destination_fairness_skips_total");
+    eprintln!("lone tenant: small tenants done when it had {big_then} of 24,000 written, {skips} of its events skipped");
+    assert!(
+        big_then < 16_000,
+        "the small tenants waited for the lone tenant's backlog ({big_then} written)"
+    );
+    assert!(
+        skips > 0.0,
+        "the lone tenant was skipped at its partitions' cap"
+    );
+    wait_metric(
+        &worker,
+        "kinesis_destination_events_delivered_total",
+        25_000.0,
+        Duration::from_secs(120),
+    )
+    .await;
+    let records = env.fake.records_of("lone");
+    let ids: std::collections::HashSet<String> = records
+        .iter()
+        .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        24_000,
+        "every skipped event was read again and written"
+    );
+    assert!(worker.metric("kinesis_destination_fairness_rereads_total") > 0.0);
+    env.wait_committed_to_end(&cfg.group_id).await;
+    assert_users_in_order(&records);
     worker.stop();
 }
 
