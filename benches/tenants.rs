@@ -14,37 +14,13 @@ use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
-/// Heap bytes live now (allocated and not freed), counted by [`Counting`]: what the
-/// snapshot holds, unlike resident memory, which keeps what the allocator has not given
-/// back (the parsed file's).
-static LIVE: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
-
-struct Counting;
-
-// SAFETY: every call is passed to the system allocator unchanged; only sizes are counted.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
-        std::alloc::System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        LIVE.fetch_sub(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
-        std::alloc::System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new as isize - layout.size() as isize,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        std::alloc::System.realloc(ptr, layout, new)
-    }
-}
-
+/// Heap bytes are counted (what the snapshot holds, unlike resident memory, which keeps
+/// what the allocator has not given back: the parsed file's).
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: kd_testkit::CountingAllocator = kd_testkit::CountingAllocator;
 
 fn live() -> i64 {
-    LIVE.load(std::sync::atomic::Ordering::Relaxed) as i64
+    kd_testkit::live_bytes() as i64
 }
 
 /// Tenants of the topic provider and the credential figures.

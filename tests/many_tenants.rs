@@ -324,11 +324,11 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
     )
     .await;
     let records = env.fake.records_of("big");
-    let ids: std::collections::HashSet<String> = records
-        .iter()
-        .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(ids.len(), 10_000, "every big event arrived");
+    assert_eq!(
+        kd_testkit::env::first_deliveries(&records).len(),
+        10_000,
+        "every big event arrived"
+    );
     // Events skipped, if any were, were read again.
     let skips = worker.metric("kinesis_destination_fairness_skips_total");
     let rereads = worker.metric("kinesis_destination_fairness_rereads_total");
@@ -342,13 +342,7 @@ async fn small_tenants_flow_while_a_hundredfold_tenant_drains() {
 /// Each user's first deliveries are in the order `produce` numbered them.
 fn assert_users_in_order(records: &[kd_testkit::FakeRecord]) {
     let mut last: std::collections::HashMap<String, i64> = Default::default();
-    let mut seen = std::collections::HashSet::new();
-    for r in records {
-        let v = r.json();
-        let id = v["messageId"].as_str().unwrap_or_default().to_owned();
-        if !seen.insert(id) {
-            continue;
-        }
+    for v in kd_testkit::env::first_deliveries(records) {
         let user = v["userId"]
             .as_str()
             .or(v["anonymousId"].as_str())
@@ -398,12 +392,8 @@ async fn a_lone_slow_tenant_at_its_partitions_cap_is_skipped_and_read_again() {
     )
     .await;
     let records = env.fake.records_of("lone");
-    let ids: std::collections::HashSet<String> = records
-        .iter()
-        .filter_map(|r| r.json()["messageId"].as_str().map(str::to_owned))
-        .collect();
     assert_eq!(
-        ids.len(),
+        kd_testkit::env::first_deliveries(&records).len(),
         24_000,
         "every skipped event was read again and written"
     );

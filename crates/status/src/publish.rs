@@ -29,6 +29,9 @@ use crate::record::StatusRecord;
 pub const FINAL_FLUSH: Duration = Duration::from_secs(3);
 /// How long a record waits for room in a full producer queue before it is given up.
 const QUEUE_WAIT: Duration = Duration::from_secs(5);
+/// How long the status topic's partition count is asked for (at shutdown, 1 s: the exit
+/// is waiting).
+const METADATA_WAIT: Duration = Duration::from_secs(5);
 
 /// Where records go: the producer and the topic.
 pub struct Sink<C: ClientContext + 'static> {
@@ -47,7 +50,7 @@ pub async fn publish_loop<C: ClientContext + 'static>(
     book.set_window(window);
     let window_ms = book.window_secs() * 1000;
     let mut count = match &sink {
-        Some(s) => partitions(s, Duration::from_secs(5)).await,
+        Some(s) => partitions(s, METADATA_WAIT).await,
         None => None,
     };
     // Records of a periodic send that shutdown interrupted: counted after the last flush.
@@ -89,7 +92,7 @@ pub async fn publish_loop<C: ClientContext + 'static>(
                 let wait = if stopped {
                     Duration::from_secs(1)
                 } else {
-                    Duration::from_secs(5)
+                    METADATA_WAIT
                 };
                 if let Some(n) = partitions(sink, wait).await {
                     count = Some(n);

@@ -14,6 +14,7 @@
 //! Tansu and moto must be installed (`scripts/test.sh` does it).
 
 mod aws;
+mod counting;
 pub mod env;
 mod fake_aws;
 mod kafka;
@@ -24,6 +25,7 @@ mod tcp_proxy;
 mod worker;
 
 pub use aws::{StreamRecord, Streams, Tenant};
+pub use counting::{live_bytes, CountingAllocator};
 pub use fake_aws::{FakeAws, FakeRecord, Fault, CALLER_ACCOUNT};
 pub use kafka::{Kafka, Produced, Record};
 pub use proxy::{AssumeRoleCall, RecordingProxy};

@@ -73,16 +73,13 @@ fn alone_limit(f: &Fairness) -> Budget {
     }
 }
 
-/// The tenant alone in flight in the partition, if one is and it holds its share.
-fn alone<'a>(p: &'a PartitionState, f: &Fairness) -> Option<&'a Arc<str>> {
-    match p.load.by_source.iter().next() {
-        Some((source, (held, _)))
-            if p.load.by_source.len() == 1 && f.per_source.reached_by(*held) =>
-        {
-            Some(source)
-        }
-        _ => None,
-    }
+/// Whether one tenant alone is in flight in the partition, holding its share.
+fn alone_holding_its_share(p: &PartitionState, f: &Fairness) -> bool {
+    p.load.by_source.len() == 1
+        && p.load
+            .by_source
+            .values()
+            .all(|(held, _)| f.per_source.reached_by(*held))
 }
 
 /// For a tenant alone in flight in the partition, at the partition's cap: whether it
@@ -116,7 +113,7 @@ fn alone_at_cap_stuck(p: &PartitionState, f: &Fairness, now: Instant) -> bool {
 /// holds (see `reading`). Reads only.
 pub(super) fn alone_at_cap_and_silent(p: &PartitionState, f: &Fairness, now: Instant) -> bool {
     let held = p.held();
-    alone(p, f).is_some()
+    alone_holding_its_share(p, f)
         && cap(f).reached_by(held)
         && (alone_limit(f).reached_by(held)
             || (p.load.rate.idle(now) && waited_longer_than(p, ALONE_AT_CAP_JUDGED_AFTER, now)))
